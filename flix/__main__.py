@@ -1,0 +1,5 @@
+import sys
+
+from flix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""`flix` command line: each subcommand lives with the module that does the work."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, help); each module exposes main(argv) -> int
+COMMANDS = {
+    "score": ("flix.metrics", "score predictions with XTREME-UP's official metrics"),
+    "data": ("flix.data.cli", "read, check, download and subsample XTREME-UP data"),
+    "bench": ("flix.bench", "benchmarks (adapters)"),
+    "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: flix COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `flix COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"flix: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
