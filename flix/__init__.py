@@ -3,7 +3,14 @@
 Every dataset feature (task, language, ...) owns a low-rank adapter; each example
 uses the sum of its active features' adapters.
 """
-from flix.adapters import FLixConfig, FLixModel, get_flix_model
-
-__all__ = ["FLixConfig", "FLixModel", "get_flix_model"]
 __version__ = "0.1.0"
+__all__ = ["FLixConfig", "FLixModel", "get_flix_model"]
+
+
+def __getattr__(name):
+    # Lazy, so `flix score` and `flix data` start without importing torch.
+    if name in __all__:
+        from flix import adapters
+
+        return getattr(adapters, name)
+    raise AttributeError(f"module 'flix' has no attribute {name!r}")
