@@ -1,0 +1,247 @@
+"""Download and unpack the official XTREME-UP archive, safely and resumably.
+
+The archive is large, so a partial download (`.part`) is resumed with an HTTP Range
+request. It is checked member by member while it is extracted into a temporary
+directory next to the destination, and only a complete, valid tree is renamed into
+place: a failed run never leaves a half-extracted data root behind.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from flix.data.examples import TASKS
+from flix.data.reader import SPLITS, DataError, has_layout
+
+DEFAULT_URL = "https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz"
+CHUNK = 1 << 20
+TIMEOUT_S = 60
+MIRROR = "Check the URL and your connection, or pass --url a mirror or a local copy of the archive."
+
+
+class BadArchive(DataError):
+    """The archive is corrupt, unsafe or not XTREME-UP; nothing of it is kept."""
+
+
+def default_dest() -> Path:
+    """`$XDG_CACHE_HOME/flix/data`, else `~/.cache/flix/data`."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "flix" / "data"
+
+
+def find_data_root(dest: Path) -> Path | None:
+    """The extracted data root in `dest` (dest itself or one visible child), if any."""
+    if not dest.is_dir():
+        return None
+    if has_layout(dest):
+        return dest
+    children = (c for c in sorted(dest.iterdir()) if c.is_dir() and not c.name.startswith("."))
+    return next((c for c in children if has_layout(c)), None)
+
+
+def local_path(url: str) -> Path | None:
+    """The file a `url` names when it is a plain path or a file:// URL, else None."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    return None if "://" in url else Path(url).expanduser()
+
+
+def archive_name(url: str) -> str:
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name
+    return name or "xtreme-up.tgz"
+
+
+def _open(url: str, offset: int):
+    headers = {"User-Agent": "flix-data-download"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+
+
+def _resume_offset(response, offset: int) -> int:
+    """Where the response body starts: `offset` if the server honoured Range, else 0."""
+    if offset and response.status == 206:
+        match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+        if match and int(match.group(1)) == offset:
+            return offset
+    return 0
+
+
+def _already_complete(err: urllib.error.HTTPError, offset: int) -> bool:
+    """A 416 for `bytes=offset-` whose total size is `offset`: the .part is whole."""
+    content_range = err.headers.get("Content-Range", "") if err.headers else ""
+    match = re.match(r"bytes \*/(\d+)", content_range)
+    return err.code == 416 and match is not None and int(match.group(1)) == offset
+
+
+def fetch(url: str, target: Path, progress: bool = True) -> Path:
+    """Download `url` to `target`, resuming `target.part`; restarts if Range is ignored."""
+    part = target.with_name(target.name + ".part")
+    offset = part.stat().st_size if part.exists() else 0
+    try:
+        response = _open(url, offset)
+    except urllib.error.HTTPError as err:
+        if offset and _already_complete(err, offset):
+            return part.replace(target)
+        raise DataError(f"Download of {url} failed: HTTP {err.code} {err.reason}. {MIRROR}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise DataError(f"Cannot reach {url}: {err}. {MIRROR}") from None
+    with response:
+        start = _resume_offset(response, offset)
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length else None
+        written = _copy_body(response, part, start, total, progress)
+    if total is not None and written < total:
+        raise DataError(f"Download of {url} stopped at {written} of {total} bytes; run again to resume.")
+    return part.replace(target)
+
+
+def _copy_body(response, part: Path, start: int, total: int | None, progress: bool) -> int:
+    """Append (or, from 0, rewrite) the body into `part`; returns the bytes now in it."""
+    written = start
+    bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=part.name,
+               file=sys.stderr, disable=not progress)
+    with open(part, "ab" if start else "wb") as out, bar:
+        try:
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+        except OSError as err:
+            raise DataError(f"Download interrupted at byte {written} ({err}); run again to resume.") from None
+    return written
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _member_parts(member: tarfile.TarInfo) -> tuple[str, ...]:
+    """Checked path parts of a member: relative, no `..`, a plain file or directory."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute():
+        raise BadArchive(f"member {member.name!r} has an absolute path")
+    if ".." in path.parts:
+        raise BadArchive(f"member {member.name!r} points outside the archive")
+    if not (member.isfile() or member.isdir()):
+        raise BadArchive(f"member {member.name!r} is a link or special file")
+    return path.parts
+
+
+def _is_data_file(parts: tuple[str, ...]) -> bool:
+    return len(parts) == 4 and parts[1] in TASKS and parts[2] in SPLITS and parts[3].endswith(".jsonl")
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+    if member.isdir():
+        path.mkdir(parents=True, exist_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tar.extractfile(member) as src, open(path, "wb") as out:
+        shutil.copyfileobj(src, out, CHUNK)
+
+
+def _extract_members(tar: tarfile.TarFile, into: Path) -> str:
+    """Check each member while unpacking it; returns the one top-level directory."""
+    top, seen_data = None, False
+    for member in tar:
+        parts = _member_parts(member)
+        if not parts:  # "./" itself
+            continue
+        if top not in (None, parts[0]) or (len(parts) == 1 and not member.isdir()):
+            raise BadArchive("members are not all under one top-level directory")
+        top, seen_data = parts[0], seen_data or _is_data_file(parts)
+        _extract_member(tar, member, into.joinpath(*parts))
+    if not seen_data:
+        raise BadArchive("it holds no {task}/{split}/*.jsonl files of XTREME-UP")
+    return top
+
+
+def extract(archive: Path, into: Path) -> Path:
+    """Unpack a checked gzip tar into `into`; returns its top-level directory there.
+
+    The gzip stream is read to its end so that its CRC and length are verified too.
+    """
+    try:
+        with gzip.open(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            top = _extract_members(tar, into)
+            while stream.read(CHUNK):
+                pass
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise BadArchive(f"not a valid gzip tar archive ({err})") from None
+    return into / top
+
+
+def install(archive: Path, dest: Path) -> Path:
+    """Extract `archive` in a temp dir inside `dest`, then rename the tree into place."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    try:
+        tree = extract(archive, tmp)
+        final = dest / tree.name
+        if final.exists():
+            raise DataError(f"{final} exists but holds no XTREME-UP data; remove it and run again.")
+        return tree.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_sha256(archive: Path, sha256: str | None) -> None:
+    if sha256 and sha256_of(archive).lower() != sha256.strip().lower():
+        raise BadArchive(f"its sha256 is not {sha256}")
+
+
+def download(
+    url: str = DEFAULT_URL,
+    dest: str | Path | None = None,
+    sha256: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Make XTREME-UP available under `dest`; returns its data root (holding `ner/`, ...).
+
+    A no-op when `dest` already holds the data. A local path or file:// URL is read in
+    place; anything else is fetched with urllib into `dest` and removed once unpacked.
+    """
+    dest = Path(dest).expanduser() if dest else default_dest()
+    present = find_data_root(dest)
+    if present is not None:
+        return present
+    source = local_path(url)
+    if source is not None and not source.is_file():
+        raise DataError(f"Archive {source} does not exist. {MIRROR}")
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = source or dest / archive_name(url)
+    if source is None and not archive.exists():
+        fetch(url, archive, progress)
+    if progress:
+        print(f"Checking and unpacking {archive} ...", file=sys.stderr)
+    try:
+        _check_sha256(archive, sha256)
+        root = install(archive, dest)
+    except BadArchive as err:
+        if source is not None:
+            raise BadArchive(f"Refusing archive {source}: {err}. Nothing was extracted.") from None
+        archive.unlink(missing_ok=True)
+        message = f"Refusing {url}: {err}. The download was removed; run again to fetch it anew."
+        raise BadArchive(message) from None
+    if source is None:
+        archive.unlink()
+    return root

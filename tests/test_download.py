@@ -1,0 +1,197 @@
+"""`flix data download` offline: a tiny archive built here, served on loopback only."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from flix.data import cli
+from flix.data.download import BadArchive, default_dest, download
+from flix.data.reader import available, read_dataset
+
+TOP = "xtreme_up_v1.1"
+NAME = "xtreme-up-v1.1.jsonl.tgz"
+FILES = {
+    "ner/train/sw.jsonl": [{"text": "Ali yuko Nairobi", "spans": [], "target": ""}],
+    "ner/test/sw.jsonl": [{"text": "Nairobi", "spans": [{"start_byte": 0, "limit_byte": 7, "label": "LOC"}]}],
+    "translation/validation/en2yo.jsonl": [{"id": "t0", "input": "Hello", "target": "Báwo"}],
+}
+
+
+def tgz(members: list[tuple[str, bytes | None]]) -> bytes:
+    """A gzip tar of (name, content) members; content None makes a symlink."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if content is None:
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def good_members() -> list[tuple[str, bytes]]:
+    return [
+        (f"{TOP}/{path}", "".join(json.dumps(line) + "\n" for line in lines).encode())
+        for path, lines in FILES.items()
+    ]
+
+
+@pytest.fixture(scope="module")
+def archive() -> bytes:
+    # Padded with incompressible bytes so that "half the archive" is a real partial download.
+    return tgz(good_members() + [(f"{TOP}/README", hashlib.sha512(b"x").digest() * 400)])
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves `server.files`; honours `Range: bytes=N-` unless `server.honour_range` is off."""
+
+    def do_GET(self) -> None:
+        body = self.server.files.get(self.path)
+        self.server.ranges.append(self.headers.get("Range"))
+        if body is None:
+            self.send_error(404)
+            return
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match and self.server.honour_range:
+            start = int(match.group(1))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            body = body[start:]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server(archive):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.files, httpd.ranges, httpd.honour_range = {f"/{NAME}": archive}, [], True
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/{NAME}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def assert_data_root(root: Path, dest: Path) -> None:
+    assert root == dest / TOP
+    expected = {"ner": {"test": ["sw"], "train": ["sw"]}, "translation": {"validation": ["yo"]}}
+    assert available(root) == expected
+    assert read_dataset(root, "ner", "test", "sw")[0].target == "LOC: Nairobi"
+    assert sorted(p.name for p in dest.iterdir()) == [TOP], "no archive, .part or temp dir left"
+
+
+def test_download_extracts_and_second_call_is_a_noop(server, tmp_path):
+    dest = tmp_path / "data"
+    assert_data_root(download(server.url, dest, progress=False), dest)
+    assert server.ranges == [None]
+    assert download(server.url, dest, progress=False) == dest / TOP
+    assert len(server.ranges) == 1
+
+
+def test_partial_download_is_resumed(server, archive, tmp_path):
+    dest = tmp_path / "data"
+    dest.mkdir()
+    half = len(archive) // 2
+    (dest / f"{NAME}.part").write_bytes(archive[:half])
+    assert_data_root(download(server.url, dest, progress=False), dest)
+    assert server.ranges == [f"bytes={half}-"]
+
+
+def test_restarts_when_server_ignores_range(server, tmp_path):
+    server.honour_range = False
+    dest = tmp_path / "data"
+    dest.mkdir()
+    (dest / f"{NAME}.part").write_bytes(b"stale bytes from another file")
+    assert_data_root(download(server.url, dest, progress=False), dest)
+    assert server.ranges == ["bytes=29-"]
+
+
+def test_local_path_and_file_url(archive, tmp_path):
+    local = tmp_path / NAME
+    local.write_bytes(archive)
+    for url, dest in ((str(local), tmp_path / "a"), (local.as_uri(), tmp_path / "b")):
+        assert_data_root(download(url, dest, progress=False), dest)
+    assert local.read_bytes() == archive, "a local archive is read in place, not moved"
+
+
+def test_sha256_is_checked(archive, tmp_path):
+    local = tmp_path / NAME
+    local.write_bytes(archive)
+    with pytest.raises(BadArchive, match="sha256"):
+        download(str(local), tmp_path / "a", sha256="0" * 64, progress=False)
+    digest = hashlib.sha256(archive).hexdigest()
+    assert_data_root(download(str(local), tmp_path / "b", sha256=digest, progress=False), tmp_path / "b")
+
+
+def flipped(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
+BAD_ARCHIVES = {
+    "dotdot": lambda a: tgz(good_members() + [(f"{TOP}/../../evil.jsonl", b"{}\n")]),
+    "absolute": lambda a: tgz(good_members() + [("/tmp/flix-evil.jsonl", b"{}\n")]),
+    "symlink": lambda a: tgz(good_members() + [(f"{TOP}/ner/train/ha.jsonl", None)]),
+    "two_tops": lambda a: tgz(good_members() + [("other/ner/train/sw.jsonl", b"{}\n")]),
+    "no_layout": lambda a: tgz([(f"{TOP}/README", b"hello")]),
+    "truncated": lambda a: a[: len(a) * 3 // 4],
+    "flipped_byte": flipped,
+    "not_gzip": lambda a: b"plain text, not an archive",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_ARCHIVES)
+def test_bad_archive_is_refused_and_leaves_nothing(kind, archive, tmp_path):
+    local = tmp_path / NAME
+    local.write_bytes(BAD_ARCHIVES[kind](archive))
+    dest = tmp_path / "data"
+    with pytest.raises(BadArchive, match="Refusing"):
+        download(str(local), dest, progress=False)
+    assert list(dest.iterdir()) == []
+    assert not (tmp_path / "evil.jsonl").exists()
+    assert not Path("/tmp/flix-evil.jsonl").exists()
+
+
+def test_bad_download_is_removed(server, archive, tmp_path):
+    server.files[f"/{NAME}"] = flipped(archive)
+    dest = tmp_path / "data"
+    with pytest.raises(BadArchive, match="run again"):
+        download(server.url, dest, progress=False)
+    assert list(dest.iterdir()) == []
+
+
+def test_cli_prints_root_last(archive, tmp_path, capsys):
+    local = tmp_path / NAME
+    local.write_bytes(archive)
+    dest = tmp_path / "data"
+    missing = str(tmp_path / "missing.tgz")
+    assert cli.main(["download", "--dest", str(dest), "--url", str(local), "-q"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == str(dest / TOP) and "FLIX_DATA_ROOT" in out[-2]
+    assert cli.main(["download", "--dest", str(dest), "--url", missing, "-q"]) == 0, "present: no-op"
+    assert cli.main(["download", "--dest", str(tmp_path / "x"), "--url", missing, "-q"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_default_dest_respects_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_dest() == tmp_path / "flix" / "data"
