@@ -1,0 +1,356 @@
+"""Data mixtures: which (task, language) datasets a run trains on and is scored on.
+
+A mixture file `conf/mixture/NAME.yaml` holds two variants of the same experiment:
+`official` (the paper's Appendix B lists, for the official XTREME-UP release) and
+`mini` (the documented counterpart on `xtreme_up_mini`). Loading validates the
+zero-shot sets, so a held-out language can never leak into training unnoticed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from flix.data import reader
+from flix.data.examples import TASKS
+
+KINDS = ("multitask", "multilingual", "joint")
+VARIANTS = ("official", "mini")
+ZERO_SHOT = ("unseen_combination", "unseen_language")
+EVAL_SPLITS = ("validation", "test")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "mixture"
+
+# Paper §4 "Ranks": every dataset's active ranks sum to 6; the task feature gets the
+# small share when there is one language (multitask), the large one otherwise.
+_RANKS = {
+    "multitask": {"task": 2, "lang": 4},
+    "multilingual": {"task": 4, "lang": 2},
+    "joint": {"task": 4, "lang": 2},
+}
+
+
+class MixtureError(ValueError):
+    """A mixture config that is malformed or breaks a zero-shot guarantee."""
+
+
+def feature_ranks(kind: str) -> dict[str, int]:
+    """FLix rank per feature group for a mixture kind (paper §4)."""
+    if kind not in _RANKS:
+        raise MixtureError(f"Unknown mixture kind {kind!r}; kinds are: {', '.join(KINDS)}.")
+    return dict(_RANKS[kind])
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One scored column: a task over some languages, optionally zero-shot."""
+
+    name: str
+    task: str
+    langs: list[str]
+    zero_shot: str | None = None
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A resolved mixture variant: training datasets and evaluation sets."""
+
+    name: str
+    kind: str
+    study: str
+    variant: str
+    train: dict[str, list[str]]
+    eval_sets: list[EvalSet]
+    notes: str = ""
+
+    @property
+    def source(self) -> str:
+        """Where this mixture comes from, for error messages."""
+        return f"conf/mixture/{self.name}.yaml ({self.variant})"
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return feature_ranks(self.kind)
+
+    @property
+    def train_datasets(self) -> list[tuple[str, str]]:
+        return [(task, lang) for task, langs in self.train.items() for lang in langs]
+
+    @property
+    def tasks(self) -> list[str]:
+        """Training tasks, in the paper's table order."""
+        return [task for task in TASKS if task in self.train]
+
+    @property
+    def languages(self) -> list[str]:
+        """Training languages, sorted (a stable order for feature parameters)."""
+        return sorted({lang for langs in self.train.values() for lang in langs})
+
+    def features(self) -> dict[str, list[str]]:
+        """FLix feature vocabulary: only what training sees (unseen languages get none)."""
+        return {"task": self.tasks, "lang": self.languages}
+
+    @property
+    def eval_datasets(self) -> list[tuple[str, str]]:
+        """Unique (task, lang) pairs over all evaluation sets, first occurrence first."""
+        pairs = [(s.task, lang) for s in self.eval_sets for lang in s.langs]
+        return list(dict.fromkeys(pairs))
+
+    def required_files(self) -> list[tuple[str, str, str]]:
+        """(task, split, lang) of every file a run reads: train splits, then eval splits."""
+        needed = [(task, "train", lang) for task, lang in self.train_datasets]
+        needed += [(t, split, lang) for t, lang in self.eval_datasets for split in EVAL_SPLITS]
+        return needed
+
+    def check(self, root: str | Path | None) -> None:
+        """Fail before training if any file is missing, listing all of them and what exists."""
+        base = reader.resolve_root(root)
+        have = reader.available(base)
+        missing = [
+            (task, split, lang)
+            for task, split, lang in self.required_files()
+            if lang not in have.get(task, {}).get(split, [])
+        ]
+        if missing:
+            raise reader.DataError(_missing_message(self, base, missing, have))
+
+    def restrict(self, max_langs_per_task: int) -> Mixture:
+        """A smaller mixture (first n languages per task and per eval set), still valid.
+
+        Zero-shot sets stay non-empty and zero-shot: a kept unseen combination whose
+        other training tasks were all cut is pinned back into one of them (languages only
+        ever come back to tasks that trained them, never to the task they are held out of).
+        """
+        if max_langs_per_task < 1:
+            raise MixtureError(f"{self.source}: restrict needs max_langs_per_task >= 1.")
+        n = max_langs_per_task
+        train = {task: langs[:n] for task, langs in self.train.items()}
+        eval_sets = [_restrict_eval(s, n, self.train, train) for s in self.eval_sets]
+        notes = f"{self.notes} Restricted to the first {n} languages per task.".strip()
+        restricted = replace(self, train=train, eval_sets=eval_sets, notes=notes)
+        validate(restricted)
+        return restricted
+
+    def summary(self) -> str:
+        """Human-readable description for logs."""
+        ranks = ", ".join(f"{group} {rank}" for group, rank in self.ranks.items())
+        lines = [
+            f"mixture {self.name} [{self.variant}] kind={self.kind} study={self.study} "
+            f"(FLix ranks: {ranks})",
+            f"  train: {len(self.train_datasets)} datasets",
+        ]
+        lines += [f"    {task}: {' '.join(self.train[task])}" for task in self.tasks]
+        lines.append(f"  eval: {len(self.eval_sets)} sets")
+        for s in self.eval_sets:
+            tag = f" [{s.zero_shot}]" if s.zero_shot else ""
+            lines.append(f"    {s.name} ({s.task}){tag}: {' '.join(s.langs)}")
+        if self.notes:
+            lines.append(f"  notes: {self.notes}")
+        return "\n".join(lines)
+
+
+def _missing_message(
+    mixture: Mixture, root: Path, missing: list[tuple[str, str, str]], have: dict
+) -> str:
+    lines = [f"Mixture {mixture.source} needs {len(missing)} file(s) missing under {root}:"]
+    lines += [f"  {reader.dataset_path(root, t, s, lang)}" for t, s, lang in missing]
+    lines.append("Available for those tasks:")
+    for task in dict.fromkeys(t for t, _, _ in missing):
+        splits = have.get(task, {})
+        listed = "; ".join(f"{s}: {' '.join(splits[s])}" for s in reader.SPLITS if s in splits)
+        lines.append(f"  {task}: {listed or 'nothing'}")
+    lines.append(
+        "Use the variant that matches the data (official or mini), or fix the mixture file."
+    )
+    return "\n".join(lines)
+
+
+def _pinned_task(lang: str, task: str, original: dict) -> str:
+    """First other task that trained `lang` originally (validation guarantees one)."""
+    return next(t for t, langs in original.items() if t != task and lang in langs)
+
+
+def _restrict_eval(s: EvalSet, n: int, original: dict, train: dict) -> EvalSet:
+    """Restrict one eval set against the (already cut) training dict, mutating it to pin."""
+    if s.zero_shot == "unseen_language":
+        return replace(s, langs=s.langs[:n])
+    if s.zero_shot == "unseen_combination":
+        seen = {lang for t, langs in train.items() if t != s.task for lang in langs}
+        kept = [lang for lang in s.langs if lang in seen][:n]
+        if not kept:
+            lang = s.langs[0]
+            train[_pinned_task(lang, s.task, original)].append(lang)
+            kept = [lang]
+        return replace(s, langs=kept)
+    kept = [lang for lang in s.langs if lang in train[s.task]][:n]
+    if not kept:
+        train[s.task].append(s.langs[0])
+        kept = [s.langs[0]]
+    return replace(s, langs=kept)
+
+
+def validate(mixture: Mixture) -> None:
+    """Check names, kinds and the zero-shot guarantees; errors name the file and key."""
+    where = mixture.source
+    feature_ranks(mixture.kind)
+    if not mixture.train:
+        raise MixtureError(f"{where}: `train` is empty.")
+    for task, langs in mixture.train.items():
+        _check_langs(f"{where}: train.{task}", task, langs)
+    names = [s.name for s in mixture.eval_sets]
+    if len(set(names)) != len(names):
+        raise MixtureError(f"{where}: eval set names repeat: {names}.")
+    for i, s in enumerate(mixture.eval_sets):
+        _check_eval(mixture, s, f"{where}: eval[{i}] ({s.name})")
+
+
+def _check_langs(key: str, task: str, langs: list) -> None:
+    if task not in TASKS:
+        raise MixtureError(f"{key}: unknown task {task!r}; tasks are: {', '.join(TASKS)}.")
+    if not langs:
+        raise MixtureError(f"{key}: no languages.")
+    bad = [lang for lang in langs if not isinstance(lang, str) or not lang]
+    if bad:
+        raise MixtureError(f"{key}: language codes must be non-empty strings, got {bad}.")
+    if len(set(langs)) != len(langs):
+        raise MixtureError(f"{key}: languages repeat: {langs}.")
+
+
+def _check_eval(mixture: Mixture, s: EvalSet, key: str) -> None:
+    _check_langs(key, s.task, s.langs)
+    trained = set(mixture.train.get(s.task, []))
+    elsewhere = {lang for t, langs in mixture.train.items() if t != s.task for lang in langs}
+    if s.zero_shot is None:
+        unseen = [lang for lang in s.langs if lang not in trained]
+        if unseen:
+            raise MixtureError(
+                f"{key}: {s.task} is not trained on {unseen}; mark the set zero_shot "
+                f"({' or '.join(ZERO_SHOT)}) or add them to train.{s.task}."
+            )
+    elif s.zero_shot == "unseen_language":
+        leaked = [lang for lang in s.langs if lang in trained | elsewhere]
+        if leaked:
+            raise MixtureError(
+                f"{key}: unseen_language languages {leaked} appear in training; "
+                "remove them from every train task or make the set unseen_combination."
+            )
+    elif s.zero_shot == "unseen_combination":
+        leaked = [lang for lang in s.langs if lang in trained]
+        if leaked:
+            raise MixtureError(
+                f"{key}: unseen_combination languages {leaked} are in train.{s.task}; "
+                "hold them out of that task."
+            )
+        orphans = [lang for lang in s.langs if lang not in elsewhere]
+        if orphans:
+            raise MixtureError(
+                f"{key}: unseen_combination languages {orphans} are in no other train task, "
+                "so their language feature is untrained; use zero_shot: unseen_language."
+            )
+    else:
+        raise MixtureError(
+            f"{key}: zero_shot must be one of {', '.join(ZERO_SHOT)} (or absent), "
+            f"got {s.zero_shot!r}."
+        )
+
+
+def _plain(cfg: dict | DictConfig) -> dict:
+    """A plain dict from a Hydra/omegaconf node (interpolations resolved) or a dict."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def _missing_value(value: Any) -> bool:
+    return value is None or value == "???" or value == ""
+
+
+def _single_section(cfg: dict) -> dict:
+    """The one-dataset variant of `single`, from its `task` and `lang` keys."""
+    task, lang = cfg.get("task"), cfg.get("lang")
+    if _missing_value(task) or _missing_value(lang):
+        raise MixtureError(
+            f"conf/mixture/{cfg.get('name', 'single')}.yaml: set the dataset, e.g. "
+            "mixture=single mixture.task=ner mixture.lang=sw."
+        )
+    return {
+        "train": {task: [lang]},
+        "eval": [{"name": task, "task": task}],
+        "notes": f"One dataset: {task}/{lang}.",
+    }
+
+
+def _eval_set(raw: Any, train: dict, key: str) -> EvalSet:
+    if not isinstance(raw, dict) or "task" not in raw:
+        raise MixtureError(f"{key}: an eval set needs at least `task` (and `name`), got {raw!r}.")
+    unknown = set(raw) - {"name", "task", "langs", "zero_shot"}
+    if unknown:
+        raise MixtureError(f"{key}: unknown keys {sorted(unknown)}.")
+    task = raw["task"]
+    langs = raw.get("langs")
+    if langs is None:
+        if raw.get("zero_shot") or task not in train:
+            raise MixtureError(
+                f"{key}: give `langs`; only supervised sets of a trained task default "
+                "to its training languages."
+            )
+        langs = train[task]
+    return EvalSet(str(raw.get("name", task)), task, list(langs), raw.get("zero_shot"))
+
+
+def load_mixture(cfg: dict | DictConfig, variant: str) -> Mixture:
+    """Resolve one variant ("official" or "mini") of a mixture config and validate it."""
+    if variant not in VARIANTS:
+        raise MixtureError(
+            f"Unknown mixture variant {variant!r}; variants are: {', '.join(VARIANTS)}."
+        )
+    cfg = _plain(cfg)
+    name = cfg.get("name")
+    if not name:
+        raise MixtureError(f"A mixture config needs a `name`; got keys {sorted(cfg)}.")
+    where = f"conf/mixture/{name}.yaml"
+    for key in ("kind", "study"):
+        if key not in cfg:
+            raise MixtureError(f"{where}: missing `{key}`.")
+    section = _single_section(cfg) if "task" in cfg or "lang" in cfg else cfg.get(variant)
+    if not isinstance(section, dict) or not isinstance(section.get("train"), dict):
+        raise MixtureError(f"{where}: missing `{variant}.train` (a mapping task -> languages).")
+    train = {task: list(langs or []) for task, langs in section["train"].items()}
+    raw_eval = section.get("eval") or []
+    eval_sets = [
+        _eval_set(r, train, f"{where}: {variant}.eval[{i}]") for i, r in enumerate(raw_eval)
+    ]
+    if not eval_sets:
+        raise MixtureError(f"{where}: `{variant}.eval` is empty; nothing would be scored.")
+    mixture = Mixture(
+        name=name,
+        kind=cfg["kind"],
+        study=cfg["study"],
+        variant=variant,
+        train=train,
+        eval_sets=eval_sets,
+        notes=str(section.get("notes") or "").strip(),
+    )
+    validate(mixture)
+    return mixture
+
+
+def mixture_names(conf_dir: str | Path | None = None) -> list[str]:
+    """Names of the mixture files in the config group."""
+    return sorted(path.stem for path in Path(conf_dir or CONF_DIR).glob("*.yaml"))
+
+
+def load_mixture_by_name(
+    name: str, variant: str, conf_dir: str | Path | None = None, **keys: Any
+) -> Mixture:
+    """Read conf/mixture/NAME.yaml; `keys` set top-level keys (e.g. task=, lang= for single)."""
+    path = Path(conf_dir or CONF_DIR) / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(mixture_names(conf_dir)) or "none"
+        raise MixtureError(f"No mixture file {path}; mixtures are: {known}.")
+    cfg = OmegaConf.load(path)
+    if keys:
+        cfg = OmegaConf.merge(cfg, keys)
+    return load_mixture(cfg, variant)
