@@ -1,0 +1,136 @@
+"""The feature space: which features exist, their ranks, and how examples route.
+
+Every layer's adapter bank is one table of rows: row 0 is a zero padding row that
+never trains, then the always-on shared feature's rows, then each group's features,
+each owning `rank` consecutive rows. An example's route is a fixed-width row of
+indices into that table: the shared rows, then for every group the rows of its
+active feature, padded with 0 up to the group's widest rank. A dropped or unknown
+feature simply points at the padding row, so every example costs the same compute
+whatever the number of features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PAD = 0  # index of the zero row in every bank
+
+
+@dataclass
+class FeatureSpace:
+    """Feature groups with their vocabularies and ranks.
+
+    groups:        group -> feature values, e.g. {"task": ["ner", "qa_in_lang"], "lang": [...]}.
+    ranks:         group -> rank of each feature of that group.
+    feature_ranks: optional per-feature overrides, {"lang": {"sw": 4}}.
+    shared_rank:   rank of one always-on feature (plain LoRA when there are no groups).
+    """
+
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)
+    feature_ranks: dict[str, dict[str, int]] = field(default_factory=dict)
+    shared_rank: int = 0
+
+    def __post_init__(self):
+        self.groups = {g: list(dict.fromkeys(map(str, v))) for g, v in self.groups.items()}
+        for group in self.groups:
+            if group not in self.ranks:
+                raise ValueError(f"feature group {group!r} has no rank: add ranks[{group!r}]")
+        for group, overrides in self.feature_ranks.items():
+            unknown = set(overrides) - set(self.groups.get(group, []))
+            if unknown:
+                raise ValueError(f"feature_ranks[{group!r}] names unknown features {sorted(unknown)}")
+        if self.shared_rank < 0 or any(r < 0 for r in self.ranks.values()):
+            raise ValueError("ranks must be >= 0")
+        if self.active_rank == 0:
+            raise ValueError("the feature space has no rank at all: set ranks or shared_rank")
+        self._build_tables()
+
+    def rank_of(self, group: str, feature: str) -> int:
+        return self.feature_ranks.get(group, {}).get(feature, self.ranks[group])
+
+    def group_width(self, group: str) -> int:
+        """Widest rank in the group: the number of route slots the group takes."""
+        return max([self.ranks[group]] + [self.rank_of(group, f) for f in self.groups[group]])
+
+    @property
+    def active_rank(self) -> int:
+        """Rank of one example's update when all its features are on (the paper's 6)."""
+        return self.shared_rank + sum(self.group_width(g) for g in self.groups)
+
+    @property
+    def total_rank(self) -> int:
+        """Rank summed over every feature: the param-matched LoRA rank."""
+        return self.shared_rank + sum(self.rank_of(g, f) for g, fs in self.groups.items() for f in fs)
+
+    @property
+    def num_rows(self) -> int:
+        return 1 + self.total_rank
+
+    def _build_tables(self) -> None:
+        # Per group, a (num_features + 1, width) table of bank rows; the last row is
+        # "no feature" (all padding) for dropped or unknown features.
+        offset = 1 + self.shared_rank
+        self._index: dict[str, dict[str, int]] = {}
+        self._tables: dict[str, torch.Tensor] = {}
+        for group, values in self.groups.items():
+            width = self.group_width(group)
+            table = torch.full((len(values) + 1, width), PAD, dtype=torch.long)
+            for i, value in enumerate(values):
+                r = self.rank_of(group, value)
+                table[i, :r] = torch.arange(offset, offset + r)
+                offset += r
+            self._index[group] = {v: i for i, v in enumerate(values)}
+            self._tables[group] = table
+        self._shared = torch.arange(1, 1 + self.shared_rank, dtype=torch.long)
+
+    def rows_of(self, group: str, feature: str) -> list[int]:
+        """Bank rows owned by one feature."""
+        row = self._tables[group][self._index[group][feature]]
+        return row[row != PAD].tolist()
+
+    def shared_rows(self) -> list[int]:
+        return self._shared.tolist()
+
+    def feature_ids(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Per group, each example's feature id; unknown or absent features get the
+        'no feature' id, so an unseen language routes with the task alone."""
+        ids = {}
+        for group, index in self._index.items():
+            none = len(index)
+            ids[group] = torch.tensor([index.get(str(ex.get(group)), none) for ex in examples], dtype=torch.long)
+        return ids
+
+    def route(self, examples: list[dict], dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(batch, active_rank) bank rows for each example.
+
+        With dropout > 0 each active group feature of each example is turned off
+        independently with that probability (training only; the shared feature stays).
+        """
+        ids = self.feature_ids(examples)
+        parts = [self._shared.expand(len(examples), -1)]
+        for group, table in self._tables.items():
+            group_ids = ids[group]
+            if dropout > 0:
+                drop = torch.rand(len(examples), generator=generator) < dropout
+                group_ids = torch.where(drop, len(table) - 1, group_ids)
+            parts.append(table[group_ids])
+        return torch.cat(parts, dim=1)
+
+    def to_dict(self) -> dict:
+        return {
+            "groups": self.groups,
+            "ranks": self.ranks,
+            "feature_ranks": self.feature_ranks,
+            "shared_rank": self.shared_rank,
+        }
+
+
+def param_matched_rank(space: FeatureSpace) -> int:
+    """Rank of one LoRA with as many trainable parameters as all of FLix's features.
+
+    With the same adapted modules every rank row costs the same parameters, so the
+    answer is the sum of every feature's rank.
+    """
+    return space.total_rank
