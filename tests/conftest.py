@@ -25,3 +25,31 @@ def metric_pairs_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"missing {path}: the shared fixtures sit beside the repository")
     return path
+
+
+CONF_DIR = REPO / "conf"
+# Small enough that a run on the tiny model takes seconds.
+FAST = [
+    "logger=none",
+    "scale.steps=4",
+    "scale.eval_every=2",
+    "scale.checkpoint_every=2",
+    "scale.eval_examples=3",
+    "scale.test_examples=3",
+    "scale.batch_size=4",
+    "scale.micro_batch_size=2",
+    "train.threads=1",
+]
+
+
+@pytest.fixture
+def compose(data_root):
+    """Compose the real conf/train.yaml with overrides, as `python -m flix.train` does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    def make(*overrides: str, fast: bool = True):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose("train", overrides=[f"data.root={data_root}", *(FAST if fast else []), *overrides])
+
+    return make

@@ -1,0 +1,105 @@
+"""Examples -> model tensors, for training (loss on target tokens) and generation.
+
+Causal models see `prompt + target + eos`, left-padded so that every target ends at
+the last position; the loss covers target tokens only, and logits are computed only
+for the last `target_len + 1` positions (most of a step's vocabulary projection).
+Seq2seq models take the prompt as encoder input and the target as labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from flix.data import Example
+from flix.data.formatting import format_prompt
+
+IGNORE = -100
+
+
+@dataclass
+class TextLimits:
+    """Token budgets: prompts keep their last tokens (the answer cue), targets their first."""
+
+    max_prompt_tokens: int = 256
+    max_target_tokens: int = 64
+    max_context_chars: int | None = 2000
+
+
+def prompts(examples: list[Example], limits: TextLimits, train: bool) -> list[str]:
+    return [format_prompt(ex, max_context_chars=limits.max_context_chars, train=train) for ex in examples]
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _sources(examples: list[Example], tokenizer, limits: TextLimits, train: bool, seq2seq: bool) -> list[list[int]]:
+    """Prompt tokens, cut to the budget; causal models get BOS (Gemma needs it)."""
+    rows = _encode(tokenizer, prompts(examples, limits, train))
+    bos = [] if seq2seq or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    keep = limits.max_prompt_tokens - len(bos)
+    return [bos + ids[-keep:] for ids in rows]
+
+
+def _right_pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding, as generate() computes them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def training_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool) -> dict:
+    """Tensors for one micro-batch; `num_targets` counts the target tokens."""
+    eos = tokenizer.eos_token_id
+    source = _sources(examples, tokenizer, limits, train=True, seq2seq=seq2seq)
+    # A leading space keeps SentencePiece from merging the target into the prompt's last token.
+    target = [ids[: limits.max_target_tokens] + [eos] for ids in _encode(tokenizer, [" " + ex.target for ex in examples])]
+    if seq2seq:
+        input_ids, attention_mask = _left_pad(source, tokenizer.pad_token_id)
+        labels = _right_pad(target, IGNORE)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_targets": int((labels != IGNORE).sum())}
+    input_ids, attention_mask = _left_pad([s + t for s, t in zip(source, target)], tokenizer.pad_token_id)
+    target_len = max(len(t) for t in target)
+    labels = torch.full((len(examples), target_len), IGNORE, dtype=torch.long)
+    for i, t in enumerate(target):
+        labels[i, target_len - len(t) :] = torch.tensor(t)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_targets": int((labels != IGNORE).sum())}
+
+
+def loss_sum(model, batch: dict, seq2seq: bool) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens."""
+    if seq2seq:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        logits, labels = out.logits, batch["labels"]
+    else:
+        labels = batch["labels"]
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=position_ids(batch["attention_mask"]),
+            logits_to_keep=labels.shape[1] + 1,
+        )
+        logits = out.logits[:, :-1]  # position t predicts token t + 1
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def generation_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool) -> dict:
+    source = _sources(examples, tokenizer, limits, train=False, seq2seq=seq2seq)
+    input_ids, attention_mask = _left_pad(source, tokenizer.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -1,0 +1,72 @@
+"""Experiment tracking: W&B (offline by default) or nothing.
+
+Each run opens and finishes its own W&B run, so multirun sweeps never mix runs.
+Offline files land under the run directory; `wandb sync RUN_DIR/wandb/offline-run-*`
+uploads them later. WANDB_MODE=online (with a key) uploads live.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+class NullTracker:
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_table(self, name: str, frame: pd.DataFrame) -> None:
+        pass
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker(NullTracker):
+    def __init__(self, run_dir: Path, project: str, group: str, name: str, config: dict, mode: str, tags: list[str], resume_id: str | None):
+        import wandb
+
+        self._wandb = wandb
+        mode = os.environ.get("WANDB_MODE", mode)
+        self.run = wandb.init(
+            project=project,
+            group=group,
+            name=name,
+            config=config,
+            dir=str(run_dir),
+            mode=mode,
+            tags=tags,
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            reinit="finish_previous",
+        )
+
+    @property
+    def id(self) -> str:
+        return self.run.id
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_table(self, name: str, frame: pd.DataFrame) -> None:
+        self.run.log({name: self._wandb.Table(dataframe=frame.reset_index())})
+
+    def log_artifact(self, path: Path, name: str, kind: str) -> None:
+        artifact = self._wandb.Artifact(name, type=kind)
+        artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_tracker(cfg, run_dir: Path, name: str, group: str, config: dict, resume_id: str | None = None) -> NullTracker:
+    if cfg.name == "none":
+        return NullTracker()
+    if cfg.name != "wandb":
+        raise ValueError(f"unknown logger {cfg.name!r}: use logger=wandb or logger=none")
+    return WandbTracker(run_dir, cfg.project, group, name, config, cfg.mode, list(cfg.get("tags") or []), resume_id)

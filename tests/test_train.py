@@ -1,0 +1,126 @@
+"""End-to-end runs on the real mini data with the tiny model (and Gemma when cached)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from flix.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check_results(results: dict, run_dir: Path) -> None:
+    for key in ("method", "mixture", "scale", "seed", "model", "best_step", "validation", "test", "history", "eval_sets", "trainable_parameters", "time_seconds"):
+        assert key in results, key
+    assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
+    for split in ("validation", "test"):
+        for task, langs in results[split].items():
+            assert langs and all(0.0 <= v <= 100.0 for v in langs.values()), (split, task)
+        frame = pd.read_csv(run_dir / "tables" / f"{split}.csv", index_col="language")
+        assert set(frame.columns) == set(results[split])
+    if isinstance(results["history"], list):  # the single baseline keeps one history per dataset
+        assert [h["step"] for h in results["history"]] == [2, 4]
+    assert results["trainable_parameters"] > 0
+
+
+@pytest.mark.parametrize("method", ["flix", "compute_matched", "param_matched", "flix_shared"])
+def test_smoke_run_every_method(method, compose, tmp_path):
+    results = run(compose(f"method={method}", "mixture=multitask_sw"), tmp_path)
+    check_results(results, tmp_path)
+    assert set(results["test"]) == {"ner", "qa_in_lang"} and set(results["test"]["ner"]) == {"sw"}
+    assert (tmp_path / "best_adapter" / "flix_config.json").exists()
+    assert sorted(p.name for p in (tmp_path / "predictions" / "test").iterdir()) == ["ner.sw.jsonl", "qa_in_lang.sw.jsonl"]
+    flix = results["flix"]
+    assert flix["active_rank"] == (flix["shared_rank"] if method == "param_matched" else 6)
+
+
+def test_param_matched_solves_its_rank(compose, tmp_path):
+    flix = run(compose("method=flix", "mixture=multitask_sw"), tmp_path / "flix")
+    matched = run(compose("method=param_matched", "mixture=multitask_sw"), tmp_path / "pm")
+    assert matched["flix"]["shared_rank"] == 2 * 2 + 1 * 4  # two tasks of rank 2, one language of rank 4
+    assert matched["trainable_parameters"] == flix["trainable_parameters"]
+
+
+def test_single_trains_one_adapter_per_dataset(compose, tmp_path):
+    results = run(compose("method=single", "mixture=multitask_sw"), tmp_path)
+    assert set(results["best_step"]) == {"ner.sw", "qa_in_lang.sw"}
+    assert (tmp_path / "datasets" / "ner.sw" / "best_adapter").is_dir()
+    assert set(results["test"]) == {"ner", "qa_in_lang"}
+
+
+def test_zero_shot_sets_route_with_the_task_alone(compose, tmp_path):
+    results = run(compose("mixture=study_a", "scale.max_langs_per_task=1", "scale.eval_examples=2", "scale.test_examples=2"), tmp_path)
+    unseen = results["eval_sets"]["qa_cross_lang_unseen_lang"]
+    assert unseen["zero_shot"] == "unseen_language"
+    trained_langs = results["flix"]["features"]["lang"]
+    assert not set(unseen["langs"]) & set(trained_langs)
+    assert all(lang in results["test"]["qa_cross_lang"] for lang in unseen["langs"])
+    combo = results["eval_sets"]["qa_cross_lang_unseen_comb"]
+    assert combo["zero_shot"] == "unseen_combination" and set(combo["langs"]) <= set(trained_langs)
+
+
+def test_rerun_of_a_finished_run_does_nothing(compose, tmp_path):
+    first = run(compose("mixture=multitask_sw"), tmp_path)
+    mtime = (tmp_path / "results.json").stat().st_mtime
+    assert run(compose("mixture=multitask_sw"), tmp_path) == first
+    assert (tmp_path / "results.json").stat().st_mtime == mtime
+
+
+def _train_cmd(run_dir: Path, data_root: Path, steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "flix.train", "logger=none", "mixture=multitask_sw", f"data.root={data_root}",
+        f"scale.steps={steps}", "scale.eval_every=4", "scale.checkpoint_every=4", "scale.eval_examples=3",
+        "scale.test_examples=3", "scale.batch_size=4", "scale.micro_batch_size=2", "train.threads=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, data_root):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    steps = 40
+    subprocess.run(_train_cmd(tmp_path / "full", data_root, steps), check=True, env=env, capture_output=True, cwd=REPO)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, data_root, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "latest" / "state.pt").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    stopped_at = torch.load(killed / "checkpoints" / "latest" / "state.pt", weights_only=False)["step"]
+    assert 0 < stopped_at < steps
+    subprocess.run(_train_cmd(killed, data_root, steps), check=True, env=env, capture_output=True, cwd=REPO)
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    resumed = json.loads((killed / "results.json").read_text())
+    for key in ("best_step", "validation", "test", "history", "best_validation_average"):
+        assert resumed[key] == full[key], key
+
+
+def test_wandb_offline_run_is_written_and_finished(compose, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(compose("mixture=multitask_sw", "logger=wandb"), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert wandb.run is None  # finished, so the next run of a sweep starts clean
+
+
+def test_bad_option_lists_the_choices(data_root):
+    out = subprocess.run([sys.executable, "-m", "flix.train", "method=lora"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode != 0 and "compute_matched" in out.stderr and "param_matched" in out.stderr
+
+
+def test_nan_loss_stops_with_a_clear_message(compose, tmp_path):
+    with pytest.raises(RuntimeError, match="last good checkpoint"):
+        run(compose("mixture=multitask_sw", "train.lr=1e30", "train.max_grad_norm=1e30", "scale.steps=30"), tmp_path)
