@@ -11,23 +11,17 @@ compute-matched adapter on one dataset.
 from __future__ import annotations
 
 from flix.adapters import FLixConfig
+from flix.data.mixtures import feature_ranks
 from flix.features import FeatureSpace
 
 METHODS = ("flix", "compute_matched", "param_matched", "flix_shared", "single")
-KIND_RANKS = {
-    "multitask": {"task": 2, "lang": 4},
-    "multilingual": {"task": 4, "lang": 2},
-    "joint": {"task": 4, "lang": 2},
-}
 # Table 5 (Appendix A): an always-on feature of rank 4 plus task 1 and language 1.
 SHARED_SPLIT = {"shared": 4, "task": 1, "lang": 1}
 
 
 def flix_ranks(kind: str, lang_rank: int | None = None) -> dict[str, int]:
     """Task and language ranks for a mixture kind; `lang_rank` overrides (Table 4)."""
-    if kind not in KIND_RANKS:
-        raise ValueError(f"unknown mixture kind {kind!r}: choose one of {sorted(KIND_RANKS)}")
-    ranks = dict(KIND_RANKS[kind])
+    ranks = feature_ranks(kind)
     if lang_rank is not None:
         ranks["lang"] = int(lang_rank)
     return ranks

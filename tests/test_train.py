@@ -124,3 +124,28 @@ def test_bad_option_lists_the_choices(data_root):
 def test_nan_loss_stops_with_a_clear_message(compose, tmp_path):
     with pytest.raises(RuntimeError, match="last good checkpoint"):
         run(compose("mixture=multitask_sw", "train.lr=1e30", "train.max_grad_norm=1e30", "scale.steps=30"), tmp_path)
+
+
+@pytest.mark.slow
+def test_real_gemma_trains_two_steps_and_generates(compose, tmp_path):
+    """Gemma 3 270M offline: two FLix steps on real data, then generation.
+    Runs when the converted cache exists (or FLIX_TEST_GEMMA=1 converts it, ~1.5-3 min)."""
+    from flix.models import gemma_cache_path
+
+    if not gemma_cache_path().is_dir() and os.environ.get("FLIX_TEST_GEMMA") != "1":
+        pytest.skip(f"no converted Gemma 3 270M at {gemma_cache_path()}; FLIX_TEST_GEMMA=1 converts it once")
+    from flix.train import Run, load_mixture_for
+
+    cfg = compose(
+        "scale=mini", "mixture=multitask_sw", "scale.batch_size=2", "scale.micro_batch_size=2", "scale.max_prompt_tokens=96",
+        "scale.max_target_tokens=12", "scale.max_context_chars=200", "scale.eval_examples=2", "scale.steps=2",
+    )
+    trainer = Run(cfg, load_mixture_for(cfg), tmp_path, "flix")
+    before = {k: v.clone() for k, v in trainer.model.adapter_state_dict().items()}
+    losses = [trainer.train_step(step) for step in range(2)]
+    assert all(0 < loss < 20 for loss in losses)
+    after = trainer.model.adapter_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    scores, preds, average = trainer.validate()
+    assert set(scores) == {"ner", "qa_in_lang"} and 0 <= average <= 100
+    assert all(isinstance(p, str) for ps in preds.values() for p in ps)
