@@ -2,6 +2,8 @@
 PY ?= .venv/bin/python
 SCALE ?= smoke
 export FLIX_DATA_ROOT ?= $(abspath ../shared/data/xtreme_up_mini)
+export FLIX_RUNS ?= runs        # run directories: $(FLIX_RUNS)/<scale>/<mixture>/<run>
+export FLIX_REPORTS ?= reports  # rendered tables: $(FLIX_REPORTS)/<scale>/
 
 .PHONY: setup test bench
 
@@ -16,3 +18,18 @@ test:  ## the whole test suite on local data
 
 bench:  ## speed benchmarks; prints tables and writes reports/bench/*.json
 	$(PY) -m flix bench adapters --out reports/bench/adapters.json
+
+# Studies: Hydra multiruns of experiments/*.yaml, then the report. Completed runs
+# (same config hash) are skipped; FORCE=1 runs them again; LAUNCHER=parallel|slurm.
+LOGGER ?= wandb
+STUDY = $(PY) -m flix.study --scale $(SCALE) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER))
+
+.PHONY: study-a study-b ablations report
+study-a:  ## Tables 1 and 5
+	$(STUDY) study_a
+study-b:  ## Table 2 and the single-dataset appendix baselines
+	$(STUDY) study_b
+ablations:  ## Tables 3 and 4
+	$(STUDY) ablations
+report:  ## render reports/$(SCALE)/ from existing runs (runs nothing)
+	$(PY) -m flix report --scale $(SCALE) --runs $(FLIX_RUNS)/$(SCALE) --out $(FLIX_REPORTS)/$(SCALE)

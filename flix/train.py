@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import shutil
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import hydra
+from hydra.types import RunMode
 import numpy as np
 import pandas as pd
 import torch
@@ -38,6 +40,31 @@ from flix.optim import SparseAdamW, clip_grad_norm_
 from flix.tracking import make_tracker
 
 RESULTS = "results.json"
+FAILED = "failed.json"
+# Keys that do not change what a run computes: left out of its configuration hash.
+UNHASHED = ("hydra", "logger", "force")
+UNHASHED_NESTED = (("data", "root"), ("train", "threads"))
+
+
+def config_hash(cfg) -> str:
+    """Hash of the resolved configuration that decides a run's results.
+
+    Completed runs are found by it: the run directory name ends with it, so a
+    study re-run skips what is done and a changed setting gets a new directory.
+    """
+    import hashlib
+
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for key in UNHASHED:
+        container.pop(key, None)
+    for section, key in UNHASHED_NESTED:
+        container.get(section, {}).pop(key, None)
+    resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# Hydra resolves run directory names with it: ${config_hash:} hashes the whole config.
+OmegaConf.register_new_resolver("config_hash", lambda *, _root_: config_hash(_root_), replace=True)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -323,9 +350,13 @@ def merge(parts: list[dict]) -> dict:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole run; returns results (also written to run_dir/results.json)."""
+    if cfg.get("force") and run_dir.exists():
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / RESULTS).unlink(missing_ok=True)
     if (run_dir / RESULTS).exists():
-        print(f"[flix] {run_dir / RESULTS} exists: run already complete", file=sys.stderr)
+        print(f"[flix] {run_dir / RESULTS} exists: run already complete (force=true runs it again)", file=sys.stderr)
         return json.loads((run_dir / RESULTS).read_text())
+    (run_dir / FAILED).unlink(missing_ok=True)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
@@ -354,6 +385,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             **body,
             "time_seconds": time.time() - started,
             "commit": git_commit(),
+            "config_hash": config_hash(cfg),
             "config": resolved,
         }
         for split in ("validation", "test"):
@@ -397,7 +429,8 @@ def _summary(results: dict) -> None:
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    hydra_cfg = hydra.core.hydra_config.HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         results = run(cfg, run_dir)
     except torch.OutOfMemoryError as err:
@@ -405,6 +438,13 @@ def main(cfg: DictConfig) -> float | None:
             f"out of memory: lower scale.micro_batch_size (now {cfg.scale.micro_batch_size}; the effective batch "
             f"stays scale.batch_size), scale.max_prompt_tokens or scale.eval_batch_size, or set train.gradient_checkpointing=true"
         ) from err
+    except Exception as err:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        # In a sweep one failed run must not take the others down: record it and go on.
+        atomic_write_json(run_dir / FAILED, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+        print(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
     return results["best_validation_average"] if isinstance(results.get("best_validation_average"), float) else None
 
 

@@ -1,0 +1,142 @@
+"""Run a study (experiments/NAME.yaml) as Hydra multiruns, then render its tables.
+
+    python -m flix.study study_a --scale smoke [--force] [--launcher parallel] [-- key=value ...]
+
+Each sweep of the study is one `python -m flix.train -m ...`. Runs whose directory
+(named by the hash of their resolved config) already holds results.json are skipped by
+the run itself, so an interrupted study picks up where it stopped. A failing run writes
+failed.json and the others go on; the study then lists the failures and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+CONF = REPO / "conf"
+LAUNCHERS = ("basic", "parallel", "slurm")
+
+
+@dataclass
+class PlannedRun:
+    overrides: list[str]
+    run_dir: Path
+
+    @property
+    def status(self) -> str:
+        if (self.run_dir / "results.json").exists():
+            return "done"
+        if (self.run_dir / "failed.json").exists():
+            return "failed"
+        return "missing"
+
+
+def load_study(name: str) -> dict:
+    path = EXPERIMENTS / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+        raise SystemExit(f"flix study: no study {name!r} ({path}); studies: {', '.join(names)}")
+    study = OmegaConf.to_container(OmegaConf.load(path))
+    for i, sweep in enumerate(study.get("sweeps") or []):
+        bad = [k for k, v in sweep.items() if not isinstance(v, list) or not v]
+        if bad:
+            raise SystemExit(f"flix study: {path}: sweeps[{i}].{bad[0]} must be a non-empty list of values")
+    return study
+
+
+def sweep_args(sweep: dict) -> list[str]:
+    """Hydra multirun overrides: key=v1,v2,..."""
+    return [f"{key}={','.join(str(v) for v in values)}" for key, values in sweep.items()]
+
+
+def expand(sweep: dict) -> list[list[str]]:
+    keys = list(sweep)
+    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def plan(study: dict, common: list[str]) -> list[PlannedRun]:
+    """Every run of the study with the directory it writes to (composed, not run)."""
+    from hydra import compose, initialize_config_dir
+
+    import flix.train  # noqa: F401  registers the config_hash resolver
+
+    runs = []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for sweep in study["sweeps"]:
+            for overrides in expand(sweep):
+                cfg = compose("train", overrides=[*common, *overrides], return_hydra_config=True)
+                run_dir = REPO / cfg.hydra.sweep.dir / cfg.hydra.sweep.subdir  # sweeps run with cwd=REPO
+                runs.append(PlannedRun(overrides, run_dir))
+    return runs
+
+
+def launch(study: dict, common: list[str], launcher: str, jobs: int) -> list[int]:
+    """One Hydra multirun per sweep; returns their exit codes."""
+    extra = [] if launcher == "basic" else [f"hydra/launcher={launcher}"]
+    if launcher == "parallel":
+        extra.append(f"hydra.launcher.n_jobs={jobs}")
+    codes = []
+    for sweep in study["sweeps"]:
+        cmd = [sys.executable, "-m", "flix.train", "-m", *common, *sweep_args(sweep), *extra]
+        print("[flix study] " + " ".join(cmd[1:]), flush=True)
+        codes.append(subprocess.run(cmd, cwd=REPO).returncode)
+    return codes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flix.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", help="a file stem under experiments/ (study_a, study_b, ablations)")
+    parser.add_argument("--scale", default=os.environ.get("SCALE", "smoke"), choices=["smoke", "mini", "paper"])
+    parser.add_argument("--logger", default="wandb", choices=["wandb", "none"])
+    parser.add_argument("--force", action="store_true", help="run again even runs that are complete")
+    parser.add_argument("--launcher", default="basic", choices=LAUNCHERS, help="basic: one after another; parallel: joblib; slurm: submitit")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once with --launcher parallel")
+    parser.add_argument("--no-report", action="store_true", help="do not render the report afterwards")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+
+    study = load_study(args.study)
+    common = [f"scale={args.scale}", f"logger={args.logger}", *args.overrides] + (["force=true"] if args.force else [])
+    runs = plan(study, common)
+    done = sum(r.status == "done" for r in runs)
+    print(f"[flix study] {args.study} at scale {args.scale}: {len(runs)} runs, {done} complete" + (" (forced again)" if args.force else ""))
+    started = time.time()
+    launch(study, common, args.launcher, args.jobs)
+    failed = [r for r in runs if r.status != "done"]
+    print(f"[flix study] {len(runs) - len(failed)}/{len(runs)} runs complete in {time.time() - started:.0f}s")
+    for r in failed:
+        reason = (r.run_dir / "failed.json").read_text() if r.status == "failed" else "no results.json"
+        print(f"[flix study] FAILED {' '.join(r.overrides)} -> {r.run_dir}: {_first_line(reason)}", file=sys.stderr)
+    if not args.no_report:
+        _report(args.scale, args.logger)
+    return 1 if failed else 0
+
+
+def _first_line(failed_json: str) -> str:
+    import json
+
+    try:
+        return json.loads(failed_json)["error"]
+    except (ValueError, KeyError):
+        return failed_json.strip().splitlines()[0] if failed_json.strip() else "unknown error"
+
+
+def _report(scale: str, logger: str) -> None:
+    from flix.report.cli import main as report
+
+    runs = REPO / os.environ.get("FLIX_RUNS", "runs") / scale
+    out = REPO / os.environ.get("FLIX_REPORTS", "reports") / scale
+    report(["--runs", str(runs), "--scale", scale, "--out", str(out)] + (["--wandb"] if logger == "wandb" else []))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Studies: sweeps as Hydra multiruns, skipping by config hash, failure isolation, launchers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flix import study
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["scale.steps=2", "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=2", "train.threads=1"]
+
+
+@pytest.fixture
+def runs_env(tmp_path, monkeypatch, data_root):
+    monkeypatch.setenv("FLIX_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("FLIX_REPORTS", str(tmp_path / "reports"))
+    monkeypatch.setenv("FLIX_DATA_ROOT", str(data_root))
+    return tmp_path
+
+
+@pytest.fixture
+def own_study(tmp_path, monkeypatch):
+    """A study file of the test's own, read by the real study code."""
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    monkeypatch.setattr(study, "EXPERIMENTS", folder)
+
+    def write(name: str, sweeps: list[dict]) -> str:
+        (folder / f"{name}.yaml").write_text(json.dumps({"name": name, "sweeps": sweeps}))
+        return name
+
+    return write
+
+
+def test_every_study_expands_into_composable_runs():
+    for name in ("study_a", "study_b"):
+        runs = study.plan(study.load_study(name), ["scale=smoke", "logger=none"])
+        assert len({r.run_dir for r in runs}) == len(runs), name  # distinct configs, distinct dirs
+    # dropout=0.7 on in-language QA is the same configuration as rank=paper there: one run
+    ablations = study.plan(study.load_study("ablations"), ["scale=smoke", "logger=none"])
+    assert (len(ablations), len({r.run_dir for r in ablations})) == (12, 11)
+    a = study.plan(study.load_study("study_a"), ["scale=smoke"])
+    assert len(a) == 3 * 2 + 1
+
+
+def test_shared_runs_have_one_directory_across_studies():
+    """Ablation runs equal to Study B's (dropout 0.7, paper rank) are the same run."""
+    b = {r.run_dir for r in study.plan(study.load_study("study_b"), ["scale=smoke"])}
+    ablation = {r.run_dir for r in study.plan(study.load_study("ablations"), ["scale=smoke"])}
+    assert len(ablation & b) == 4  # FLix with the paper's rank and dropout on the four multilingual mixtures
+
+
+def test_unknown_study_lists_the_studies():
+    with pytest.raises(SystemExit, match="study_a"):
+        study.load_study("nope")
+
+
+def test_failed_run_does_not_stop_the_study_and_completed_runs_are_skipped(own_study, runs_env, capsys):
+    name = own_study("mixed", [{"mixture": ["multitask_sw"], "train.lr": [1e-3, 1e40], "train.max_grad_norm": [1e40]}])
+    code = study.main([name, "--logger", "none", "--no-report", *FAST])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("[flix study] FAILED") == 1 and "overflow" in err
+    runs = study.plan(study.load_study(name), ["scale=smoke", "logger=none", *FAST])
+    assert sorted(r.status for r in runs) == ["done", "failed"]
+    done = next(r for r in runs if r.status == "done")
+    mtime = (done.run_dir / "results.json").stat().st_mtime
+    study.main([name, "--logger", "none", "--no-report", *FAST])
+    assert (done.run_dir / "results.json").stat().st_mtime == mtime  # skipped, not run again
+    study.main([name, "--logger", "none", "--no-report", "--force", *FAST])
+    assert (done.run_dir / "results.json").stat().st_mtime > mtime  # FORCE runs it again
+
+
+def test_parallel_launcher_runs_a_sweep(runs_env, data_root):
+    cmd = [sys.executable, "-m", "flix.train", "-m", "logger=none", "mixture=multitask_sw", "method=flix,compute_matched", "hydra/launcher=parallel", *FAST]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=os.environ)
+    results = list((runs_env / "runs" / "smoke" / "multitask_sw").glob("*/results.json"))
+    assert sorted(json.loads(p.read_text())["method"] for p in results) == ["compute_matched", "flix"]
+
+
+def test_slurm_launcher_config_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher.gpus_per_node == 1 and "submitit" in cfg.hydra.launcher._target_
