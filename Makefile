@@ -20,16 +20,17 @@ bench:  ## speed benchmarks; prints tables and writes reports/bench/*.json
 	$(PY) -m flix bench adapters --out reports/bench/adapters.json
 
 # Studies: Hydra multiruns of experiments/*.yaml, then the report. Completed runs
-# (same config hash) are skipped; FORCE=1 runs them again; LAUNCHER=parallel|slurm.
+# (same config hash) are skipped; FORCE=1 runs them again; LAUNCHER=parallel|slurm;
+# ARGS="key=value ..." adds Hydra overrides to every run.
 LOGGER ?= wandb
 STUDY = $(PY) -m flix.study --scale $(SCALE) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER))
 
 .PHONY: study-a study-b ablations report
 study-a:  ## Tables 1 and 5
-	$(STUDY) study_a
+	$(STUDY) study_a $(ARGS)
 study-b:  ## Table 2 and the single-dataset appendix baselines
-	$(STUDY) study_b
+	$(STUDY) study_b $(ARGS)
 ablations:  ## Tables 3 and 4
-	$(STUDY) ablations
+	$(STUDY) ablations $(ARGS)
 report:  ## render reports/$(SCALE)/ from existing runs (runs nothing)
 	$(PY) -m flix report --scale $(SCALE) --runs $(FLIX_RUNS)/$(SCALE) --out $(FLIX_REPORTS)/$(SCALE)

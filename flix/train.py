@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from flix.adapters import WEIGHTS_NAME, FLixModel, get_flix_model
+from flix import distributed
 from flix.batching import TextLimits, loss_sum, training_batch
 from flix.data.mixtures import EvalSet, Mixture, load_mixture
 from flix.data.reader import read_dataset, resolve_root
@@ -37,7 +38,7 @@ from flix.io import atomic_dir, atomic_write_json, atomic_write_text
 from flix.methods import method_config
 from flix.models import load_model, model_kind
 from flix.optim import SparseAdamW, clip_grad_norm_
-from flix.tracking import make_tracker
+from flix.tracking import NullTracker, make_tracker
 
 RESULTS = "results.json"
 FAILED = "failed.json"
@@ -200,7 +201,9 @@ class Run:
 
     def __init__(self, cfg: DictConfig, mixture: Mixture, run_dir: Path, method: str):
         self.cfg, self.mixture, self.run_dir, self.method = cfg, mixture, run_dir, method
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.rank, self.world = distributed.setup()
+        self.main = self.rank == 0  # only the main process evaluates and writes
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.root = resolve_root(cfg.data.root)
         mixture.check(self.root)
         s = cfg.scale
@@ -222,10 +225,11 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_step(self, step: int) -> float:
-        examples = self.sampler.batch(step)
+        """One optimizer step on the global batch (this process's shard of it)."""
+        examples = self.sampler.batch(step, self.rank, self.world)
         micro = self.cfg.scale.micro_batch_size
         batches = [training_batch(examples[i : i + micro], self.tokenizer, self.limits, self.seq2seq) for i in range(0, len(examples), micro)]
-        total_targets = sum(b["num_targets"] for b in batches)
+        total_targets = distributed.sum_scalar(sum(b["num_targets"] for b in batches))
         self.model.train()
         loss_total = 0.0
         for i, batch in zip(range(0, len(examples), micro), batches):
@@ -234,12 +238,15 @@ class Run:
                 loss = loss_sum(self.model, tensors, self.seq2seq) / total_targets
                 loss.backward()
             loss_total += loss.item()
+        loss_total = distributed.sum_scalar(loss_total)
+        params = self.optimizer.param_groups[0]["params"]
+        distributed.sum_gradients(params)
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(
                 f"loss is {loss_total} at step {step + 1}; the last good checkpoint is kept at {self.ckpt_dir}. "
                 "Lower train.lr, check the data, or use float32 (model.dtype=float32)."
             )
-        clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.cfg.train.max_grad_norm)
+        clip_grad_norm_(params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -253,23 +260,24 @@ class Run:
 
     def fit(self, tracker) -> dict:
         s = self.cfg.scale
-        state = {"step": 0, "best_step": None, "best_score": -math.inf, "best_validation": {}, "history": [], "train_seconds": 0.0}
+        state = {"step": 0, "best_step": None, "best_score": -math.inf, "best_validation": {}, "history": [], "train_loss": [], "train_seconds": 0.0}
         if (self.ckpt_dir / "state.pt").exists():
             state.update({k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler).items() if k in state})
             print(f"[flix] resuming {self.run_dir} from step {state['step']}", file=sys.stderr)
         else:
             torch.manual_seed(self.cfg.seed)
-        bar = tqdm(total=s.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=s.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=not self.main)
         while state["step"] < s.steps:
             started = time.perf_counter()
             loss = self.train_step(state["step"])
             state["train_seconds"] += time.perf_counter() - started
             state["step"] += 1
             step = state["step"]
+            state["train_loss"].append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             tracker.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=step)
-            if step % s.eval_every == 0 or step == s.steps:
+            if self.main and (step % s.eval_every == 0 or step == s.steps):
                 scores, preds, average = self.validate()
                 state["history"].append({"step": step, "validation_average": average, "loss": loss})
                 tracker.log({"validation/average": average, **{f"validation/{t}/{l}": v for t, ls in scores.items() for l, v in ls.items()}}, step=step)
@@ -278,9 +286,10 @@ class Run:
                     self.model.save_pretrained(self.run_dir / "best_adapter")
                     self._write_predictions("validation", self.validation, preds)
                 bar.write(f"[flix] step {step}: validation average {average:.2f} (best {state['best_score']:.2f} at step {state['best_step']})")
-            if step % s.checkpoint_every == 0 or step == s.steps:
+            if self.main and (step % s.checkpoint_every == 0 or step == s.steps):
                 save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, state)
         bar.close()
+        distributed.barrier()
         return state
 
     def test(self) -> dict:
@@ -309,12 +318,15 @@ def train_one(cfg: DictConfig, mixture: Mixture, run_dir: Path, method: str, tra
     """Train, select and test one adapter; returns its part of results.json."""
     run = Run(cfg, mixture, run_dir, method)
     state = run.fit(tracker)
+    if not run.main:
+        return {}
     return {
         "best_step": state["best_step"],
         "best_validation_average": state["best_score"],
         "validation": state["best_validation"],
         "test": run.test(),
         "history": state["history"],
+        "train_loss": state["train_loss"],
         "trainable_parameters": run.model.num_trainable_parameters(),
         "flix": run.model.flix_config.to_dict() | {"active_rank": run.model.flix_config.space.active_rank},
         "train_seconds": state["train_seconds"],
@@ -333,7 +345,7 @@ def single_mixtures(mixture: Mixture) -> list[Mixture]:
 
 def merge(parts: list[dict]) -> dict:
     """Merge per-dataset results of the single baseline into one results dict."""
-    merged = {"validation": {}, "test": {}, "best_step": {}, "history": {}, "trainable_parameters": 0, "train_seconds": 0.0}
+    merged = {"validation": {}, "test": {}, "best_step": {}, "history": {}, "train_loss": {}, "trainable_parameters": 0, "train_seconds": 0.0}
     for part in parts:
         for split in ("validation", "test"):
             for task, langs in part[split].items():
@@ -342,6 +354,7 @@ def merge(parts: list[dict]) -> dict:
         key = f"{task}.{next(iter(langs))}"
         merged["best_step"][key] = part["best_step"]
         merged["history"][key] = part["history"]
+        merged["train_loss"][key] = part["train_loss"]
         merged["trainable_parameters"] += part["trainable_parameters"]
         merged["train_seconds"] += part["train_seconds"]
     merged["flix"] = parts[0]["flix"] if parts else {}
@@ -357,6 +370,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         print(f"[flix] {run_dir / RESULTS} exists: run already complete (force=true runs it again)", file=sys.stderr)
         return json.loads((run_dir / RESULTS).read_text())
     (run_dir / FAILED).unlink(missing_ok=True)
+    rank, _ = distributed.setup()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
@@ -364,14 +378,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     method = cfg.method.name
     name = f"{method}-{mixture.name}-seed{cfg.seed}"
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    jobs = [(m, run_dir / "datasets" / m.name.split("/")[-1]) for m in single_mixtures(mixture)] if method == "single" else [(mixture, run_dir)]
+    if rank != 0:  # other data-parallel processes only train
+        for part, part_dir in jobs:
+            train_one(cfg, part, part_dir, method, NullTracker())
+        return {}
     tracker = make_tracker(cfg.logger, run_dir, name=name, group=f"{cfg.scale.name}/{mixture.study}", config=resolved, resume_id=_wandb_id(run_dir))
     started = time.time()
     try:
-        if method == "single":
-            parts = [train_one(cfg, m, run_dir / "datasets" / m.name.split("/")[-1], method, tracker) for m in single_mixtures(mixture)]
-            body = merge(parts)
-        else:
-            body = train_one(cfg, mixture, run_dir, method, tracker)
+        parts = [train_one(cfg, part, part_dir, method, tracker) for part, part_dir in jobs]
+        body = merge(parts) if method == "single" else parts[0]
         results = {
             "method": method,
             "mixture": mixture.name,
@@ -445,7 +461,8 @@ def main(cfg: DictConfig) -> float | None:
         atomic_write_json(run_dir / FAILED, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
         print(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}", file=sys.stderr)
         return None
-    return results["best_validation_average"] if isinstance(results.get("best_validation_average"), float) else None
+    score = results.get("best_validation_average")
+    return score if isinstance(score, float) else None
 
 
 if __name__ == "__main__":

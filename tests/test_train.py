@@ -149,3 +149,21 @@ def test_real_gemma_trains_two_steps_and_generates(compose, tmp_path):
     scores, preds, average = trainer.validate()
     assert set(scores) == {"ner", "qa_in_lang"} and 0 <= average <= 100
     assert all(isinstance(p, str) for ps in preds.values() for p in ps)
+
+
+def test_two_process_data_parallel_equals_one_process(tmp_path, data_root):
+    """torchrun with 2 CPU processes (gloo) gives the losses of one process on the same global batch."""
+    args = [
+        "logger=none", "mixture=multitask_sw", "method=flix", "dropout=0.0", f"data.root={data_root}",
+        "scale.steps=4", "scale.eval_every=4", "scale.eval_examples=2", "scale.test_examples=2",
+        "scale.batch_size=8", "scale.micro_batch_size=2", "train.threads=1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "flix.train", *args, f"hydra.run.dir={tmp_path / 'one'}"], check=True, cwd=REPO, env=env, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flix.train"]
+    subprocess.run([*torchrun, *args, f"hydra.run.dir={tmp_path / 'two'}"], check=True, cwd=REPO, env=env, capture_output=True)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert len(one["train_loss"]) == 4
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert two["test"] == one["test"]

@@ -1,0 +1,60 @@
+"""`flix report`: render the paper's tables and Figure 2 from finished runs (runs nothing).
+
+    flix report [--runs DIR] [--scale smoke|mini|paper] [--out DIR] [--paper DIR] [--wandb]
+
+Default paths are relative to the repository root, as flix.study uses them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from flix.report.render import ReportError, infer_scale, render, summary_line
+
+REPO = Path(__file__).resolve().parents[2]
+SCALES = ("smoke", "mini", "paper")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="flix report", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, help="runs root (default: $FLIX_RUNS or runs, then /<scale>)")
+    parser.add_argument("--scale", choices=SCALES, help="default: the runs' scale with --runs, else smoke")
+    parser.add_argument("--out", type=Path, help="output dir (default: $FLIX_REPORTS or reports, then /<scale>)")
+    parser.add_argument("--paper", type=Path, help="paper tables (default: $FLIX_PAPER_DIR or ../shared/paper beside the repo)")
+    parser.add_argument("--wandb", action="store_true", help="also log the report to W&B (offline unless WANDB_MODE=online)")
+    parser.add_argument("--wandb-project", help="default: the project of conf/logger/wandb.yaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        scale = args.scale or (infer_scale(args.runs) if args.runs and args.runs.is_dir() else "smoke")
+        runs = args.runs or REPO / os.environ.get("FLIX_RUNS", "runs") / scale
+        out = args.out or REPO / os.environ.get("FLIX_REPORTS", "reports") / scale
+        paper = args.paper or Path(os.environ.get("FLIX_PAPER_DIR", REPO.parent / "shared" / "paper"))
+        summary = render(runs, out, scale, paper)
+    except ReportError as error:
+        print(f"flix report: {error}", file=sys.stderr)
+        return 2
+    for path in summary["files"]:
+        print(f"wrote {path}")
+    print(summary_line(summary))
+    if args.wandb:
+        from flix.report.wandb_log import log_to_wandb
+
+        project = args.wandb_project or OmegaConf.load(REPO / "conf" / "logger" / "wandb.yaml").project
+        try:
+            print(f"logged the report to W&B: {log_to_wandb(out, project)}")
+        except Exception as error:  # the report files stand; a tracking failure must not hide them
+            print(f"flix report: W&B logging failed: {type(error).__name__}: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

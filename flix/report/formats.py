@@ -1,0 +1,262 @@
+"""Writers: Markdown, LaTeX, CSV and one self-contained HTML page.
+
+Every page carries where its numbers came from (scale, data roots, models, seeds,
+commits, render date) and the caveats of the scale, so a table never travels alone.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from flix.io import atomic_write_text
+from flix.report.appendix import Appendix
+from flix.report.collect import Run
+from flix.report.tables import DASH, Cell, Table
+
+SMOKE_NOTE = "smoke numbers are a pipeline check (tiny random model, a few steps), not results"
+MINI_NOTE = (
+    "Mini-scale mixtures use documented substitutes for what the mini data lacks (the `mini.notes` "
+    "of conf/mixture/*.yaml), so these numbers are not comparable to the paper's."
+)
+CELL_NOTE = "Each cell: reproduced (paper X, reproduced − paper); Avg. is the mean of the row's columns; seeds are averaged."
+
+
+@dataclass
+class Page:
+    """What every page states about the runs behind it."""
+
+    scale: str
+    rendered: str
+
+    def meta(self, runs: list[Run]) -> list[tuple[str, str]]:
+        def values(key, short=False):
+            found = sorted({str(r.results.get(key)) for r in runs if r.results and r.results.get(key) is not None})
+            return ", ".join(v[:12] if short else v for v in found) or "none"
+
+        seeds = sorted({r.seed for r in runs if r.seed is not None})
+        return [
+            ("Scale", self.scale),
+            ("Data root(s)", values("data_root")),
+            ("Model(s)", values("model")),
+            ("Seeds", ", ".join(map(str, seeds)) or "none"),
+            ("Commit(s)", values("commit", short=True)),
+            ("Rendered", self.rendered),
+        ]
+
+    def notes(self, runs: list[Run]) -> list[str]:
+        notes = [f"Smoke scale: {SMOKE_NOTE}."] if self.scale == "smoke" else []
+        if self.scale in ("smoke", "mini") or any(r.results and r.results.get("variant") == "mini" for r in runs):
+            notes.append(MINI_NOTE)
+        return notes
+
+
+def cell_text(cell: Cell) -> str:
+    text = DASH if cell.value is None else f"{cell.value:.1f}"
+    if cell.paper is not None:
+        diff = "" if cell.diff is None else f", {cell.diff:+.1f}"
+        text += f" (paper {cell.paper:.1f}{diff})"
+    return text + "".join(f" [{n}]" for n in cell.notes)
+
+
+def _seeds(seeds: list[int]) -> str:
+    return ", ".join(map(str, seeds)) or DASH
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    return DASH if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _one(value: float | None) -> str:
+    """Pages show one decimal, as the paper does; CSVs keep two."""
+    return _number(value, 1)
+
+
+# -- Markdown ----------------------------------------------------------------------
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(s):
+        return str(s).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(esc, row)) + " |" for row in rows]) + "\n"
+
+
+def md_header(title: str, page: Page, runs: list[Run]) -> str:
+    parts = [f"# {title}\n"]
+    parts += [f"> **{note}**\n" if note.startswith("Smoke") else f"> {note}\n" for note in page.notes(runs)]
+    parts.append("".join(f"- {key}: {value}\n" for key, value in page.meta(runs)))
+    return "\n".join(parts)
+
+
+def md_notes(notes: list[str]) -> str:
+    return "\nNotes:\n\n" + "".join(f"- [{i}] {text}\n" for i, text in enumerate(notes, 1)) if notes else ""
+
+
+def table_rows(table: Table) -> tuple[list[str], list[list[str]]]:
+    header = [table.row_header, *table.columns, "Seeds"]
+    return header, [[label, *map(cell_text, cells), _seeds(table.row_seeds(cells))] for label, cells in table.rows]
+
+
+def table_md(table: Table, page: Page) -> str:
+    header, rows = table_rows(table)
+    return md_header(table.title, page, table.runs) + "\n" + md_table(header, rows) + f"\n{CELL_NOTE}\n" + md_notes(table.footnotes)
+
+
+def appendix_md(appendix: Appendix, page: Page) -> str:
+    runs = [r for rs in appendix.runs.values() for r in rs]
+    parts = [md_header(f"Appendix: per-language scores, mixture {appendix.mixture}", page, runs)]
+    parts.append("Seeds averaged: " + "; ".join(f"{m} {_seeds(sorted({r.seed for r in rs}))}" for m, rs in appendix.runs.items()) + "\n")
+    for s in appendix.sections:
+        zero = f", zero-shot: {s.zero_shot}" if s.zero_shot else ""
+        header = ["language", *(f"{m} {split}" for m, split in s.frame.columns)]
+        rows = [[lang, *map(_one, values)] for lang, values in zip(s.frame.index, s.frame.to_numpy())]
+        parts.append(f"## {s.name} (task {s.task}{zero})\n\n" + md_table(header, rows))
+    return "\n".join(parts)
+
+
+# -- CSV ---------------------------------------------------------------------------
+
+
+def table_csv(table: Table) -> str:
+    records = []
+    for label, cells in table.rows:
+        record = {table.row_header: label}
+        for column, cell in zip(table.columns, cells):
+            record[column] = _number(cell.value)
+            record[f"{column} paper"] = _number(cell.paper)
+            record[f"{column} diff"] = _number(cell.diff)
+        notes = dict.fromkeys(n for c in cells for n in c.notes)
+        record["seeds"] = _seeds(table.row_seeds(cells))
+        record["notes"] = "; ".join(f"[{n}] {table.footnotes[n - 1]}" for n in notes)
+        records.append(record)
+    return pd.DataFrame(records).to_csv(index=False)
+
+
+def appendix_csv(appendix: Appendix) -> str:
+    frames = []
+    for s in appendix.sections:
+        frame = s.frame.copy()
+        frame.columns = [f"{m} {split}" for m, split in frame.columns]
+        frame = frame.map(_number).reset_index()
+        frame.insert(0, "zero_shot", s.zero_shot or "")
+        frame.insert(0, "task", s.task)
+        frame.insert(0, "set", s.name)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True).to_csv(index=False)
+
+
+# -- LaTeX -------------------------------------------------------------------------
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", DASH: "--", "−": "$-$"}
+
+
+def tex(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def table_tex(table: Table, page: Page) -> str:
+    header, rows = table_rows(table)
+    meta = page.meta(table.runs)
+    notes = page.notes(table.runs)
+    lines = [f"% {table.title}", *(f"% {k}: {v}" for k, v in meta), *(f"% NOTE: {n}" for n in notes),
+             "% needs \\usepackage{booktabs}",
+             r"\begin{table}[ht]", r"\centering", r"\scriptsize",
+             r"\begin{tabular}{l" + "l" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(tex(h) for h in header) + r" \\", r"\midrule",
+             *(" & ".join(tex(c) for c in row) + r" \\" for row in rows),
+             r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\par\smallskip " + tex(f"[{i}] {text}") for i, text in enumerate(table.footnotes, 1)]
+    caption = f"{table.title}. {CELL_NOTE} " + "; ".join(f"{k}: {v}" for k, v in meta) + ". " + " ".join(notes)
+    lines += [r"\caption{" + tex(caption.strip()) + "}", r"\label{tab:" + table.name + "}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# -- HTML --------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: sans-serif; max-width: 1300px; margin: 1.5em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.85em; }
+th, td { border: 1px solid #bbb; padding: 3px 7px; }
+th { background: #eee; } td { text-align: right; white-space: nowrap; } td:first-child { text-align: left; }
+td.missing { color: #a00; background: #fbf3f3; }
+.warn { border: 2px solid #c00; background: #fee; padding: 0.6em 1em; font-weight: bold; }
+.note { border-left: 4px solid #999; padding-left: 0.8em; }
+.meta { color: #555; font-size: 0.85em; } .footnotes { font-size: 0.8em; color: #444; }
+"""
+
+
+def _h(text) -> str:
+    return html.escape(str(text))
+
+
+def html_table(header: list[str], rows: list[list[str]], missing: set[tuple[int, int]] = frozenset()) -> str:
+    head = "<tr>" + "".join(f"<th>{_h(h)}</th>" for h in header) + "</tr>"
+    body = "".join(
+        "<tr>" + "".join(f'<td{" class=missing" if (i, j) in missing else ""}>{_h(c)}</td>' for j, c in enumerate(row)) + "</tr>"
+        for i, row in enumerate(rows)
+    )
+    return f'<div style="overflow-x:auto"><table>{head}{body}</table></div>\n'
+
+
+def html_notes(notes: list[str]) -> str:
+    return "".join(f'<p class="footnotes">[{i}] {_h(t)}</p>' for i, t in enumerate(notes, 1))
+
+
+def html_meta(page: Page, runs: list[Run]) -> str:
+    return '<p class="meta">' + " · ".join(f"{_h(k)}: {_h(v)}" for k, v in page.meta(runs)) + "</p>\n"
+
+
+def html_page(page: Page, all_runs: list[Run], tables: list[Table], figure: tuple[pd.DataFrame, list[str], Path] | None,
+              appendices: list[Appendix]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>FLix report ({_h(page.scale)})</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>FLix reproduction report: {_h(page.scale)} scale</h1>"]
+    parts += [f'<p class="warn">{_h(n)}</p>' if n.startswith("Smoke") else f'<p class="note">{_h(n)}</p>' for n in page.notes(all_runs)]
+    parts.append("<dl>" + "".join(f"<dt>{_h(k)}</dt><dd>{_h(v)}</dd>" for k, v in page.meta(all_runs)) + "</dl>")
+    parts.append(f"<p>{_h(CELL_NOTE)}</p>")
+    for table in tables:
+        header, rows = table_rows(table)
+        missing = {(i, j + 1) for i, (_, cells) in enumerate(table.rows) for j, c in enumerate(cells) if c.value is None}
+        parts += [f'<h2 id="{table.name}">{_h(table.title)}</h2>', html_meta(page, table.runs), html_table(header, rows, missing), html_notes(table.footnotes)]
+    if figure is not None:
+        frame, notes, png = figure
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        shown = frame.assign(notes=["".join(f"[{n}]" for n in ids) for ids in frame["notes"]])
+        header = list(shown.columns)
+        rows = [[_one(v) if isinstance(v, float) or v is None else v for v in row] for row in shown.itertuples(index=False)]
+        parts += ['<h2 id="figure2">Figure 2: change from multilingual-only to multitask multilingual tuning</h2>',
+                  f'<img alt="Figure 2" style="max-width:100%" src="data:image/png;base64,{data}">',
+                  html_table(header, rows), html_notes(notes)]
+    if appendices:
+        parts.append('<h2 id="appendix">Appendix: per-language scores</h2>')
+    for appendix in appendices:
+        parts.append(f"<details><summary>mixture {_h(appendix.mixture)}</summary>")
+        for s in appendix.sections:
+            zero = f", zero-shot: {s.zero_shot}" if s.zero_shot else ""
+            header = ["language", *(f"{m} {split}" for m, split in s.frame.columns)]
+            rows = [[lang, *map(_one, values)] for lang, values in zip(s.frame.index, s.frame.to_numpy())]
+            parts += [f"<h3>{_h(s.name)} (task {_h(s.task)}{_h(zero)})</h3>", html_table(header, rows)]
+        parts.append("</details>")
+    return "\n".join(parts + ["</body></html>"]) + "\n"
+
+
+# -- files -------------------------------------------------------------------------
+
+
+def write_table(table: Table, page: Page, out_dir: Path) -> list[Path]:
+    return [
+        atomic_write_text(out_dir / f"{table.name}.md", table_md(table, page)),
+        atomic_write_text(out_dir / f"{table.name}.tex", table_tex(table, page)),
+        atomic_write_text(out_dir / f"{table.name}.csv", table_csv(table)),
+    ]
+
+
+def write_appendix(appendix: Appendix, page: Page, out_dir: Path) -> list[Path]:
+    stem = out_dir / f"appendix_{appendix.mixture}"
+    return [atomic_write_text(stem.with_suffix(".md"), appendix_md(appendix, page)),
+            atomic_write_text(stem.with_suffix(".csv"), appendix_csv(appendix))]

@@ -1,0 +1,68 @@
+"""render(): finished runs -> Tables 1-5, appendices, Figure 2 and index.html. Runs nothing."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flix.io import atomic_write_text
+from flix.report import figure
+from flix.report.appendix import build_appendices
+from flix.report.collect import collect
+from flix.report.formats import Page, html_page, write_appendix, write_table
+from flix.report.tables import build_all
+
+
+class ReportError(RuntimeError):
+    """Nothing to report: no runs dir, no results, or an ambiguous scale."""
+
+
+def infer_scale(runs_dir: str | Path) -> str:
+    """The one scale of the finished runs under runs_dir (for --runs without --scale)."""
+    scales = sorted({r.scale for r in collect(runs_dir).finished if r.scale})
+    if len(scales) != 1:
+        found = ", ".join(scales) or "none"
+        raise ReportError(f"cannot tell the scale of the runs under {runs_dir} (found: {found}); pass --scale")
+    return scales[0]
+
+
+def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_dir: str | Path) -> dict:
+    """Write every report file into out_dir; return a summary (cells filled/missing, files).
+    scale None: the runs' one scale."""
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    if not runs_dir.is_dir():
+        raise ReportError(f"runs dir {runs_dir} does not exist: train first (python -m flix.train) or pass --runs")
+    scale = scale or infer_scale(runs_dir)
+    index = collect(runs_dir, scale)
+    if not index.finished:
+        failed = [r for r in index.runs if r.failure]
+        detail = f" ({len(failed)} failed run(s), e.g. {failed[0].path}: {failed[0].failure})" if failed else ""
+        other = f"; {len(index.skipped)} run(s) of other scales skipped" if index.skipped else ""
+        raise ReportError(f"no results.json for scale {scale} under {runs_dir}{detail}{other}")
+    page = Page(scale, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    tables = build_all(index, paper_dir)
+    appendices = build_appendices(index)
+    frame, notes = figure.figure_data(index, paper_dir)
+    files = [p for t in tables for p in write_table(t, page, out_dir)]
+    files += [p for a in appendices for p in write_appendix(a, page, out_dir)]
+    pictures = figure.plot(frame, out_dir, scale)
+    files += pictures + [figure.write_csv(frame, notes, out_dir)]
+    files.append(atomic_write_text(out_dir / "index.html", html_page(page, index.finished, tables, (frame, notes, pictures[0]), appendices)))
+    filled = int(frame["change"].notna().sum())
+    return {
+        "scale": scale,
+        "runs_dir": str(runs_dir),
+        "out_dir": str(out_dir),
+        "runs": len(index.finished),
+        "failed": sum(r.failure is not None for r in index.runs),
+        "skipped_other_scales": len(index.skipped),
+        "tables": {t.name: dict(zip(("filled", "missing"), t.counts())) for t in tables},
+        "figure2": {"filled": filled, "missing": len(frame) - filled},
+        "appendices": [a.mixture for a in appendices],
+        "files": [str(p) for p in files],
+    }
+
+
+def summary_line(summary: dict) -> str:
+    cells = "; ".join(f"{name} {c['filled']} filled/{c['missing']} missing" for name, c in {**summary["tables"], "figure2": summary["figure2"]}.items())
+    skipped = f", {summary['skipped_other_scales']} of other scales skipped" if summary["skipped_other_scales"] else ""
+    return f"report ({summary['scale']}, {summary['runs']} runs, {summary['failed']} failed{skipped}): {cells}"

@@ -1,0 +1,191 @@
+"""`flix report` on a hand-made runs dir: layout, numbers, dashes, notes, files, exit codes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flix.data.mixtures import load_mixture_by_name
+from flix.report import log_to_wandb, render
+from flix.report.cli import main
+from flix.report.tables import PAPER_FILES
+
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper"
+SMOKE_NOTE = "smoke numbers are a pipeline check (tiny random model, a few steps), not results"
+# (method, mixture, seed, dropout, lang rank) -> base score of each eval set (by name); languages
+# spread symmetrically around it, so a set's average is exactly the base.
+STUDY_A = {"ner": 50.0, "semantic_parsing": 40.0, "qa_in_lang": 60.0, "qa_cross_lang": 70.0,
+           "qa_cross_lang_unseen_comb": 30.0, "qa_cross_lang_unseen_lang": 20.0}
+RUNS = {
+    ("flix", "study_a", 0, 0.7, None): STUDY_A,
+    ("flix", "study_a", 1, 0.7, None): {k: v + 2 for k, v in STUDY_A.items()},
+    ("compute_matched", "study_a", 0, 0.7, None): {k: v - 10 for k, v in STUDY_A.items()},
+    ("flix_shared", "study_a", 0, 0.7, None): {k: v - 5 for k, v in STUDY_A.items()},
+    ("flix", "zeroshot_sp", 0, 0.7, None): {"semantic_parsing_unseen_comb": 12.0},
+    ("flix", "multilingual_ner", 0, 0.7, None): {"ner": 56.0},
+    ("flix", "multilingual_ner", 0, 0.7, 1): {"ner": 54.0},
+    ("compute_matched", "multilingual_ner", 0, 0.7, None): {"ner": 45.0},
+    ("single", "multilingual_ner", 0, 0.7, None): {"ner": 44.0},
+    ("flix", "multilingual_qa_in_lang", 0, 0.7, None): {"qa_in_lang": 61.0},
+    ("flix", "multilingual_qa_in_lang", 0, 0.0, None): {"qa_in_lang": 58.0},
+    ("flix", "multitask_sw", 0, 0.7, None): {"ner": 30.0, "qa_in_lang": 50.0},
+}
+VALIDATION_OFFSET = -1.0
+
+
+def write_run(root: Path, key: tuple, bases: dict, scale: str = "smoke") -> Path:
+    """A results.json shaped like flix.train.run()'s, on the real mini mixture's sets."""
+    method, mixture, seed, dropout, rank = key
+    run_dir = root / mixture / f"{method}-drop{dropout}-rank{rank or 'paper'}-seed{seed}-0123abcdef"
+    sets = {s.name: s for s in load_mixture_by_name(mixture, "mini").eval_sets if s.name in bases}
+    scores = {"validation": {}, "test": {}}
+    eval_sets = {}
+    for name, s in sets.items():
+        spread = np.arange(len(s.langs)) - (len(s.langs) - 1) / 2
+        entry = {"task": s.task, "langs": s.langs, "zero_shot": s.zero_shot}
+        for split, offset in (("validation", VALIDATION_OFFSET), ("test", 0.0)):
+            values = {lang: bases[name] + offset + d for lang, d in zip(s.langs, spread)}
+            scores[split].setdefault(s.task, {}).update(values)
+            entry[split] = float(np.mean(list(values.values())))
+        eval_sets[name] = entry
+    results = {
+        "method": method, "mixture": mixture, "study": "x", "scale": scale, "seed": seed,
+        "model": "tiny", "data_root": "/data/xtreme_up_mini", "variant": "mini", "best_step": 8,
+        **scores, "eval_sets": eval_sets, "history": [], "trainable_parameters": 10, "commit": "abc123def456789",
+        "config": {"dropout": dropout, "rank": {"name": str(rank or "paper"), "lang": rank}, "seed": seed},
+    }
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs") / "smoke"
+    for key, bases in RUNS.items():
+        write_run(root, key, bases)
+    failed = root / "study_a" / "param_matched-drop0.7-rankpaper-seed0-99aa88bb77"  # as flix.train leaves one
+    (failed / ".hydra").mkdir(parents=True)
+    (failed / ".hydra" / "config.yaml").write_text(
+        "method:\n  name: param_matched\nmixture:\n  name: study_a\nrank:\n  name: paper\n  lang: null\n"
+        "scale:\n  name: smoke\nseed: 0\ndropout: 0.7\n")
+    (failed / "failed.json").write_text(json.dumps({"error": "RuntimeError: CUDA out of memory", "traceback": "Traceback ...\n"}))
+    out = root.parent / "out"
+    summary = render(root, out, "smoke", PAPER)
+    return out, summary
+
+
+def cells(out: Path, name: str) -> pd.DataFrame:
+    frame = pd.read_csv(out / f"{name}.csv", dtype=str, keep_default_na=False)
+    return frame.set_index(frame.columns[0])
+
+
+def test_every_table_has_the_paper_layout(report):
+    out, _ = report
+    for name, csv in PAPER_FILES.items():
+        paper = pd.read_csv(PAPER / csv, dtype=str)
+        label, columns = paper.columns[0], list(paper.columns[1:])
+        md, tex = (out / f"{name}.md").read_text(), (out / f"{name}.tex").read_text()
+        frame = cells(out, name)
+        assert list(frame.index) == list(paper[label]) and frame.index.name == label
+        for column in columns:
+            assert {column, f"{column} paper", f"{column} diff"} <= set(frame.columns)
+            assert f" {column} |" in md
+            assert column.replace("%", r"\%") in tex
+        for row in paper[label]:
+            assert f"| {row} |" in md
+            assert [float(frame.loc[row, f"{c} paper"]) for c in columns] == paper.set_index(label).loc[row].astype(float).tolist()
+        assert SMOKE_NOTE in md and SMOKE_NOTE in tex
+        assert "Commit(s): abc123def456" in md and "Model(s): tiny" in md and "/data/xtreme\\_up\\_mini" in tex
+
+
+def test_cells_average_seeds_and_sets(report):
+    out, _ = report
+    t1 = cells(out, "table1")
+    flix = {k: v + 1 for k, v in STUDY_A.items()}  # seeds 0 and 1 averaged
+    expected = [flix["ner"], flix["semantic_parsing"], flix["qa_in_lang"], flix["qa_cross_lang"],
+                flix["qa_cross_lang_unseen_comb"], 12.0, flix["qa_cross_lang_unseen_lang"]]
+    columns = [c for c in t1.columns if not c.endswith((" paper", " diff")) and c not in ("seeds", "notes", "Avg.")]
+    assert [float(t1.loc["FLix", c]) for c in columns] == pytest.approx(expected, abs=0.01)
+    assert float(t1.loc["FLix", "Avg."]) == pytest.approx(np.mean(expected), abs=0.01)
+    assert float(t1.loc["FLix", "Avg. diff"]) == pytest.approx(np.mean(expected) - 72.4, abs=0.01)
+    assert t1.loc["FLix", "seeds"] == "0, 1"
+    md = (out / "table1.md").read_text()
+    assert f"{flix['ner']:.1f} (paper 84.0, {flix['ner'] - 84.0:+.1f})" in md
+
+    t2 = cells(out, "table2")
+    assert float(t2.loc["FLix", "Multitask Swahili"]) == pytest.approx(40.0)  # mean of ner 30, qa_in_lang 50
+    assert float(t2.loc["FLix", "Multilingual NER"]) == pytest.approx(56.0)  # the rank-1 run stays out
+    t3 = cells(out, "table3")
+    assert float(t3.loc["0.7", "Test"]) == pytest.approx(61.0)
+    assert float(t3.loc["0.7", "Validation"]) == pytest.approx(61.0 + VALIDATION_OFFSET)
+    assert float(t3.loc["0.0", "Test"]) == pytest.approx(58.0)
+    t4 = cells(out, "table4")
+    assert (float(t4.loc["2", "NER"]), float(t4.loc["1", "NER"])) == pytest.approx((56.0, 54.0))
+    t5 = cells(out, "table5")
+    assert float(t5.loc["+ shared parameters", "NER"]) == pytest.approx(45.0)
+
+
+def test_missing_and_failed_runs_are_dashes_with_notes(report):
+    out, summary = report
+    t1 = cells(out, "table1")
+    assert set(t1.loc["Param-matched", ["NER", "Avg.", "NER diff"]]) == {"–"}
+    assert "CUDA out of memory" in t1.loc["Param-matched", "notes"]
+    assert t1.loc["Compute-matched", "Zero-shot Unseen Comb: Semantic parsing"] == "–"
+    assert t1.loc["Compute-matched", "Avg."] == "–"
+    md = (out / "table1.md").read_text()
+    assert "missing run: compute_matched on zeroshot_sp" in md
+    assert "param_matched on study_a (the paper's ranks), seed 0: run failed (RuntimeError: CUDA out of memory)" in md
+    assert "– (paper 28.4) [" in md
+    assert "missing run: flix on multilingual_qa_in_lang (dropout 0.5, the paper's ranks)" in (out / "table3.md").read_text()
+    assert "flix on multilingual_qa_cross_lang (dropout 0.7, language rank 1)" in (out / "table4.md").read_text()
+    assert summary["tables"]["table1"] == {"filled": 14, "missing": 10}
+    assert summary["failed"] == 1
+
+
+def test_appendix_html_and_figure(report):
+    out, summary = report
+    appendix = pd.read_csv(out / "appendix_multilingual_ner.csv", dtype=str, keep_default_na=False)
+    assert {"single test", "compute_matched validation", "flix test"} <= set(appendix.columns)
+    average = appendix[appendix["language"] == "Average"].iloc[0]
+    assert float(average["single test"]) == pytest.approx(44.0) and float(average["flix validation"]) == pytest.approx(55.0)
+    assert (out / "appendix_study_a.md").exists() and "qa_cross_lang_unseen_lang" in (out / "appendix_study_a.md").read_text()
+    page = (out / "index.html").read_text()
+    for name in PAPER_FILES:
+        assert f'id="{name}"' in page
+    assert SMOKE_NOTE in page and "data:image/png;base64," in page and "appendix" in page
+    assert (out / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (out / "figure2.svg").read_text()[:500]
+    figure = pd.read_csv(out / "figure2.csv", dtype=str, keep_default_na=False).set_index(["task", "method"])
+    assert float(figure.loc[("NER", "FLix"), "change"]) == pytest.approx(STUDY_A["ner"] + 1 - 56.0)
+    assert figure.loc[("NER", "Param-matched"), "change"] == "–"
+    assert set(summary["files"]) == {str(p) for p in out.iterdir() if p.is_file()}
+
+
+def test_cli_exit_codes(report, tmp_path, capsys):
+    out, _ = report
+    runs = out.parent / "smoke"
+    assert main(["--runs", str(runs), "--out", str(tmp_path / "o"), "--paper", str(PAPER)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote " in printed and "table1 14 filled/10 missing" in printed
+    assert main(["--runs", str(tmp_path / "nope"), "--scale", "smoke", "--paper", str(PAPER)]) == 2
+    only_failed = tmp_path / "failed_only" / "study_a" / "flix-drop0.7-rankpaper-seed0-0123abcdef"
+    only_failed.mkdir(parents=True)
+    (only_failed / "failed.json").write_text(json.dumps({"error": "ValueError: boom\nmore", "traceback": "..."}))
+    assert main(["--runs", str(tmp_path / "failed_only"), "--scale", "smoke", "--out", str(tmp_path / "o2"), "--paper", str(PAPER)]) == 2
+    assert "ValueError: boom" in capsys.readouterr().err
+
+
+def test_log_to_wandb_offline(report, tmp_path, monkeypatch):
+    out, _ = report
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = log_to_wandb(out, project="flix-test", wandb_dir=tmp_path)
+    assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
+    assert list(run_dir.glob("*.wandb"))
+    runs = out.parent / "smoke"
+    assert main(["--runs", str(runs), "--out", str(tmp_path / "o"), "--paper", str(PAPER), "--wandb"]) == 0
+    assert list((tmp_path / "o" / "wandb").glob("offline-run-*/*.wandb"))
