@@ -8,13 +8,16 @@ A layer keeps all features' A rows in one bank `flix_A` (rows x d_in) and B rows
 `flix_B` (rows x d_out); `flix.features` explains the row layout. A mixed batch is
 routed with two gathers (embedding lookups, so gradients are sparse: only the rows
 an example used get any) and two batched matmuls: no loop over examples, and the
-compute per token depends on the active rank, not on the number of features.
+compute per token depends on the active rank, not on the number of features. When
+every example has the same rows (one feature combination, or only an always-on
+feature) the matmuls run over all tokens at once.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
+from bisect import bisect_left
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,7 +91,9 @@ class Router:
         return previous
 
     def rows_for(self, n: int, device: torch.device) -> torch.Tensor:
-        """Rows for a layer input whose leading dimension is n.
+        """Rows for a layer input whose leading dimension is n: (n, active_rank), or
+        (1, active_rank) when every example has the same rows, so that layers do one
+        plain matmul over all tokens instead of a batched one.
 
         generate() repeats each prompt for beams and return sequences
         (repeat_interleave), so n may be a multiple of the routed batch.
@@ -103,13 +108,15 @@ class Router:
                     "this FLix model has feature groups: call it inside "
                     "`with model.route([{'task': ..., 'lang': ...}, ...]):` (one dict per example)"
                 )
-            rows = self.space.route([{}]).expand(n, -1)
+            rows = self.space.route([{}])
+        elif n % rows.shape[0]:
+            raise RuntimeError(
+                f"model.route() got {rows.shape[0]} examples but a layer saw a batch of {n}: "
+                "route exactly one feature dict per input row"
+            )
+        elif bool((rows == rows[:1]).all()):
+            rows = rows[:1]
         elif n != rows.shape[0]:
-            if n % rows.shape[0]:
-                raise RuntimeError(
-                    f"model.route() got {rows.shape[0]} examples but a layer saw a batch of {n}: "
-                    "route exactly one feature dict per input row"
-                )
             rows = rows.repeat_interleave(n // rows.shape[0], dim=0)
         self._cache[key] = rows = rows.to(device)
         return rows
@@ -160,13 +167,19 @@ class FLixLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        n = x.shape[0]
-        rows = self.router.rows_for(n, x.device)
-        a = F.embedding(rows, self.flix_A, padding_idx=PAD, sparse=self.sparse_grad)  # (n, r, d_in)
-        b = F.embedding(rows, self.flix_B, padding_idx=PAD, sparse=self.sparse_grad)  # (n, r, d_out)
-        h = torch.bmm(x.reshape(n, -1, self.in_features).to(a.dtype), a.transpose(1, 2))
-        delta = torch.bmm(h, b) * self.scaling
-        return out + delta.reshape(out.shape).to(out.dtype)
+        rows = self.router.rows_for(x.shape[0], x.device)  # (g, r): g = batch, or 1 when uniform
+        g = rows.shape[0]
+        a = F.embedding(rows, self.flix_A, padding_idx=PAD, sparse=self.sparse_grad)  # (g, r, d_in)
+        b = F.embedding(rows, self.flix_B, padding_idx=PAD, sparse=self.sparse_grad)  # (g, r, d_out)
+        h = torch.bmm(x.reshape(g, -1, self.in_features).to(a.dtype), a.transpose(1, 2))  # (g, tokens, r)
+        h, b, out3 = h.to(out.dtype), b.to(out.dtype), out.view(g, -1, self.out_features)
+        # baddbmm adds scaling * h B to the base output in one pass: no temporaries the size
+        # of the output. Without autograd it adds in place into the base layer's fresh
+        # output; with autograd an in-place update of a view would make backward copy
+        # whole gradients, so it writes a new tensor.
+        if torch.is_grad_enabled():
+            return torch.baddbmm(out3, h, b, alpha=self.scaling).view(out.shape)
+        return out3.baddbmm_(h, b, alpha=self.scaling).view(out.shape)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rows={self.flix_A.shape[0]}, scaling={self.scaling:g}"
@@ -253,11 +266,16 @@ class FLixModel(nn.Module):
             self.router.set(previous)
 
     def _record_seen(self, features: list[dict]) -> None:
-        seen = self.flix_config.seen
-        for group, values in self.flix_config.space.groups.items():
-            known = {str(f.get(group)) for f in features} & set(values)
-            if known - set(seen.get(group, [])):
-                seen[group] = sorted(set(seen.get(group, [])) | known)
+        # Runs every training step: look-ups only (seen lists are sorted), nothing O(features).
+        space, seen = self.flix_config.space, self.flix_config.seen
+        for group in space.groups:
+            done = seen.get(group, [])
+            new = {
+                value for value in (str(f.get(group)) for f in features)
+                if space.knows(group, value) and not _in_sorted(done, value)
+            }
+            if new:
+                seen[group] = sorted(new.union(done))
 
     # -- parameters -------------------------------------------------------------
 
@@ -344,6 +362,11 @@ class FLixModel(nn.Module):
             peft_config.save_pretrained(str(tmp))
             save_file(tensors, str(tmp / "adapter_model.safetensors"))
         return Path(directory)
+
+
+def _in_sorted(values: list[str], value: str) -> bool:
+    i = bisect_left(values, value)
+    return i < len(values) and values[i] == value
 
 
 def get_flix_model(model: nn.Module, config: FLixConfig) -> FLixModel:

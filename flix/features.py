@@ -85,6 +85,10 @@ class FeatureSpace:
             self._tables[group] = table
         self._shared = torch.arange(1, 1 + self.shared_rank, dtype=torch.long)
 
+    def knows(self, group: str, feature: str) -> bool:
+        """Whether `feature` is one of the group's features (a dict look-up)."""
+        return feature in self._index.get(group, {})
+
     def rows_of(self, group: str, feature: str) -> list[int]:
         """Bank rows owned by one feature."""
         row = self._tables[group][self._index[group][feature]]

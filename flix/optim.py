@@ -43,9 +43,12 @@ class SparseAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     grad = p.grad.coalesce()
                     rows, values = grad.indices()[0], grad.values()
-                    m, v, w = state["exp_avg"][rows], state["exp_avg_sq"][rows], p[rows]
+                    # gather the touched rows, update them, scatter them back: O(touched rows)
+                    full = (p, state["exp_avg"], state["exp_avg_sq"])
+                    w, m, v = (t.index_select(0, rows) for t in full)
                     _adamw_update(w, values, m, v, beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
-                    state["exp_avg"][rows], state["exp_avg_sq"][rows], p[rows] = m, v, w
+                    for t, part in zip(full, (w, m, v)):
+                        t.index_copy_(0, rows, part)
                 else:
                     _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
         return loss

@@ -291,3 +291,29 @@ def test_follows_dtype_and_device():
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
     created = get_flix_model(tiny("tiny").to(torch.bfloat16), FLixConfig(features=FEATURES, ranks={"task": 4, "lang": 2}))
     assert next(iter(created.flix_layers().values())).flix_B.dtype == torch.bfloat16
+
+
+def test_uniform_batch_fast_path_equals_batched_path():
+    """When every example has the same rows a layer does one plain matmul over all tokens
+    (rows (1, r)); outputs and sparse gradients equal the batched path's, with and
+    without autograd (in-place add)."""
+    model = flix_model().train()
+    layer = next(iter(model.flix_layers().values()))
+    x = torch.randn(3, 5, layer.in_features)
+    f, g = MIXED[0], MIXED[1]
+
+    def run(batch):
+        layer.flix_A.grad = layer.flix_B.grad = None
+        with model.route(batch):
+            uniform = all(b == batch[0] for b in batch)
+            assert model.router.rows_for(3, x.device).shape[0] == (1 if uniform else 3)
+            out = layer(x)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), out)
+        out[[0, 2]].sum().backward()  # example 1's rows differ between the two batches
+        return out.detach()[[0, 2]], layer.flix_A.grad.to_dense(), layer.flix_B.grad.to_dense()
+
+    fast, batched = run([f, f, f]), run([f, g, f])
+    for a, b in zip(fast, batched):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert fast[2].abs().sum() > 0

@@ -1,0 +1,347 @@
+"""`flix bench adapters`: FLix's speed against LoRA, on a small Llama-style model.
+
+Training rows time one step (forward, backward, optimizer step, zero_grad) on a
+mixed batch: `none` (frozen base, only input gradients), `compute_matched` (one
+always-on rank-6 adapter), `flix` with D features (task rank 4 + language rank 2,
+feature dropout 0.7), and `peft_lora` (peft LoRA rank 6, torch AdamW). Inference
+rows time a batch whose examples all use different feature combinations, FLix's
+routing against peft's `adapter_names` (one LoRA per combination), with the base
+model alone (`none`) for reference, in two modes: `forward` (one no-grad forward
+over the whole prompt) and `generate` (greedy generation of --new-tokens tokens per
+sequence: prefill plus token-by-token decoding, the serving workload). Cases are timed
+in interleaved rounds, so a slower or busier moment of the machine falls on every
+case alike; each row is the median over rounds (the minimum and all times are in
+the JSON too).
+
+The targets: FLix (D=8) within 10% of compute_matched, FLix at the largest D within
+10% of D=8, and mixed-batch inference at least 2x faster than peft (checked for each
+mode). Both inference paths pay the same base model, so peft / base bounds the last
+ratio; the report prints that ceiling beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+LR = 1e-4
+ALPHA = 16.0
+RANK = 6  # FLix's active rank in the paper (task 4 + language 2) and the LoRA baselines'
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WITHIN = 1.10  # "within 10%"
+SPEEDUP = 2.0
+INFERENCE_MODES = ("forward", "generate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flix bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("adapters", help="training-step and mixed-batch inference time of FLix vs LoRA")
+    p.add_argument("--out", type=Path, default=Path("reports/bench/adapters.json"), help="JSON report (written atomically)")
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds; each row is the median (default 9)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--batch", type=int, default=16, help="examples per batch (default 16)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sequence in `generate` mode (default 16)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--features", default="8,64,512,4096", help="FLix feature counts D, comma-separated")
+    p.add_argument("--hidden", type=int, default=256, help="model width; MLP 4x, heads of 64 (default 256)")
+    p.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default 1024)")
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if min(args.repeats, args.batch, args.seq, args.threads, args.hidden, args.layers) < 1 or args.warmup < 0:
+        parser.error("--repeats, --batch, --seq, --threads, --hidden and --layers must be >= 1, --warmup >= 0")
+    if args.vocab < 4:
+        parser.error("--vocab must be >= 4")
+    try:
+        sizes = sorted({int(d) for d in args.features.split(",")})
+    except ValueError:
+        parser.error(f"--features must be comma-separated integers, got {args.features!r}")
+    if sizes[0] < 2:
+        parser.error("every --features count must be >= 2 (at least one task and one language)")
+    with warnings.catch_warnings():  # peft touches a deprecated transformers property
+        warnings.simplefilter("ignore", FutureWarning)
+        return bench_adapters(args, sizes)
+
+
+# --- the model, features and batches ---------------------------------------------
+
+
+def model_config(args) -> dict:
+    heads = max(1, args.hidden // 64)
+    return dict(
+        hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=4 * args.hidden,
+        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab,
+        max_position_embeddings=max(args.seq, 128),
+    )
+
+
+def base_model(args):
+    """A frozen float32 Llama-style causal LM, the same weights for every case."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = LlamaForCausalLM(LlamaConfig(**model_config(args), attn_implementation="sdpa"))
+    return model.float().requires_grad_(False).eval()
+
+
+def feature_space(num_features: int) -> dict[str, list[str]]:
+    """D features: min(32, D // 2) tasks, the rest languages."""
+    tasks = min(32, num_features // 2)
+    return {"task": [f"t{i}" for i in range(tasks)], "lang": [f"l{i}" for i in range(num_features - tasks)]}
+
+
+def mixed_batches(features: dict[str, list[str]], batch: int, count: int, gen: torch.Generator) -> list[list[dict]]:
+    """`count` batches of examples with random (task, language) pairs."""
+    tasks, langs = features["task"], features["lang"]
+    t = torch.randint(len(tasks), (count, batch), generator=gen).tolist()
+    l = torch.randint(len(langs), (count, batch), generator=gen).tolist()
+    return [[{"task": tasks[i], "lang": langs[j]} for i, j in zip(ti, li)] for ti, li in zip(t, l)]
+
+
+# --- the cases: each returns a zero-argument callable doing one step ----------------
+
+
+def none_step(args, ids) -> Callable[[], None]:
+    model = base_model(args).train()
+    embed = model.get_input_embeddings()
+
+    def step():
+        with torch.no_grad():
+            x = embed(ids)
+        x.requires_grad_(True)
+        model(inputs_embeds=x, labels=ids).loss.backward()
+
+    return step
+
+
+def flix_step(args, ids, config, batches) -> Callable[[], None]:
+    from flix.adapters import get_flix_model
+    from flix.optim import SparseAdamW
+
+    model = get_flix_model(base_model(args), config).train()
+    opt = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    it = itertools.count()
+
+    def step():
+        features = batches[next(it) % len(batches)]
+        with model.route(features):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def peft_step(args, ids) -> Callable[[], None]:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base_model(args), LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def _infer(model, ids, mode: str, new_tokens: int, **kwargs):
+    """One inference call: a forward over the whole batch, or greedy generation of
+    `new_tokens` tokens per sequence (prefill + decode: the serving workload)."""
+    with torch.no_grad():
+        if mode == "forward":
+            return model(input_ids=ids, **kwargs)
+        return model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs,
+        )
+
+
+def flix_inference(args, ids, combos, mode: str) -> Callable[[], None]:
+    from flix.adapters import get_flix_model
+    from flix.methods import method_config
+
+    features = {"task": sorted({c["task"] for c in combos}), "lang": sorted({c["lang"] for c in combos})}
+    config = method_config("flix", features, "joint", alpha=ALPHA, target_modules=TARGETS)
+    model = get_flix_model(base_model(args), config).eval()
+    with torch.no_grad():  # trained-looking adapters
+        for layer in model.flix_layers().values():
+            layer.flix_B.normal_(std=0.02)[0].zero_()
+
+    def step():
+        with model.route(combos):
+            _infer(model, ids, mode, args.new_tokens)
+
+    return step
+
+
+def peft_inference(args, ids, combos, mode: str) -> Callable[[], None]:
+    from peft import LoraConfig, get_peft_model
+
+    names = [f"combo{i}" for i in range(len(combos))]
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
+    model = get_peft_model(base_model(args), lora, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lora)
+    model.eval()
+    adapter_names = [names[i % len(names)] for i in range(ids.shape[0])]
+    return lambda: _infer(model, ids, mode, args.new_tokens, adapter_names=adapter_names)
+
+
+def base_inference(args, ids, mode: str) -> Callable[[], None]:
+    model = base_model(args).eval()
+    return lambda: _infer(model, ids, mode, args.new_tokens)
+
+
+# --- timing and the report ----------------------------------------------------------
+
+
+def time_interleaved(cases: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """ms of each call of each case, timed in round-robin rounds; the first `warmup`
+    rounds (optimizer state allocation, allocator and cache warm-up) are not kept."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(warmup + repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+        kind = "warm-up" if r < warmup else "timed"
+        print(f"flix bench: {kind} round {r + 1}/{warmup + repeats} ({len(cases)} cases)", file=sys.stderr, flush=True)
+    return times
+
+
+def bench_adapters(args, sizes: list[int]) -> int:
+    from flix.io import atomic_write_json
+    from flix.methods import method_config
+
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=gen)
+    rounds = args.warmup + args.repeats
+
+    # training: one step per call
+    train: dict[tuple[str, int], Callable[[], None]] = {}
+    train[("none", 0)] = none_step(args, ids)
+    smallest = feature_space(sizes[0])
+    cm = method_config("compute_matched", smallest, "joint", alpha=ALPHA, target_modules=TARGETS)
+    train[("compute_matched", 1)] = flix_step(args, ids, cm, mixed_batches(smallest, args.batch, rounds, gen))
+    for d in sizes:
+        print(f"flix bench: building flix D={d}", file=sys.stderr, flush=True)
+        features = feature_space(d)
+        config = method_config("flix", features, "joint", alpha=ALPHA, feature_dropout=0.7, target_modules=TARGETS)
+        train[("flix", d)] = flix_step(args, ids, config, mixed_batches(features, args.batch, rounds, gen))
+    train[("peft_lora", 1)] = peft_step(args, ids)
+    named = {f"{m} D={d}" if m == "flix" else m: fn for (m, d), fn in train.items()}
+    ms = time_interleaved(named, args.warmup, args.repeats)
+    rows = [{"method": m, "num_features": d, **_stats("ms_per_step", ms[name])} for (m, d), name in zip(train, named)]
+    del train, named
+    gc.collect()
+
+    # inference: every example of the batch a different feature combination
+    tasks = max(1, math.isqrt(args.batch))
+    combos = [{"task": f"t{i % tasks}", "lang": f"l{i // tasks}"} for i in range(args.batch)]
+    inference = []
+    for mode in INFERENCE_MODES:
+        infer = {
+            "flix_mixed_inference": flix_inference(args, ids, combos, mode),
+            "peft_adapter_names": peft_inference(args, ids, combos, mode),
+            "none": base_inference(args, ids, mode),
+        }
+        ms = time_interleaved(infer, args.warmup, args.repeats)
+        combos_of = {"flix_mixed_inference": args.batch, "peft_adapter_names": args.batch, "none": 0}
+        inference += [{"method": m, "mode": mode, "num_combinations": c, **_stats("ms_per_batch", ms[m])} for m, c in combos_of.items()]
+        del infer
+        gc.collect()
+
+    targets = check_targets(rows, inference, sizes)
+    report = {"rows": rows, "inference": inference, "targets": targets, "config": run_config(args, sizes)}
+    atomic_write_json(args.out, report)
+    print(format_table(rows, inference))
+    print()
+    for t in targets.values():
+        print(f"{'PASS' if t['pass'] else 'MISS'}  {t['description']}: {t['ratio']:.3f} (needs {t['needs']})")
+        if "note" in t:
+            print(f"      {t['note']}")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def _stats(key: str, times: list[float]) -> dict:
+    return {key: statistics.median(times), "ms_min": min(times), "ms_all": [round(t, 3) for t in times]}
+
+
+def check_targets(rows: list[dict], inference: list[dict], sizes: list[int]) -> dict:
+    step = {(r["method"], r["num_features"]): r["ms_per_step"] for r in rows}
+    batch = {(r["method"], r["mode"]): r["ms_per_batch"] for r in inference}
+    lo, hi = sizes[0], sizes[-1]
+    checks = {
+        "flix_vs_compute_matched": (
+            f"FLix (D={lo}) / compute_matched step time", step[("flix", lo)] / step[("compute_matched", 1)], "<=", WITHIN
+        ),
+        "flix_many_vs_few_features": (
+            f"FLix (D={hi}) / FLix (D={lo}) step time", step[("flix", hi)] / step[("flix", lo)], "<=", WITHIN
+        ),
+    }
+    for mode in INFERENCE_MODES:
+        checks[f"mixed_inference_speedup_{mode}"] = (
+            f"peft adapter_names / FLix mixed-batch inference time ({mode})",
+            batch[("peft_adapter_names", mode)] / batch[("flix_mixed_inference", mode)], ">=", SPEEDUP,
+        )
+    targets = {
+        key: {"description": desc, "ratio": ratio, "needs": f"{op} {bound:g}",
+              "pass": ratio <= bound if op == "<=" else ratio >= bound}
+        for key, (desc, ratio, op, bound) in checks.items()
+    }
+    # Both inference paths run the same base model, so no adapter implementation can be
+    # faster than peft by more than peft / base.
+    for mode in INFERENCE_MODES:
+        peft_ms, flix_ms, base_ms = (batch[(m, mode)] for m in ("peft_adapter_names", "flix_mixed_inference", "none"))
+        target = targets[f"mixed_inference_speedup_{mode}"]
+        target["ceiling"] = peft_ms / base_ms
+        target["note"] = (
+            f"ceiling peft / base model alone = {peft_ms / base_ms:.3f}; adapter overhead over the base: "
+            f"FLix {flix_ms - base_ms:.1f} ms, peft {peft_ms - base_ms:.1f} ms"
+        )
+    return targets
+
+
+def run_config(args, sizes: list[int]) -> dict:
+    import peft
+    import transformers
+
+    return {
+        "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "warmup": args.warmup,
+        "threads": args.threads, "features": sizes, "new_tokens": args.new_tokens, "inference_modes": list(INFERENCE_MODES), "model": {"family": "llama", **model_config(args)},
+        "dtype": "float32", "rank": RANK, "flix_ranks": {"task": 4, "lang": 2}, "feature_dropout": 0.7,
+        "target_modules": TARGETS, "timing": "median of interleaved rounds, time.perf_counter",
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+    }
+
+
+def format_table(rows: list[dict], inference: list[dict]) -> str:
+    lines = [f"{'training step':<22} {'features':>8} {'ms/step':>10} {'min':>8}"]
+    lines += [f"{r['method']:<22} {r['num_features']:>8} {r['ms_per_step']:>10.1f} {r['ms_min']:>8.1f}" for r in rows]
+    lines += ["", f"{'inference':<22} {'mode':>8} {'combos':>8} {'ms/batch':>10} {'min':>8}"]
+    lines += [
+        f"{r['method']:<22} {r['mode']:>8} {r['num_combinations']:>8} {r['ms_per_batch']:>10.1f} {r['ms_min']:>8.1f}" for r in inference
+    ]
+    return "\n".join(lines)
