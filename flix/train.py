@@ -102,6 +102,12 @@ def build_model(cfg: DictConfig, mixture: Mixture, method: str):
     )
     torch.manual_seed(cfg.seed)  # adapter init
     model = get_flix_model(base, config)
+    space = config.space
+    print(
+        f"[flix] {method}: active rank {space.active_rank}, rank over all features {space.total_rank} "
+        f"(shared {config.shared_rank}, groups {config.ranks}), {model.num_trainable_parameters():,} trainable parameters",
+        file=sys.stderr,
+    )
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, model_kind(base) == "seq2seq"

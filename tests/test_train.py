@@ -43,11 +43,18 @@ def test_smoke_run_every_method(method, compose, tmp_path):
     assert flix["active_rank"] == (flix["shared_rank"] if method == "param_matched" else 6)
 
 
-def test_param_matched_solves_its_rank(compose, tmp_path):
+def test_smoke_run_seq2seq_model(compose, tmp_path):
+    results = run(compose("model=tiny_seq2seq", "mixture=multitask_sw"), tmp_path)
+    check_results(results, tmp_path)
+    assert results["model"] == "tiny_seq2seq" and all(l > 0 for l in results["train_loss"])
+
+
+def test_param_matched_solves_its_rank(compose, tmp_path, capfd):
     flix = run(compose("method=flix", "mixture=multitask_sw"), tmp_path / "flix")
     matched = run(compose("method=param_matched", "mixture=multitask_sw"), tmp_path / "pm")
     assert matched["flix"]["shared_rank"] == 2 * 2 + 1 * 4  # two tasks of rank 2, one language of rank 4
     assert matched["trainable_parameters"] == flix["trainable_parameters"]
+    assert "param_matched: active rank 8" in capfd.readouterr().err  # the solved rank is logged
 
 
 def test_single_trains_one_adapter_per_dataset(compose, tmp_path):
