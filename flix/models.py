@@ -320,3 +320,13 @@ def _scan_blocks(model: nn.Module) -> list[str]:
         if _is_projection(module) and inside_block and not excluded and leaf not in found:
             found.append(leaf)
     return found
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (non-reentrant, so frozen inputs are fine).
+    transformers 5 renamed gradient checkpointing; use whichever name this version has."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

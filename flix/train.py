@@ -36,7 +36,7 @@ from flix.data.sampling import MixtureSampler
 from flix.evaluate import evaluate
 from flix.io import atomic_dir, atomic_write_json, atomic_write_text
 from flix.methods import method_config
-from flix.models import load_model, model_kind
+from flix.models import enable_activation_checkpointing, load_model, model_kind
 from flix.optim import SparseAdamW, clip_grad_norm_
 from flix.tracking import NullTracker, make_tracker
 
@@ -109,7 +109,7 @@ def build_model(cfg: DictConfig, mixture: Mixture, method: str):
         file=sys.stderr,
     )
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model, tokenizer, model_kind(base) == "seq2seq"
 
 

@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from flix import FLixConfig, FLixModel, get_flix_model
 from flix.features import FeatureSpace
 from flix.methods import method_config
-from flix.models import load_model
+from flix.models import enable_activation_checkpointing, load_model
 from flix.optim import SparseAdamW
 
 FEATURES = {"task": ["ner", "qa_in_lang", "semantic_parsing"], "lang": ["sw", "yo", "ha", "bn"]}
@@ -268,7 +268,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.manual_seed(0)  # same A init for both models
         model = flix_model(sparse_grad=False).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         ids = tokens(3)
         with model.route(MIXED[:3]):
             model(input_ids=ids, labels=ids).loss.backward()

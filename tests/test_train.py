@@ -174,3 +174,8 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, data_root):
     assert len(one["train_loss"]) == 4
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
     assert two["test"] == one["test"]
+
+
+def test_activation_checkpointing_run(compose, tmp_path):
+    results = run(compose("mixture=multitask_sw", "train.gradient_checkpointing=true"), tmp_path)
+    check_results(results, tmp_path)
