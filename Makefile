@@ -2,8 +2,10 @@
 PY ?= .venv/bin/python
 SCALE ?= smoke
 export FLIX_DATA_ROOT ?= $(abspath ../shared/data/xtreme_up_mini)
-export FLIX_RUNS ?= runs        # run directories: $(FLIX_RUNS)/<scale>/<mixture>/<run>
-export FLIX_REPORTS ?= reports  # rendered tables: $(FLIX_REPORTS)/<scale>/
+# Run directories: $(FLIX_RUNS)/<scale>/<mixture>/<run>; rendered tables: $(FLIX_REPORTS)/<scale>/.
+# (No comments after values here: make would keep the spaces before them.)
+export FLIX_RUNS ?= runs
+export FLIX_REPORTS ?= reports
 
 .PHONY: setup test bench
 

@@ -188,4 +188,5 @@ def test_log_to_wandb_offline(report, tmp_path, monkeypatch):
     assert list(run_dir.glob("*.wandb"))
     runs = out.parent / "smoke"
     assert main(["--runs", str(runs), "--out", str(tmp_path / "o"), "--paper", str(PAPER), "--wandb"]) == 0
-    assert list((tmp_path / "o" / "wandb").glob("offline-run-*/*.wandb"))
+    assert list((runs / "wandb").glob("offline-run-*/*.wandb"))  # beside the runs
+    assert not (tmp_path / "o" / "wandb").exists()  # the report folder stays clean

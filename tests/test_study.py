@@ -115,3 +115,9 @@ def test_make_studies_render_all_five_tables(runs_env):
             assert (reports / f"table{n}.{suffix}").stat().st_size > 0
     assert "smoke numbers are a pipeline check" in (reports / "index.html").read_text()
     assert (reports / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_default_paths_have_no_stray_spaces():
+    env = {k: v for k, v in os.environ.items() if k not in ("FLIX_RUNS", "FLIX_REPORTS")}
+    out = subprocess.run(["make", "-n", "report", "SCALE=smoke"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert "--runs runs/smoke --out reports/smoke" in out.stdout
