@@ -317,15 +317,18 @@ class FLixModel(nn.Module):
         config = FLixConfig.from_dict(meta["config"])
         config.target_modules = meta["adapted_modules"]  # exactly the modules that were saved
         flix_model = cls(model, config)
-        tensors = load_file(str(directory / WEIGHTS_NAME))
-        expected = flix_model.adapter_state_dict()
+        flix_model.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME)), source=str(directory / WEIGHTS_NAME))
+        return flix_model
+
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Copy saved bank weights into this model (same feature space and modules)."""
+        expected = self.adapter_state_dict()
         if set(tensors) != set(expected):
             missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise ValueError(f"{source} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
         with torch.no_grad():
             for key, value in tensors.items():
                 expected[key].copy_(value)
-        return flix_model
 
     def export_peft(self, features: dict, directory: str | Path) -> Path:
         """Write one feature combination as a standard peft LoRA adapter.

@@ -64,6 +64,16 @@ class WandbTracker(NullTracker):
         self.run.finish()
 
 
+class ScopedTracker(NullTracker):
+    """Log through `tracker` with keys under `prefix/` and steps moved by `offset`."""
+
+    def __init__(self, tracker: NullTracker, prefix: str, offset: int):
+        self.tracker, self.prefix, self.offset = tracker, prefix, offset
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.tracker.log({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step=step + self.offset)
+
+
 def make_tracker(cfg, run_dir: Path, name: str, group: str, config: dict, resume_id: str | None = None) -> NullTracker:
     if cfg.name == "none":
         return NullTracker()

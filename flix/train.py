@@ -38,13 +38,14 @@ from flix.io import atomic_dir, atomic_write_json, atomic_write_text
 from flix.methods import method_config
 from flix.models import enable_activation_checkpointing, load_model, model_kind
 from flix.optim import SparseAdamW, clip_grad_norm_
-from flix.tracking import NullTracker, make_tracker
+from flix.tracking import NullTracker, ScopedTracker, make_tracker
 
 RESULTS = "results.json"
 FAILED = "failed.json"
 # Keys that do not change what a run computes: left out of its configuration hash.
+# (data.root stays in: a subsample and the full release are different runs.)
 UNHASHED = ("hydra", "logger", "force")
-UNHASHED_NESTED = (("data", "root"), ("train", "threads"))
+UNHASHED_NESTED = (("train", "threads"),)
 
 
 def config_hash(cfg) -> str:
@@ -188,10 +189,8 @@ def save_checkpoint(path: Path, model: FLixModel, optimizer, scheduler, state: d
 
 
 def load_checkpoint(path: Path, model: FLixModel, optimizer, scheduler) -> dict:
-    ckpt = torch.load(path / "state.pt", weights_only=False)
-    with torch.no_grad():
-        for key, value in model.adapter_state_dict().items():
-            value.copy_(ckpt["adapter"][key])
+    ckpt = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # copy_ and the optimizer place tensors
+    model.load_adapter_state_dict(ckpt["adapter"], source=str(path / "state.pt"))
     model.flix_config.seen.update(ckpt["seen"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -309,10 +308,8 @@ class Run:
     def _load_best(self) -> None:
         from safetensors.torch import load_file
 
-        tensors = load_file(str(self.run_dir / "best_adapter" / WEIGHTS_NAME))
-        with torch.no_grad():
-            for key, value in self.model.adapter_state_dict().items():
-                value.copy_(tensors[key].to(value.device))
+        path = self.run_dir / "best_adapter" / WEIGHTS_NAME
+        self.model.load_adapter_state_dict(load_file(str(path)), source=str(path))
 
     def _write_predictions(self, split: str, data: dict, preds: dict) -> None:
         for (task, lang), examples in data.items():
@@ -392,7 +389,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tracker = make_tracker(cfg.logger, run_dir, name=name, group=f"{cfg.scale.name}/{mixture.study}", config=resolved, resume_id=_wandb_id(run_dir))
     started = time.time()
     try:
-        parts = [train_one(cfg, part, part_dir, method, tracker) for part, part_dir in jobs]
+        # The single baseline trains one adapter per dataset into one W&B run: each logs
+        # under its dataset's name, its steps following the previous one's.
+        parts = [
+            train_one(cfg, part, part_dir, method, tracker if len(jobs) == 1 else ScopedTracker(tracker, part_dir.name, i * cfg.scale.steps))
+            for i, (part, part_dir) in enumerate(jobs)
+        ]
         body = merge(parts) if method == "single" else parts[0]
         results = {
             "method": method,

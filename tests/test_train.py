@@ -179,3 +179,19 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, data_root):
 def test_activation_checkpointing_run(compose, tmp_path):
     results = run(compose("mixture=multitask_sw", "train.gradient_checkpointing=true"), tmp_path)
     check_results(results, tmp_path)
+
+
+def test_scoped_tracker_keeps_steps_increasing():
+    from flix.tracking import NullTracker, ScopedTracker
+
+    class Recorder(NullTracker):
+        def __init__(self):
+            self.logged = []
+
+        def log(self, metrics, step):
+            self.logged.append((step, metrics))
+
+    recorder = Recorder()
+    for i, name in enumerate(["ner.sw", "qa_in_lang.sw"]):
+        ScopedTracker(recorder, name, offset=i * 4).log({"train/loss": 1.0}, step=1)
+    assert recorder.logged == [(1, {"ner.sw/train/loss": 1.0}), (5, {"qa_in_lang.sw/train/loss": 1.0})]
