@@ -69,9 +69,7 @@ class FLixConfig:
         return self.alpha / self.space.active_rank
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("space", None)
-        return d
+        return asdict(self)  # fields only: the derived `space` is rebuilt on load
 
     @classmethod
     def from_dict(cls, d: dict) -> FLixConfig:
