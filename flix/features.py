@@ -94,9 +94,6 @@ class FeatureSpace:
         row = self._tables[group][self._index[group][feature]]
         return row[row != PAD].tolist()
 
-    def shared_rows(self) -> list[int]:
-        return self._shared.tolist()
-
     def feature_ids(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Per group, each example's feature id; unknown or absent features get the
         'no feature' id, so an unseen language routes with the task alone."""
@@ -121,20 +118,3 @@ class FeatureSpace:
                 group_ids = torch.where(drop, len(table) - 1, group_ids)
             parts.append(table[group_ids])
         return torch.cat(parts, dim=1)
-
-    def to_dict(self) -> dict:
-        return {
-            "groups": self.groups,
-            "ranks": self.ranks,
-            "feature_ranks": self.feature_ranks,
-            "shared_rank": self.shared_rank,
-        }
-
-
-def param_matched_rank(space: FeatureSpace) -> int:
-    """Rank of one LoRA with as many trainable parameters as all of FLix's features.
-
-    With the same adapted modules every rank row costs the same parameters, so the
-    answer is the sum of every feature's rank.
-    """
-    return space.total_rank
