@@ -198,6 +198,20 @@ def load_checkpoint(path: Path, model: FLixModel, optimizer, scheduler) -> dict:
     return ckpt
 
 
+def is_validation_step(step: int, scale: DictConfig) -> bool:
+    """Validation runs every scale.eval_every steps and after the last step."""
+    return step % scale.eval_every == 0 or step == scale.steps
+
+
+def use_bf16(setting, device: torch.device) -> bool:
+    """`train.bf16`: auto (on CUDA only), true (on any device, CPU too) or false."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"train.bf16={setting!r}: use auto (bf16 autocast on GPU only), true or false")
+
+
 # -- the run -----------------------------------------------------------------------------
 
 
@@ -209,6 +223,7 @@ class Run:
         self.rank, self.world = distributed.setup()
         self.main = self.rank == 0  # only the main process evaluates and writes
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.bf16 = use_bf16(cfg.train.bf16, self.device)
         self.root = resolve_root(cfg.data.root)
         mixture.check(self.root)
         s = cfg.scale
@@ -226,8 +241,8 @@ class Run:
         self.ckpt_dir = run_dir / "checkpoints" / "latest"
 
     def autocast(self):
-        enabled = self.device.type == "cuda" and self.cfg.train.bf16
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        """bf16 autocast for training and generation, as `train.bf16` says."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def train_step(self, step: int) -> float:
         """One optimizer step on the global batch (this process's shard of it)."""
@@ -258,9 +273,10 @@ class Run:
         return loss_total
 
     def validate(self) -> tuple[dict, dict, float]:
-        scores, preds = evaluate(
-            self.model, self.tokenizer, self.validation, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="validation"
-        )
+        with self.autocast():
+            scores, preds = evaluate(
+                self.model, self.tokenizer, self.validation, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="validation"
+            )
         return scores, preds, selection_metric(scores, self.mixture.eval_sets)
 
     def fit(self, tracker) -> dict:
@@ -282,7 +298,7 @@ class Run:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             tracker.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=step)
-            if self.main and (step % s.eval_every == 0 or step == s.steps):
+            if self.main and is_validation_step(step, s):
                 scores, preds, average = self.validate()
                 state["history"].append({"step": step, "validation_average": average, "loss": loss})
                 tracker.log({"validation/average": average, **{f"validation/{t}/{l}": v for t, ls in scores.items() for l, v in ls.items()}}, step=step)
@@ -301,7 +317,8 @@ class Run:
         """Test scores of the kept adapter; writes its predictions."""
         self._load_best()
         data = read_split(self.root, self.mixture.eval_datasets, "test", self.cfg.scale.test_examples)
-        scores, preds = evaluate(self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
+        with self.autocast():
+            scores, preds = evaluate(self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
         self._write_predictions("test", data, preds)
         return scores
 

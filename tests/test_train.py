@@ -176,6 +176,33 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, data_root):
     assert two["test"] == one["test"]
 
 
+def test_bf16_autocast_trains_and_generates(compose, tmp_path):
+    """train.bf16=true (what `auto` does on a GPU, here on the CPU): the model computes in
+    bf16, the adapters stay float32 and learn as the float32 run does, generation runs."""
+    from flix.train import Run, load_mixture_for
+
+    losses, dtypes = {}, {}
+    for bf16 in (False, True):
+        cfg = compose("mixture=multitask_sw", "dropout=0.0", f"train.bf16={str(bf16).lower()}")
+        trainer = Run(cfg, load_mixture_for(cfg), tmp_path / str(bf16), "flix")
+        seen = dtypes[bf16] = set()
+        layer = next(iter(trainer.model.flix_layers().values()))
+        layer.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+        torch.manual_seed(0)
+        losses[bf16] = [trainer.train_step(step) for step in range(3)]
+        scores, _, average = trainer.validate()
+        assert set(scores) == {"ner", "qa_in_lang"} and 0 <= average <= 100
+        assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    assert dtypes == {False: {torch.float32}, True: {torch.bfloat16}}  # training and generation alike
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+    assert losses[True] != losses[False]  # bf16 really ran
+
+
+def test_bf16_setting_is_checked(compose, tmp_path):
+    with pytest.raises(ValueError, match="train.bf16='yes'"):
+        run(compose("mixture=multitask_sw", "train.bf16=yes"), tmp_path)
+
+
 def test_activation_checkpointing_run(compose, tmp_path):
     results = run(compose("mixture=multitask_sw", "train.gradient_checkpointing=true"), tmp_path)
     check_results(results, tmp_path)
