@@ -7,7 +7,7 @@ export FLIX_DATA_ROOT ?= $(abspath ../shared/data/xtreme_up_mini)
 export FLIX_RUNS ?= runs
 export FLIX_REPORTS ?= reports
 
-.PHONY: setup test bench
+.PHONY: setup test bench bench-run
 
 setup:  ## create .venv and install flix with its test and Gemma extras (CPU torch)
 	test -x $(PY) || python3 -m venv .venv
@@ -20,6 +20,10 @@ test:  ## the whole test suite on local data
 
 bench:  ## speed benchmarks; prints tables and writes reports/bench/*.json
 	$(PY) -m flix bench adapters --out reports/bench/adapters.json
+
+MIXTURE ?= study_a
+bench-run:  ## expected time of one $(SCALE) run of $(MIXTURE) on this machine, measured
+	$(PY) -m flix bench run scale=$(SCALE) mixture=$(MIXTURE) logger=none $(ARGS) --out reports/bench/run-$(SCALE)-$(MIXTURE).json
 
 # Studies: Hydra multiruns of experiments/*.yaml, then the report. Completed runs
 # (same config hash) are skipped; FORCE=1 runs them again; LAUNCHER=parallel|slurm;

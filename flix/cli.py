@@ -8,7 +8,7 @@ import sys
 COMMANDS = {
     "score": ("flix.metrics", "score predictions with XTREME-UP's official metrics"),
     "data": ("flix.data.cli", "read, check, download and subsample XTREME-UP data"),
-    "bench": ("flix.bench", "benchmarks (adapters)"),
+    "bench": ("flix.bench", "benchmarks (adapters, run)"),
     "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
 }
 

@@ -1,8 +1,10 @@
-"""`flix bench adapters` runs end to end at toy size and writes the documented report."""
+"""`flix bench adapters` and `flix bench run` run end to end at toy size and write their reports."""
 from __future__ import annotations
 
 import json
 import math
+
+import pytest
 
 from flix import bench
 
@@ -34,3 +36,35 @@ def test_bench_adapters_writes_every_row(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "flix_mixed_inference" in printed and printed.count("PASS") + printed.count("MISS") == 4
+
+
+def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys):
+    """`flix bench run` counts the validations, batches and steps that the real run makes."""
+    from flix.bench.run import compose
+    from flix.train import run
+
+    overrides = [f"data.root={data_root}", "mixture=multitask_sw", "logger=none", "scale.steps=5", "scale.eval_every=2",
+                 "scale.test_examples=5", "scale.eval_batch_size=2", "train.threads=1"]
+    out = tmp_path / "run.json"
+    assert bench.main(["run", *overrides, "--steps", "2", "--warmup", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+
+    results = run(compose(overrides), tmp_path / "real")
+    budget = report["budget"]
+    assert budget["steps"] == len(results["train_loss"]) == 5
+    assert budget["validations"] == len(results["history"]) == 3  # steps 2, 4 and the last
+    assert budget["validation_batches"] == {"ner": 2, "qa_in_lang": 2}  # 4 examples each, batches of 2
+    assert budget["test_batches"] == {"ner": 3, "qa_in_lang": 3}  # 5 examples each
+
+    m, e = report["measured"], report["expected"]
+    assert len(m["step_times_s"]) == 2 and m["step_s"] > 0 and set(m["generation_batch_s"]) == {"ner", "qa_in_lang"}
+    assert e["train_s"] == pytest.approx(5 * m["step_s"])
+    assert e["validation_pass_s"] == pytest.approx(sum(2 * t for t in m["generation_batch_s"].values()))
+    assert e["total_s"] == pytest.approx(e["startup_s"] + e["train_s"] + 3 * e["validation_pass_s"] + e["test_s"])
+    assert report["command"].startswith("flix bench run data.root=") and report["bf16"] is False
+    assert "expected time per run" in capsys.readouterr().out
+
+
+def test_bench_names_its_benchmarks(capsys):
+    assert bench.main(["nope"]) == 2
+    assert "adapters" in capsys.readouterr().err
