@@ -27,7 +27,9 @@ def active() -> bool:
 def sum_scalar(value: float) -> float:
     if not active():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo takes CPU ones.
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
 
@@ -45,7 +47,7 @@ def sum_gradients(params: list[torch.Tensor]) -> None:
         dist.all_reduce(grad)
         if sparse:
             rows = grad.abs().sum(dim=1).nonzero().flatten()
-            grad = torch.sparse_coo_tensor(rows.unsqueeze(0), grad[rows], grad.shape)
+            grad = torch.sparse_coo_tensor(rows.unsqueeze(0), grad[rows], grad.shape, is_coalesced=True, check_invariants=False)
         p.grad = grad
 
 

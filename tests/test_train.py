@@ -158,8 +158,17 @@ def test_real_gemma_trains_two_steps_and_generates(compose, tmp_path):
     assert all(isinstance(p, str) for ps in preds.values() for p in ps)
 
 
-def test_two_process_data_parallel_equals_one_process(tmp_path, data_root):
-    """torchrun with 2 CPU processes (gloo) gives the losses of one process on the same global batch."""
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flix.train"],
+    # --multi_gpu is accelerate's torchrun path; without GPUs it runs gloo on the CPU.
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
+                   "--mixed_precision=no", "--dynamo_backend=no", "-m", "flix.train"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_data_parallel_equals_one_process(launcher, tmp_path, data_root):
+    """2 CPU processes (gloo) give the losses of one process on the same global batch."""
     args = [
         "logger=none", "mixture=multitask_sw", "method=flix", "dropout=0.0", f"data.root={data_root}",
         "scale.steps=4", "scale.eval_every=4", "scale.eval_examples=2", "scale.test_examples=2",
@@ -167,8 +176,9 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, data_root):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "flix.train", *args, f"hydra.run.dir={tmp_path / 'one'}"], check=True, cwd=REPO, env=env, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flix.train"]
-    subprocess.run([*torchrun, *args, f"hydra.run.dir={tmp_path / 'two'}"], check=True, cwd=REPO, env=env, capture_output=True)
+    launched = subprocess.run([sys.executable, *LAUNCHERS[launcher], *args, f"hydra.run.dir={tmp_path / 'two'}"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stderr.count("trainable parameters") == 2  # both processes built the model
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert len(one["train_loss"]) == 4
