@@ -1,6 +1,7 @@
 """Shared fixtures: real data from FLIX_DATA_ROOT, the shared fixtures folder."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -58,3 +59,15 @@ def compose(data_root):
             return hydra_compose("train", overrides=[f"data.root={data_root}", *(FAST if fast else []), *overrides])
 
     return make
+
+
+@pytest.fixture
+def gemma() -> None:
+    """Skips unless Gemma 3 270M can load offline: cached, or its GGUF package installed
+    (`make setup` installs it; the first test converts it once, ~1.5 min). FLIX_TEST_GEMMA=0 opts out."""
+    from flix.models import GGUF_MODULE, gemma_cache_path
+
+    if os.environ.get("FLIX_TEST_GEMMA") == "0":
+        pytest.skip("FLIX_TEST_GEMMA=0")
+    if not gemma_cache_path().is_dir() and importlib.util.find_spec(GGUF_MODULE) is None:
+        pytest.skip(f"no Gemma 3 270M at {gemma_cache_path()} and no {GGUF_MODULE} package: pip install -e '.[gemma]'")

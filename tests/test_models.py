@@ -1,7 +1,6 @@
 """Model loading: tiny random models need no files; Gemma 3 270M runs when its cache exists."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -169,15 +168,8 @@ def test_model_configs_have_the_keys(config: Path) -> None:
 
 # --- the real model -------------------------------------------------------------
 
-_GEMMA_READY = gemma_cache_path().is_dir() or os.environ.get("FLIX_TEST_GEMMA") == "1"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _GEMMA_READY,
-    reason=f"no converted Gemma 3 270M at {gemma_cache_path()}; FLIX_TEST_GEMMA=1 converts it once (~3 min)",
-)
-def test_gemma3_270m_offline() -> None:
+def test_gemma3_270m_offline(gemma) -> None:
     cfg = OmegaConf.load(CONF / "gemma3_270m.yaml")
     cfg.source = "gguf"  # offline copy, whatever the network
     model, tokenizer = load_model(cfg)

@@ -134,13 +134,8 @@ def test_nan_loss_stops_with_a_clear_message(compose, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_gemma_trains_two_steps_and_generates(compose, tmp_path):
-    """Gemma 3 270M offline: two FLix steps on real data, then generation.
-    Runs when the converted cache exists (or FLIX_TEST_GEMMA=1 converts it, ~1.5-3 min)."""
-    from flix.models import gemma_cache_path
-
-    if not gemma_cache_path().is_dir() and os.environ.get("FLIX_TEST_GEMMA") != "1":
-        pytest.skip(f"no converted Gemma 3 270M at {gemma_cache_path()}; FLIX_TEST_GEMMA=1 converts it once")
+def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
+    """Gemma 3 270M offline: two FLix steps on real data, then generation."""
     from flix.train import Run, load_mixture_for
 
     cfg = compose(
