@@ -65,6 +65,9 @@ def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys)
     assert "expected time per run" in capsys.readouterr().out
 
 
-def test_bench_names_its_benchmarks(capsys):
+def test_bench_names_its_benchmarks_and_options(capsys):
     assert bench.main(["nope"]) == 2
     assert "adapters" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["run", "method=lora"])
+    assert exit_.value.code == 2 and "compute_matched" in capsys.readouterr().err

@@ -41,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
-    cfg = compose(args.overrides)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(args.overrides)
+    except (HydraException, OmegaConfBaseException) as err:  # they name the key and list the choices
+        parser.error(str(err))
     if cfg.method.name == "single":
         parser.error("method=single trains one adapter per dataset: time one of them with method=compute_matched and mixture=single")
     report = bench_run(cfg, args.steps, args.warmup)
