@@ -192,7 +192,7 @@ def test_bf16_autocast_trains_and_generates(compose, tmp_path):
         trainer = Run(cfg, load_mixture_for(cfg), tmp_path / str(bf16), "flix")
         seen = dtypes[bf16] = set()
         layer = next(iter(trainer.model.flix_layers().values()))
-        layer.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+        layer.register_forward_hook(lambda module, args, out, seen=seen: seen.add(out.dtype))
         torch.manual_seed(0)
         losses[bf16] = [trainer.train_step(step) for step in range(3)]
         scores, _, average = trainer.validate()

@@ -94,14 +94,14 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
     startup = time.perf_counter() - started
     cuda = trainer.device.type == "cuda"
 
-    def timed(fn) -> float:
+    def timed(fn, *args) -> float:
         begin = time.perf_counter()
-        fn()
+        fn(*args)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - begin
 
-    step_times = [timed(lambda: trainer.train_step(i)) for i in tqdm(range(warmup + steps), desc="bench: train steps", unit="step")]
+    step_times = [timed(trainer.train_step, i) for i in tqdm(range(warmup + steps), desc="bench: train steps", unit="step")]
     step_s = statistics.median(step_times[warmup:])
 
     def generate(examples):
@@ -112,7 +112,7 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
     for (task, _), examples in trainer.validation.items():
         first.setdefault(task, examples[: s.eval_batch_size])
     generate(next(iter(first.values()))[:2])  # warm-up: first-call costs are not per batch
-    batch_s = {task: timed(lambda: generate(examples)) for task, examples in tqdm(first.items(), desc="bench: generation", unit="task")}
+    batch_s = {task: timed(generate, examples) for task, examples in tqdm(first.items(), desc="bench: generation", unit="task")}
 
     test = read_split(trainer.root, mixture.eval_datasets, "test", s.test_examples)
     validation_batches = batches_per_task(trainer.validation, s.eval_batch_size)
