@@ -40,6 +40,7 @@ from flix.models import enable_activation_checkpointing, load_model, model_kind
 from flix.optim import SparseAdamW, clip_grad_norm_
 from flix.tracking import NullTracker, ScopedTracker, make_tracker
 
+CONF = Path(__file__).resolve().parents[1] / "conf"
 RESULTS = "results.json"
 FAILED = "failed.json"
 # Keys that do not change what a run computes: left out of its configuration hash.
@@ -74,6 +75,15 @@ class NonFiniteLoss(RuntimeError):
 
 
 # -- data ------------------------------------------------------------------------
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml with the overrides, as `python -m flix.train` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
 
 
 def load_mixture_for(cfg: DictConfig) -> Mixture:

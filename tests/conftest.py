@@ -33,7 +33,6 @@ def metric_pairs_dir() -> Path:
     return path
 
 
-CONF_DIR = REPO / "conf"
 # Small enough that a run on the tiny model takes seconds.
 FAST = [
     "logger=none",
@@ -51,12 +50,10 @@ FAST = [
 @pytest.fixture
 def compose(data_root):
     """Compose the real conf/train.yaml with overrides, as `python -m flix.train` does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from flix.train import compose as compose_train
 
     def make(*overrides: str, fast: bool = True):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose("train", overrides=[f"data.root={data_root}", *(FAST if fast else []), *overrides])
+        return compose_train([f"data.root={data_root}", *(FAST if fast else []), *overrides])
 
     return make
 

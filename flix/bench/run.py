@@ -26,9 +26,6 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-REPO = Path(__file__).resolve().parents[2]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flix bench run", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -43,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from flix.train import compose
 
     try:
         cfg = compose(args.overrides)
@@ -59,17 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.out, report)
         print(f"flix bench run: wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def compose(overrides: list[str]) -> DictConfig:
-    """conf/train.yaml with the overrides, as `python -m flix.train` composes it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import flix.train  # noqa: F401  registers the config_hash resolver
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
 
 
 def batches_per_task(data: dict, batch_size: int) -> dict[str, int]:
@@ -178,7 +166,7 @@ def duration(seconds: float) -> str:
 
 def format_report(r: dict) -> str:
     m, b, e = r["measured"], r["budget"], r["expected"]
-    memory = "GPU memory" if r["device"] and not r["device"].startswith("cpu") else "resident memory"
+    memory = "resident memory" if r["device"].startswith("cpu") else "GPU memory"
     generation = ", ".join(f"{task} {duration(t)} ({m['generation_batch_examples'][task]} examples)" for task, t in m["generation_batch_s"].items())
     return "\n".join([
         f"flix bench run: {r['scale']} / {r['mixture']} / {r['method']} / {r['model']} on {r['device']}, "
