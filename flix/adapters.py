@@ -6,11 +6,12 @@ FLix is exported per feature combination as a standard peft LoRA adapter.
 
 A layer keeps all features' A rows in one bank `flix_A` (rows x d_in) and B rows in
 `flix_B` (rows x d_out); `flix.features` explains the row layout. A mixed batch is
-routed with two gathers (embedding lookups, so gradients are sparse: only the rows
-an example used get any) and two batched matmuls: no loop over examples, and the
-compute per token depends on the active rank, not on the number of features. When
-every example has the same rows (one feature combination, or only an always-on
-feature) the matmuls run over all tokens at once.
+routed with two row gathers and two batched matmuls, fused with the frozen layer
+into one autograd node (`_FLixLinear`): no loop over examples, the compute per token
+depends on the active rank, not on the number of features, and gradients are sparse
+(only the rows an example used get any). When every example has the same rows (one
+feature combination, or only an always-on feature) the matmuls run over all tokens
+at once.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flix.features import PAD, FeatureSpace
@@ -163,24 +163,74 @@ class FLixLayer(nn.Module):
         with torch.no_grad():
             self.flix_A[PAD].zero_()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.router.rows_for(x.shape[0], x.device)  # (g, r): g = batch, or 1 when uniform
-        g = rows.shape[0]
-        a = F.embedding(rows, self.flix_A, padding_idx=PAD, sparse=self.sparse_grad)  # (g, r, d_in)
-        b = F.embedding(rows, self.flix_B, padding_idx=PAD, sparse=self.sparse_grad)  # (g, r, d_out)
-        h = torch.bmm(x.reshape(g, -1, self.in_features).to(a.dtype), a.transpose(1, 2))  # (g, tokens, r)
-        h, b, out3 = h.to(out.dtype), b.to(out.dtype), out.view(g, -1, self.out_features)
-        # baddbmm adds scaling * h B to the base output in one pass: no temporaries the size
-        # of the output. Without autograd it adds in place into the base layer's fresh
-        # output; with autograd an in-place update of a view would make backward copy
-        # whole gradients, so it writes a new tensor.
-        if torch.is_grad_enabled():
-            return torch.baddbmm(out3, h, b, alpha=self.scaling).view(out.shape)
-        return out3.baddbmm_(h, b, alpha=self.scaling).view(out.shape)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        weight = self.base_layer.weight
+        weight = weight.t() if isinstance(self.base_layer, nn.Linear) else weight  # (d_in, d_out) either way
+        flat = x.reshape(-1, self.in_features).to(dtype)
+        out = _FLixLinear.apply(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rows={self.flix_A.shape[0]}, scaling={self.scaling:g}"
+
+
+class _FLixLinear(torch.autograd.Function):
+    """y = x W (+ bias) + scaling * (x A_e^T) B_e for each example e's bank rows, as
+    one autograd node.
+
+    Written out by hand because the adapter's arithmetic is tiny (rank 6 against widths
+    of hundreds) and its cost is memory traffic: here the update is added in place into
+    the frozen layer's fresh output, the input gradient of the adapter is added in place
+    into the frozen layer's, and the bank gradients come out as one sparse tensor over
+    the rows the batch used (dense with sparse=False). The frozen weight gets no gradient.
+    x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bank_a, bank_b, rows, scaling, sparse):
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
+            g = rows.shape[0]
+            a = bank_a[rows].to(x.dtype)  # (g, r, d_in)
+            b = bank_b[rows].to(x.dtype)  # (g, r, d_out)
+            w = weight.to(x.dtype)
+            out = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
+            h = torch.bmm(x.view(g, -1, x.shape[1]), a.transpose(1, 2))  # (g, tokens, r)
+            out.view(g, -1, out.shape[1]).baddbmm_(h, b, alpha=scaling)
+        ctx.save_for_backward(x, weight, a, b, h, rows)
+        ctx.scaling, ctx.sparse, ctx.banks = scaling, sparse, (bank_a, bank_b)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b, h, rows = ctx.saved_tensors
+        bank_a, bank_b = ctx.banks
+        g = rows.shape[0]
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad.to(x.dtype)
+            grad3 = grad.view(g, -1, grad.shape[1])
+            grad_h = torch.bmm(grad3, b.transpose(1, 2)).mul_(ctx.scaling)  # (g, tokens, r)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(grad, weight.to(x.dtype).t())
+                grad_x.view(g, -1, x.shape[1]).baddbmm_(grad_h, a)
+            grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
+            grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(ctx.scaling)  # (g, r, d_out)
+            grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse),
+                _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
+
+
+def _bank_grad(bank: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """Per-example row gradients (g, r, d) as the bank's gradient; the padding row gets none."""
+    rows, grad = rows.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(bank.dtype)
+    used = rows != PAD
+    rows, grad = rows[used], grad[used]
+    if sparse:
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), grad, bank.shape, check_invariants=False)
+    return torch.zeros_like(bank).index_add_(0, rows, grad)
 
 
 def _matches(name: str, target_modules: list[str] | str) -> bool:
