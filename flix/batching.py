@@ -84,19 +84,55 @@ def training_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2s
 
 def loss_sum(model, batch: dict, seq2seq: bool) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens."""
+    labels = batch["labels"]
     if seq2seq:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        logits, labels = out.logits, batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
     else:
-        labels = batch["labels"]
-        out = model(
+        logits = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             position_ids=position_ids(batch["attention_mask"]),
             logits_to_keep=labels.shape[1] + 1,
-        )
-        logits = out.logits[:, :-1]  # position t predicts token t + 1
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        ).logits
+        # position t predicts token t + 1: the last kept position predicts nothing
+        labels = F.pad(labels, (0, 1), value=IGNORE)
+    return cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum"),
+    in the memory of the logits alone (see `_CrossEntropySum`)."""
+    return _CrossEntropySum.apply(logits, labels)
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """Cross-entropy whose backward turns the saved float32 logits into their own
+    gradient in place. The logits over a 262k vocabulary are the largest tensors of a
+    step (1 GiB for 16 x 65 positions): torch's cross-entropy keeps its log-softmax
+    beside them and allocates a third copy for the gradient."""
+
+    CHUNK = 64  # rows per pass: bounds the temporaries to CHUNK x vocabulary
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        logits = logits.float()
+        keep = labels != IGNORE
+        safe = labels.clamp(min=0).unsqueeze(1)
+        lse = torch.cat([torch.logsumexp(part, dim=-1) for part in logits.split(_CrossEntropySum.CHUNK)])
+        loss = ((lse - logits.gather(1, safe).squeeze(1)) * keep).sum()
+        ctx.save_for_backward(logits, lse, safe, keep)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, lse, safe, keep = ctx.saved_tensors
+        scale = (keep * grad_loss).unsqueeze(1)
+        for rows in torch.arange(len(logits)).split(_CrossEntropySum.CHUNK):
+            part = logits[rows[0] : rows[-1] + 1]
+            part.sub_(lse[rows, None]).exp_()  # softmax
+            part.scatter_add_(1, safe[rows], torch.full_like(safe[rows], -1, dtype=part.dtype))
+            part.mul_(scale[rows])
+        return logits, None
 
 
 def generation_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool) -> dict:

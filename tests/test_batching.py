@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flix.batching import IGNORE, TextLimits, loss_sum, position_ids, training_batch
+from flix.batching import IGNORE, TextLimits, cross_entropy_sum, loss_sum, position_ids, training_batch
 from flix.data.reader import read_dataset
 from flix.models import load_model
 
@@ -94,3 +94,23 @@ def test_help_lists_every_group_and_option():
         options = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
         assert f"{group}: {', '.join(options)}" in out, group
     assert "dropout: 0.7" in out and "seed: 0" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_sum_equals_torch(dtype):
+    """The in-place cross-entropy gives torch's summed loss and gradient (ignored labels,
+    more rows than one chunk, bf16 logits computed in float32)."""
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 150, 97
+    labels = torch.randint(vocab, (rows,), generator=gen)
+    labels[::7] = IGNORE
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = cross_entropy_sum(ours_in, labels)
+    ref = F.cross_entropy(ref_in.float(), labels, ignore_index=IGNORE, reduction="sum")
+    (ours * 0.5).backward()
+    (ref * 0.5).backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+    assert ours_in.grad.dtype == dtype
+    torch.testing.assert_close(ours_in.grad, ref_in.grad)
+    assert ours_in.grad[::7].abs().sum() == 0
