@@ -3,8 +3,10 @@
 A bank holds every feature's rows but a batch touches only its features' rows, so
 the update (and its cost) covers only those rows: the parameters and moments of
 features absent from the batch stay untouched, as the paper asks, and a step costs
-the same with 8 or 4096 features. Bias correction uses the global step, like
-TensorFlow's LazyAdam. With dense gradients this is exactly torch's AdamW.
+the same with 8 or 4096 features. Moments exist only for rows that have had a
+gradient, so the optimizer's memory follows the features trained, not the bank.
+Bias correction uses the global step, like TensorFlow's LazyAdam. With dense
+gradients this is exactly torch's AdamW.
 """
 from __future__ import annotations
 
@@ -34,8 +36,11 @@ class SparseAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
+                    if p.grad.is_sparse:
+                        _init_row_state(state, p)
+                    else:
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 step_size = group["lr"] / (1 - beta1 ** state["step"])
                 bias2_sqrt = math.sqrt(1 - beta2 ** state["step"])
@@ -43,15 +48,48 @@ class SparseAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     grad = p.grad.coalesce()
                     rows, values = grad.indices()[0], grad.values()
+                    slots = _slots_for(state, rows)
                     # gather the touched rows, update them, scatter them back: O(touched rows)
-                    full = (p, state["exp_avg"], state["exp_avg_sq"])
-                    w, m, v = (t.index_select(0, rows) for t in full)
+                    w, m, v = p.index_select(0, rows), state["exp_avg"].index_select(0, slots), state["exp_avg_sq"].index_select(0, slots)
                     _adamw_update(w, values, m, v, beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
-                    for t, part in zip(full, (w, m, v)):
-                        t.index_copy_(0, rows, part)
+                    p.index_copy_(0, rows, w)
+                    state["exp_avg"].index_copy_(0, slots, m)
+                    state["exp_avg_sq"].index_copy_(0, slots, v)
                 else:
                     _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts every saved tensor to the parameter's dtype
+            if "slot" in state:
+                state["slot"] = state["slot"].long()
+
+
+def _init_row_state(state: dict, p: torch.Tensor) -> None:
+    """Moments only for rows that ever had a gradient: `slot` maps a bank row to its
+    row in `exp_avg`/`exp_avg_sq` (-1: none yet), so a bank of 4096 features whose
+    batches touch a few hundred costs the optimizer a few hundred rows, not 2 x the bank."""
+    state["slot"] = torch.full((p.shape[0],), -1, dtype=torch.long, device=p.device)
+    state["exp_avg"] = p.new_zeros((0, *p.shape[1:]))
+    state["exp_avg_sq"] = p.new_zeros((0, *p.shape[1:]))
+
+
+def _slots_for(state: dict, rows: torch.Tensor) -> torch.Tensor:
+    """Moment slots of `rows`, giving new rows zeroed slots (capacity doubles, so
+    growing costs amortised O(1) per row)."""
+    slot = state["slot"]
+    new = rows[slot[rows] < 0]
+    if len(new):
+        used = int((slot >= 0).sum())
+        slot[new] = torch.arange(used, used + len(new), device=slot.device)
+        capacity = len(state["exp_avg"])
+        if used + len(new) > capacity:
+            grow = max(used + len(new), 2 * capacity) - capacity
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments = state[key]
+                state[key] = torch.cat([moments, moments.new_zeros((grow, *moments.shape[1:]))])
+    return slot[rows]
 
 
 def _adamw_update(w, grad, m, v, beta1, beta2, step_size, bias2_sqrt, eps, decay):
