@@ -70,3 +70,29 @@ def test_bench_names_its_benchmarks_and_options(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["run", "method=lora"])
     assert exit_.value.code == 2 and "compute_matched" in capsys.readouterr().err
+
+
+def test_bench_model_writes_every_row(tmp_path, capsys):
+    """`flix bench model` end to end on the tiny model: every training and generation case,
+    FLOP counts against a measured matmul peak, the micro-batch memory probe in a fresh
+    process, and a verdict for every target."""
+    out = tmp_path / "model.json"
+    argv = ["model", "--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--batch", "4", "--seq", "10",
+            "--target", "3", "--features", "8,16", "--gen-batch", "4", "--gen-seq", "6", "--new-tokens", "2",
+            "--memory-scale", "smoke", "--threads", "1"]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["training"]] == ["base", "compute_matched", "peft_lora", "flix D=8", "flix D=16"]
+    assert [r["case"] for r in report["generation"]] == ["base", "peft_adapter_names", "flix"]
+    base, flix = report["training"][0], report["training"][3]
+    assert 0 < base["gflop"] < flix["gflop"]  # the adapters add arithmetic, a little
+    assert 0 < base["fraction_of_peak"] and report["matmul_peak_tflop_per_s"] > 0
+    memory = report["micro_batch_memory"]
+    assert memory["scale"] == "smoke" and memory["micro_batch"] == 8 and memory["peak_gib"] > 0
+    assert set(report["targets"]) == {
+        "flix_vs_base", "flix_vs_compute_matched", "flix_many_vs_few_features", "generate_speedup_vs_peft",
+        "generate_vs_base", "micro_batch_memory",
+    }
+    assert all(isinstance(t["pass"], bool) and math.isfinite(t["value"]) for t in report["targets"].values())
+    printed = capsys.readouterr().out
+    assert printed.count("PASS") + printed.count("MISS") == 6

@@ -1,6 +1,7 @@
 """`flix bench`: benchmarks that print figures (speed targets live here, not in unit tests).
 
     flix bench adapters   FLix's step and mixed-batch inference time against LoRA
+    flix bench model      FLix on a real pretrained model (Gemma 3 270M): step, generation, memory
     flix bench run        the expected wall time of one training run on this machine
 """
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = {"adapters": "flix.bench.adapters", "run": "flix.bench.run"}
+BENCHMARKS = {"adapters": "flix.bench.adapters", "model": "flix.bench.model", "run": "flix.bench.run"}
 
 
 def main(argv: list[str] | None = None) -> int:

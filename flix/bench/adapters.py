@@ -26,9 +26,7 @@ import itertools
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -211,22 +209,8 @@ def base_inference(args, ids, mode: str) -> Callable[[], None]:
 # --- timing and the report ----------------------------------------------------------
 
 
-def time_interleaved(cases: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """ms of each call of each case, timed in round-robin rounds; the first `warmup`
-    rounds (optimizer state allocation, allocator and cache warm-up) are not kept."""
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for r in range(warmup + repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-        kind = "warm-up" if r < warmup else "timed"
-        print(f"flix bench: {kind} round {r + 1}/{warmup + repeats} ({len(cases)} cases)", file=sys.stderr, flush=True)
-    return times
-
-
 def bench_adapters(args, sizes: list[int]) -> int:
+    from flix.bench.timing import stats, time_interleaved
     from flix.io import atomic_write_json
     from flix.methods import method_config
 
@@ -249,7 +233,7 @@ def bench_adapters(args, sizes: list[int]) -> int:
     train[("peft_lora", 1)] = peft_step(args, ids)
     named = {f"{m} D={d}" if m == "flix" else m: fn for (m, d), fn in train.items()}
     ms = time_interleaved(named, args.warmup, args.repeats)
-    rows = [{"method": m, "num_features": d, **_stats("ms_per_step", ms[name])} for (m, d), name in zip(train, named)]
+    rows = [{"method": m, "num_features": d, **stats("ms_per_step", ms[name])} for (m, d), name in zip(train, named)]
     del train, named
     gc.collect()
 
@@ -265,7 +249,7 @@ def bench_adapters(args, sizes: list[int]) -> int:
         }
         ms = time_interleaved(infer, args.warmup, args.repeats)
         combos_of = {"flix_mixed_inference": args.batch, "peft_adapter_names": args.batch, "none": 0}
-        inference += [{"method": m, "mode": mode, "num_combinations": c, **_stats("ms_per_batch", ms[m])} for m, c in combos_of.items()]
+        inference += [{"method": m, "mode": mode, "num_combinations": c, **stats("ms_per_batch", ms[m])} for m, c in combos_of.items()]
         del infer
         gc.collect()
 
@@ -280,10 +264,6 @@ def bench_adapters(args, sizes: list[int]) -> int:
             print(f"      {t['note']}")
     print(f"\nwrote {args.out}")
     return 0
-
-
-def _stats(key: str, times: list[float]) -> dict:
-    return {key: statistics.median(times), "ms_min": min(times), "ms_all": [round(t, 3) for t in times]}
 
 
 def check_targets(rows: list[dict], inference: list[dict], sizes: list[int]) -> dict:

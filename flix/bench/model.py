@@ -1,0 +1,462 @@
+"""`flix bench model`: FLix on a real pretrained model against the frozen base and LoRA.
+
+Training rows time one optimizer step on a mixed batch (--batch examples of --seq
+tokens, the loss on the last --target tokens through the training loss
+`flix.batching.loss_sum`, example i routed to task i mod 4 and a random language, so
+a batch has at least 4 feature combinations):
+
+    base              the frozen model alone: forward + backward to its input embeddings
+    compute_matched   one always-on rank-6 adapter, SparseAdamW
+    peft_lora         peft LoRA rank 6 on the same projections, torch AdamW
+    flix D=...        task rank 4 + language rank 2, feature dropout 0.7, D features
+
+Generation rows time greedy decoding of --new-tokens tokens for --gen-batch prompts of
+--gen-seq tokens, each prompt its own feature combination: `base` (no adapters),
+`peft_adapter_names` (one peft LoRA per combination) and `flix` (routing).
+
+All cases share one copy of the base weights and run in interleaved rounds; each row
+is a median. A large matmul timed in the same rounds gives the machine's practical
+peak, against which the steps' achieved FLOP/s (counted by torch's FlopCounterMode)
+are put. A fresh process measures the peak memory of one micro-batch at a scale's
+worst-case sizes (--memory-scale). On CUDA the cases run under bf16 autocast
+(adapters and optimizer state stay float32), as training does.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ALPHA = 16.0
+RANK = 6  # the paper's active rank: task 4 + language 2, and the LoRA baselines'
+TASKS = 4
+DROPOUT = 0.7
+TARGETS = {  # name: (description, op, bound)
+    "flix_vs_base": ("FLix (D={lo}) step / frozen base step", "<=", 1.10),
+    "flix_vs_compute_matched": ("FLix (D={lo}) step / compute_matched step", "<=", 1.05),
+    "flix_many_vs_few_features": ("FLix (D={hi}) step / FLix (D={lo}) step", "<=", 1.05),
+    "generate_speedup_vs_peft": ("peft adapter_names generate / FLix generate", ">=", 3.0),
+    "generate_vs_base": ("FLix generate / base generate", "<=", 1.15),
+    "micro_batch_memory": ("peak resident GiB of one {scale} micro-batch step", "<=", 5.0),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flix bench model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gemma3_270m", help="a conf/model option (default gemma3_270m)")
+    parser.add_argument("--out", type=Path, help="JSON report, written atomically (default reports/bench/model-<device>.json)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; each row is the median (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--batch", type=int, default=8, help="training examples per step (default 8)")
+    parser.add_argument("--seq", type=int, default=120, help="tokens per training example (default 120)")
+    parser.add_argument("--target", type=int, default=24, help="loss positions at the end of each example (default 24)")
+    parser.add_argument("--features", default="8,64,512,4096", help="FLix feature counts D, comma-separated")
+    parser.add_argument("--gen-batch", type=int, default=16, help="prompts per generation batch, one combination each (default 16)")
+    parser.add_argument("--gen-seq", type=int, default=64, help="tokens per prompt (default 64)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per prompt (default 16)")
+    parser.add_argument("--memory-scale", default="mini", help="scale whose micro-batch peak memory is measured; 'none' skips it")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-memory", nargs=3, type=int, metavar=("BATCH", "PROMPT", "TARGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if min(args.repeats, args.batch, args.seq, args.target, args.gen_batch, args.gen_seq, args.new_tokens, args.threads) < 1 or args.warmup < 0:
+        parser.error("--repeats, --batch, --seq, --target, --gen-batch, --gen-seq, --new-tokens and --threads must be >= 1")
+    if args.target >= args.seq:
+        parser.error("--target must be smaller than --seq")
+    try:
+        sizes = sorted({int(d) for d in args.features.split(",")})
+    except ValueError:
+        parser.error(f"--features must be comma-separated integers, got {args.features!r}")
+    if sizes[0] < 2 * TASKS:
+        parser.error(f"every --features count must be >= {2 * TASKS} ({TASKS} tasks and at least as many languages)")
+    torch.set_num_threads(args.threads)
+    with warnings.catch_warnings():  # peft touches a deprecated transformers property
+        warnings.simplefilter("ignore", FutureWarning)
+        if args.probe_memory:
+            print(json.dumps(probe_memory(args, *args.probe_memory)))
+            return 0
+        return bench_model(args, sizes)
+
+
+# --- the model and its weight-sharing copies ---------------------------------------
+
+
+def load(args):
+    from flix.models import load_model
+    from flix.train import compose
+
+    model_cfg = compose([f"model={args.model}"]).model
+    from omegaconf import OmegaConf
+
+    return load_model(OmegaConf.to_container(model_cfg, resolve=True))
+
+
+def device_of(args) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy whose parameters and buffers are the original's tensors, so
+    every case can wrap its own modules without another copy of the weights."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def feature_space(num_features: int) -> dict[str, list[str]]:
+    return {"task": [f"t{i}" for i in range(TASKS)], "lang": [f"l{i}" for i in range(num_features - TASKS)]}
+
+
+def mixed_features(features: dict[str, list[str]], batch: int, count: int, gen: torch.Generator) -> list[list[dict]]:
+    """`count` batches; example i has task i mod 4 and a random language."""
+    langs = features["lang"]
+    picks = torch.randint(len(langs), (count, batch), generator=gen).tolist()
+    return [[{"task": features["task"][i % TASKS], "lang": langs[j]} for i, j in enumerate(row)] for row in picks]
+
+
+def bank_bytes(model: torch.nn.Module, num_features: int) -> int:
+    """Bytes of FLix banks with D features (SparseAdamW keeps moments only for the
+    rows that batches touch, a few hundred here)."""
+    from flix.adapters import find_target_modules
+    from flix.methods import method_config
+
+    rows = method_config("flix", feature_space(num_features), "joint").space.num_rows
+    widths = sum(sum(model.get_submodule(n).weight.shape) for n in find_target_modules(model, None))
+    return rows * widths * 4
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    return int(info["MemAvailable"].split()[0]) * 1024
+
+
+# --- the cases ------------------------------------------------------------------------------
+
+
+def train_batch(args, tokenizer, device) -> dict:
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(10, min(tokenizer.vocab_size, 50_000), (args.batch, args.seq), generator=gen)
+    labels = ids[:, -args.target :].clone()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def base_step(model, batch, autocast) -> Callable[[], None]:
+    from flix.batching import loss_sum
+
+    # Backward must reach the inputs, as it does through any adapter.
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
+    model.train()
+
+    def step():
+        with autocast():
+            loss = loss_sum(model, batch, seq2seq=False)
+        loss.backward()
+
+    return step
+
+
+def flix_step(base, config, batch, routes, autocast, device) -> Callable[[], None]:
+    from flix.adapters import get_flix_model
+    from flix.batching import loss_sum
+    from flix.optim import SparseAdamW
+
+    model = get_flix_model(shared_copy(base), config).to(device).train()
+    optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    it = itertools.count()
+
+    def step():
+        with model.route(routes[next(it) % len(routes)]), autocast():
+            loss = loss_sum(model, batch, seq2seq=False)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peft_step(base, batch, autocast, device) -> Callable[[], None]:
+    from peft import LoraConfig, get_peft_model
+
+    from flix.batching import loss_sum
+    from flix.models import default_target_modules
+
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=default_target_modules(base))
+    model = get_peft_model(shared_copy(base), lora).to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        with autocast():
+            loss = loss_sum(model, batch, seq2seq=False)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Callable[[], None]]:
+    from peft import LoraConfig, get_peft_model
+
+    from flix.adapters import get_flix_model
+    from flix.methods import method_config
+    from flix.models import default_target_modules
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(10, min(tokenizer.vocab_size, 50_000), (args.gen_batch, args.gen_seq), generator=gen).to(device)
+    langs = -(-args.gen_batch // TASKS)
+    combos = [{"task": f"t{i % TASKS}", "lang": f"l{i // TASKS}"} for i in range(args.gen_batch)]
+    kwargs = dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+        do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
+    )
+
+    def generate(model, **extra):
+        def call():
+            with torch.no_grad(), autocast():
+                model.generate(**kwargs, **extra)
+
+        return call
+
+    features = {"task": [f"t{i}" for i in range(TASKS)], "lang": [f"l{i}" for i in range(langs)]}
+    flix = get_flix_model(shared_copy(base), method_config("flix", features, "joint", alpha=ALPHA)).to(device).eval()
+    with torch.no_grad():  # trained-looking adapters: B = 0 would add nothing
+        for layer in flix.flix_layers().values():
+            layer.flix_B.normal_(std=0.02)[0].zero_()
+
+    def flix_generate():
+        with flix.route(combos):
+            generate(flix)()
+
+    names = [f"combo{i}" for i in range(args.gen_batch)]
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=default_target_modules(base), init_lora_weights=False)
+    peft = get_peft_model(shared_copy(base), lora, adapter_name=names[0])
+    for name in names[1:]:
+        peft.add_adapter(name, lora)
+    peft.to(device).eval()
+    return {"base": generate(shared_copy(base).eval()), "peft_adapter_names": generate(peft, adapter_names=names), "flix": flix_generate}
+
+
+def matmul_case(device: torch.device, bf16: bool) -> tuple[Callable[[], None], float]:
+    """A large square matmul, the practical peak of this device's matrix unit."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    return (lambda: torch.mm(a, b)), 2 * n**3
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+# --- the memory probe (a fresh process: ru_maxrss is a per-process peak) -----------------------
+
+
+def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
+    """Peak memory of one FLix micro-batch (forward + backward) at full length."""
+    import time
+
+    from flix.bench.timing import peak_rss_gib
+    from flix.methods import method_config
+
+    device = device_of(args)
+    base, tokenizer = load(args)
+    base.to(device)
+    args.batch, args.seq, args.target = batch, prompt + target + 1, target + 1
+    config = method_config("flix", feature_space(64), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
+    routes = mixed_features(feature_space(64), batch, 1, torch.Generator().manual_seed(args.seed))
+    step = flix_step(base, config, train_batch(args, tokenizer, device), routes, autocast_for(device), device)
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
+    return {"micro_batch": batch, "tokens": args.seq, "peak_gib": peak, "seconds": seconds, "device": device.type}
+
+
+def measure_micro_batch_memory(args) -> dict | None:
+    from flix.train import compose
+
+    if args.memory_scale == "none":
+        return None
+    s = compose([f"scale={args.memory_scale}"]).scale
+    cmd = [sys.executable, "-m", "flix.bench.model", "--probe-memory", str(s.micro_batch_size), str(s.max_prompt_tokens), str(s.max_target_tokens),
+           "--model", args.model, "--device", args.device, "--threads", str(args.threads)]
+    print(f"flix bench: measuring one {args.memory_scale} micro-batch ({s.micro_batch_size} x {s.max_prompt_tokens + s.max_target_tokens + 1} tokens) in a fresh process", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return {"scale": args.memory_scale, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def autocast_for(device: torch.device):
+    from flix.train import use_bf16
+
+    enabled = use_bf16("auto", device)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def bench_model(args, sizes: list[int]) -> int:
+    import gc
+
+    from flix.bench.timing import peak_rss_gib, stats, time_interleaved
+    from flix.io import atomic_write_json
+    from flix.methods import method_config
+
+    device = device_of(args)
+    autocast = autocast_for(device)
+    bf16 = device.type == "cuda"
+    base, tokenizer = load(args)
+    base.to(device)
+    batch = train_batch(args, tokenizer, device)
+    rounds = args.warmup + args.repeats + 1
+    gen = torch.Generator().manual_seed(args.seed)
+
+    train: dict[str, Callable[[], None]] = {"base": base_step(shared_copy(base), batch, autocast)}
+    cm = method_config("compute_matched", feature_space(sizes[0]), "joint", alpha=ALPHA)
+    train["compute_matched"] = flix_step(base, cm, batch, [[{}] * args.batch], autocast, device)
+    train["peft_lora"] = peft_step(base, batch, autocast, device)
+    skipped = {}
+    for d in sizes:
+        need, have = bank_bytes(base, d), available_bytes(device)
+        if need > 0.7 * have:
+            skipped[d] = f"its banks need {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available"
+            print(f"flix bench: skipping flix D={d}: {skipped[d]}", file=sys.stderr, flush=True)
+            continue
+        print(f"flix bench: building flix D={d}", file=sys.stderr, flush=True)
+        config = method_config("flix", feature_space(d), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
+        train[f"flix D={d}"] = flix_step(base, config, batch, mixed_features(feature_space(d), args.batch, rounds, gen), autocast, device)
+    matmul, matmul_flops = matmul_case(device, bf16)
+    train["matmul"] = matmul
+    flops = {name: count_flops(train[name]) for name in ("base", "compute_matched", f"flix D={sizes[0]}") if name in train}
+    ms = time_interleaved(train, args.warmup, args.repeats, device)
+    peak_flops = matmul_flops / (stats("ms", ms["matmul"])["ms"] / 1e3)
+    rows = []
+    for name, times in ms.items():
+        if name == "matmul":
+            continue
+        row = {"case": name, **stats("ms_per_step", times)}
+        if name in flops:
+            row["gflop"] = flops[name] / 1e9
+            row["tflop_per_s"] = flops[name] / (row["ms_per_step"] / 1e3) / 1e12
+            row["fraction_of_peak"] = flops[name] / (row["ms_per_step"] / 1e3) / peak_flops
+        rows.append(row)
+    del train
+    gc.collect()
+
+    cases = generation_cases(args, base, tokenizer, device, autocast)
+    ms = time_interleaved(cases, args.warmup, args.repeats, device)
+    generation = [{"case": name, **stats("ms_per_batch", times)} for name, times in ms.items()]
+    del cases
+    gc.collect()
+
+    memory = measure_micro_batch_memory(args)
+    report = {
+        "training": rows, "generation": generation, "skipped": {f"flix D={d}": why for d, why in skipped.items()},
+        "matmul_peak_tflop_per_s": peak_flops / 1e12, "micro_batch_memory": memory,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib(),
+        "config": run_config(args, sizes, device, bf16),
+    }
+    report["targets"] = check_targets(report, sizes, skipped)
+    out = args.out or Path(f"reports/bench/model-{device.type}.json")
+    atomic_write_json(out, report)
+    print(format_report(report))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def check_targets(report: dict, sizes: list[int], skipped: dict) -> dict:
+    step = {r["case"]: r["ms_per_step"] for r in report["training"]}
+    gen = {r["case"]: r["ms_per_batch"] for r in report["generation"]}
+    lo = sizes[0]
+    hi = max(d for d in sizes if d not in skipped)
+    ratios = {
+        "flix_vs_base": step[f"flix D={lo}"] / step["base"],
+        "flix_vs_compute_matched": step[f"flix D={lo}"] / step["compute_matched"],
+        "flix_many_vs_few_features": step[f"flix D={hi}"] / step[f"flix D={lo}"],
+        "generate_speedup_vs_peft": gen["peft_adapter_names"] / gen["flix"],
+        "generate_vs_base": gen["flix"] / gen["base"],
+    }
+    memory = report["micro_batch_memory"]
+    if memory:
+        ratios["micro_batch_memory"] = memory["peak_gib"]
+    targets = {}
+    for key, value in ratios.items():
+        description, op, bound = TARGETS[key]
+        scale = memory["scale"] if memory else ""
+        targets[key] = {
+            "description": description.format(lo=lo, hi=hi, scale=scale), "value": value, "needs": f"{op} {bound:g}",
+            "pass": value <= bound if op == "<=" else value >= bound,
+        }
+    if skipped:
+        targets["flix_many_vs_few_features"]["note"] = "not run: " + "; ".join(f"D={d}: {why}" for d, why in skipped.items())
+    return targets
+
+
+def run_config(args, sizes: list[int], device: torch.device, bf16: bool) -> dict:
+    import peft
+    import transformers
+
+    from flix.train import git_commit
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "model": args.model, "batch": args.batch, "seq": args.seq, "target": args.target, "features": sizes,
+        "gen_batch": args.gen_batch, "gen_seq": args.gen_seq, "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "device": device.type, "device_name": name,
+        "cpu_count": os.cpu_count(), "autocast": "bf16" if bf16 else "off (float32)", "rank": RANK, "flix_ranks": {"task": 4, "lang": 2},
+        "feature_dropout": DROPOUT, "timing": "median of interleaved rounds", "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(), "commit": git_commit(),
+    }
+
+
+def format_report(report: dict) -> str:
+    c = report["config"]
+    lines = [
+        f"flix bench model: {c['model']} on {c['device']} ({c['device_name']}, {c['threads']} threads), autocast {c['autocast']}",
+        f"training step: {c['batch']} examples x {c['seq']} tokens, loss on the last {c['target']}",
+        f"{'case':<18} {'ms/step':>10} {'min':>10} {'GFLOP':>8} {'TFLOP/s':>8} {'of peak':>8}",
+    ]
+    for r in report["training"]:
+        extra = f"{r['gflop']:>8.0f} {r['tflop_per_s']:>8.3f} {r['fraction_of_peak']:>8.0%}" if "gflop" in r else ""
+        lines.append(f"{r['case']:<18} {r['ms_per_step']:>10.1f} {r['ms_min']:>10.1f} {extra}")
+    for case, why in report["skipped"].items():
+        lines.append(f"{case:<18} skipped: {why}")
+    lines.append(f"matmul peak: {report['matmul_peak_tflop_per_s']:.3f} TFLOP/s")
+    lines += ["", f"generation: {c['gen_batch']} prompts x {c['gen_seq']} tokens, {c['new_tokens']} greedy tokens, one combination each",
+              f"{'case':<18} {'ms/batch':>10} {'min':>10}"]
+    lines += [f"{r['case']:<18} {r['ms_per_batch']:>10.1f} {r['ms_min']:>10.1f}" for r in report["generation"]]
+    memory = report["micro_batch_memory"]
+    if memory:
+        lines.append(f"\none {memory['scale']} micro-batch ({memory['micro_batch']} x {memory['tokens']} tokens, fresh process): "
+                     f"peak {memory['peak_gib']:.2f} GiB, {memory['seconds']:.1f} s")
+    lines.append(f"peak memory of this benchmark: {report['peak_memory_gib']:.2f} GiB\n")
+    for t in report["targets"].values():
+        lines.append(f"{'PASS' if t['pass'] else 'MISS'}  {t['description']}: {t['value']:.3f} (needs {t['needs']})")
+        if "note" in t:
+            lines.append(f"      {t['note']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
