@@ -20,6 +20,7 @@ test:  ## the whole test suite on local data
 
 bench:  ## speed benchmarks; prints tables and writes reports/bench/*.json
 	$(PY) -m flix bench adapters --out reports/bench/adapters.json
+	$(PY) -m flix bench model  # Gemma 3 270M; writes reports/bench/model-<cpu|cuda>.json
 
 MIXTURE ?= study_a
 bench-run:  ## expected time of one $(SCALE) run of $(MIXTURE) on this machine, measured

@@ -96,3 +96,19 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     assert all(isinstance(t["pass"], bool) and math.isfinite(t["value"]) for t in report["targets"].values())
     printed = capsys.readouterr().out
     assert printed.count("PASS") + printed.count("MISS") == 6
+
+
+def test_peak_memory_of_a_child_process_is_its_own():
+    """A probe started by subprocess reports its own peak, not its parent's (ru_maxrss
+    inherits the parent's through vfork/exec; VmHWM does not)."""
+    import subprocess
+    import sys
+
+    from flix.bench.timing import peak_rss_gib
+
+    ballast = bytearray(1 << 30)
+    ballast[:: 1 << 12] = b"\1" * len(ballast[:: 1 << 12])  # touch every page: 1 GiB resident
+    child = subprocess.run([sys.executable, "-c", "from flix.bench.timing import peak_rss_gib; print(peak_rss_gib())"],
+                           capture_output=True, text=True, check=True)
+    assert peak_rss_gib() >= 1.0 > float(child.stdout)
+    del ballast

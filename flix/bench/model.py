@@ -269,7 +269,7 @@ def count_flops(step: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
-# --- the memory probe (a fresh process: ru_maxrss is a per-process peak) -----------------------
+# --- the memory probe (a fresh process, so that its peak is one micro-batch's) ----------------
 
 
 def probe_memory(args, batch: int, prompt: int, target: int) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -151,7 +150,9 @@ def peak_memory_gib(cuda: bool) -> float:
     """Peak GPU memory allocated by torch, or this process's peak resident memory on CPU."""
     if cuda:
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+    from flix.bench.timing import peak_rss_gib
+
+    return peak_rss_gib()
 
 
 def duration(seconds: float) -> str:

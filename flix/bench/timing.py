@@ -45,5 +45,16 @@ def stats(key: str, times: list[float]) -> dict:
 
 
 def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """Peak resident memory of this process so far.
+
+    Linux's VmHWM belongs to this process's own address space; ru_maxrss does not always:
+    a child started by vfork/posix_spawn (as `subprocess` does) inherits its parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, bytes on macOS
