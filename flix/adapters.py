@@ -29,6 +29,7 @@ from torch import nn
 from flix.features import PAD, FeatureSpace
 
 CONFIG_NAME = "flix_config.json"
+DROPOUT_MODES = ("independent", "keep_one")
 WEIGHTS_NAME = "flix_adapter.safetensors"
 
 
@@ -42,7 +43,11 @@ class FLixConfig:
     target_modules:  module-name suffixes (list) or one regex (str); None = the
                      model family's attention and MLP projections.
     alpha:           LoRA alpha; every example's update is scaled by alpha / active_rank.
-    feature_dropout: training-time probability of turning off each active feature.
+    feature_dropout: training-time probability of turning off each active feature,
+                     independently per feature and example (`FeatureSpace.route`).
+    dropout_mode:    "independent" (the paper's reading; with two groups and p = 0.7, 49%
+                     of examples keep no feature) or "keep_one" (an example that would
+                     lose every feature keeps one, chosen at random).
     sparse_grad:     sparse bank gradients (None: on when there are feature groups).
     seen:            features routed in training (filled in by training, saved with the adapter).
     """
@@ -54,12 +59,15 @@ class FLixConfig:
     target_modules: list[str] | str | None = None
     alpha: float = 16.0
     feature_dropout: float = 0.0
+    dropout_mode: str = "independent"
     sparse_grad: bool | None = None
     seen: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
+        if self.dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {self.dropout_mode!r}")
         self.space = FeatureSpace(self.features, self.ranks, self.feature_ranks, self.shared_rank)
         if self.sparse_grad is None:
             self.sparse_grad = bool(self.features)
@@ -304,7 +312,7 @@ class FLixModel(nn.Module):
         """
         features = list(features)
         dropout = self.flix_config.feature_dropout if self.training else 0.0
-        rows = self.flix_config.space.route(features, dropout=dropout)
+        rows = self.flix_config.space.route(features, dropout=dropout, keep_one=self.flix_config.dropout_mode == "keep_one")
         if self.training:
             self._record_seen(features)
         previous = self.router.set(rows)

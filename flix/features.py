@@ -103,18 +103,35 @@ class FeatureSpace:
             ids[group] = torch.tensor([index.get(str(ex.get(group)), none) for ex in examples], dtype=torch.long)
         return ids
 
-    def route(self, examples: list[dict], dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def route(
+        self, examples: list[dict], dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False
+    ) -> torch.Tensor:
         """(batch, active_rank) bank rows for each example.
 
-        With dropout > 0 each active group feature of each example is turned off
-        independently with that probability (training only; the shared feature stays).
+        Feature dropout (training only; the shared feature always stays): each group
+        feature of each example is turned off independently with probability `dropout`,
+        so with G groups an example keeps no feature at all with probability dropout**G
+        (0.49 for the paper's 0.7 and two groups) and teaches nothing. With `keep_one`, an
+        example whose draws would turn off every group keeps one group's feature, chosen
+        uniformly: no example is left without one, and a single feature is then off with
+        probability dropout - dropout**G / G (0.455 for 0.7 and two groups).
         """
         ids = self.feature_ids(examples)
-        parts = [self._shared.expand(len(examples), -1)]
-        for group, table in self._tables.items():
-            group_ids = ids[group]
-            if dropout > 0:
-                drop = torch.rand(len(examples), generator=generator) < dropout
-                group_ids = torch.where(drop, len(table) - 1, group_ids)
-            parts.append(table[group_ids])
+        n = len(examples)
+        groups = list(self._tables)
+        if dropout > 0 and groups:
+            # one draw per group in group order, so a seed gives the same routes as before keep_one existed
+            drop = torch.stack([torch.rand(n, generator=generator) < dropout for _ in groups], dim=1)
+            if keep_one:
+                bare = drop.all(dim=1)
+                kept = torch.randint(len(groups), (n,), generator=generator)
+                drop[bare, kept[bare]] = False
+            for g, group in enumerate(groups):
+                ids[group] = torch.where(drop[:, g], len(self._tables[group]) - 1, ids[group])
+        parts = [self._shared.expand(n, -1)] + [self._tables[group][ids[group]] for group in groups]
         return torch.cat(parts, dim=1)
+
+
+def featureless(rows: torch.Tensor) -> torch.Tensor:
+    """Which routed examples use no bank row at all (every feature dropped or unknown)."""
+    return (rows == PAD).all(dim=1)

@@ -179,6 +179,47 @@ def test_feature_dropout_rate_is_p():
     assert (space.route(examples[:100], dropout=0.0) != 0).all()
 
 
+def test_keep_one_dropout_never_drops_everything():
+    """keep_one: no example loses every feature; a single feature is off with probability
+    p - p^2 / 2 (0.455 at p = 0.7, two groups); the same seed gives the same routes; and
+    the independent mode's routes are unchanged by the mode's existence (same draws)."""
+    from flix.features import featureless
+
+    space = FeatureSpace(FEATURES, {"task": 4, "lang": 2})
+    examples = [{"task": "ner", "lang": "sw"}] * 20000
+    rows = space.route(examples, dropout=0.7, generator=torch.Generator().manual_seed(0), keep_one=True)
+    assert not featureless(rows).any()
+    task_off = (rows[:, :4] == 0).all(1).float().mean().item()
+    lang_off = (rows[:, 4:] == 0).all(1).float().mean().item()
+    assert abs(task_off - 0.455) < 0.02 and abs(lang_off - 0.455) < 0.02
+    again = space.route(examples, dropout=0.7, generator=torch.Generator().manual_seed(0), keep_one=True)
+    assert torch.equal(rows, again)
+    independent = space.route(examples, dropout=0.7, generator=torch.Generator().manual_seed(0))
+    assert abs(featureless(independent).float().mean().item() - 0.49) < 0.02
+    # keep_one only turns features back on: wherever it differs, independent had dropped everything
+    changed = (rows != independent).any(1)
+    assert torch.equal(changed, featureless(independent))
+
+
+def test_keep_one_routes_exactly_like_its_kept_features():
+    """A keep_one example routes exactly as if only its kept features were given."""
+    model = flix_model(feature_dropout=0.9, dropout_mode="keep_one").train()
+    ids = tokens(4)
+    torch.manual_seed(3)
+    with model.route(MIXED[:4]):
+        rows = model.router.rows.clone()
+        out = model(input_ids=ids).logits
+    space = model.flix_config.space
+    for e, features in enumerate(MIXED[:4]):
+        kept = {g: v for g, v in features.items() if set(space.rows_of(g, v)) <= set(rows[e].tolist())}
+        assert kept, "keep_one left an example with no feature"
+        model.eval()
+        torch.testing.assert_close(logits(model, [kept], ids[e : e + 1])[0], out[e], rtol=1e-5, atol=1e-5)
+        model.train()
+    with pytest.raises(ValueError, match="dropout_mode"):
+        FLixConfig(features=FEATURES, ranks={"task": 4, "lang": 2}, dropout_mode="sometimes")
+
+
 def test_dropout_only_in_training():
     model = flix_model(feature_dropout=0.9)
     ids = tokens(4)
