@@ -34,6 +34,7 @@ def method_config(
     *,
     alpha: float = 16.0,
     feature_dropout: float = 0.0,
+    dropout_mode: str = "independent",
     lang_rank: int | None = None,
     target_modules: list[str] | str | None = None,
 ) -> FLixConfig:
@@ -43,7 +44,7 @@ def method_config(
     flix_space = FeatureSpace(features, ranks)
     common = dict(alpha=alpha, target_modules=target_modules)
     if method == "flix":
-        return FLixConfig(features=features, ranks=ranks, feature_dropout=feature_dropout, **common)
+        return FLixConfig(features=features, ranks=ranks, feature_dropout=feature_dropout, dropout_mode=dropout_mode, **common)
     if method in ("compute_matched", "single"):
         return FLixConfig(shared_rank=flix_space.active_rank, **common)
     if method == "param_matched":
@@ -51,6 +52,7 @@ def method_config(
     if method == "flix_shared":
         split = {group: SHARED_SPLIT.get(group, 1) for group in features}
         return FLixConfig(
-            features=features, ranks=split, shared_rank=SHARED_SPLIT["shared"], feature_dropout=feature_dropout, **common
+            features=features, ranks=split, shared_rank=SHARED_SPLIT["shared"], feature_dropout=feature_dropout,
+            dropout_mode=dropout_mode, **common
         )
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")

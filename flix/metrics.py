@@ -111,6 +111,51 @@ def score(
     return float(METRICS[metric](targets, predictions))
 
 
+# --- per-example statistics: what bootstrap intervals resample ----------------------------
+#
+# Every metric here is a function of a sum over examples: span F1 of (tp, fp, fn) counts,
+# QA F1 and sequence accuracy of (value, 1), chrF of sacrebleu's character n-gram counts.
+# So a test set is summarised by one row of numbers per example, any resample of the
+# examples by the sum of its rows, and `score_from_stats` gives exactly `score` on it.
+
+
+def example_stats(task: str, targets: Sequence[str], predictions: Sequence[str]) -> list[list[float]]:
+    """One row of additive statistics per example, for the task's official metric."""
+    metric = TASK_METRIC[task]
+    pairs = list(zip(targets, predictions, strict=True))
+    if metric == "span_f1":
+        rows = []
+        for target, prediction in pairs:
+            gold, pred = _spans(target), _spans(prediction)
+            hits = (gold & pred).total()
+            rows.append([hits, pred.total() - hits, gold.total() - hits])
+        return rows
+    if metric == "f1":
+        return [[_token_f1(normalize_answer(t), normalize_answer(p)), 1] for t, p in pairs]
+    if metric == "sequence_accuracy":
+        return [[float(t == p), 1] for t, p in pairs]
+    return [list(row) for row in _chrf_metric()._extract_corpus_statistics([p for _, p in pairs], [[t for t, _ in pairs]])]
+
+
+def score_from_stats(task: str, totals: Sequence[float]) -> float:
+    """The task's official score from statistics summed over (a resample of) examples."""
+    metric = TASK_METRIC[task]
+    if metric == "span_f1":
+        tp, fp, fn = totals
+        precision, recall = tp / (tp + fp + SMOOTHING), tp / (tp + fn + SMOOTHING)
+        return 100 * (2.0 * ((precision * recall) / (precision + recall + SMOOTHING)))
+    if metric in ("f1", "sequence_accuracy"):
+        value, count = totals
+        return 100 * value / count
+    return _chrf_metric()._compute_score_from_stats([int(round(x)) for x in totals]).score
+
+
+def _chrf_metric():
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
 def average(scores: Mapping[str, float]) -> float:
     """Unweighted mean over languages (or tasks), as the paper reports; never a silent NaN."""
     if not scores:

@@ -34,6 +34,8 @@ from flix.data.mixtures import EvalSet, Mixture, load_mixture
 from flix.data.reader import read_dataset, resolve_root
 from flix.data.sampling import MixtureSampler
 from flix.evaluate import evaluate
+from flix.features import featureless
+from flix.metrics import example_stats
 from flix.io import atomic_dir, atomic_write_json, atomic_write_text
 from flix.methods import method_config
 from flix.models import enable_activation_checkpointing, load_model, model_kind
@@ -108,6 +110,7 @@ def build_model(cfg: DictConfig, mixture: Mixture, method: str):
         mixture.kind,
         alpha=cfg.train.alpha,
         feature_dropout=cfg.dropout,
+        dropout_mode=cfg.train.dropout_mode,
         lang_rank=cfg.rank.lang,
         target_modules=OmegaConf.to_container(cfg.model.target_modules) if cfg.model.get("target_modules") else None,
     )
@@ -259,17 +262,20 @@ class Run:
         """bf16 autocast for training and generation, as `train.bf16` says."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def train_step(self, step: int) -> float:
-        """One optimizer step on the global batch (this process's shard of it)."""
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step on the global batch (this process's shard of it); returns
+        the loss and the fraction of this process's examples that feature dropout left
+        with no adapter at all (they teach nothing this step)."""
         examples = self.sampler.batch(step, self.rank, self.world)
         micro = self.cfg.scale.micro_batch_size
         batches = [training_batch(examples[i : i + micro], self.tokenizer, self.limits, self.seq2seq) for i in range(0, len(examples), micro)]
         total_targets = distributed.sum_scalar(sum(b["num_targets"] for b in batches))
         self.model.train()
-        loss_total = 0.0
+        loss_total, bare = 0.0, 0
         for i, batch in zip(range(0, len(examples), micro), batches):
             tensors = {k: v.to(self.device) for k, v in batch.items() if k != "num_targets"}
             with self.model.route([ex.features for ex in examples[i : i + micro]]), self.autocast():
+                bare += int(featureless(self.model.router.rows).sum())
                 loss = loss_sum(self.model, tensors, self.seq2seq) / total_targets
                 loss.backward()
             loss_total += loss.item()
@@ -285,7 +291,7 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_total
+        return loss_total, bare / len(examples)
 
     def validate(self) -> tuple[dict, dict, float]:
         with self.autocast():
@@ -296,7 +302,7 @@ class Run:
 
     def fit(self, tracker) -> dict:
         s = self.cfg.scale
-        state = {"step": 0, "best_step": None, "best_score": -math.inf, "best_validation": {}, "history": [], "train_loss": [], "train_seconds": 0.0}
+        state = {"step": 0, "best_step": None, "best_score": -math.inf, "best_validation": {}, "history": [], "train_loss": [], "featureless_fraction": [], "train_seconds": 0.0}
         if (self.ckpt_dir / "state.pt").exists():
             state.update({k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler).items() if k in state})
             print(f"[flix] resuming {self.run_dir} from step {state['step']}", file=sys.stderr)
@@ -305,14 +311,15 @@ class Run:
         bar = tqdm(total=s.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=not self.main)
         while state["step"] < s.steps:
             started = time.perf_counter()
-            loss = self.train_step(state["step"])
+            loss, bare = self.train_step(state["step"])
             state["train_seconds"] += time.perf_counter() - started
             state["step"] += 1
             step = state["step"]
             state["train_loss"].append(loss)
+            state["featureless_fraction"].append(bare)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            tracker.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0]}, step=step)
+            tracker.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/featureless_fraction": bare}, step=step)
             if self.main and is_validation_step(step, s):
                 scores, preds, average = self.validate()
                 state["history"].append({"step": step, "validation_average": average, "loss": loss})
@@ -328,14 +335,18 @@ class Run:
         distributed.barrier()
         return state
 
-    def test(self) -> dict:
-        """Test scores of the kept adapter; writes its predictions."""
+    def test(self) -> tuple[dict, dict]:
+        """Test scores of the kept adapter and their per-example statistics
+        (`flix.metrics.example_stats`, what the report's intervals resample); writes its predictions."""
         self._load_best()
         data = read_split(self.root, self.mixture.eval_datasets, "test", self.cfg.scale.test_examples)
         with self.autocast():
             scores, preds = evaluate(self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
         self._write_predictions("test", data, preds)
-        return scores
+        stats: dict[str, dict[str, list]] = {}
+        for (task, lang), examples in data.items():
+            stats.setdefault(task, {})[lang] = example_stats(task, [ex.target for ex in examples], preds[(task, lang)])
+        return scores, stats
 
     def _load_best(self) -> None:
         from safetensors.torch import load_file
@@ -355,13 +366,16 @@ def train_one(cfg: DictConfig, mixture: Mixture, run_dir: Path, method: str, tra
     state = run.fit(tracker)
     if not run.main:
         return {}
+    test, test_stats = run.test()
     return {
         "best_step": state["best_step"],
         "best_validation_average": state["best_score"],
         "validation": state["best_validation"],
-        "test": run.test(),
+        "test": test,
+        "test_stats": test_stats,
         "history": state["history"],
         "train_loss": state["train_loss"],
+        "featureless_fraction": state["featureless_fraction"],
         "trainable_parameters": run.model.num_trainable_parameters(),
         "flix": run.model.flix_config.to_dict() | {"active_rank": run.model.flix_config.space.active_rank},
         "train_seconds": state["train_seconds"],
@@ -380,9 +394,9 @@ def single_mixtures(mixture: Mixture) -> list[Mixture]:
 
 def merge(parts: list[dict]) -> dict:
     """Merge per-dataset results of the single baseline into one results dict."""
-    merged = {"validation": {}, "test": {}, "best_step": {}, "history": {}, "train_loss": {}, "trainable_parameters": 0, "train_seconds": 0.0}
+    merged = {"validation": {}, "test": {}, "test_stats": {}, "best_step": {}, "history": {}, "train_loss": {}, "featureless_fraction": {}, "trainable_parameters": 0, "train_seconds": 0.0}
     for part in parts:
-        for split in ("validation", "test"):
+        for split in ("validation", "test", "test_stats"):
             for task, langs in part[split].items():
                 merged[split].setdefault(task, {}).update(langs)
         (task, langs), = part["test"].items()
@@ -390,6 +404,7 @@ def merge(parts: list[dict]) -> dict:
         merged["best_step"][key] = part["best_step"]
         merged["history"][key] = part["history"]
         merged["train_loss"][key] = part["train_loss"]
+        merged["featureless_fraction"][key] = part["featureless_fraction"]
         merged["trainable_parameters"] += part["trainable_parameters"]
         merged["train_seconds"] += part["train_seconds"]
     merged["flix"] = parts[0]["flix"] if parts else {}

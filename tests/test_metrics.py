@@ -299,3 +299,24 @@ def test_import_is_light():
     code = "import sys, flix.metrics; print(sorted({'torch', 'sacrebleu'} & set(sys.modules)))"
     proc = run_python("-c", code)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+@pytest.mark.parametrize("task,name", [(task, name) for task, files in GOLDEN.items() for name in files])
+def test_summed_example_stats_give_the_official_score(metric_pairs_dir, task, name):
+    """Per-example statistics summed over the file reproduce the official number (what the
+    report's bootstrap relies on), and a subset's sum gives that subset's score."""
+    targets, predictions = read_pairs(metric_pairs_dir / task / name)
+    rows = metrics.example_stats(task, targets, predictions)
+    assert len(rows) == len(targets)
+    totals = [sum(column) for column in zip(*rows)]
+    assert metrics.score_from_stats(task, totals) == pytest.approx(score(task, targets, predictions), abs=APPROX)
+    half = slice(0, len(rows) // 2)
+    subset = [sum(column) for column in zip(*rows[half])]
+    assert metrics.score_from_stats(task, subset) == pytest.approx(score(task, targets[half], predictions[half]), abs=APPROX)
+
+
+def test_qa_example_stats():
+    targets, predictions = ["the cat sat", "Paris", ""], ["cat sat down", "paris", "x"]
+    rows = metrics.example_stats("qa_in_lang", targets, predictions)
+    totals = [sum(column) for column in zip(*rows)]
+    assert metrics.score_from_stats("qa_in_lang", totals) == pytest.approx(squad_f1(targets, predictions))

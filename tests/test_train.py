@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+from flix import metrics
+
 from flix.train import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +31,14 @@ def check_results(results: dict, run_dir: Path) -> None:
         assert set(frame.columns) == set(results[split])
     if isinstance(results["history"], list):  # the single baseline keeps one history per dataset
         assert [h["step"] for h in results["history"]] == [2, 4]
+        fractions = results["featureless_fraction"]
+        assert len(fractions) == len(results["train_loss"]) and all(0.0 <= f <= 1.0 for f in fractions)
     assert results["trainable_parameters"] > 0
+    # per-example test statistics reproduce every test score (the report's intervals resample them)
+    for task, langs in results["test"].items():
+        for lang, value in langs.items():
+            rows = results["test_stats"][task][lang]
+            assert metrics.score_from_stats(task, [sum(c) for c in zip(*rows)]) == pytest.approx(value, abs=1e-9)
 
 
 @pytest.mark.parametrize("method", ["flix", "compute_matched", "param_matched", "flix_shared"])
@@ -41,6 +50,15 @@ def test_smoke_run_every_method(method, compose, tmp_path):
     assert sorted(p.name for p in (tmp_path / "predictions" / "test").iterdir()) == ["ner.sw.jsonl", "qa_in_lang.sw.jsonl"]
     flix = results["flix"]
     assert flix["active_rank"] == (flix["shared_rank"] if method == "param_matched" else 6)
+    # dropout 0.7 over task + language leaves about half the examples with no feature; LoRA never
+    expected = 0.49 if method == "flix" else 0.0
+    assert sum(results["featureless_fraction"]) / len(results["featureless_fraction"]) == pytest.approx(expected, abs=0.25)
+
+
+def test_keep_one_dropout_leaves_no_example_featureless(compose, tmp_path):
+    results = run(compose("method=flix", "mixture=multitask_sw", "train.dropout_mode=keep_one"), tmp_path)
+    assert results["flix"]["dropout_mode"] == "keep_one" and results["config"]["train"]["dropout_mode"] == "keep_one"
+    assert set(results["featureless_fraction"]) == {0.0}
 
 
 def test_smoke_run_seq2seq_model(compose, tmp_path):
@@ -144,7 +162,7 @@ def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
     )
     trainer = Run(cfg, load_mixture_for(cfg), tmp_path, "flix")
     before = {k: v.clone() for k, v in trainer.model.adapter_state_dict().items()}
-    losses = [trainer.train_step(step) for step in range(2)]
+    losses = [trainer.train_step(step)[0] for step in range(2)]
     assert all(0 < loss < 20 for loss in losses)
     after = trainer.model.adapter_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -194,7 +212,7 @@ def test_bf16_autocast_trains_and_generates(compose, tmp_path):
         layer = next(iter(trainer.model.flix_layers().values()))
         layer.register_forward_hook(lambda module, args, out, seen=seen: seen.add(out.dtype))
         torch.manual_seed(0)
-        losses[bf16] = [trainer.train_step(step) for step in range(3)]
+        losses[bf16] = [trainer.train_step(step)[0] for step in range(3)]
         scores, _, average = trainer.validate()
         assert set(scores) == {"ner", "qa_in_lang"} and 0 <= average <= 100
         assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
