@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from flix import metrics
-
 from flix.train import run
 
 REPO = Path(__file__).resolve().parents[1]
