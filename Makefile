@@ -27,10 +27,11 @@ bench-run:  ## expected time of one $(SCALE) run of $(MIXTURE) on this machine, 
 	$(PY) -m flix bench run scale=$(SCALE) mixture=$(MIXTURE) logger=none $(ARGS) --out reports/bench/run-$(SCALE)-$(MIXTURE).json
 
 # Studies: Hydra multiruns of experiments/*.yaml, then the report. Completed runs
-# (same config hash) are skipped; FORCE=1 runs them again; LAUNCHER=parallel|slurm;
+# (same config hash) are skipped; SEEDS=0,1,2 runs each once per seed; FORCE=1 runs them again; LAUNCHER=parallel|slurm;
 # ARGS="key=value ..." adds Hydra overrides to every run.
 LOGGER ?= wandb
-STUDY = $(PY) -m flix.study --scale $(SCALE) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER))
+SEEDS ?= 0
+STUDY = $(PY) -m flix.study --scale $(SCALE) --seeds $(SEEDS) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER))
 
 .PHONY: study-a study-b ablations report
 study-a:  ## Tables 1 and 5

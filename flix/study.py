@@ -1,6 +1,6 @@
 """Run a study (experiments/NAME.yaml) as Hydra multiruns, then render its tables.
 
-    python -m flix.study study_a --scale smoke [--force] [--launcher parallel] [-- key=value ...]
+    python -m flix.study study_a --scale smoke [--seeds 0,1,2] [--force] [--launcher parallel] [-- key=value ...]
 
 Each sweep of the study is one `python -m flix.train -m ...`. Runs whose directory
 (named by the hash of their resolved config) already holds results.json are skipped by
@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 CONF = REPO / "conf"
 LAUNCHERS = ("basic", "parallel", "slurm")
+SCALES = sorted(p.stem for p in (CONF / "scale").glob("*.yaml"))
 
 
 @dataclass
@@ -51,6 +52,11 @@ def load_study(name: str) -> dict:
         if bad:
             raise SystemExit(f"flix study: {path}: sweeps[{i}].{bad[0]} must be a non-empty list of values")
     return study
+
+
+def with_seeds(study: dict, seeds: list[int]) -> dict:
+    """Every sweep once per seed (a `seed` sweep key): the report averages over seeds."""
+    return {**study, "sweeps": [{**sweep, "seed": list(seeds)} for sweep in study["sweeps"]]}
 
 
 def sweep_args(sweep: dict) -> list[str]:
@@ -95,7 +101,8 @@ def launch(study: dict, common: list[str], launcher: str, jobs: int) -> list[int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flix.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="a file stem under experiments/ (study_a, study_b, ablations)")
-    parser.add_argument("--scale", default=os.environ.get("SCALE", "smoke"), choices=["smoke", "mini", "paper"])
+    parser.add_argument("--scale", default=os.environ.get("SCALE", "smoke"), choices=SCALES)
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds: every run of the study once per seed (default 0)")
     parser.add_argument("--logger", default="wandb", choices=["wandb", "none"])
     parser.add_argument("--force", action="store_true", help="run again even runs that are complete")
     parser.add_argument("--launcher", default="basic", choices=LAUNCHERS, help="basic: one after another; parallel: joblib; slurm: submitit")
@@ -105,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
 
     study = load_study(args.study)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    study = with_seeds(study, seeds)
     common = [f"scale={args.scale}", f"logger={args.logger}", *args.overrides] + (["force=true"] if args.force else [])
     runs = plan(study, common)
     done = sum(r.status == "done" for r in runs)

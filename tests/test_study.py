@@ -121,3 +121,13 @@ def test_make_default_paths_have_no_stray_spaces():
     env = {k: v for k, v in os.environ.items() if k not in ("FLIX_RUNS", "FLIX_REPORTS")}
     out = subprocess.run(["make", "-n", "report", "SCALE=smoke"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert "--runs runs/smoke --out reports/smoke" in out.stdout
+
+
+def test_seeds_run_every_sweep_once_per_seed(runs_env):
+    """--seeds 0,1,2 plans each run of a study three times, in three directories."""
+    one = study.plan(study.load_study("ablations"), ["scale=cpu", "logger=none"])
+    three = study.plan(study.with_seeds(study.load_study("ablations"), [0, 1, 2]), ["scale=cpu", "logger=none"])
+    assert len(three) == 3 * len(one)
+    assert len({r.run_dir for r in three}) == 3 * len({r.run_dir for r in one})  # runs shared by sweeps stay shared
+    assert {o.split("=")[1] for r in three for o in r.overrides if o.startswith("seed=")} == {"0", "1", "2"}
+    assert "cpu" in study.SCALES and all(r.run_dir.parts[-3] == "cpu" for r in three)
