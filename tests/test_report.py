@@ -112,7 +112,7 @@ def test_cells_average_seeds_and_sets(report):
     assert [float(t1.loc["FLix", c]) for c in columns] == pytest.approx(expected, abs=0.01)
     assert float(t1.loc["FLix", "Avg."]) == pytest.approx(np.mean(expected), abs=0.01)
     assert float(t1.loc["FLix", "Avg. diff"]) == pytest.approx(np.mean(expected) - 72.4, abs=0.01)
-    assert t1.loc["FLix", "seeds"] == "0, 1"
+    assert t1.loc["FLix", "seeds"] == "2 (0, 1)"  # how many seeds, and which
     md = (out / "table1.md").read_text()
     assert f"{flix['ner']:.1f} (paper 84.0, {flix['ner'] - 84.0:+.1f})" in md
 
@@ -190,3 +190,44 @@ def test_log_to_wandb_offline(report, tmp_path, monkeypatch):
     assert main(["--runs", str(runs), "--out", str(tmp_path / "o"), "--paper", str(PAPER), "--wandb"]) == 0
     assert list((runs / "wandb").glob("offline-run-*/*.wandb"))  # beside the runs
     assert not (tmp_path / "o" / "wandb").exists()  # the report folder stays clean
+
+
+def test_intervals_significance_and_cells_csv(tmp_path):
+    """Runs that record per-example statistics get 95% intervals, and FLix's paired
+    difference from compute-matched: a clear gain is marked, cells.csv holds the numbers,
+    and a keep_one run is kept apart from the independent-dropout FLix cell."""
+    from flix import metrics
+
+    root = tmp_path / "runs" / "cpu"
+    langs = load_mixture_by_name("multilingual_ner", "mini").eval_sets[0].langs
+    gold = ["PER: Ada $$ LOC: Lagos", "ORG: UN", "LOC: Accra", "PER: Kofi"] * 10
+
+    def ner_run(method: str, right: int, seed: int = 0, mode: str = "independent", dropout: float = 0.7) -> None:
+        # the first `right` of every 4 predictions are correct, the rest are wrong
+        preds = [g if i % 4 < right else "PER: nobody" for i, g in enumerate(gold)]
+        run_dir = write_run(root, (method, "multilingual_ner", seed, dropout if mode == "independent" else 0.75, None), {"ner": 0.0}, scale="cpu")
+        results = json.loads((run_dir / "results.json").read_text())
+        results["test"]["ner"] = {lang: metrics.score("ner", gold, preds) for lang in langs}
+        results["eval_sets"]["ner"]["test"] = metrics.score("ner", gold, preds)
+        results["test_stats"] = {"ner": {lang: metrics.example_stats("ner", gold, preds) for lang in langs}}
+        results["config"]["dropout"] = dropout
+        results["config"]["train"] = {"dropout_mode": mode}
+        (run_dir / "results.json").write_text(json.dumps(results))
+
+    ner_run("compute_matched", 1)
+    ner_run("flix", 3)
+    ner_run("flix", 4, mode="keep_one")  # must not be averaged into the FLix cell
+    out = tmp_path / "out"
+    render(root, out, "cpu", PAPER)
+    frame = pd.read_csv(out / "cells.csv")
+    assert {"table", "row", "column", "ours", "ci_low", "ci_high", "seeds", "paper",
+            "diff_vs_compute_matched", "p_vs_compute_matched"} <= set(frame.columns)
+    cell = lambda row: frame[(frame.table == "table2") & (frame.row == row) & (frame.column == "Multilingual NER")].iloc[0]  # noqa: E731
+    flix, cm = cell("FLix"), cell("Compute-matched")
+    assert flix.ours == pytest.approx(metrics.score("ner", gold, [g if i % 4 < 3 else "PER: nobody" for i, g in enumerate(gold)]))
+    assert flix.ci_low < flix.ours < flix.ci_high and cm.ci_low < cm.ours < cm.ci_high and flix.seeds == 1
+    assert flix.diff_vs_compute_matched == pytest.approx(flix.ours - cm.ours)
+    assert flix.diff_ci_low > 0 and flix.p_vs_compute_matched < 0.01
+    assert pd.isna(cm.diff_vs_compute_matched)
+    table2 = (out / "table2.md").read_text()
+    assert f"{flix.ours:.1f} [{flix.ci_low:.1f}, {flix.ci_high:.1f}]*" in table2

@@ -39,6 +39,7 @@ class Run:
     dropout: float | None
     lang_rank: int | None
     results: dict | None = None
+    dropout_mode: str = "independent"
     failure: str | None = None
 
     @property
@@ -54,15 +55,19 @@ class Selection:
     mixture: str
     dropout: float = DEFAULT_DROPOUT
     lang_ranks: tuple = (PAPER_RANK,)
+    dropout_mode: str = "independent"
 
     def matches(self, run: Run) -> bool:
         if (run.method, run.mixture) != (self.method, self.mixture) or run.lang_rank not in self.lang_ranks:
             return False
-        return self.method not in DROPOUT_METHODS or (run.dropout is not None and math.isclose(run.dropout, self.dropout))
+        if self.method not in DROPOUT_METHODS:
+            return True
+        return run.dropout is not None and math.isclose(run.dropout, self.dropout) and run.dropout_mode == self.dropout_mode
 
     def describe(self) -> str:
         ranks = " or ".join("the paper's ranks" if r is None else f"language rank {r}" for r in self.lang_ranks)
-        dropout = f"dropout {self.dropout:g}, " if self.method in DROPOUT_METHODS else ""
+        mode = "" if self.dropout_mode == "independent" else f" {self.dropout_mode}"
+        dropout = f"dropout {self.dropout:g}{mode}, " if self.method in DROPOUT_METHODS else ""
         return f"{self.method} on {self.mixture} ({dropout}{ranks})"
 
 
@@ -95,6 +100,7 @@ def _from_config(config: dict) -> dict:
         return value.get("name") if isinstance(value, dict) else value
 
     rank = config.get("rank") or {}
+    train = config.get("train") if isinstance(config.get("train"), dict) else {}
     return {
         "method": name("method"),
         "mixture": name("mixture"),
@@ -102,6 +108,7 @@ def _from_config(config: dict) -> dict:
         "scale": name("scale"),
         "dropout": config.get("dropout"),
         "lang_rank": rank.get("lang") if isinstance(rank, dict) else rank,
+        "dropout_mode": train.get("dropout_mode"),
     }
 
 
@@ -128,6 +135,7 @@ def _make_run(path: Path, known: dict, **body) -> Run:
         scale=known.get("scale"),
         dropout=None if dropout is None else float(dropout),
         lang_rank=_rank(known.get("lang_rank")),
+        dropout_mode=known.get("dropout_mode") or "independent",
         **body,
     )
 

@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from flix.io import atomic_write_bytes, atomic_write_text
+from flix.report import uncertainty
 from flix.report.collect import RunIndex, Selection
 from flix.report.tables import DASH, MULTILINGUAL, Footnotes, Source, fill, read_paper
 
@@ -39,6 +40,10 @@ def figure_data(index: RunIndex, paper_dir: str | Path) -> tuple[pd.DataFrame, l
             multi = fill(Source(Selection(method, MULTILINGUAL[task])), None, index, notes)
             joint = fill(Source(Selection(method, "study_a"), (task,)), None, index, notes)
             change = None if multi.value is None or joint.value is None else joint.value - multi.value
+            low = high = None
+            if change is not None and multi.samples is not None and joint.samples is not None:
+                # paired where the two mixtures score the same test sets (resampled alike)
+                low, high = uncertainty.interval(joint.samples - multi.samples)
             seeds = sorted({r.seed for c in (multi, joint) for r in c.runs if r.seed is not None})
             rows.append({
                 "task": label,
@@ -46,6 +51,8 @@ def figure_data(index: RunIndex, paper_dir: str | Path) -> tuple[pd.DataFrame, l
                 "multilingual": multi.value,
                 "joint": joint.value,
                 "change": change,
+                "change low": low,
+                "change high": high,
                 "paper change": table1.loc[name, col1] - table2.loc[name, col2],
                 "seeds": ", ".join(map(str, seeds)),
                 "notes": multi.notes + joint.notes,
@@ -62,6 +69,10 @@ def _bars(ax, frame: pd.DataFrame, column: str, title: str) -> None:
         values = list(part[column])
         heights = [0.0 if pd.isna(v) else v for v in values]
         ax.bar(xs, heights, width, label=name, color=COLORS[method], edgecolor="black", linewidth=0.5)
+        if f"{column} low" in part:  # 95% intervals where the runs recorded per-example statistics
+            for x, v, lo, hi in zip(xs, values, part[f"{column} low"], part[f"{column} high"]):
+                if not (pd.isna(v) or pd.isna(lo)):
+                    ax.errorbar(x, v, yerr=[[v - lo], [hi - v]], color="black", capsize=2, linewidth=0.8)
         for x, v in zip(xs, values):
             if pd.isna(v):
                 ax.annotate("n/a", (x, 0.0), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
@@ -104,7 +115,7 @@ def plot(frame: pd.DataFrame, out_dir: str | Path, scale: str) -> list[Path]:
 def write_csv(frame: pd.DataFrame, notes: list[str], out_dir: str | Path) -> Path:
     """The plotted numbers, with each missing bar's reason spelled out."""
     table = frame.copy()
-    for column in ("multilingual", "joint", "change", "paper change"):
+    for column in ("multilingual", "joint", "change", "change low", "change high", "paper change"):
         table[column] = [DASH if pd.isna(v) else f"{v:.2f}" for v in table[column]]
     table["notes"] = ["; ".join(notes[n - 1] for n in ids) for ids in table["notes"]]
     return atomic_write_text(Path(out_dir) / "figure2.csv", table.to_csv(index=False))

@@ -22,7 +22,12 @@ MINI_NOTE = (
     "Mini-scale mixtures use documented substitutes for what the mini data lacks (the `mini.notes` "
     "of conf/mixture/*.yaml), so these numbers are not comparable to the paper's."
 )
-CELL_NOTE = "Each cell: reproduced (paper X, reproduced − paper); Avg. is the mean of the row's columns; seeds are averaged."
+CELL_NOTE = (
+    "Each cell: reproduced [95% interval] (paper X, reproduced − paper); Avg. is the mean of the row's columns; seeds "
+    "are averaged. Intervals bootstrap the test examples (and the seeds, when there are several); * marks a FLix cell "
+    "whose paired difference from compute-matched LoRA has an interval that excludes 0 (cells.csv has the differences "
+    "and p-values)."
+)
 
 
 @dataclass
@@ -56,6 +61,10 @@ class Page:
 
 def cell_text(cell: Cell) -> str:
     text = DASH if cell.value is None else f"{cell.value:.1f}"
+    if cell.value is not None and cell.interval is not None:
+        text += " [{:.1f}, {:.1f}]".format(*cell.interval)
+    if cell.vs_compute_matched is not None and cell.vs_compute_matched.significant:
+        text += "*"
     if cell.paper is not None:
         diff = "" if cell.diff is None else f", {cell.diff:+.1f}"
         text += f" (paper {cell.paper:.1f}{diff})"
@@ -63,7 +72,8 @@ def cell_text(cell: Cell) -> str:
 
 
 def _seeds(seeds: list[int]) -> str:
-    return ", ".join(map(str, seeds)) or DASH
+    """How many seeds and which: "2 (0, 1)"."""
+    return f"{len(seeds)} ({', '.join(map(str, seeds))})" if seeds else DASH
 
 
 def _number(value: float | None, digits: int = 2) -> str:
@@ -135,6 +145,24 @@ def table_csv(table: Table) -> str:
         record["notes"] = "; ".join(f"[{n}] {table.footnotes[n - 1]}" for n in notes)
         records.append(record)
     return pd.DataFrame(records).to_csv(index=False)
+
+
+def cells_csv(tables: list[Table]) -> str:
+    """Every cell of every table, one row each (long format), with its interval and, on
+    FLix rows, the paired difference from compute-matched LoRA."""
+    records = []
+    for table in tables:
+        for label, cells in table.rows:
+            for column, cell in zip(table.columns, cells):
+                low, high = cell.interval or (None, None)
+                vs = cell.vs_compute_matched
+                records.append({
+                    "table": table.name, "row": label, "column": column, "ours": cell.value, "ci_low": low, "ci_high": high,
+                    "seeds": len({r.seed for r in cell.runs}), "seed_ids": " ".join(str(r.seed) for r in cell.runs), "paper": cell.paper,
+                    "diff_vs_compute_matched": vs and vs.diff, "diff_ci_low": vs and vs.low, "diff_ci_high": vs and vs.high,
+                    "p_vs_compute_matched": vs and vs.p_value,
+                })
+    return pd.DataFrame(records).to_csv(index=False, float_format="%.4f")
 
 
 def appendix_csv(appendix: Appendix) -> str:

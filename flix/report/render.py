@@ -8,7 +8,7 @@ from flix.io import atomic_write_text
 from flix.report import figure
 from flix.report.appendix import build_appendices
 from flix.report.collect import collect
-from flix.report.formats import Page, html_page, write_appendix, write_table
+from flix.report.formats import Page, cells_csv, html_page, write_appendix, write_table
 from flix.report.tables import build_all
 
 
@@ -43,6 +43,7 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
     appendices = build_appendices(index)
     frame, notes = figure.figure_data(index, paper_dir)
     files = [p for t in tables for p in write_table(t, page, out_dir)]
+    files.append(atomic_write_text(out_dir / "cells.csv", cells_csv(tables)))
     files += [p for a in appendices for p in write_appendix(a, page, out_dir)]
     pictures = figure.plot(frame, out_dir, scale)
     files += pictures + [figure.write_csv(frame, notes, out_dir)]

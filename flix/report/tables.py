@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from flix.data.mixtures import CONF_DIR, VARIANTS, load_mixture_by_name
+from flix.report import uncertainty
 from flix.report.collect import PAPER_RANK, Run, RunIndex, Selection
 
 AVG = "Avg."
@@ -57,6 +58,14 @@ class Cell:
     paper: float | None
     runs: list[Run] = field(default_factory=list)
     notes: list[int] = field(default_factory=list)
+    # bootstrap replicates of the value (test cells whose runs recorded per-example statistics)
+    samples: np.ndarray | None = field(default=None, repr=False)
+    # FLix rows: the paired difference from the compute-matched cell of the same column
+    vs_compute_matched: uncertainty.Difference | None = None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return None if self.samples is None else uncertainty.interval(self.samples)
 
     @property
     def diff(self) -> float | None:
@@ -173,6 +182,7 @@ def fill(source: Source, paper: float | None, index: RunIndex, notes: Footnotes)
     scored = [(r, run_value(r, source)) for r in finished]
     used = [(r, v) for r, v in scored if v is not None]
     cell = Cell(float(np.mean([v for _, v in used])) if used else None, paper, [r for r, _ in used])
+    cell.samples = bootstrap(source, cell.runs)
     what = source.selection.describe()
     for run in failed:
         seed = f"seed {run.seed}" if run.seed is not None else "a run"
@@ -186,13 +196,41 @@ def fill(source: Source, paper: float | None, index: RunIndex, notes: Footnotes)
     return cell
 
 
+def bootstrap(source: Source, runs: list[Run]) -> np.ndarray | None:
+    """Replicates of a test cell over its runs' per-example statistics (None for validation
+    cells, or when a run predates them). Runs pair up across methods by seed."""
+    if source.split != "test" or not runs or any("test_stats" not in r.results for r in runs):
+        return None
+    sets = runs[0].eval_sets
+    names = source.sets or [n for n, s in sets.items() if not s.get("zero_shot")]
+    groups = [[(sets[n]["task"], lang) for lang in sets[n]["langs"]] for n in names]
+    seeds = [r.seed for r in runs]
+    keys = seeds if None not in seeds and len(set(seeds)) == len(seeds) else list(range(len(runs)))
+    stats = {key: {(task, lang): r.results["test_stats"][task][lang] for group in groups for task, lang in group} for key, r in zip(keys, runs)}
+    return uncertainty.replicates(stats, groups)
+
+
+def compare_rows(rows: list[tuple[str, list[Cell]]], methods: dict[str, str]) -> None:
+    """Mark FLix rows with their paired difference from the compute-matched row, per column."""
+    baseline = next((cells for label, cells in rows if methods.get(label) == "compute_matched"), None)
+    if baseline is None:
+        return
+    for label, cells in rows:
+        if methods.get(label) not in ("flix", "flix_shared"):
+            continue
+        for cell, base in zip(cells, baseline):
+            if cell.samples is not None and base.samples is not None and cell.value is not None and base.value is not None:
+                cell.vs_compute_matched = uncertainty.compare(cell.samples, base.samples, cell.value - base.value)
+
+
 def average_cell(cells: list[Cell], paper: float | None, columns: list[str], notes: Footnotes) -> Cell:
     """Avg. of a row: the plain mean of its cells, a dash when any is missing."""
     missing = [col for col, c in zip(columns, cells) if c.value is None]
     runs = list({id(r): r for c in cells for r in c.runs}.values())
     if missing:
         return Cell(None, paper, runs, [notes.add(f"Avg. needs every column; missing: {', '.join(missing)}")])
-    return Cell(float(np.mean([c.value for c in cells])), paper, runs)
+    samples = None if any(c.samples is None for c in cells) else np.mean([c.samples for c in cells], axis=0)
+    return Cell(float(np.mean([c.value for c in cells])), paper, runs, samples=samples)
 
 
 def build(name: str, index: RunIndex, paper_dir: str | Path) -> Table:
@@ -213,6 +251,7 @@ def build(name: str, index: RunIndex, paper_dir: str | Path) -> Table:
         if AVG in paper.columns:
             cells.append(average_cell(cells, _number(paper_row[AVG]), cols, notes))
         rows.append((label, cells))
+    compare_rows(rows, {label: next(iter(cols.values())).selection.method for label, cols in spec.items()})
     return Table(name, TITLES[name], paper.index.name, list(paper.columns), rows, notes.texts)
 
 

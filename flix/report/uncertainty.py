@@ -1,7 +1,7 @@
 """Intervals and paired tests for table cells, by bootstrap over test examples and seeds.
 
-A cell is a mean over test sets (a table column: the languages of a task, or the tasks
-of a language), averaged over seeds. Runs record one row of additive statistics per
+A cell is a mean over evaluation sets of the mean over each set's test sets (a table
+column: the languages of a task, or the tasks of a language), averaged over seeds. Runs record one row of additive statistics per
 test example (`flix.metrics.example_stats`), so a resample of the examples is scored
 exactly as the official metric would score it (`flix.metrics.score_from_stats`).
 
@@ -25,6 +25,7 @@ REPLICATES = 2000
 LEVEL = 0.95
 
 TestSet = tuple[str, str]  # (task, language)
+Groups = Sequence[Sequence[TestSet]]  # evaluation sets, each a list of test sets
 SeedStats = Mapping[int, Mapping[TestSet, Sequence[Sequence[float]]]]  # seed -> test set -> per-example rows
 
 
@@ -65,42 +66,51 @@ def _seed_draws(seeds: Sequence[int], replicates: int) -> np.ndarray:
     return _generator("seeds", tuple(seeds)).integers(len(seeds), size=(replicates, len(seeds)))
 
 
-def replicates(runs: SeedStats, test_sets: Sequence[TestSet], n: int = REPLICATES) -> np.ndarray:
-    """(n,) bootstrap replicates of the cell: mean over drawn seeds of the mean over test sets."""
+def replicates(runs: SeedStats, groups: Groups, n: int = REPLICATES) -> np.ndarray:
+    """(n,) bootstrap replicates of a cell: mean over drawn seeds of the mean over groups
+    of the mean over each group's test sets."""
     seeds = sorted(runs)
     per_seed = np.zeros((n, len(seeds)))
-    for test_set in test_sets:
-        rows = [np.asarray(runs[seed][test_set], dtype=float) for seed in seeds]
-        sizes = {len(r) for r in rows}
-        if len(sizes) != 1:
-            raise ValueError(f"{test_set}: seeds scored different numbers of test examples {sorted(sizes)}")
-        weights = _example_weights(test_set, sizes.pop(), n)
-        for s, stats in enumerate(rows):
-            totals = weights @ stats  # (n, k): each replicate's summed statistics
-            per_seed[:, s] += [score_from_stats(test_set[0], t) for t in totals]
-    per_seed /= len(test_sets)
+    for group in groups:
+        for test_set in group:
+            rows = [np.asarray(runs[seed][test_set], dtype=float) for seed in seeds]
+            sizes = {len(r) for r in rows}
+            if len(sizes) != 1:
+                raise ValueError(f"{test_set}: seeds scored different numbers of test examples {sorted(sizes)}")
+            weights = _example_weights(test_set, sizes.pop(), n)
+            for s, stats in enumerate(rows):
+                totals = weights @ stats  # (n, k): each replicate's summed statistics
+                per_seed[:, s] += np.array([score_from_stats(test_set[0], t) for t in totals]) / (len(group) * len(groups))
     draws = _seed_draws(seeds, n)
     return np.take_along_axis(per_seed, draws, axis=1).mean(axis=1)
 
 
-def _point(runs: SeedStats, test_sets: Sequence[TestSet]) -> float:
-    return float(np.mean([
-        np.mean([score_from_stats(task, np.asarray(runs[seed][(task, lang)], dtype=float).sum(0)) for task, lang in test_sets])
-        for seed in runs
-    ]))
+def point(runs: SeedStats, groups: Groups) -> float:
+    """The cell's value from the same statistics: what results.json's scores average to."""
+    def score(seed, test_set):
+        return score_from_stats(test_set[0], np.asarray(runs[seed][test_set], dtype=float).sum(0))
+
+    return float(np.mean([np.mean([np.mean([score(seed, t) for t in group]) for group in groups]) for seed in runs]))
 
 
-def estimate(runs: SeedStats, test_sets: Sequence[TestSet], n: int = REPLICATES) -> Estimate:
-    """The cell's value with a percentile interval at LEVEL."""
-    samples = replicates(runs, test_sets, n)
+def interval(samples: np.ndarray) -> tuple[float, float]:
     low, high = np.quantile(samples, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return Estimate(_point(runs, test_sets), float(low), float(high), tuple(sorted(runs)))
+    return float(low), float(high)
 
 
-def paired_difference(a: SeedStats, b: SeedStats, test_sets: Sequence[TestSet], n: int = REPLICATES) -> Difference:
-    """a - b over the same resampled examples (and seeds, by position), with its interval
-    and a two-sided p-value: twice the smaller share of replicates on either side of 0."""
-    delta = replicates(a, test_sets, n) - replicates(b, test_sets, n)
-    low, high = np.quantile(delta, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+def compare(a: np.ndarray, b: np.ndarray, diff: float) -> Difference:
+    """a - b from paired replicates, with its interval and a two-sided p-value: twice the
+    smaller share of replicates on either side of 0."""
+    delta = a - b
     p_value = min(1.0, 2 * min(float(np.mean(delta <= 0)), float(np.mean(delta >= 0))))
-    return Difference(_point(a, test_sets) - _point(b, test_sets), float(low), float(high), p_value)
+    return Difference(diff, *interval(delta), p_value)
+
+
+def estimate(runs: SeedStats, groups: Groups, n: int = REPLICATES) -> Estimate:
+    """The cell's value with a percentile interval at LEVEL."""
+    return Estimate(point(runs, groups), *interval(replicates(runs, groups, n)), tuple(sorted(runs)))
+
+
+def paired_difference(a: SeedStats, b: SeedStats, groups: Groups, n: int = REPLICATES) -> Difference:
+    """a - b over the same resampled examples (and seeds, by position)."""
+    return compare(replicates(a, groups, n), replicates(b, groups, n), point(a, groups) - point(b, groups))
