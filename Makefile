@@ -33,12 +33,14 @@ LOGGER ?= wandb
 SEEDS ?= 0
 STUDY = $(PY) -m flix.study --scale $(SCALE) --seeds $(SEEDS) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER))
 
-.PHONY: study-a study-b ablations report
+.PHONY: study-a study-b ablations dropout-modes report
 study-a:  ## Tables 1 and 5
 	$(STUDY) study_a $(ARGS)
 study-b:  ## Table 2 and the single-dataset appendix baselines
 	$(STUDY) study_b $(ARGS)
 ablations:  ## Tables 3 and 4
 	$(STUDY) ablations $(ARGS)
+dropout-modes:  ## feature dropout modes on multilingual NER (beyond the paper)
+	$(STUDY) dropout_modes $(ARGS)
 report:  ## render reports/$(SCALE)/ from existing runs (runs nothing)
 	$(PY) -m flix report --scale $(SCALE) --runs $(FLIX_RUNS)/$(SCALE) --out $(FLIX_REPORTS)/$(SCALE)

@@ -231,3 +231,8 @@ def test_intervals_significance_and_cells_csv(tmp_path):
     assert pd.isna(cm.diff_vs_compute_matched)
     table2 = (out / "table2.md").read_text()
     assert f"{flix.ours:.1f} [{flix.ci_low:.1f}, {flix.ci_high:.1f}]*" in table2
+    # the keep_one run has its own row in the dropout-modes table (written because it exists)
+    modes = frame[frame.table == "dropout_modes"].set_index(["row", "column"])
+    assert modes.loc[("FLix, p = 0.7 keep-one", "Test"), "ours"] == pytest.approx(metrics.score("ner", gold, gold))
+    assert modes.loc[("FLix, p = 0.7 independent", "Test"), "ours"] == pytest.approx(flix.ours)
+    assert pd.isna(modes.loc[("FLix, no dropout", "Test"), "ours"]) and (out / "dropout_modes.md").exists()

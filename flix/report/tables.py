@@ -259,6 +259,30 @@ def _number(value) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
+DROPOUT_MODES_MIXTURE = "multilingual_ner"
+
+
+def build_dropout_modes(index: RunIndex) -> Table:
+    """Beyond the paper (experiments/dropout_modes.yaml): FLix without feature dropout,
+    with the paper's independent p = 0.7 and with keep_one, beside compute-matched LoRA."""
+    mixture = DROPOUT_MODES_MIXTURE
+    rows = {
+        "Compute-matched": Selection("compute_matched", mixture),
+        "FLix, no dropout": Selection("flix", mixture, dropout=0.0),
+        "FLix, p = 0.7 independent": Selection("flix", mixture, dropout=0.7),
+        "FLix, p = 0.7 keep-one": Selection("flix", mixture, dropout=0.7, dropout_mode="keep_one"),
+    }
+    notes = Footnotes()
+    built = [(label, [fill(Source(sel, split=split), None, index, notes) for split in ("validation", "test")]) for label, sel in rows.items()]
+    compare_rows(built, {label: sel.method for label, sel in rows.items()})
+    title = f"Feature dropout modes on {mixture} (beyond the paper; no paper numbers)"
+    return Table("dropout_modes", title, "Method", ["Validation", "Test"], built, notes.texts)
+
+
 def build_all(index: RunIndex, paper_dir: str | Path) -> list[Table]:
-    return [build(name, index, paper_dir) for name in PAPER_FILES]
+    """Tables 1-5, and the dropout-modes table when a keep_one run exists."""
+    tables = [build(name, index, paper_dir) for name in PAPER_FILES]
+    if any(r.dropout_mode == "keep_one" for r in index.finished):
+        tables.append(build_dropout_modes(index))
+    return tables
 
