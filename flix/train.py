@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import shutil
 import subprocess
@@ -177,7 +178,14 @@ def git_commit() -> str | None:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain lists, so checkpoints load with weights_only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -187,8 +195,10 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def save_checkpoint(path: Path, model: FLixModel, optimizer, scheduler, state: dict) -> None:
@@ -207,8 +217,17 @@ def save_checkpoint(path: Path, model: FLixModel, optimizer, scheduler, state: d
 
 
 def load_checkpoint(path: Path, model: FLixModel, optimizer, scheduler) -> dict:
-    ckpt = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # copy_ and the optimizer place tensors
-    model.load_adapter_state_dict(ckpt["adapter"], source=str(path / "state.pt"))
+    """Resume state from path/state.pt. It loads with weights_only=True: tensors and plain
+    containers only, so a crafted file cannot run code."""
+    file = path / "state.pt"
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)  # copy_ and the optimizer place tensors
+    except pickle.UnpicklingError as err:
+        raise RuntimeError(
+            f"{file}: refused to load: it holds more than tensors and plain values (a checkpoint from an older "
+            f"flix, or a tampered file); nothing from it was run. Delete {path} to restart the run from step 0. ({err})"
+        ) from None
+    model.load_adapter_state_dict(ckpt["adapter"], source=str(file))
     model.flix_config.seen.update(ckpt["seen"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

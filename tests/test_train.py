@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flix import metrics
-from flix.train import run
+from flix.train import load_mixture_for, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, data_root):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "results.json").exists(), "the run finished before it could be killed"
-    stopped_at = torch.load(killed / "checkpoints" / "latest" / "state.pt", weights_only=False)["step"]
+    stopped_at = torch.load(killed / "checkpoints" / "latest" / "state.pt", weights_only=True)["step"]
     assert 0 < stopped_at < steps
     subprocess.run(_train_cmd(killed, data_root, steps), check=True, env=env, capture_output=True, cwd=REPO)
     full = json.loads((tmp_path / "full" / "results.json").read_text())
@@ -244,3 +244,34 @@ def test_scoped_tracker_keeps_steps_increasing():
     for i, name in enumerate(["ner.sw", "qa_in_lang.sw"]):
         ScopedTracker(recorder, name, offset=i * 4).log({"train/loss": 1.0}, step=1)
     assert recorder.logged == [(1, {"ner.sw/train/loss": 1.0}), (5, {"qa_in_lang.sw/train/loss": 1.0})]
+
+
+class _Exploit:
+    """Unpickling this runs a command: what a crafted checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_is_refused_and_runs_nothing(compose, tmp_path):
+    """A state.pt that would run code on unpickling is refused with a message naming the
+    file and what to do, and its code never runs; a real checkpoint loads with weights_only."""
+    from flix.train import Run as Trainer
+    from flix.train import load_checkpoint, save_checkpoint
+
+    cfg = compose("mixture=multitask_sw")
+    trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path, "flix")
+    good = tmp_path / "checkpoints" / "good"
+    save_checkpoint(good, trainer.model, trainer.optimizer, trainer.scheduler, {"step": 3})
+    assert load_checkpoint(good, trainer.model, trainer.optimizer, trainer.scheduler)["step"] == 3
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "checkpoints" / "latest"
+    bad.mkdir(parents=True)
+    torch.save({"adapter": _Exploit(marker)}, bad / "state.pt")
+    with pytest.raises(RuntimeError, match=r"state\.pt: refused to load.*Delete"):
+        load_checkpoint(bad, trainer.model, trainer.optimizer, trainer.scheduler)
+    assert not marker.exists()
