@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 CONF = REPO / "conf"
 LAUNCHERS = ("basic", "parallel", "slurm")
-SCALES = sorted(p.stem for p in (CONF / "scale").glob("*.yaml"))
 
 
 @dataclass
@@ -101,6 +100,8 @@ def launch(study: dict, common: list[str], launcher: str, jobs: int) -> list[int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flix.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="a file stem under experiments/ (study_a, study_b, ablations)")
+    from flix.report.cli import SCALES
+
     parser.add_argument("--scale", default=os.environ.get("SCALE", "smoke"), choices=SCALES)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: every run of the study once per seed (default 0)")
     parser.add_argument("--logger", default="wandb", choices=["wandb", "none"])

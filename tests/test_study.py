@@ -130,4 +130,4 @@ def test_seeds_run_every_sweep_once_per_seed(runs_env):
     assert len(three) == 3 * len(one)
     assert len({r.run_dir for r in three}) == 3 * len({r.run_dir for r in one})  # runs shared by sweeps stay shared
     assert {o.split("=")[1] for r in three for o in r.overrides if o.startswith("seed=")} == {"0", "1", "2"}
-    assert "cpu" in study.SCALES and all(r.run_dir.parts[-3] == "cpu" for r in three)
+    assert all(r.run_dir.parts[-3] == "cpu" for r in three)

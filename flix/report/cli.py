@@ -1,6 +1,6 @@
 """`flix report`: render the paper's tables and Figure 2 from finished runs (runs nothing).
 
-    flix report [--runs DIR] [--scale smoke|mini|paper] [--out DIR] [--paper DIR] [--wandb]
+    flix report [--runs DIR] [--scale smoke|cpu|mini|paper] [--out DIR] [--paper DIR] [--wandb]
 
 Default paths are relative to the repository root, as flix.study uses them.
 """
@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from flix.report.render import ReportError, infer_scale, render, summary_line
 
 REPO = Path(__file__).resolve().parents[2]
-SCALES = ("smoke", "mini", "paper")
+SCALES = tuple(sorted(p.stem for p in (REPO / "conf" / "scale").glob("*.yaml")))  # smoke, cpu, mini, paper
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

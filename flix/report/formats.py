@@ -22,11 +22,12 @@ MINI_NOTE = (
     "Mini-scale mixtures use documented substitutes for what the mini data lacks (the `mini.notes` "
     "of conf/mixture/*.yaml), so these numbers are not comparable to the paper's."
 )
+MARKS = {"compute_matched": "*", "param_matched": "†"}
 CELL_NOTE = (
     "Each cell: reproduced [95% interval] (paper X, reproduced − paper); Avg. is the mean of the row's columns; seeds "
-    "are averaged. Intervals bootstrap the test examples (and the seeds, when there are several); * marks a FLix cell "
-    "whose paired difference from compute-matched LoRA has an interval that excludes 0 (cells.csv has the differences "
-    "and p-values)."
+    "are averaged. Intervals bootstrap the test examples (and the seeds, when there are several). On FLix rows, * (vs "
+    "compute-matched LoRA) and † (vs param-matched LoRA) mark a paired difference whose 95% interval excludes 0 "
+    "(cells.csv has the differences, their intervals and p-values)."
 )
 
 
@@ -63,8 +64,7 @@ def cell_text(cell: Cell) -> str:
     text = DASH if cell.value is None else f"{cell.value:.1f}"
     if cell.value is not None and cell.interval is not None:
         text += " [{:.1f}, {:.1f}]".format(*cell.interval)
-    if cell.vs_compute_matched is not None and cell.vs_compute_matched.significant:
-        text += "*"
+    text += "".join(mark for method, mark in MARKS.items() if method in cell.versus and cell.versus[method].significant)
     if cell.paper is not None:
         diff = "" if cell.diff is None else f", {cell.diff:+.1f}"
         text += f" (paper {cell.paper:.1f}{diff})"
@@ -155,13 +155,15 @@ def cells_csv(tables: list[Table]) -> str:
         for label, cells in table.rows:
             for column, cell in zip(table.columns, cells):
                 low, high = cell.interval or (None, None)
-                vs = cell.vs_compute_matched
-                records.append({
+                record = {
                     "table": table.name, "row": label, "column": column, "ours": cell.value, "ci_low": low, "ci_high": high,
                     "seeds": len({r.seed for r in cell.runs}), "seed_ids": " ".join(str(r.seed) for r in cell.runs), "paper": cell.paper,
-                    "diff_vs_compute_matched": vs and vs.diff, "diff_ci_low": vs and vs.low, "diff_ci_high": vs and vs.high,
-                    "p_vs_compute_matched": vs and vs.p_value,
-                })
+                }
+                for method in MARKS:
+                    vs = cell.versus.get(method)
+                    record |= {f"diff_vs_{method}": vs and vs.diff, f"diff_ci_low_vs_{method}": vs and vs.low,
+                               f"diff_ci_high_vs_{method}": vs and vs.high, f"p_vs_{method}": vs and vs.p_value}
+                records.append(record)
     return pd.DataFrame(records).to_csv(index=False, float_format="%.4f")
 
 

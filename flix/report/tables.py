@@ -60,8 +60,8 @@ class Cell:
     notes: list[int] = field(default_factory=list)
     # bootstrap replicates of the value (test cells whose runs recorded per-example statistics)
     samples: np.ndarray | None = field(default=None, repr=False)
-    # FLix rows: the paired difference from the compute-matched cell of the same column
-    vs_compute_matched: uncertainty.Difference | None = None
+    # FLix rows: paired differences from the baselines' cells of the same column, by method
+    versus: dict[str, uncertainty.Difference] = field(default_factory=dict)
 
     @property
     def interval(self) -> tuple[float, float] | None:
@@ -210,17 +210,21 @@ def bootstrap(source: Source, runs: list[Run]) -> np.ndarray | None:
     return uncertainty.replicates(stats, groups)
 
 
+BASELINES = ("compute_matched", "param_matched")
+
+
 def compare_rows(rows: list[tuple[str, list[Cell]]], methods: dict[str, str]) -> None:
-    """Mark FLix rows with their paired difference from the compute-matched row, per column."""
-    baseline = next((cells for label, cells in rows if methods.get(label) == "compute_matched"), None)
-    if baseline is None:
-        return
-    for label, cells in rows:
-        if methods.get(label) not in ("flix", "flix_shared"):
+    """Give FLix rows their paired differences from each baseline row of the table, per column."""
+    for baseline in BASELINES:
+        base_row = next((cells for label, cells in rows if methods.get(label) == baseline), None)
+        if base_row is None:
             continue
-        for cell, base in zip(cells, baseline):
-            if cell.samples is not None and base.samples is not None and cell.value is not None and base.value is not None:
-                cell.vs_compute_matched = uncertainty.compare(cell.samples, base.samples, cell.value - base.value)
+        for label, cells in rows:
+            if methods.get(label) not in ("flix", "flix_shared"):
+                continue
+            for cell, base in zip(cells, base_row):
+                if cell.samples is not None and base.samples is not None and cell.value is not None and base.value is not None:
+                    cell.versus[baseline] = uncertainty.compare(cell.samples, base.samples, cell.value - base.value)
 
 
 def average_cell(cells: list[Cell], paper: float | None, columns: list[str], notes: Footnotes) -> Cell:
