@@ -166,12 +166,21 @@ def table(scores: dict[str, dict[str, float]]) -> pd.DataFrame:
     return frame.sort_index()
 
 
-def git_commit() -> str | None:
+def git_commit(where: Path = Path(__file__).parent) -> str | None:
+    """The commit of this code, "+dirty" when tracked files differ from it (None outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=where, timeout=5).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
+        commit = git("rev-parse", "HEAD")
+        return (commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# Read once, when this code is loaded: a sweep runs many jobs in one process, and HEAD may
+# move while it does; results must name the code that made them.
+CODE_COMMIT = git_commit()
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -474,7 +483,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "eval_sets": _eval_sets(mixture, body),
             **body,
             "time_seconds": time.time() - started,
-            "commit": git_commit(),
+            "commit": CODE_COMMIT,
             "config_hash": config_hash(cfg),
             "config": resolved,
         }

@@ -275,3 +275,27 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(compose, tmp_path):
     with pytest.raises(RuntimeError, match=r"state\.pt: refused to load.*Delete"):
         load_checkpoint(bad, trainer.model, trainer.optimizer, trainer.scheduler)
     assert not marker.exists()
+
+
+def test_results_name_the_code_that_ran(compose, tmp_path):
+    """commit is read when flix.train is loaded (HEAD can move during a sweep); git_commit
+    marks uncommitted changes to tracked files, not untracked files."""
+    import flix.train
+    from flix.train import git_commit
+
+    results = run(compose("mixture=multitask_sw", "method=compute_matched"), tmp_path / "run")
+    assert results["commit"] == flix.train.CODE_COMMIT
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    (repo / "notes.txt").write_text("untracked\n")
+    assert git_commit(repo) == head
+    (repo / "a.py").write_text("x = 2\n")
+    assert git_commit(repo) == head + "+dirty"
+    assert git_commit(tmp_path / "run") is None  # not a git checkout

@@ -41,7 +41,7 @@ class Page:
     def meta(self, runs: list[Run]) -> list[tuple[str, str]]:
         def values(key, short=False):
             found = sorted({str(r.results.get(key)) for r in runs if r.results and r.results.get(key) is not None})
-            return ", ".join(v[:12] if short else v for v in found) or "none"
+            return ", ".join(_short(v) if short else v for v in found) or "none"
 
         seeds = sorted({r.seed for r in runs if r.seed is not None})
         return [
@@ -58,6 +58,10 @@ class Page:
         if self.scale in ("smoke", "mini") or any(r.results and r.results.get("variant") == "mini" for r in runs):
             notes.append(MINI_NOTE)
         return notes
+
+
+def _short(commit: str) -> str:
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
 def cell_text(cell: Cell) -> str:
