@@ -1,4 +1,5 @@
-"""FLix layers, their injection into a Hugging Face model, and the FLixModel wrapper.
+"""FLixConfig, the router, injection of FLix layers into a Hugging Face model, and the
+FLixModel wrapper (route, save/load, peft export).
 
 For input x with active features f(x):  W(x) = W0 + scale * sum_{i in f(x)} B_i A_i,
 scale = alpha / active_rank. Each example's update is a LoRA of rank sum_i r_i, so
@@ -7,7 +8,7 @@ FLix is exported per feature combination as a standard peft LoRA adapter.
 A layer keeps all features' A rows in one bank `flix_A` (rows x d_in) and B rows in
 `flix_B` (rows x d_out); `flix.features` explains the row layout. A mixed batch is
 routed with two row gathers and two batched matmuls, fused with the frozen layer
-into one autograd node (`_FLixLinear`): no loop over examples, the compute per token
+into one autograd node (`flix.layer`): no loop over examples, the compute per token
 depends on the active rank, not on the number of features, and gradients are sparse
 (only the rows an example used get any). When every example has the same rows (one
 feature combination, or only an always-on feature) the matmuls run over all tokens
@@ -16,9 +17,7 @@ at once.
 from __future__ import annotations
 
 import json
-import math
 import re
-from bisect import bisect_left
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from flix.features import PAD, FeatureSpace
+from flix.layer import FLixLayer, is_conv1d
 
 CONFIG_NAME = "flix_config.json"
 DROPOUT_MODES = ("independent", "keep_one")
@@ -38,7 +38,7 @@ class FLixConfig:
     """Everything that defines a FLix adapter (DESIGN.md §5).
 
     features:        group -> feature values seen in the training mixture.
-    ranks:           group -> rank per feature; `feature_ranks` overrides single features.
+    ranks:           group -> rank of each of its features.
     shared_rank:     rank of an always-on feature (compute/param-matched LoRA, Table 5).
     target_modules:  module-name suffixes (list) or one regex (str); None = the
                      model family's attention and MLP projections.
@@ -49,26 +49,23 @@ class FLixConfig:
                      of examples keep no feature) or "keep_one" (an example that would
                      lose every feature keeps one, chosen at random).
     sparse_grad:     sparse bank gradients (None: on when there are feature groups).
-    seen:            features routed in training (filled in by training, saved with the adapter).
     """
 
     features: dict[str, list[str]] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
-    feature_ranks: dict[str, dict[str, int]] = field(default_factory=dict)
     shared_rank: int = 0
     target_modules: list[str] | str | None = None
     alpha: float = 16.0
     feature_dropout: float = 0.0
     dropout_mode: str = "independent"
     sparse_grad: bool | None = None
-    seen: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
         if self.dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {self.dropout_mode!r}")
-        self.space = FeatureSpace(self.features, self.ranks, self.feature_ranks, self.shared_rank)
+        self.space = FeatureSpace(self.features, self.ranks, self.shared_rank)
         if self.sparse_grad is None:
             self.sparse_grad = bool(self.features)
 
@@ -109,7 +106,7 @@ class Router:
             return self._cache[key]
         rows = self.rows
         if rows is None:
-            if self.space.groups:
+            if self.space.features:
                 raise RuntimeError(
                     "this FLix model has feature groups: call it inside "
                     "`with model.route([{'task': ..., 'lang': ...}, ...]):` (one dict per example)"
@@ -128,119 +125,6 @@ class Router:
         return rows
 
 
-def _in_out(base: nn.Module) -> tuple[int, int]:
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    if _is_conv1d(base):  # GPT-2 style: weight is (in, out)
-        return base.weight.shape[0], base.weight.shape[1]
-    raise TypeError(f"FLix adapts nn.Linear and transformers Conv1D, not {type(base).__name__}")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-class FLixLayer(nn.Module):
-    """A frozen Linear/Conv1D plus per-feature low-rank banks."""
-
-    def __init__(self, base_layer: nn.Module, router: Router, scaling: float, sparse_grad: bool):
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = _in_out(base_layer)
-        self.router = router
-        self.scaling = scaling
-        self.sparse_grad = sparse_grad
-        rows = router.space.num_rows
-        w = base_layer.weight
-        self.flix_A = nn.Parameter(torch.empty(rows, self.in_features, dtype=w.dtype, device=w.device))
-        self.flix_B = nn.Parameter(torch.zeros(rows, self.out_features, dtype=w.dtype, device=w.device))
-        self.reset_parameters()
-
-    @property
-    def weight(self) -> torch.Tensor:  # models read e.g. `self.wo.weight.dtype`
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    def reset_parameters(self) -> None:
-        # A like LoRA (Kaiming uniform over fan_in = d_in), B zero: training starts at W0.
-        nn.init.kaiming_uniform_(self.flix_A, a=math.sqrt(5))
-        nn.init.zeros_(self.flix_B)
-        with torch.no_grad():
-            self.flix_A[PAD].zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.router.rows_for(x.shape[0], x.device)  # (g, r): g = batch, or 1 when uniform
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        weight = self.base_layer.weight
-        weight = weight.t() if isinstance(self.base_layer, nn.Linear) else weight  # (d_in, d_out) either way
-        flat = x.reshape(-1, self.in_features).to(dtype)
-        out = _FLixLinear.apply(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rows={self.flix_A.shape[0]}, scaling={self.scaling:g}"
-
-
-class _FLixLinear(torch.autograd.Function):
-    """y = x W (+ bias) + scaling * (x A_e^T) B_e for each example e's bank rows, as
-    one autograd node.
-
-    Written out by hand because the adapter's arithmetic is tiny (rank 6 against widths
-    of hundreds) and its cost is memory traffic: here the update is added in place into
-    the frozen layer's fresh output, the input gradient of the adapter is added in place
-    into the frozen layer's, and the bank gradients come out as one sparse tensor over
-    the rows the batch used (dense with sparse=False). The frozen weight gets no gradient.
-    x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, bank_a, bank_b, rows, scaling, sparse):
-        with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
-            g = rows.shape[0]
-            a = bank_a[rows].to(x.dtype)  # (g, r, d_in)
-            b = bank_b[rows].to(x.dtype)  # (g, r, d_out)
-            w = weight.to(x.dtype)
-            out = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
-            h = torch.bmm(x.view(g, -1, x.shape[1]), a.transpose(1, 2))  # (g, tokens, r)
-            out.view(g, -1, out.shape[1]).baddbmm_(h, b, alpha=scaling)
-        ctx.save_for_backward(x, weight, a, b, h, rows)
-        ctx.scaling, ctx.sparse, ctx.banks = scaling, sparse, (bank_a, bank_b)
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, a, b, h, rows = ctx.saved_tensors
-        bank_a, bank_b = ctx.banks
-        g = rows.shape[0]
-        with torch.autocast(x.device.type, enabled=False):
-            grad = grad.to(x.dtype)
-            grad3 = grad.view(g, -1, grad.shape[1])
-            grad_h = torch.bmm(grad3, b.transpose(1, 2)).mul_(ctx.scaling)  # (g, tokens, r)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(grad, weight.to(x.dtype).t())
-                grad_x.view(g, -1, x.shape[1]).baddbmm_(grad_h, a)
-            grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
-            grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(ctx.scaling)  # (g, r, d_out)
-            grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse),
-                _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
-
-
-def _bank_grad(bank: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, sparse: bool) -> torch.Tensor:
-    """Per-example row gradients (g, r, d) as the bank's gradient; the padding row gets none."""
-    rows, grad = rows.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(bank.dtype)
-    used = rows != PAD
-    rows, grad = rows[used], grad[used]
-    if sparse:
-        return torch.sparse_coo_tensor(rows.unsqueeze(0), grad, bank.shape, check_invariants=False)
-    return torch.zeros_like(bank).index_add_(0, rows, grad)
-
-
 def _matches(name: str, target_modules: list[str] | str) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
@@ -256,7 +140,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str | None
     names = [
         name
         for name, module in model.named_modules()
-        if name and _matches(name, target_modules) and (isinstance(module, nn.Linear) or _is_conv1d(module))
+        if name and _matches(name, target_modules) and (isinstance(module, nn.Linear) or is_conv1d(module))
     ]
     if not names:
         raise ValueError(
@@ -307,31 +191,16 @@ class FLixModel(nn.Module):
     def route(self, features: list[dict]):
         """Route the next forward/generate calls: one feature dict per example.
 
-        In training mode feature dropout is drawn here (from torch's global RNG) and
-        the features are recorded as seen in training.
+        In training mode feature dropout is drawn here (from torch's global RNG).
         """
         features = list(features)
         dropout = self.flix_config.feature_dropout if self.training else 0.0
         rows = self.flix_config.space.route(features, dropout=dropout, keep_one=self.flix_config.dropout_mode == "keep_one")
-        if self.training:
-            self._record_seen(features)
         previous = self.router.set(rows)
         try:
             yield self
         finally:
             self.router.set(previous)
-
-    def _record_seen(self, features: list[dict]) -> None:
-        # Runs every training step: look-ups only (seen lists are sorted), nothing O(features).
-        space, seen = self.flix_config.space, self.flix_config.seen
-        for group in space.groups:
-            done = seen.get(group, [])
-            new = {
-                value for value in (str(f.get(group)) for f in features)
-                if space.knows(group, value) and not _in_sorted(done, value)
-            }
-            if new:
-                seen[group] = sorted(new.union(done))
 
     # -- parameters -------------------------------------------------------------
 
@@ -403,7 +272,7 @@ class FLixModel(nn.Module):
         if r == 0:
             raise ValueError(f"features {features} activate no adapter rows: nothing to export")
         layers = self.flix_layers()
-        conv1d = [name for name, layer in layers.items() if _is_conv1d(layer.base_layer)]
+        conv1d = [name for name, layer in layers.items() if is_conv1d(layer.base_layer)]
         peft_config = LoraConfig(
             r=r,
             lora_alpha=self.flix_config.alpha * r / self.flix_config.space.active_rank,
@@ -421,11 +290,6 @@ class FLixModel(nn.Module):
             peft_config.save_pretrained(str(tmp))
             save_file(tensors, str(tmp / "adapter_model.safetensors"))
         return Path(directory)
-
-
-def _in_sorted(values: list[str], value: str) -> bool:
-    i = bisect_left(values, value)
-    return i < len(values) and values[i] == value
 
 
 def get_flix_model(model: nn.Module, config: FLixConfig) -> FLixModel:

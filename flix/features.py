@@ -21,48 +21,35 @@ PAD = 0  # index of the zero row in every bank
 class FeatureSpace:
     """Feature groups with their vocabularies and ranks.
 
-    groups:        group -> feature values, e.g. {"task": ["ner", "qa_in_lang"], "lang": [...]}.
-    ranks:         group -> rank of each feature of that group.
-    feature_ranks: optional per-feature overrides, {"lang": {"sw": 4}}.
-    shared_rank:   rank of one always-on feature (plain LoRA when there are no groups).
+    features:    group -> feature values, e.g. {"task": ["ner", "qa_in_lang"], "lang": [...]}.
+    ranks:       group -> rank of each feature of that group.
+    shared_rank: rank of one always-on feature (plain LoRA when there are no groups).
     """
 
-    groups: dict[str, list[str]] = field(default_factory=dict)
+    features: dict[str, list[str]] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
-    feature_ranks: dict[str, dict[str, int]] = field(default_factory=dict)
     shared_rank: int = 0
 
     def __post_init__(self):
-        self.groups = {g: list(dict.fromkeys(map(str, v))) for g, v in self.groups.items()}
-        for group in self.groups:
+        self.features = {g: list(dict.fromkeys(map(str, v))) for g, v in self.features.items()}
+        for group in self.features:
             if group not in self.ranks:
                 raise ValueError(f"feature group {group!r} has no rank: add ranks[{group!r}]")
-        for group, overrides in self.feature_ranks.items():
-            unknown = set(overrides) - set(self.groups.get(group, []))
-            if unknown:
-                raise ValueError(f"feature_ranks[{group!r}] names unknown features {sorted(unknown)}")
         if self.shared_rank < 0 or any(r < 0 for r in self.ranks.values()):
             raise ValueError("ranks must be >= 0")
         if self.active_rank == 0:
             raise ValueError("the feature space has no rank at all: set ranks or shared_rank")
         self._build_tables()
 
-    def rank_of(self, group: str, feature: str) -> int:
-        return self.feature_ranks.get(group, {}).get(feature, self.ranks[group])
-
-    def group_width(self, group: str) -> int:
-        """Widest rank in the group: the number of route slots the group takes."""
-        return max([self.ranks[group]] + [self.rank_of(group, f) for f in self.groups[group]])
-
     @property
     def active_rank(self) -> int:
         """Rank of one example's update when all its features are on (the paper's 6)."""
-        return self.shared_rank + sum(self.group_width(g) for g in self.groups)
+        return self.shared_rank + sum(self.ranks[g] for g in self.features)
 
     @property
     def total_rank(self) -> int:
         """Rank summed over every feature: the param-matched LoRA rank."""
-        return self.shared_rank + sum(self.rank_of(g, f) for g, fs in self.groups.items() for f in fs)
+        return self.shared_rank + sum(self.ranks[g] * len(fs) for g, fs in self.features.items())
 
     @property
     def num_rows(self) -> int:
@@ -74,20 +61,15 @@ class FeatureSpace:
         offset = 1 + self.shared_rank
         self._index: dict[str, dict[str, int]] = {}
         self._tables: dict[str, torch.Tensor] = {}
-        for group, values in self.groups.items():
-            width = self.group_width(group)
-            table = torch.full((len(values) + 1, width), PAD, dtype=torch.long)
-            for i, value in enumerate(values):
-                r = self.rank_of(group, value)
-                table[i, :r] = torch.arange(offset, offset + r)
+        for group, values in self.features.items():
+            r = self.ranks[group]
+            table = torch.full((len(values) + 1, r), PAD, dtype=torch.long)
+            for i in range(len(values)):
+                table[i] = torch.arange(offset, offset + r)
                 offset += r
             self._index[group] = {v: i for i, v in enumerate(values)}
             self._tables[group] = table
         self._shared = torch.arange(1, 1 + self.shared_rank, dtype=torch.long)
-
-    def knows(self, group: str, feature: str) -> bool:
-        """Whether `feature` is one of the group's features (a dict look-up)."""
-        return feature in self._index.get(group, {})
 
     def rows_of(self, group: str, feature: str) -> list[int]:
         """Bank rows owned by one feature."""

@@ -1,34 +1,46 @@
-"""The paper's methods, each a FLixConfig built from the mixture's features.
+"""The paper's methods as FLixConfigs: conf/method/NAME.yaml holds each method's ranks,
+and `method_config` is the one code path that turns such a config into a FLixConfig.
 
-Ranks follow the paper (§4): every dataset has a task and a language feature and
-an example's active rank is 6. Multitask mixtures (one language) give the task 2
-and the language 4; multilingual and joint mixtures give the task 4 and the
-language 2. The baselines are FLix with one always-on feature:
-compute_matched's rank is FLix's active rank, param_matched's is FLix's rank
-summed over all features (equal trainable parameters), and `single` trains a
-compute-matched adapter on one dataset.
+Every method is FLix: the baselines are FLix with one always-on adapter and no features
+(`shared_rank: active` is FLix's active rank, compute-matched; `total` is its rank summed
+over every feature, param-matched), and `single` trains a compute-matched one per dataset.
 """
 from __future__ import annotations
 
+import copy
+import functools
+from pathlib import Path
+from typing import Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
 from flix.adapters import FLixConfig
-from flix.data.mixtures import feature_ranks
 from flix.features import FeatureSpace
 
-METHODS = ("flix", "compute_matched", "param_matched", "flix_shared", "single")
-# Table 5 (Appendix A): an always-on feature of rank 4 plus task 1 and language 1.
-SHARED_SPLIT = {"shared": 4, "task": 1, "lang": 1}
+METHODS = tuple(sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml")))
 
 
-def flix_ranks(kind: str, lang_rank: int | None = None) -> dict[str, int]:
-    """Task and language ranks for a mixture kind; `lang_rank` overrides (Table 4)."""
-    ranks = feature_ranks(kind)
-    if lang_rank is not None:
-        ranks["lang"] = int(lang_rank)
-    return ranks
+def load_method(name: str) -> dict:
+    """conf/method/NAME.yaml as composed by Hydra (defaults applied)."""
+    return copy.deepcopy(_load_method(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_method(name: str) -> dict:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)} (conf/method/)")
+    from flix.config import compose
+
+    return OmegaConf.to_container(compose([f"method={name}"]).method, resolve=True)
+
+
+def kind_ranks(kind: str, method: str = "flix") -> dict[str, int]:
+    """A method's rank per feature group for a mixture kind (conf/method/METHOD.yaml)."""
+    return dict(load_method(method)["ranks"][kind])
 
 
 def method_config(
-    method: str,
+    method: str | Mapping,
     features: dict[str, list[str]],
     kind: str,
     *,
@@ -38,21 +50,25 @@ def method_config(
     lang_rank: int | None = None,
     target_modules: list[str] | str | None = None,
 ) -> FLixConfig:
-    """The FLixConfig of `method` for a mixture with these training features."""
-    ranks = flix_ranks(kind, lang_rank)
-    ranks = {group: ranks.get(group, ranks["lang"]) for group in features}
-    flix_space = FeatureSpace(features, ranks)
-    common = dict(alpha=alpha, target_modules=target_modules)
-    if method == "flix":
-        return FLixConfig(features=features, ranks=ranks, feature_dropout=feature_dropout, dropout_mode=dropout_mode, **common)
-    if method in ("compute_matched", "single"):
-        return FLixConfig(shared_rank=flix_space.active_rank, **common)
-    if method == "param_matched":
-        return FLixConfig(shared_rank=flix_space.total_rank, **common)
-    if method == "flix_shared":
-        split = {group: SHARED_SPLIT.get(group, 1) for group in features}
-        return FLixConfig(
-            features=features, ranks=split, shared_rank=SHARED_SPLIT["shared"], feature_dropout=feature_dropout,
-            dropout_mode=dropout_mode, **common
-        )
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    """The FLixConfig of `method` (a conf/method name, or its config) for a mixture of
+    `kind` with these training features; `lang_rank` overrides the language rank (Table 4)."""
+    spec = load_method(method) if isinstance(method, str) else _plain(method)
+    table = spec["ranks"]
+    if kind not in table:
+        raise ValueError(f"conf/method/{spec['name']}.yaml: ranks has no entry for mixture kind {kind!r} (has {', '.join(table)})")
+    ranks = dict(table[kind])
+    if lang_rank is not None:
+        ranks["lang"] = int(lang_rank)
+    ranks = {group: ranks[group] for group in features}
+    shared = spec["shared_rank"]
+    if shared in ("active", "total"):
+        space = FeatureSpace(features, ranks)
+        shared = space.active_rank if shared == "active" else space.total_rank
+    common = dict(alpha=alpha, target_modules=target_modules, shared_rank=int(shared))
+    if not spec["features"]:
+        return FLixConfig(**common)
+    return FLixConfig(features=features, ranks=ranks, feature_dropout=feature_dropout, dropout_mode=dropout_mode, **common)
+
+
+def _plain(method: Mapping) -> dict:
+    return OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)

@@ -22,7 +22,6 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
-CONF = REPO / "conf"
 LAUNCHERS = ("basic", "parallel", "slurm")
 
 
@@ -41,7 +40,8 @@ class PlannedRun:
 
 
 def load_study(name: str) -> dict:
-    path = EXPERIMENTS / f"{name}.yaml"
+    """experiments/NAME.yaml, or a study file of one's own (a path ending in .yaml)."""
+    path = Path(name) if name.endswith(".yaml") else EXPERIMENTS / f"{name}.yaml"
     if not path.exists():
         names = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
         raise SystemExit(f"flix study: no study {name!r} ({path}); studies: {', '.join(names)}")
@@ -70,17 +70,14 @@ def expand(sweep: dict) -> list[list[str]]:
 
 def plan(study: dict, common: list[str]) -> list[PlannedRun]:
     """Every run of the study with the directory it writes to (composed, not run)."""
-    from hydra import compose, initialize_config_dir
-
-    import flix.train  # noqa: F401  registers the config_hash resolver
+    from flix.config import compose
 
     runs = []
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for sweep in study["sweeps"]:
-            for overrides in expand(sweep):
-                cfg = compose("train", overrides=[*common, *overrides], return_hydra_config=True)
-                run_dir = REPO / cfg.hydra.sweep.dir / cfg.hydra.sweep.subdir  # sweeps run with cwd=REPO
-                runs.append(PlannedRun(overrides, run_dir))
+    for sweep in study["sweeps"]:
+        for overrides in expand(sweep):
+            cfg = compose([*common, *overrides], hydra=True)
+            run_dir = REPO / cfg.hydra.sweep.dir / cfg.hydra.sweep.subdir  # sweeps run with cwd=REPO
+            runs.append(PlannedRun(overrides, run_dir))
     return runs
 
 
@@ -99,7 +96,7 @@ def launch(study: dict, common: list[str], launcher: str, jobs: int) -> list[int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flix.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", help="a file stem under experiments/ (study_a, study_b, ablations)")
+    parser.add_argument("study", help="a file stem under experiments/ (study_a, study_b, ablations) or a path to a study .yaml")
     from flix.report.cli import SCALES
 
     parser.add_argument("--scale", default=os.environ.get("SCALE", "smoke"), choices=SCALES)
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     study = with_seeds(study, seeds)
-    common = [f"scale={args.scale}", f"logger={args.logger}", *args.overrides] + (["force=true"] if args.force else [])
+    common = [f"scale={args.scale}", f"logger={args.logger}", f"study={Path(args.study).stem}", *args.overrides] + (["force=true"] if args.force else [])
     runs = plan(study, common)
     done = sum(r.status == "done" for r in runs)
     print(f"[flix study] {args.study} at scale {args.scale}: {len(runs)} runs, {done} complete" + (" (forced again)" if args.force else ""))

@@ -50,7 +50,7 @@ FAST = [
 @pytest.fixture
 def compose(data_root):
     """Compose the real conf/train.yaml with overrides, as `python -m flix.train` does."""
-    from flix.train import compose as compose_train
+    from flix.config import compose as compose_train
 
     def make(*overrides: str, fast: bool = True):
         return compose_train([f"data.root={data_root}", *(FAST if fast else []), *overrides])

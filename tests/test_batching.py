@@ -64,12 +64,13 @@ def test_position_ids_skip_left_padding():
 
 def test_micro_batches_accumulate_to_the_full_batch(compose, tmp_path):
     """Gradient accumulation: 4 micro-batches of 2 train exactly as one batch of 8."""
-    from flix.train import Run, load_mixture_for
+    from flix.config import load_mixture_for
+    from flix.trainer import Trainer
 
     states, losses = {}, {}
     for micro in (8, 2):
         cfg = compose("mixture=multitask_sw", "dropout=0.0", "scale.batch_size=8", f"scale.micro_batch_size={micro}")
-        trainer = Run(cfg, load_mixture_for(cfg), tmp_path / str(micro), "flix")
+        trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path / str(micro))
         losses[micro] = [trainer.train_step(step)[0] for step in range(3)]
         states[micro] = trainer.model.adapter_state_dict()
     assert losses[2] == pytest.approx(losses[8], rel=1e-5)
@@ -79,7 +80,7 @@ def test_micro_batches_accumulate_to_the_full_batch(compose, tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    from flix.train import lr_lambda
+    from flix.trainer import lr_lambda
 
     factor = lr_lambda(warmup=4, total=20)
     values = [factor(step) for step in range(21)]

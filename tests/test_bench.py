@@ -40,7 +40,8 @@ def test_bench_adapters_writes_every_row(tmp_path, capsys):
 
 def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys):
     """`flix bench run` counts the validations, batches and steps that the real run makes."""
-    from flix.train import compose, run
+    from flix.config import compose
+    from flix.train import run
 
     overrides = [f"data.root={data_root}", "mixture=multitask_sw", "logger=none", "scale.steps=5", "scale.eval_every=2",
                  "scale.test_examples=5", "scale.eval_batch_size=2", "train.threads=1"]

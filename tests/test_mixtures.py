@@ -8,12 +8,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from flix.data import reader
+from flix.methods import METHODS, kind_ranks, load_method
 from flix.data.mixtures import (
     CONF_DIR,
+    KINDS,
     VARIANTS,
     Mixture,
     MixtureError,
-    feature_ranks,
     load_mixture,
     load_mixture_by_name,
     mixture_names,
@@ -28,9 +29,7 @@ EXPECTED = {
     "multilingual_qa_cross_lang",
     "multitask_sw",
     "multitask_bn",
-    "single",
 }
-SINGLE = {"task": "ner", "lang": "sw"}
 
 # Appendix B, copied from the paper as literal lists.
 B_NER = "am bm bbj ee ha ig rw lg luo mos ny pcm sn sw tn tw wo xh yo zu".split()
@@ -46,7 +45,7 @@ B41_SP = "fi hu ja pt_br ru tr de_localized en de es fr hi".split()
 
 
 def load(name: str, variant: str) -> Mixture:
-    return load_mixture_by_name(name, variant, **(SINGLE if name == "single" else {}))
+    return load_mixture_by_name(name, variant)
 
 
 def all_mixtures() -> list[tuple[str, str]]:
@@ -64,8 +63,6 @@ def test_every_mixture_file_exists():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_hydra_composes_the_group(name):
     overrides = [f"+mixture={name}"]
-    if name == "single":
-        overrides += ["mixture.task=ner", "mixture.lang=sw"]
     with initialize_config_dir(config_dir=str(CONF_DIR.parent), version_base=None):
         cfg = compose(overrides=overrides)
     for variant in VARIANTS:
@@ -76,7 +73,7 @@ def test_hydra_composes_the_group(name):
 def test_mixture_structure(name, variant):
     m = load(name, variant)
     assert m.kind in ("multitask", "multilingual", "joint") and m.eval_sets and m.notes
-    assert sum(feature_ranks(m.kind).values()) == 6
+    assert sum(kind_ranks(m.kind).values()) == 6  # the paper's active rank
     assert m.features() == {"task": m.tasks, "lang": m.languages}
     assert all(s.zero_shot or set(s.langs) <= set(m.train[s.task]) for s in m.eval_sets)
     assert len(m.train_datasets) == len(set(m.train_datasets))
@@ -93,7 +90,7 @@ def test_mini_variant_reads_real_data(name, data_root):
 
 def test_study_a_official_is_appendix_b():
     m = load("study_a", "official")
-    assert m.kind == "joint" and m.ranks == {"task": 4, "lang": 2}
+    assert m.kind == "joint"
     assert m.train == {
         "semantic_parsing": B_SP,
         "qa_in_lang": B_QA_IN,
@@ -128,13 +125,13 @@ def test_study_b_official_is_appendix_b():
     sw, bn = load("multitask_sw", "official"), load("multitask_bn", "official")
     assert sw.train == {"semantic_parsing": ["sw"], "ner": ["sw"], "qa_in_lang": ["sw"]}
     assert bn.train == {"semantic_parsing": ["bn"], "qa_in_lang": ["bn"], "qa_cross_lang": ["bn"]}
-    assert sw.ranks == {"task": 2, "lang": 4}
-    assert load("multilingual_ner", "official").ranks == {"task": 4, "lang": 2}
+    assert sw.kind == bn.kind == "multitask"
+    assert {load(f"multilingual_{t}", "official").kind for t in ("ner", "semantic_parsing", "qa_in_lang", "qa_cross_lang")} == {"multilingual"}
 
 
 def test_mini_keeps_every_paper_language_it_has(data_root):
     have = reader.available(data_root)
-    for name in EXPECTED - {"single"}:
+    for name in EXPECTED:
         official, mini = load(name, "official"), load(name, "mini")
         for task, langs in official.train.items():
             held_out = {
@@ -160,17 +157,19 @@ def test_mini_study_a_substitutes():
     assert load("zeroshot_sp", "mini").eval_sets[0].langs == ["th"]
 
 
-def test_single_needs_task_and_lang():
-    with pytest.raises(MixtureError, match=r"mixture\.task=ner mixture\.lang=sw"):
-        load_mixture_by_name("single", "mini")
-    m = load_mixture_by_name("single", "mini", task="qa_in_lang", lang="bn")
-    assert m.train_datasets == [("qa_in_lang", "bn")] and m.eval_datasets == [("qa_in_lang", "bn")]
+def test_per_dataset_splits_the_evaluated_training_datasets():
+    m = load("study_a", "mini").restrict(2)
+    parts = m.per_dataset()
+    supervised = {(s.task, lang) for s in m.eval_sets if not s.zero_shot for lang in s.langs}
+    assert {p.train_datasets[0] for p in parts} == supervised  # translation is trained, never scored
+    for p in parts:
+        (task, lang), = p.train_datasets
+        assert p.name == f"study_a/{task}.{lang}" and p.eval_datasets == [(task, lang)]
 
 
 BASE = {
     "name": "bad",
     "kind": "joint",
-    "study": "test",
     "mini": {
         "train": {"ner": ["sw", "yo"], "qa_in_lang": ["sw", "bn"], "translation": ["ha"]},
         "eval": [{"name": "ner", "task": "ner"}],
@@ -292,8 +291,10 @@ def test_restricted_mini_still_reads(data_root):
     load("study_a", "mini").restrict(2).check(data_root)
 
 
-def test_feature_ranks():
-    assert feature_ranks("multitask") == {"task": 2, "lang": 4}
-    assert feature_ranks("multilingual") == feature_ranks("joint") == {"task": 4, "lang": 2}
-    with pytest.raises(MixtureError, match="Unknown mixture kind"):
-        feature_ranks("both")
+def test_rank_tables_follow_the_paper_and_cover_every_kind():
+    assert kind_ranks("multitask") == {"task": 2, "lang": 4}
+    assert kind_ranks("multilingual") == kind_ranks("joint") == {"task": 4, "lang": 2}
+    for method in METHODS:
+        assert set(load_method(method)["ranks"]) == set(KINDS), method
+    with pytest.raises(MixtureError, match="unknown kind 'both'"):
+        load_mixture({**BASE, "kind": "both"}, "mini")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 
 from flix.data.mixtures import load_mixture_by_name
+from flix.results import write_failure, write_results
 from flix.report import log_to_wandb, render
 from flix.report.cli import main
 from flix.report.tables import PAPER_FILES
@@ -37,29 +39,28 @@ VALIDATION_OFFSET = -1.0
 
 
 def write_run(root: Path, key: tuple, bases: dict, scale: str = "smoke") -> Path:
-    """A results.json shaped like flix.train.run()'s, on the real mini mixture's sets."""
+    """A results.json as flix.results writes it, on the real mini mixture's sets."""
     method, mixture, seed, dropout, rank = key
-    run_dir = root / mixture / f"{method}-drop{dropout}-rank{rank or 'paper'}-seed{seed}-0123abcdef"
-    sets = {s.name: s for s in load_mixture_by_name(mixture, "mini").eval_sets if s.name in bases}
+    run_dir = root / mixture / "_".join(map(str, key))  # any name: the report reads results.json
+    sets = [s for s in load_mixture_by_name(mixture, "mini").eval_sets if s.name in bases]
     scores = {"validation": {}, "test": {}}
-    eval_sets = {}
-    for name, s in sets.items():
+    for s in sets:
         spread = np.arange(len(s.langs)) - (len(s.langs) - 1) / 2
-        entry = {"task": s.task, "langs": s.langs, "zero_shot": s.zero_shot}
         for split, offset in (("validation", VALIDATION_OFFSET), ("test", 0.0)):
-            values = {lang: bases[name] + offset + d for lang, d in zip(s.langs, spread)}
-            scores[split].setdefault(s.task, {}).update(values)
-            entry[split] = float(np.mean(list(values.values())))
-        eval_sets[name] = entry
-    results = {
-        "method": method, "mixture": mixture, "study": "x", "scale": scale, "seed": seed,
-        "model": "tiny", "data_root": "/data/xtreme_up_mini", "variant": "mini", "best_step": 8,
-        **scores, "eval_sets": eval_sets, "history": [], "trainable_parameters": 10, "commit": "abc123def456789",
-        "config": {"dropout": dropout, "rank": {"name": str(rank or "paper"), "lang": rank}, "seed": seed},
-    }
+            scores[split].setdefault(s.task, {}).update({lang: bases[s.name] + offset + d for lang, d in zip(s.langs, spread)})
+    head = {"method": method, "mixture": mixture, "study": "x", "scale": scale, "seed": seed, "model": "tiny",
+            "data_root": "/data/xtreme_up_mini", "variant": "mini"}
+    body = {**scores, "best_step": 8, "history": [], "trainable_parameters": 10}
+    tail = {"commit": "abc123def456789", "config": config_of(method, mixture, seed, dropout, rank, scale)}
     run_dir.mkdir(parents=True)
-    (run_dir / "results.json").write_text(json.dumps(results))
+    write_results(run_dir, replace(load_mixture_by_name(mixture, "mini"), eval_sets=sets), body, head, tail)
     return run_dir
+
+
+def config_of(method, mixture, seed, dropout, rank, scale="smoke") -> dict:
+    """The identity part of a resolved run config."""
+    return {"method": {"name": method}, "mixture": {"name": mixture}, "scale": {"name": scale}, "seed": seed,
+            "dropout": dropout, "rank": {"name": str(rank or "paper"), "lang": rank}, "train": {"dropout_mode": "independent"}}
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +68,9 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs") / "smoke"
     for key, bases in RUNS.items():
         write_run(root, key, bases)
-    failed = root / "study_a" / "param_matched-drop0.7-rankpaper-seed0-99aa88bb77"  # as flix.train leaves one
-    (failed / ".hydra").mkdir(parents=True)
-    (failed / ".hydra" / "config.yaml").write_text(
-        "method:\n  name: param_matched\nmixture:\n  name: study_a\nrank:\n  name: paper\n  lang: null\n"
-        "scale:\n  name: smoke\nseed: 0\ndropout: 0.7\n")
-    (failed / "failed.json").write_text(json.dumps({"error": "RuntimeError: CUDA out of memory", "traceback": "Traceback ...\n"}))
+    failed = root / "study_a" / "a_failed_run"
+    failed.mkdir(parents=True)
+    write_failure(failed, RuntimeError("CUDA out of memory"), config_of("param_matched", "study_a", 0, 0.7, None))
     out = root.parent / "out"
     summary = render(root, out, "smoke", PAPER)
     return out, summary
@@ -149,9 +147,9 @@ def test_missing_and_failed_runs_are_dashes_with_notes(report):
 def test_appendix_html_and_figure(report):
     out, summary = report
     appendix = pd.read_csv(out / "appendix_multilingual_ner.csv", dtype=str, keep_default_na=False)
-    assert {"single test", "compute_matched validation", "flix test"} <= set(appendix.columns)
+    assert {"Single test", "Compute-matched validation", "FLix test"} <= set(appendix.columns)
     average = appendix[appendix["language"] == "Average"].iloc[0]
-    assert float(average["single test"]) == pytest.approx(44.0) and float(average["flix validation"]) == pytest.approx(55.0)
+    assert float(average["Single test"]) == pytest.approx(44.0) and float(average["FLix validation"]) == pytest.approx(55.0)
     assert (out / "appendix_study_a.md").exists() and "qa_cross_lang_unseen_lang" in (out / "appendix_study_a.md").read_text()
     page = (out / "index.html").read_text()
     for name in PAPER_FILES:
@@ -172,7 +170,7 @@ def test_cli_exit_codes(report, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote " in printed and "table1 14 filled/10 missing" in printed
     assert main(["--runs", str(tmp_path / "nope"), "--scale", "smoke", "--paper", str(PAPER)]) == 2
-    only_failed = tmp_path / "failed_only" / "study_a" / "flix-drop0.7-rankpaper-seed0-0123abcdef"
+    only_failed = tmp_path / "failed_only" / "study_a" / "a_failed_run"
     only_failed.mkdir(parents=True)
     (only_failed / "failed.json").write_text(json.dumps({"error": "ValueError: boom\nmore", "traceback": "..."}))
     assert main(["--runs", str(tmp_path / "failed_only"), "--scale", "smoke", "--out", str(tmp_path / "o2"), "--paper", str(PAPER)]) == 2

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flix import study
+from flix.report.collect import read_failure
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["scale.steps=2", "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=2", "train.threads=1"]
@@ -31,7 +32,7 @@ def own_study(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "EXPERIMENTS", folder)
 
     def write(name: str, sweeps: list[dict]) -> str:
-        (folder / f"{name}.yaml").write_text(json.dumps({"name": name, "sweeps": sweeps}))
+        (folder / f"{name}.yaml").write_text(json.dumps({"sweeps": sweeps}))
         return name
 
     return write
@@ -67,6 +68,11 @@ def test_failed_run_does_not_stop_the_study_and_completed_runs_are_skipped(own_s
     assert code == 1 and err.count("[flix study] FAILED") == 1 and "overflow" in err
     runs = study.plan(study.load_study(name), ["scale=smoke", "logger=none", *FAST])
     assert sorted(r.status for r in runs) == ["done", "failed"]
+    # failed.json carries the resolved config: the report knows which run failed from it alone
+    failed = next(r for r in runs if r.status == "failed")
+    record = read_failure(failed.run_dir / "failed.json")
+    assert (record.method, record.mixture, record.seed, record.scale) == ("flix", "multitask_sw", 0, "smoke")
+    assert "overflow" in record.failure and json.loads((failed.run_dir / "failed.json").read_text())["config"]["train"]["lr"] == 1e40
     done = next(r for r in runs if r.status == "done")
     mtime = (done.run_dir / "results.json").stat().st_mtime
     study.main([name, "--logger", "none", "--no-report", *FAST])

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from flix import metrics
-from flix.train import load_mixture_for, run
+from flix.config import load_mixture_for
+from flix.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,13 +154,14 @@ def test_nan_loss_stops_with_a_clear_message(compose, tmp_path):
 @pytest.mark.slow
 def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
     """Gemma 3 270M offline: two FLix steps on real data, then generation."""
-    from flix.train import Run, load_mixture_for
+    from flix.config import load_mixture_for
+    from flix.trainer import Trainer
 
     cfg = compose(
         "scale=mini", "mixture=multitask_sw", "scale.batch_size=2", "scale.micro_batch_size=2", "scale.max_prompt_tokens=96",
         "scale.max_target_tokens=12", "scale.max_context_chars=200", "scale.eval_examples=2", "scale.steps=2",
     )
-    trainer = Run(cfg, load_mixture_for(cfg), tmp_path, "flix")
+    trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path)
     before = {k: v.clone() for k, v in trainer.model.adapter_state_dict().items()}
     losses = [trainer.train_step(step)[0] for step in range(2)]
     assert all(0 < loss < 20 for loss in losses)
@@ -201,12 +203,13 @@ def test_two_process_data_parallel_equals_one_process(launcher, tmp_path, data_r
 def test_bf16_autocast_trains_and_generates(compose, tmp_path):
     """train.bf16=true (what `auto` does on a GPU, here on the CPU): the model computes in
     bf16, the adapters stay float32 and learn as the float32 run does, generation runs."""
-    from flix.train import Run, load_mixture_for
+    from flix.config import load_mixture_for
+    from flix.trainer import Trainer
 
     losses, dtypes = {}, {}
     for bf16 in (False, True):
         cfg = compose("mixture=multitask_sw", "dropout=0.0", f"train.bf16={str(bf16).lower()}")
-        trainer = Run(cfg, load_mixture_for(cfg), tmp_path / str(bf16), "flix")
+        trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path / str(bf16))
         seen = dtypes[bf16] = set()
         layer = next(iter(trainer.model.flix_layers().values()))
         layer.register_forward_hook(lambda module, args, out, seen=seen: seen.add(out.dtype))
@@ -259,11 +262,11 @@ class _Exploit:
 def test_crafted_checkpoint_is_refused_and_runs_nothing(compose, tmp_path):
     """A state.pt that would run code on unpickling is refused with a message naming the
     file and what to do, and its code never runs; a real checkpoint loads with weights_only."""
-    from flix.train import Run as Trainer
-    from flix.train import load_checkpoint, save_checkpoint
+    from flix.checkpoint import load_checkpoint, save_checkpoint
+    from flix.trainer import Trainer
 
     cfg = compose("mixture=multitask_sw")
-    trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path, "flix")
+    trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path)
     good = tmp_path / "checkpoints" / "good"
     save_checkpoint(good, trainer.model, trainer.optimizer, trainer.scheduler, {"step": 3})
     assert load_checkpoint(good, trainer.model, trainer.optimizer, trainer.scheduler)["step"] == 3
@@ -280,11 +283,11 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(compose, tmp_path):
 def test_results_name_the_code_that_ran(compose, tmp_path):
     """commit is read when flix.train is loaded (HEAD can move during a sweep); git_commit
     marks uncommitted changes to tracked files, not untracked files."""
-    import flix.train
-    from flix.train import git_commit
+    import flix.results
+    from flix.results import git_commit
 
     results = run(compose("mixture=multitask_sw", "method=compute_matched"), tmp_path / "run")
-    assert results["commit"] == flix.train.CODE_COMMIT
+    assert results["commit"] == flix.results.CODE_COMMIT
 
     repo = tmp_path / "repo"
     repo.mkdir()

@@ -33,9 +33,12 @@ from pathlib import Path
 
 import torch
 
+from flix.methods import kind_ranks
+
 LR = 1e-4
 ALPHA = 16.0
-RANK = 6  # FLix's active rank in the paper (task 4 + language 2) and the LoRA baselines'
+FLIX_RANKS = kind_ranks("joint")  # conf/method/flix.yaml
+RANK = sum(FLIX_RANKS.values())  # FLix's active rank, and the LoRA baselines'
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WITHIN = 1.10  # "within 10%"
 SPEEDUP = 2.0
@@ -308,7 +311,7 @@ def run_config(args, sizes: list[int]) -> dict:
     return {
         "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "warmup": args.warmup,
         "threads": args.threads, "features": sizes, "new_tokens": args.new_tokens, "inference_modes": list(INFERENCE_MODES), "model": {"family": "llama", **model_config(args)},
-        "dtype": "float32", "rank": RANK, "flix_ranks": {"task": 4, "lang": 2}, "feature_dropout": 0.7,
+        "dtype": "float32", "rank": RANK, "flix_ranks": FLIX_RANKS, "feature_dropout": 0.7,
         "target_modules": TARGETS, "timing": "median of interleaved rounds, time.perf_counter",
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),

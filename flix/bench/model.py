@@ -24,12 +24,9 @@ worst-case sizes (--memory-scale). On CUDA the cases run under bf16 autocast
 from __future__ import annotations
 
 import argparse
-import copy
-import itertools
 import json
 import os
 import platform
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
@@ -37,10 +34,14 @@ from pathlib import Path
 
 import torch
 
-ALPHA = 16.0
-RANK = 6  # the paper's active rank: task 4 + language 2, and the LoRA baselines'
-TASKS = 4
-DROPOUT = 0.7
+from flix.bench.model_cases import (
+    ALPHA, DROPOUT, RANK, TASKS, autocast_for, available_bytes, bank_bytes, base_step, count_flops,
+    device_of, feature_space, flix_step, generation_cases, load, matmul_case,
+    measure_micro_batch_memory, mixed_features, peft_step, probe_memory, shared_copy, train_batch,
+)
+from flix.methods import kind_ranks
+
+FLIX_RANKS = kind_ranks("joint")  # conf/method/flix.yaml
 TARGETS = {  # name: (description, op, bound)
     "flix_vs_base": ("FLix (D={lo}) step / frozen base step", "<=", 1.10),
     "flix_vs_compute_matched": ("FLix (D={lo}) step / compute_matched step", "<=", 1.05),
@@ -92,228 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 # --- the model and its weight-sharing copies ---------------------------------------
 
 
-def load(args):
-    from flix.models import load_model
-    from flix.train import compose
-
-    model_cfg = compose([f"model={args.model}"]).model
-    from omegaconf import OmegaConf
-
-    return load_model(OmegaConf.to_container(model_cfg, resolve=True))
-
-
-def device_of(args) -> torch.device:
-    if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(args.device)
-
-
-def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy whose parameters and buffers are the original's tensors, so
-    every case can wrap its own modules without another copy of the weights."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
-def feature_space(num_features: int) -> dict[str, list[str]]:
-    return {"task": [f"t{i}" for i in range(TASKS)], "lang": [f"l{i}" for i in range(num_features - TASKS)]}
-
-
-def mixed_features(features: dict[str, list[str]], batch: int, count: int, gen: torch.Generator) -> list[list[dict]]:
-    """`count` batches; example i has task i mod 4 and a random language."""
-    langs = features["lang"]
-    picks = torch.randint(len(langs), (count, batch), generator=gen).tolist()
-    return [[{"task": features["task"][i % TASKS], "lang": langs[j]} for i, j in enumerate(row)] for row in picks]
-
-
-def bank_bytes(model: torch.nn.Module, num_features: int) -> int:
-    """Bytes of FLix banks with D features (SparseAdamW keeps moments only for the
-    rows that batches touch, a few hundred here)."""
-    from flix.adapters import find_target_modules
-    from flix.methods import method_config
-
-    rows = method_config("flix", feature_space(num_features), "joint").space.num_rows
-    widths = sum(sum(model.get_submodule(n).weight.shape) for n in find_target_modules(model, None))
-    return rows * widths * 4
-
-
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as f:
-        info = dict(line.split(":", 1) for line in f)
-    return int(info["MemAvailable"].split()[0]) * 1024
-
-
-# --- the cases ------------------------------------------------------------------------------
-
-
-def train_batch(args, tokenizer, device) -> dict:
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(10, min(tokenizer.vocab_size, 50_000), (args.batch, args.seq), generator=gen)
-    labels = ids[:, -args.target :].clone()
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def base_step(model, batch, autocast) -> Callable[[], None]:
-    from flix.batching import loss_sum
-
-    # Backward must reach the inputs, as it does through any adapter.
-    model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
-    model.train()
-
-    def step():
-        with autocast():
-            loss = loss_sum(model, batch, seq2seq=False)
-        loss.backward()
-
-    return step
-
-
-def flix_step(base, config, batch, routes, autocast, device) -> Callable[[], None]:
-    from flix.adapters import get_flix_model
-    from flix.batching import loss_sum
-    from flix.optim import SparseAdamW
-
-    model = get_flix_model(shared_copy(base), config).to(device).train()
-    optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    it = itertools.count()
-
-    def step():
-        with model.route(routes[next(it) % len(routes)]), autocast():
-            loss = loss_sum(model, batch, seq2seq=False)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def peft_step(base, batch, autocast, device) -> Callable[[], None]:
-    from peft import LoraConfig, get_peft_model
-
-    from flix.batching import loss_sum
-    from flix.models import default_target_modules
-
-    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=default_target_modules(base))
-    model = get_peft_model(shared_copy(base), lora).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        with autocast():
-            loss = loss_sum(model, batch, seq2seq=False)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Callable[[], None]]:
-    from peft import LoraConfig, get_peft_model
-
-    from flix.adapters import get_flix_model
-    from flix.methods import method_config
-    from flix.models import default_target_modules
-
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    ids = torch.randint(10, min(tokenizer.vocab_size, 50_000), (args.gen_batch, args.gen_seq), generator=gen).to(device)
-    langs = -(-args.gen_batch // TASKS)
-    combos = [{"task": f"t{i % TASKS}", "lang": f"l{i // TASKS}"} for i in range(args.gen_batch)]
-    kwargs = dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-        do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-    )
-
-    def generate(model, **extra):
-        def call():
-            with torch.no_grad(), autocast():
-                model.generate(**kwargs, **extra)
-
-        return call
-
-    features = {"task": [f"t{i}" for i in range(TASKS)], "lang": [f"l{i}" for i in range(langs)]}
-    flix = get_flix_model(shared_copy(base), method_config("flix", features, "joint", alpha=ALPHA)).to(device).eval()
-    with torch.no_grad():  # trained-looking adapters: B = 0 would add nothing
-        for layer in flix.flix_layers().values():
-            layer.flix_B.normal_(std=0.02)[0].zero_()
-
-    def flix_generate():
-        with flix.route(combos):
-            generate(flix)()
-
-    names = [f"combo{i}" for i in range(args.gen_batch)]
-    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=default_target_modules(base), init_lora_weights=False)
-    peft = get_peft_model(shared_copy(base), lora, adapter_name=names[0])
-    for name in names[1:]:
-        peft.add_adapter(name, lora)
-    peft.to(device).eval()
-    return {"base": generate(shared_copy(base).eval()), "peft_adapter_names": generate(peft, adapter_names=names), "flix": flix_generate}
-
-
-def matmul_case(device: torch.device, bf16: bool) -> tuple[Callable[[], None], float]:
-    """A large square matmul, the practical peak of this device's matrix unit."""
-    n = 8192 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-    return (lambda: torch.mm(a, b)), 2 * n**3
-
-
-def count_flops(step: Callable[[], None]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
-
-
-# --- the memory probe (a fresh process, so that its peak is one micro-batch's) ----------------
-
-
-def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
-    """Peak memory of one FLix micro-batch (forward + backward) at full length."""
-    import time
-
-    from flix.bench.timing import peak_rss_gib
-    from flix.methods import method_config
-
-    device = device_of(args)
-    base, tokenizer = load(args)
-    base.to(device)
-    args.batch, args.seq, args.target = batch, prompt + target + 1, target + 1
-    config = method_config("flix", feature_space(64), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
-    routes = mixed_features(feature_space(64), batch, 1, torch.Generator().manual_seed(args.seed))
-    step = flix_step(base, config, train_batch(args, tokenizer, device), routes, autocast_for(device), device)
-    start = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
-    return {"micro_batch": batch, "tokens": args.seq, "peak_gib": peak, "seconds": seconds, "device": device.type}
-
-
-def measure_micro_batch_memory(args) -> dict | None:
-    from flix.train import compose
-
-    if args.memory_scale == "none":
-        return None
-    s = compose([f"scale={args.memory_scale}"]).scale
-    cmd = [sys.executable, "-m", "flix.bench.model", "--probe-memory", str(s.micro_batch_size), str(s.max_prompt_tokens), str(s.max_target_tokens),
-           "--model", args.model, "--device", args.device, "--threads", str(args.threads)]
-    print(f"flix bench: measuring one {args.memory_scale} micro-batch ({s.micro_batch_size} x {s.max_prompt_tokens + s.max_target_tokens + 1} tokens) in a fresh process", file=sys.stderr, flush=True)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return {"scale": args.memory_scale, **json.loads(out.stdout.strip().splitlines()[-1])}
-
-
 # --- the benchmark ----------------------------------------------------------------------------
-
-
-def autocast_for(device: torch.device):
-    from flix.train import use_bf16
-
-    enabled = use_bf16("auto", device)
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def bench_model(args, sizes: list[int]) -> int:
@@ -417,14 +197,14 @@ def run_config(args, sizes: list[int], device: torch.device, bf16: bool) -> dict
     import peft
     import transformers
 
-    from flix.train import git_commit
+    from flix.results import git_commit
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
         "model": args.model, "batch": args.batch, "seq": args.seq, "target": args.target, "features": sizes,
         "gen_batch": args.gen_batch, "gen_seq": args.gen_seq, "new_tokens": args.new_tokens,
         "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "device": device.type, "device_name": name,
-        "cpu_count": os.cpu_count(), "autocast": "bf16" if bf16 else "off (float32)", "rank": RANK, "flix_ranks": {"task": 4, "lang": 2},
+        "cpu_count": os.cpu_count(), "autocast": "bf16" if bf16 else "off (float32)", "rank": RANK, "flix_ranks": FLIX_RANKS,
         "feature_dropout": DROPOUT, "timing": "median of interleaved rounds", "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(), "commit": git_commit(),
     }

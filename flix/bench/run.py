@@ -40,14 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from flix.train import compose
+    from flix.config import compose
 
     try:
         cfg = compose(args.overrides)
     except (HydraException, OmegaConfBaseException) as err:  # they name the key and list the choices
         parser.error(str(err))
-    if cfg.method.name == "single":
-        parser.error("method=single trains one adapter per dataset: time one of them with method=compute_matched and mixture=single")
+    if cfg.method.per_dataset:
+        parser.error(f"method={cfg.method.name} trains one compute-matched adapter per dataset, one after another: time method=compute_matched")
     report = bench_run(cfg, args.steps, args.warmup)
     report["command"] = " ".join(["flix bench run", *args.overrides, f"--steps {args.steps}", f"--warmup {args.warmup}"])
     print(format_report(report))
@@ -70,14 +70,16 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
     from tqdm.auto import tqdm
 
     from flix.evaluate import predict
-    from flix.train import Run, git_commit, is_validation_step, load_mixture_for, read_split
+    from flix.config import load_mixture_for
+    from flix.results import git_commit
+    from flix.trainer import Trainer, is_validation_step, read_split
 
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     s = cfg.scale
     started = time.perf_counter()
     mixture = load_mixture_for(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Run(cfg, mixture, Path(tmp), cfg.method.name)
+        trainer = Trainer(cfg, mixture, Path(tmp))
     startup = time.perf_counter() - started
     cuda = trainer.device.type == "cuda"
 

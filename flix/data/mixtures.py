@@ -23,24 +23,10 @@ ZERO_SHOT = ("unseen_combination", "unseen_language")
 EVAL_SPLITS = ("validation", "test")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "mixture"
 
-# Paper §4 "Ranks": every dataset's active ranks sum to 6; the task feature gets the
-# small share when there is one language (multitask), the large one otherwise.
-_RANKS = {
-    "multitask": {"task": 2, "lang": 4},
-    "multilingual": {"task": 4, "lang": 2},
-    "joint": {"task": 4, "lang": 2},
-}
 
 
 class MixtureError(ValueError):
     """A mixture config that is malformed or breaks a zero-shot guarantee."""
-
-
-def feature_ranks(kind: str) -> dict[str, int]:
-    """FLix rank per feature group for a mixture kind (paper §4)."""
-    if kind not in _RANKS:
-        raise MixtureError(f"Unknown mixture kind {kind!r}; kinds are: {', '.join(KINDS)}.")
-    return dict(_RANKS[kind])
 
 
 @dataclass(frozen=True)
@@ -59,7 +45,6 @@ class Mixture:
 
     name: str
     kind: str
-    study: str
     variant: str
     train: dict[str, list[str]]
     eval_sets: list[EvalSet]
@@ -69,10 +54,6 @@ class Mixture:
     def source(self) -> str:
         """Where this mixture comes from, for error messages."""
         return f"conf/mixture/{self.name}.yaml ({self.variant})"
-
-    @property
-    def ranks(self) -> dict[str, int]:
-        return feature_ranks(self.kind)
 
     @property
     def train_datasets(self) -> list[tuple[str, str]]:
@@ -133,12 +114,20 @@ class Mixture:
         validate(restricted)
         return restricted
 
+    def per_dataset(self) -> list[Mixture]:
+        """One mixture per evaluated training dataset (the `single` baselines), named
+        NAME/TASK.LANG, each scored on its own dataset only."""
+        evaluated = {(s.task, lang) for s in self.eval_sets if not s.zero_shot for lang in s.langs}
+        return [
+            replace(self, name=f"{self.name}/{task}.{lang}", kind="multilingual", train={task: [lang]}, eval_sets=[EvalSet(task, task, [lang])])
+            for task, lang in self.train_datasets
+            if (task, lang) in evaluated
+        ]
+
     def summary(self) -> str:
         """Human-readable description for logs."""
-        ranks = ", ".join(f"{group} {rank}" for group, rank in self.ranks.items())
         lines = [
-            f"mixture {self.name} [{self.variant}] kind={self.kind} study={self.study} "
-            f"(FLix ranks: {ranks})",
+            f"mixture {self.name} [{self.variant}] kind={self.kind}",
             f"  train: {len(self.train_datasets)} datasets",
         ]
         lines += [f"    {task}: {' '.join(self.train[task])}" for task in self.tasks]
@@ -194,7 +183,8 @@ def _restrict_eval(s: EvalSet, n: int, original: dict, train: dict) -> EvalSet:
 def validate(mixture: Mixture) -> None:
     """Check names, kinds and the zero-shot guarantees; errors name the file and key."""
     where = mixture.source
-    feature_ranks(mixture.kind)
+    if mixture.kind not in KINDS:
+        raise MixtureError(f"{where}: unknown kind {mixture.kind!r}; kinds are: {', '.join(KINDS)}.")
     if not mixture.train:
         raise MixtureError(f"{where}: `train` is empty.")
     for task, langs in mixture.train.items():
@@ -263,25 +253,6 @@ def _plain(cfg: dict | DictConfig) -> dict:
     return dict(cfg)
 
 
-def _missing_value(value: Any) -> bool:
-    return value is None or value == "???" or value == ""
-
-
-def _single_section(cfg: dict) -> dict:
-    """The one-dataset variant of `single`, from its `task` and `lang` keys."""
-    task, lang = cfg.get("task"), cfg.get("lang")
-    if _missing_value(task) or _missing_value(lang):
-        raise MixtureError(
-            f"conf/mixture/{cfg.get('name', 'single')}.yaml: set the dataset, e.g. "
-            "mixture=single mixture.task=ner mixture.lang=sw."
-        )
-    return {
-        "train": {task: [lang]},
-        "eval": [{"name": task, "task": task}],
-        "notes": f"One dataset: {task}/{lang}.",
-    }
-
-
 def _eval_set(raw: Any, train: dict, key: str) -> EvalSet:
     if not isinstance(raw, dict) or "task" not in raw:
         raise MixtureError(f"{key}: an eval set needs at least `task` (and `name`), got {raw!r}.")
@@ -311,10 +282,9 @@ def load_mixture(cfg: dict | DictConfig, variant: str) -> Mixture:
     if not name:
         raise MixtureError(f"A mixture config needs a `name`; got keys {sorted(cfg)}.")
     where = f"conf/mixture/{name}.yaml"
-    for key in ("kind", "study"):
-        if key not in cfg:
-            raise MixtureError(f"{where}: missing `{key}`.")
-    section = _single_section(cfg) if "task" in cfg or "lang" in cfg else cfg.get(variant)
+    if "kind" not in cfg:
+        raise MixtureError(f"{where}: missing `kind` ({', '.join(KINDS)}).")
+    section = cfg.get(variant)
     if not isinstance(section, dict) or not isinstance(section.get("train"), dict):
         raise MixtureError(f"{where}: missing `{variant}.train` (a mapping task -> languages).")
     train = {task: list(langs or []) for task, langs in section["train"].items()}
@@ -327,7 +297,6 @@ def load_mixture(cfg: dict | DictConfig, variant: str) -> Mixture:
     mixture = Mixture(
         name=name,
         kind=cfg["kind"],
-        study=cfg["study"],
         variant=variant,
         train=train,
         eval_sets=eval_sets,
@@ -342,15 +311,10 @@ def mixture_names(conf_dir: str | Path | None = None) -> list[str]:
     return sorted(path.stem for path in Path(conf_dir or CONF_DIR).glob("*.yaml"))
 
 
-def load_mixture_by_name(
-    name: str, variant: str, conf_dir: str | Path | None = None, **keys: Any
-) -> Mixture:
-    """Read conf/mixture/NAME.yaml; `keys` set top-level keys (e.g. task=, lang= for single)."""
+def load_mixture_by_name(name: str, variant: str, conf_dir: str | Path | None = None) -> Mixture:
+    """Read conf/mixture/NAME.yaml."""
     path = Path(conf_dir or CONF_DIR) / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(mixture_names(conf_dir)) or "none"
         raise MixtureError(f"No mixture file {path}; mixtures are: {known}.")
-    cfg = OmegaConf.load(path)
-    if keys:
-        cfg = OmegaConf.merge(cfg, keys)
-    return load_mixture(cfg, variant)
+    return load_mixture(OmegaConf.load(path), variant)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from flix.report.collect import Run, RunIndex, Selection
+from flix.report.collect import RunIndex, RunRecord, Selection
+from flix.report.labels import METHOD_LABELS
 
-METHOD_ORDER = ("single", "compute_matched", "param_matched", "flix", "flix_shared")
 SPLITS = ("validation", "test")
 AVERAGE = "Average"
 
@@ -32,7 +32,7 @@ class Section:
 class Appendix:
     mixture: str
     sections: list[Section]
-    runs: dict[str, list[Run]]  # method -> the runs averaged
+    runs: dict[str, list[RunRecord]]  # method label -> the runs averaged
 
 
 def _mean(values: list) -> float:
@@ -40,7 +40,7 @@ def _mean(values: list) -> float:
     return float(np.mean(values)) if values else np.nan
 
 
-def _section(name: str, info: dict, runs: dict[str, list[Run]]) -> Section:
+def _section(name: str, info: dict, runs: dict[str, list[RunRecord]]) -> Section:
     langs = list(dict.fromkeys(lang for rs in runs.values() for r in rs for lang in (r.eval_sets.get(name) or {}).get("langs", [])))
     columns = pd.MultiIndex.from_product([list(runs), SPLITS], names=["method", "split"])
     frame = pd.DataFrame(index=pd.Index(langs + [AVERAGE], name="language"), columns=columns, dtype=float)
@@ -54,7 +54,7 @@ def _section(name: str, info: dict, runs: dict[str, list[Run]]) -> Section:
 
 
 def build_appendix(index: RunIndex, mixture: str) -> Appendix | None:
-    runs = {m: index.select(Selection(m, mixture))[0] for m in METHOD_ORDER}
+    runs = {label: index.select(Selection(m, mixture))[0] for m, label in METHOD_LABELS.items()}
     runs = {m: rs for m, rs in runs.items() if rs}
     if not runs:
         return None

@@ -1,50 +1,48 @@
 """Find finished and failed runs under a runs root and pick the ones a table cell needs.
 
-A run directory holds `results.json` (written by flix.train.run) or, when it failed,
-`failed.json`. A failed run is identified from failed.json's own keys (`method`,
-`mixture`, `seed`, `scale`, `dropout`, `lang_rank` or a `config` like results.json's),
-else from Hydra's `.hydra/config.yaml` beside it, else from the directory name that
-conf/train.yaml gives runs (`<mixture>/<method>-drop<p>-rank<rank>-seed<n>-<hash>`); its
-reason is the first line of the first of `error`, `reason`, `message`, `exception`
-(flix.train writes `error` and `traceback`).
+Everything comes from what runs record (flix.results): results.json, or failed.json
+with the error and the resolved config; a run is identified by that config alone.
 """
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
-RESULTS, FAILED = "results.json", "failed.json"
-DEFAULT_DROPOUT = 0.7
-PAPER_RANK = None  # config rank.lang null: the paper's ranks for the mixture kind
-# Feature dropout only changes methods that have features; the LoRA baselines ignore it.
-DROPOUT_METHODS = ("flix", "flix_shared")
-_DIR_NAME = re.compile(r"^(?P<method>\w+?)-drop(?P<dropout>[0-9.]+)-(?:lang|rank)(?P<rank>\w+?)-seed(?P<seed>\d+)(?:-\w+)?$")
-_REASON_KEYS = ("error", "reason", "message", "exception")
+from flix.config import CONF
+from flix.methods import load_method
+from flix.results import FAILED, RESULTS, identity
+
+DEFAULT_DROPOUT = float(OmegaConf.load(CONF / "train.yaml").dropout)
+PAPER_RANK = None  # config rank.lang null: the method's ranks for the mixture kind
 
 
 @dataclass
-class Run:
+class RunRecord:
     """One run directory: its identity, and either its results or why it failed."""
 
     path: Path
-    method: str | None
-    mixture: str | None
-    seed: int | None
-    scale: str | None
-    dropout: float | None
-    lang_rank: int | None
-    results: dict | None = None
+    method: str | None = None
+    mixture: str | None = None
+    seed: int | None = None
+    scale: str | None = None
+    dropout: float | None = None
+    lang_rank: int | None = None
     dropout_mode: str = "independent"
+    results: dict | None = None
     failure: str | None = None
 
     @property
     def eval_sets(self) -> dict:
         return (self.results or {}).get("eval_sets") or {}
+
+
+def has_features(method: str) -> bool:
+    """Whether feature dropout changes the method (the LoRA baselines have no features)."""
+    return bool(load_method(method)["features"])
 
 
 @dataclass(frozen=True)
@@ -57,17 +55,17 @@ class Selection:
     lang_ranks: tuple = (PAPER_RANK,)
     dropout_mode: str = "independent"
 
-    def matches(self, run: Run) -> bool:
+    def matches(self, run: RunRecord) -> bool:
         if (run.method, run.mixture) != (self.method, self.mixture) or run.lang_rank not in self.lang_ranks:
             return False
-        if self.method not in DROPOUT_METHODS:
+        if not has_features(self.method):
             return True
         return run.dropout is not None and math.isclose(run.dropout, self.dropout) and run.dropout_mode == self.dropout_mode
 
     def describe(self) -> str:
         ranks = " or ".join("the paper's ranks" if r is None else f"language rank {r}" for r in self.lang_ranks)
         mode = "" if self.dropout_mode == "independent" else f" {self.dropout_mode}"
-        dropout = f"dropout {self.dropout:g}{mode}, " if self.method in DROPOUT_METHODS else ""
+        dropout = f"dropout {self.dropout:g}{mode}, " if has_features(self.method) else ""
         return f"{self.method} on {self.mixture} ({dropout}{ranks})"
 
 
@@ -76,92 +74,50 @@ class RunIndex:
     """All runs of one scale; `skipped` lists runs of other scales found under the root."""
 
     root: Path
-    runs: list[Run] = field(default_factory=list)
-    skipped: list[Run] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
+    skipped: list[RunRecord] = field(default_factory=list)
 
     @property
-    def finished(self) -> list[Run]:
+    def finished(self) -> list[RunRecord]:
         return [r for r in self.runs if r.results is not None]
 
-    def select(self, selection: Selection) -> tuple[list[Run], list[Run]]:
+    def select(self, selection: Selection) -> tuple[list[RunRecord], list[RunRecord]]:
         """(finished, failed) runs matching `selection`, ordered by seed."""
         matching = sorted((r for r in self.runs if selection.matches(r)), key=lambda r: (r.seed is None, r.seed or 0, str(r.path)))
         return [r for r in matching if r.results is not None], [r for r in matching if r.results is None]
 
 
-def _rank(value) -> int | None:
-    return None if value in (None, "paper", "null") else int(value)
-
-
-def _from_config(config: dict) -> dict:
-    """Identity keys from a resolved (results.json) or raw (Hydra) train config."""
-    def name(key):
-        value = config.get(key)
-        return value.get("name") if isinstance(value, dict) else value
-
-    rank = config.get("rank") or {}
-    train = config.get("train") if isinstance(config.get("train"), dict) else {}
-    return {
-        "method": name("method"),
-        "mixture": name("mixture"),
-        "seed": config.get("seed"),
-        "scale": name("scale"),
-        "dropout": config.get("dropout"),
-        "lang_rank": rank.get("lang") if isinstance(rank, dict) else rank,
-        "dropout_mode": train.get("dropout_mode"),
-    }
-
-
-def _from_dir_name(path: Path) -> dict:
-    match = _DIR_NAME.match(path.name)
-    if not match:
-        return {"mixture": path.parent.name}
-    return {
-        "method": match["method"],
-        "mixture": path.parent.name,
-        "seed": match["seed"],
-        "dropout": match["dropout"],
-        "lang_rank": match["rank"],
-    }
-
-
-def _make_run(path: Path, known: dict, **body) -> Run:
-    dropout, seed = known.get("dropout"), known.get("seed")
-    return Run(
+def _record(path: Path, config: dict, **body) -> RunRecord:
+    known = identity(config)
+    seed, dropout, rank = known["seed"], known["dropout"], known["lang_rank"]
+    return RunRecord(
         path=path,
-        method=known.get("method"),
-        mixture=known.get("mixture"),
+        method=known["method"],
+        mixture=known["mixture"],
         seed=None if seed is None else int(seed),
-        scale=known.get("scale"),
+        scale=known["scale"],
         dropout=None if dropout is None else float(dropout),
-        lang_rank=_rank(known.get("lang_rank")),
-        dropout_mode=known.get("dropout_mode") or "independent",
+        lang_rank=None if rank is None else int(rank),
+        dropout_mode=known["dropout_mode"],
         **body,
     )
 
 
-def read_results(path: Path) -> Run:
+def read_results(path: Path) -> RunRecord:
     results = json.loads(path.read_text())
-    known = _from_config(results.get("config") or {})
-    known.update({k: results[k] for k in ("method", "mixture", "seed", "scale") if results.get(k) is not None})
-    return _make_run(path.parent, known, results=results)
+    return _record(path.parent, results.get("config") or {}, results=results)
 
 
-def read_failure(path: Path) -> Run:
-    """A failed run: identity from the best source available, never a crash on odd files."""
+def read_failure(path: Path) -> RunRecord:
+    """A failed run, never a crash on odd files: without a config it matches no cell."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        data = {"error": f"unreadable failed.json ({error})"}
+        data = {"error": f"unreadable {FAILED} ({error})"}
     data = data if isinstance(data, dict) else {"error": str(data)}
-    known = _from_dir_name(path.parent)
-    hydra = path.parent / ".hydra" / "config.yaml"
-    if hydra.is_file():
-        known.update({k: v for k, v in _from_config(yaml.safe_load(hydra.read_text()) or {}).items() if v is not None})
-    known.update({k: v for k, v in _from_config(data.get("config") or {}).items() if v is not None})
-    known.update({k: data[k] for k in ("method", "mixture", "seed", "scale", "dropout", "lang_rank") if data.get(k) is not None})
-    reason = next((str(data[k]).strip() for k in _REASON_KEYS if str(data.get(k) or "").strip()), "no reason recorded")
-    return _make_run(path.parent, known, failure=reason.splitlines()[0])
+    reason = str(data.get("error") or "").strip() or "no reason recorded"
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    return _record(path.parent, config, failure=reason.splitlines()[0])
 
 
 def collect(root: str | Path, scale: str | None = None) -> RunIndex:
@@ -171,6 +127,7 @@ def collect(root: str | Path, scale: str | None = None) -> RunIndex:
     runs = [read_results(p) for p in sorted(root.rglob(RESULTS))]
     done = {r.path for r in runs}
     runs += [read_failure(p) for p in sorted(root.rglob(FAILED)) if p.parent not in done]
+    # a results.json without these is not a flix run's
     runs = [r for r in runs if r.results is None or ("method" in r.results and "eval_sets" in r.results)]
     if scale is None:
         return RunIndex(root, runs)

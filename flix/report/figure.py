@@ -15,30 +15,22 @@ from matplotlib.figure import Figure
 
 from flix.io import atomic_write_bytes, atomic_write_text
 from flix.report import uncertainty
-from flix.report.collect import RunIndex, Selection
-from flix.report.tables import DASH, MULTILINGUAL, Footnotes, Source, fill, read_paper
+from flix.report.labels import METHOD_LABELS, TASK_LABELS
+from flix.report.tables import DASH, Table
 
-METHODS = {"compute_matched": "Compute-matched", "param_matched": "Param-matched", "flix": "FLix"}
+METHODS = ("compute_matched", "param_matched", "flix")
 COLORS = {"compute_matched": "#8c96c6", "param_matched": "#fdae6b", "flix": "#31a354"}
-# task -> (Table 1 column, Table 2 column, axis label)
-TASKS = {
-    "ner": ("NER", "Multilingual NER", "NER"),
-    "semantic_parsing": ("Semantic Parsing", "Multilingual Semantic Parsing", "Semantic Parsing"),
-    "qa_in_lang": ("QA InLang", "Multilingual QA InLang", "QA InLang"),
-    "qa_cross_lang": ("QA CrossLang", "Multilingual QA CrossLang", "QA CrossLang"),
-}
 
 
-def figure_data(index: RunIndex, paper_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """One row per (task, method): multilingual and joint test averages, their change,
-    and the paper's change; plus the footnotes for whatever is missing."""
-    table1, table2 = read_paper(paper_dir, "table1"), read_paper(paper_dir, "table2")
-    notes = Footnotes()
+def figure_data(table1: Table, table2: Table) -> pd.DataFrame:
+    """One row per (task, method) from the built Tables 1 and 2: multilingual and joint
+    test averages, their change with its interval, the paper's change, and the notes of
+    whatever is missing."""
     rows = []
-    for task, (col1, col2, label) in TASKS.items():
-        for method, name in METHODS.items():
-            multi = fill(Source(Selection(method, MULTILINGUAL[task])), None, index, notes)
-            joint = fill(Source(Selection(method, "study_a"), (task,)), None, index, notes)
+    for task, label in TASK_LABELS.items():
+        for method in METHODS:
+            row = METHOD_LABELS[method]
+            multi, joint = table2.cell(row, f"Multilingual {label}"), table1.cell(row, label)
             change = None if multi.value is None or joint.value is None else joint.value - multi.value
             low = high = None
             if change is not None and multi.samples is not None and joint.samples is not None:
@@ -47,23 +39,24 @@ def figure_data(index: RunIndex, paper_dir: str | Path) -> tuple[pd.DataFrame, l
             seeds = sorted({r.seed for c in (multi, joint) for r in c.runs if r.seed is not None})
             rows.append({
                 "task": label,
-                "method": name,
+                "method": row,
                 "multilingual": multi.value,
                 "joint": joint.value,
                 "change": change,
                 "change low": low,
                 "change high": high,
-                "paper change": table1.loc[name, col1] - table2.loc[name, col2],
+                "paper change": joint.paper - multi.paper,
                 "seeds": ", ".join(map(str, seeds)),
-                "notes": multi.notes + joint.notes,
+                "notes": "; ".join(dict.fromkeys(table2.cell_notes(multi) + table1.cell_notes(joint))),
             })
-    return pd.DataFrame(rows), notes.texts
+    return pd.DataFrame(rows)
 
 
 def _bars(ax, frame: pd.DataFrame, column: str, title: str) -> None:
     tasks = list(dict.fromkeys(frame["task"]))
     width = 0.8 / len(METHODS)
-    for i, (method, name) in enumerate(METHODS.items()):
+    for i, method in enumerate(METHODS):
+        name = METHOD_LABELS[method]
         part = frame[frame["method"] == name].set_index("task").reindex(tasks)
         xs = [t + (i - (len(METHODS) - 1) / 2) * width for t in range(len(tasks))]
         values = list(part[column])
@@ -112,12 +105,11 @@ def plot(frame: pd.DataFrame, out_dir: str | Path, scale: str) -> list[Path]:
     return [atomic_write_bytes(out / "figure2.png", png.getvalue()), atomic_write_text(out / "figure2.svg", svg.getvalue())]
 
 
-def write_csv(frame: pd.DataFrame, notes: list[str], out_dir: str | Path) -> Path:
+def write_csv(frame: pd.DataFrame, out_dir: str | Path) -> Path:
     """The plotted numbers, with each missing bar's reason spelled out."""
     table = frame.copy()
     for column in ("multilingual", "joint", "change", "change low", "change high", "paper change"):
         table[column] = [DASH if pd.isna(v) else f"{v:.2f}" for v in table[column]]
-    table["notes"] = ["; ".join(notes[n - 1] for n in ids) for ids in table["notes"]]
     return atomic_write_text(Path(out_dir) / "figure2.csv", table.to_csv(index=False))
 
 

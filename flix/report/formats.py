@@ -14,7 +14,7 @@ import pandas as pd
 
 from flix.io import atomic_write_text
 from flix.report.appendix import Appendix
-from flix.report.collect import Run
+from flix.report.collect import RunRecord
 from flix.report.tables import DASH, Cell, Table
 
 SMOKE_NOTE = "smoke numbers are a pipeline check (tiny random model, a few steps), not results"
@@ -38,7 +38,7 @@ class Page:
     scale: str
     rendered: str
 
-    def meta(self, runs: list[Run]) -> list[tuple[str, str]]:
+    def meta(self, runs: list[RunRecord]) -> list[tuple[str, str]]:
         def values(key, short=False):
             found = sorted({str(r.results.get(key)) for r in runs if r.results and r.results.get(key) is not None})
             return ", ".join(_short(v) if short else v for v in found) or "none"
@@ -53,7 +53,7 @@ class Page:
             ("Rendered", self.rendered),
         ]
 
-    def notes(self, runs: list[Run]) -> list[str]:
+    def notes(self, runs: list[RunRecord]) -> list[str]:
         notes = [f"Smoke scale: {SMOKE_NOTE}."] if self.scale == "smoke" else []
         if self.scale in ("smoke", "mini") or any(r.results and r.results.get("variant") == "mini" for r in runs):
             notes.append(MINI_NOTE)
@@ -100,7 +100,7 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(esc, row)) + " |" for row in rows]) + "\n"
 
 
-def md_header(title: str, page: Page, runs: list[Run]) -> str:
+def md_header(title: str, page: Page, runs: list[RunRecord]) -> str:
     parts = [f"# {title}\n"]
     parts += [f"> **{note}**\n" if note.startswith("Smoke") else f"> {note}\n" for note in page.notes(runs)]
     parts.append("".join(f"- {key}: {value}\n" for key, value in page.meta(runs)))
@@ -242,11 +242,11 @@ def html_notes(notes: list[str]) -> str:
     return "".join(f'<p class="footnotes">[{i}] {_h(t)}</p>' for i, t in enumerate(notes, 1))
 
 
-def html_meta(page: Page, runs: list[Run]) -> str:
+def html_meta(page: Page, runs: list[RunRecord]) -> str:
     return '<p class="meta">' + " · ".join(f"{_h(k)}: {_h(v)}" for k, v in page.meta(runs)) + "</p>\n"
 
 
-def html_page(page: Page, all_runs: list[Run], tables: list[Table], figure: tuple[pd.DataFrame, list[str], Path] | None,
+def html_page(page: Page, all_runs: list[RunRecord], tables: list[Table], figure: tuple[pd.DataFrame, Path] | None,
               appendices: list[Appendix]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>FLix report ({_h(page.scale)})</title>",
              f"<style>{_CSS}</style></head><body>", f"<h1>FLix reproduction report: {_h(page.scale)} scale</h1>"]
@@ -258,14 +258,13 @@ def html_page(page: Page, all_runs: list[Run], tables: list[Table], figure: tupl
         missing = {(i, j + 1) for i, (_, cells) in enumerate(table.rows) for j, c in enumerate(cells) if c.value is None}
         parts += [f'<h2 id="{table.name}">{_h(table.title)}</h2>', html_meta(page, table.runs), html_table(header, rows, missing), html_notes(table.footnotes)]
     if figure is not None:
-        frame, notes, png = figure
+        frame, png = figure
         data = base64.b64encode(png.read_bytes()).decode("ascii")
-        shown = frame.assign(notes=["".join(f"[{n}]" for n in ids) for ids in frame["notes"]])
-        header = list(shown.columns)
-        rows = [[_one(v) if isinstance(v, float) or v is None else v for v in row] for row in shown.itertuples(index=False)]
+        header = list(frame.columns)
+        rows = [[_one(v) if isinstance(v, float) or v is None else v for v in row] for row in frame.itertuples(index=False)]
         parts += ['<h2 id="figure2">Figure 2: change from multilingual-only to multitask multilingual tuning</h2>',
                   f'<img alt="Figure 2" style="max-width:100%" src="data:image/png;base64,{data}">',
-                  html_table(header, rows), html_notes(notes)]
+                  html_table(header, rows)]
     if appendices:
         parts.append('<h2 id="appendix">Appendix: per-language scores</h2>')
     for appendix in appendices:

@@ -41,13 +41,13 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
     page = Page(scale, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     tables = build_all(index, paper_dir)
     appendices = build_appendices(index)
-    frame, notes = figure.figure_data(index, paper_dir)
+    frame = figure.figure_data(*tables[:2])  # Tables 1 and 2
     files = [p for t in tables for p in write_table(t, page, out_dir)]
     files.append(atomic_write_text(out_dir / "cells.csv", cells_csv(tables)))
     files += [p for a in appendices for p in write_appendix(a, page, out_dir)]
     pictures = figure.plot(frame, out_dir, scale)
-    files += pictures + [figure.write_csv(frame, notes, out_dir)]
-    files.append(atomic_write_text(out_dir / "index.html", html_page(page, index.finished, tables, (frame, notes, pictures[0]), appendices)))
+    files += pictures + [figure.write_csv(frame, out_dir)]
+    files.append(atomic_write_text(out_dir / "index.html", html_page(page, index.finished, tables, (frame, pictures[0]), appendices)))
     filled = int(frame["change"].notna().sum())
     return {
         "scale": scale,

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flix.data.mixtures import CONF_DIR, VARIANTS, load_mixture_by_name
 from flix.report import uncertainty
-from flix.report.collect import PAPER_RANK, Run, RunIndex, Selection
+from flix.report.collect import DEFAULT_DROPOUT, PAPER_RANK, RunIndex, RunRecord, Selection, has_features
+from flix.report.labels import METHOD_LABELS, method_of, task_of
 
 AVG = "Avg."
 DASH = "–"
@@ -33,30 +33,36 @@ TITLES = {
     "table4": "Table 4: FLix language-feature rank on the multilingual mixtures (test)",
     "table5": "Table 5: FLix with shared parameters, Study A mixture (test)",
 }
-METHOD_ROWS = {"Compute-matched": "compute_matched", "Param-matched": "param_matched", "FLix": "flix"}
-MULTILINGUAL = {
-    "ner": "multilingual_ner",
-    "semantic_parsing": "multilingual_semantic_parsing",
-    "qa_in_lang": "multilingual_qa_in_lang",
-    "qa_cross_lang": "multilingual_qa_cross_lang",
-}
+ZERO_SHOT_COLUMNS = {"Zero-shot Unseen Comb: ": "unseen_combination", "Zero-shot Unseen Lang: ": "unseen_language"}
+ZERO_SHOT_MIXTURES = {"semantic_parsing": "zeroshot_sp"}  # Table 1 scores these zero-shot columns on their own mixture
+MULTITASK_COLUMNS = {"Multitask Swahili": "multitask_sw", "Multitask Bengali": "multitask_bn"}
+TABLE5_ROWS = {"FLix": "flix", "+ shared parameters": "flix_shared", "Compute-matched LoRA": "compute_matched"}
 
 
 @dataclass(frozen=True)
 class Source:
-    """A cell's recipe: the runs, the evaluation sets (None: every supervised set of the
-    mixture, averaged: one set for multilingual mixtures, the tasks for multitask), the split."""
+    """A cell's recipe: the runs, which of their evaluation sets (by task and zero-shot kind;
+    several are averaged, e.g. a multitask mixture's tasks) and the split."""
 
     selection: Selection
-    sets: tuple[str, ...] | None = None
+    task: str | None = None  # None: every task's sets
+    zero_shot: str | None = None  # None: the supervised sets
     split: str = "test"
+
+    def set_names(self, run: RunRecord) -> list[str]:
+        """The run's evaluation sets (as its results.json records them) this cell averages."""
+        return [n for n, s in run.eval_sets.items() if s.get("zero_shot") == self.zero_shot and self.task in (None, s["task"])]
+
+    def describe_sets(self) -> str:
+        kind = f"{self.zero_shot} sets" if self.zero_shot else "supervised sets"
+        return f"its {self.task} {kind}" if self.task else f"its {kind}"
 
 
 @dataclass
 class Cell:
     value: float | None
     paper: float | None
-    runs: list[Run] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
     notes: list[int] = field(default_factory=list)
     # bootstrap replicates of the value (test cells whose runs recorded per-example statistics)
     samples: np.ndarray | None = field(default=None, repr=False)
@@ -82,12 +88,19 @@ class Table:
     footnotes: list[str]
 
     @property
-    def runs(self) -> list[Run]:
+    def runs(self) -> list[RunRecord]:
         seen = {id(r): r for _, cells in self.rows for c in cells for r in c.runs}
         return list(seen.values())
 
     def row_seeds(self, cells: list[Cell]) -> list[int]:
         return sorted({r.seed for c in cells for r in c.runs if r.seed is not None})
+
+    def cell(self, row: str, column: str) -> Cell:
+        cells = dict(self.rows)[row]
+        return cells[self.columns.index(column)]
+
+    def cell_notes(self, cell: Cell) -> list[str]:
+        return [self.footnotes[n - 1] for n in cell.notes]
 
     def counts(self) -> tuple[int, int]:
         """(filled, missing) cells, Avg. included."""
@@ -96,55 +109,44 @@ class Table:
         return filled, len(cells) - filled
 
 
-def zero_shot_set(mixture: str) -> str:
-    """The name of a mixture's one zero-shot evaluation set, from conf/mixture/<name>.yaml."""
-    names = {s.name for v in VARIANTS for s in load_mixture_by_name(mixture, v, CONF_DIR).eval_sets if s.zero_shot}
-    if len(names) != 1:
-        raise ValueError(f"conf/mixture/{mixture}.yaml: expected one zero-shot set name, found {sorted(names)}")
-    return names.pop()
+def _table1(row: str, col: str) -> Source:
+    method = method_of(row)
+    for prefix, kind in ZERO_SHOT_COLUMNS.items():
+        if col.startswith(prefix):
+            task = task_of(col[len(prefix):])
+            return Source(Selection(method, ZERO_SHOT_MIXTURES.get(task, "study_a")), task, kind)
+    return Source(Selection(method, "study_a"), task_of(col))
 
 
-def specs() -> dict[str, dict[str, dict[str, Source]]]:
-    """table -> row label -> column label -> Source (Avg. columns are computed)."""
-    rank2 = (PAPER_RANK, 2)  # multilingual mixtures: the paper's language rank is 2
-    study_a = {
-        "NER": "ner",
-        "Semantic Parsing": "semantic_parsing",
-        "QA InLang": "qa_in_lang",
-        "QA CrossLang": "qa_cross_lang",
-        "Zero-shot Unseen Comb: QA CrossLang": "qa_cross_lang_unseen_comb",
-        "Zero-shot Unseen Lang: QA CrossLang": "qa_cross_lang_unseen_lang",
-    }
-    zs_sp = zero_shot_set("zeroshot_sp")
+def _table2(row: str, col: str) -> Source:
+    method = method_of(row)
+    if col in MULTITASK_COLUMNS:
+        return Source(Selection(method, MULTITASK_COLUMNS[col]))
+    return Source(Selection(method, multilingual(task_of(col.removeprefix("Multilingual ")))))
 
-    def table1(method):
-        cols = {col: Source(Selection(method, "study_a"), (name,)) for col, name in study_a.items()}
-        cols["Zero-shot Unseen Comb: Semantic parsing"] = Source(Selection(method, "zeroshot_sp"), (zs_sp,))
-        return cols
 
-    def table2(method):
-        labels = {"NER": "ner", "Semantic Parsing": "semantic_parsing", "QA InLang": "qa_in_lang", "QA CrossLang": "qa_cross_lang"}
-        cols = {f"Multilingual {label}": Source(Selection(method, MULTILINGUAL[task])) for label, task in labels.items()}
-        cols["Multitask Swahili"] = Source(Selection(method, "multitask_sw"))
-        cols["Multitask Bengali"] = Source(Selection(method, "multitask_bn"))
-        return cols
+def _table3(row: str, col: str) -> Source:
+    split = {"Validation": "validation", "Test": "test"}[col]
+    return Source(Selection("flix", "multilingual_qa_in_lang", dropout=float(row)), split=split)
 
-    def table4(ranks):
-        labels = {"QA CrossLang": "qa_cross_lang", "QA InLang": "qa_in_lang", "Semantic Parsing": "semantic_parsing", "NER": "ner"}
-        return {label: Source(Selection("flix", MULTILINGUAL[task], lang_ranks=ranks)) for label, task in labels.items()}
 
-    def table5(method):
-        labels = {"QA InLang": "qa_in_lang", "QA CrossLang": "qa_cross_lang", "Semantic parsing": "semantic_parsing", "NER": "ner"}
-        return {label: Source(Selection(method, "study_a"), (name,)) for label, name in labels.items()}
+def _table4(row: str, col: str) -> Source:
+    # the paper's language rank on multilingual mixtures is 2: runs with rank.lang 2 count too
+    ranks = {"2": (PAPER_RANK, 2), "1": (1,)}[row]
+    return Source(Selection("flix", multilingual(task_of(col)), lang_ranks=ranks))
 
-    dropout = {f"{p:.1f}": Selection("flix", "multilingual_qa_in_lang", dropout=p) for p in (0.7, 0.5, 0.3, 0.0)}
-    return {
-        "table1": {label: table1(m) for label, m in METHOD_ROWS.items()},
-        "table2": {label: table2(m) for label, m in METHOD_ROWS.items()},
-        "table3": {p: {"Validation": Source(s, split="validation"), "Test": Source(s)} for p, s in dropout.items()},
-        "table4": {"2": table4(rank2), "1": table4((1,))},
-        "table5": {"FLix": table5("flix"), "+ shared parameters": table5("flix_shared"), "Compute-matched LoRA": table5("compute_matched")},
-    }
+
+def _table5(row: str, col: str) -> Source:
+    return Source(Selection(TABLE5_ROWS[row], "study_a"), task_of(col))
+
+
+# table -> (row label, column label) -> Source; the paper CSVs give the labels
+SOURCES = {"table1": _table1, "table2": _table2, "table3": _table3, "table4": _table4, "table5": _table5}
+
+
+def multilingual(task: str) -> str:
+    """The one-task, all-languages mixture of a task (conf/mixture/multilingual_TASK.yaml)."""
+    return f"multilingual_{task}"
 
 
 def read_paper(paper_dir: str | Path, name: str) -> pd.DataFrame:
@@ -154,11 +156,10 @@ def read_paper(paper_dir: str | Path, name: str) -> pd.DataFrame:
     return frame.astype(float)
 
 
-def run_value(run: Run, source: Source) -> float | None:
+def run_value(run: RunRecord, source: Source) -> float | None:
     """One run's number for a cell: the mean of the sets' averages, None if any is absent."""
-    sets = run.eval_sets
-    names = source.sets or [n for n, s in sets.items() if not s.get("zero_shot")]
-    values = [(sets.get(n) or {}).get(source.split) for n in names]
+    names = source.set_names(run)
+    values = [run.eval_sets[n].get(source.split) for n in names]
     if not names or any(v is None for v in values):
         return None
     return float(np.mean(values))
@@ -189,20 +190,19 @@ def fill(source: Source, paper: float | None, index: RunIndex, notes: Footnotes)
         cell.notes.append(notes.add(f"{what}, {seed}: run failed ({run.failure}) [{run.path}]"))
     for run, value in scored:
         if value is None:
-            sets = ", ".join(source.sets) if source.sets else "its supervised sets"
-            cell.notes.append(notes.add(f"{what}, seed {run.seed}: no {source.split} score for {sets} [{run.path}]"))
+            cell.notes.append(notes.add(f"{what}, seed {run.seed}: no {source.split} score for {source.describe_sets()} [{run.path}]"))
     if not finished and not failed:
         cell.notes.append(notes.add(f"missing run: {what} under {index.root}"))
     return cell
 
 
-def bootstrap(source: Source, runs: list[Run]) -> np.ndarray | None:
+def bootstrap(source: Source, runs: list[RunRecord]) -> np.ndarray | None:
     """Replicates of a test cell over its runs' per-example statistics (None for validation
     cells, or when a run predates them). Runs pair up across methods by seed."""
     if source.split != "test" or not runs or any("test_stats" not in r.results for r in runs):
         return None
     sets = runs[0].eval_sets
-    names = source.sets or [n for n, s in sets.items() if not s.get("zero_shot")]
+    names = source.set_names(runs[0])
     groups = [[(sets[n]["task"], lang) for lang in sets[n]["langs"]] for n in names]
     seeds = [r.seed for r in runs]
     keys = seeds if None not in seeds and len(set(seeds)) == len(seeds) else list(range(len(runs)))
@@ -220,7 +220,7 @@ def compare_rows(rows: list[tuple[str, list[Cell]]], methods: dict[str, str]) ->
         if base_row is None:
             continue
         for label, cells in rows:
-            if methods.get(label) not in ("flix", "flix_shared"):
+            if not has_features(methods[label]):
                 continue
             for cell, base in zip(cells, base_row):
                 if cell.samples is not None and base.samples is not None and cell.value is not None and base.value is not None:
@@ -238,24 +238,22 @@ def average_cell(cells: list[Cell], paper: float | None, columns: list[str], not
 
 
 def build(name: str, index: RunIndex, paper_dir: str | Path) -> Table:
+    """One paper table: its CSV's rows and columns, each cell from the runs SOURCES names."""
     paper = read_paper(paper_dir, name)
-    spec = specs()[name]
-    labels = [str(label) for label in paper.index]
-    if set(labels) != set(spec):
-        raise ValueError(f"{PAPER_FILES[name]}: rows {labels} differ from the report's {list(spec)}")
+    cols = [c for c in paper.columns if c != AVG]
     notes = Footnotes()
-    rows = []
-    for label in labels:
-        paper_row = paper.loc[label]
-        cols = [c for c in paper.columns if c != AVG]
-        unknown = set(cols) - set(spec[label])
-        if unknown:
-            raise ValueError(f"{PAPER_FILES[name]}: no mapping for columns {sorted(unknown)}")
-        cells = [fill(spec[label][col], _number(paper_row[col]), index, notes) for col in cols]
+    rows, methods = [], {}
+    for label in map(str, paper.index):
+        try:
+            sources = [SOURCES[name](label, col) for col in cols]
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{PAPER_FILES[name]}: row {label!r}: no cell recipe ({err}); see flix/report/tables.py SOURCES") from None
+        cells = [fill(source, _number(paper.loc[label, col]), index, notes) for source, col in zip(sources, cols)]
         if AVG in paper.columns:
-            cells.append(average_cell(cells, _number(paper_row[AVG]), cols, notes))
+            cells.append(average_cell(cells, _number(paper.loc[label, AVG]), cols, notes))
         rows.append((label, cells))
-    compare_rows(rows, {label: next(iter(cols.values())).selection.method for label, cols in spec.items()})
+        methods[label] = sources[0].selection.method
+    compare_rows(rows, methods)
     return Table(name, TITLES[name], paper.index.name, list(paper.columns), rows, notes.texts)
 
 
@@ -268,13 +266,13 @@ DROPOUT_MODES_MIXTURE = "multilingual_ner"
 
 def build_dropout_modes(index: RunIndex) -> Table:
     """Beyond the paper (experiments/dropout_modes.yaml): FLix without feature dropout,
-    with the paper's independent p = 0.7 and with keep_one, beside compute-matched LoRA."""
+    with the paper's independent p (the default dropout) and with keep_one, beside compute-matched LoRA."""
     mixture = DROPOUT_MODES_MIXTURE
     rows = {
-        "Compute-matched": Selection("compute_matched", mixture),
+        METHOD_LABELS["compute_matched"]: Selection("compute_matched", mixture),
         "FLix, no dropout": Selection("flix", mixture, dropout=0.0),
-        "FLix, p = 0.7 independent": Selection("flix", mixture, dropout=0.7),
-        "FLix, p = 0.7 keep-one": Selection("flix", mixture, dropout=0.7, dropout_mode="keep_one"),
+        f"FLix, p = {DEFAULT_DROPOUT:g} independent": Selection("flix", mixture),
+        f"FLix, p = {DEFAULT_DROPOUT:g} keep-one": Selection("flix", mixture, dropout_mode="keep_one"),
     }
     notes = Footnotes()
     built = [(label, [fill(Source(sel, split=split), None, index, notes) for split in ("validation", "test")]) for label, sel in rows.items()]

@@ -1,0 +1,54 @@
+"""A run's configuration: composing conf/train.yaml, its hash, and the mixture it names.
+
+The hash names the run directory (conf/train.yaml `run_name`), so the same settings
+always land in the same directory and a study skips what is done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from flix.data.mixtures import Mixture, load_mixture
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+# Keys that do not change what a run computes: left out of its hash. (data.root stays in:
+# a subsample and the full release are different runs.) `run_name` holds the hash itself.
+UNHASHED = ("hydra", "logger", "force", "study", "run_name")
+UNHASHED_NESTED = (("train", "threads"),)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved configuration that decides a run's results."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for key in UNHASHED:
+        container.pop(key, None)
+    for section, key in UNHASHED_NESTED:
+        container.get(section, {}).pop(key, None)
+    resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# conf/train.yaml names run directories with ${config_hash:}; registered with this module,
+# which every entry point that composes the config imports for `compose` or `config_hash`.
+OmegaConf.register_new_resolver("config_hash", lambda *, _root_: config_hash(_root_), replace=True)
+
+
+def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
+    """conf/train.yaml with the overrides, as `python -m flix.train` composes it
+    (`hydra=True` keeps the hydra node, e.g. for the run directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides, return_hydra_config=hydra)
+
+
+def load_mixture_for(cfg: DictConfig) -> Mixture:
+    """The run's mixture: its data variant, cut to the scale's languages per task."""
+    mixture = load_mixture(cfg.mixture, cfg.data.variant)
+    if cfg.scale.max_langs_per_task:
+        mixture = mixture.restrict(int(cfg.scale.max_langs_per_task))
+    return mixture

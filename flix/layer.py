@@ -1,0 +1,128 @@
+"""The FLix layer: a frozen Linear/Conv1D plus per-feature low-rank banks, and the one
+autograd node that computes it.
+
+For input x of example e with bank rows R_e (its active features' rows, from the router):
+y = x W0 (+ bias) + scaling * (x A[R_e]^T) B[R_e]. Row 0 of each bank is zero padding
+(dropped or unknown features point at it); `flix.features` explains the row layout.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from flix.features import PAD
+
+
+def _in_out(base: nn.Module) -> tuple[int, int]:
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if is_conv1d(base):  # GPT-2 style: weight is (in, out)
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"FLix adapts nn.Linear and transformers Conv1D, not {type(base).__name__}")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class FLixLayer(nn.Module):
+    """A frozen Linear/Conv1D plus per-feature low-rank banks."""
+
+    def __init__(self, base_layer: nn.Module, router, scaling: float, sparse_grad: bool):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = _in_out(base_layer)
+        self.router = router
+        self.scaling = scaling
+        self.sparse_grad = sparse_grad
+        rows = router.space.num_rows
+        w = base_layer.weight
+        self.flix_A = nn.Parameter(torch.empty(rows, self.in_features, dtype=w.dtype, device=w.device))
+        self.flix_B = nn.Parameter(torch.zeros(rows, self.out_features, dtype=w.dtype, device=w.device))
+        self.reset_parameters()
+
+    @property
+    def weight(self) -> torch.Tensor:  # models read e.g. `self.wo.weight.dtype`
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def reset_parameters(self) -> None:
+        # A like LoRA (Kaiming uniform over fan_in = d_in), B zero: training starts at W0.
+        nn.init.kaiming_uniform_(self.flix_A, a=math.sqrt(5))
+        nn.init.zeros_(self.flix_B)
+        with torch.no_grad():
+            self.flix_A[PAD].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.router.rows_for(x.shape[0], x.device)  # (g, r): g = batch, or 1 when uniform
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        weight = self.base_layer.weight
+        weight = weight.t() if isinstance(self.base_layer, nn.Linear) else weight  # (d_in, d_out) either way
+        flat = x.reshape(-1, self.in_features).to(dtype)
+        out = _FLixLinear.apply(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rows={self.flix_A.shape[0]}, scaling={self.scaling:g}"
+
+
+class _FLixLinear(torch.autograd.Function):
+    """y = x W (+ bias) + scaling * (x A_e^T) B_e for each example e's bank rows, as
+    one autograd node.
+
+    Written out by hand because the adapter's arithmetic is tiny (rank 6 against widths
+    of hundreds) and its cost is memory traffic: here the update is added in place into
+    the frozen layer's fresh output, the input gradient of the adapter is added in place
+    into the frozen layer's, and the bank gradients come out as one sparse tensor over
+    the rows the batch used (dense with sparse=False). The frozen weight gets no gradient.
+    x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bank_a, bank_b, rows, scaling, sparse):
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
+            g = rows.shape[0]
+            a = bank_a[rows].to(x.dtype)  # (g, r, d_in)
+            b = bank_b[rows].to(x.dtype)  # (g, r, d_out)
+            w = weight.to(x.dtype)
+            out = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
+            h = torch.bmm(x.view(g, -1, x.shape[1]), a.transpose(1, 2))  # (g, tokens, r)
+            out.view(g, -1, out.shape[1]).baddbmm_(h, b, alpha=scaling)
+        ctx.save_for_backward(x, weight, a, b, h, rows)
+        ctx.scaling, ctx.sparse, ctx.banks = scaling, sparse, (bank_a, bank_b)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b, h, rows = ctx.saved_tensors
+        bank_a, bank_b = ctx.banks
+        g = rows.shape[0]
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad.to(x.dtype)
+            grad3 = grad.view(g, -1, grad.shape[1])
+            grad_h = torch.bmm(grad3, b.transpose(1, 2)).mul_(ctx.scaling)  # (g, tokens, r)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(grad, weight.to(x.dtype).t())
+                grad_x.view(g, -1, x.shape[1]).baddbmm_(grad_h, a)
+            grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
+            grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(ctx.scaling)  # (g, r, d_out)
+            grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse),
+                _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
+
+
+def _bank_grad(bank: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """Per-example row gradients (g, r, d) as the bank's gradient; the padding row gets none."""
+    rows, grad = rows.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(bank.dtype)
+    used = rows != PAD
+    rows, grad = rows[used], grad[used]
+    if sparse:
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), grad, bank.shape, check_invariants=False)
+    return torch.zeros_like(bank).index_add_(0, rows, grad)

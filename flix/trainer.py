@@ -1,0 +1,222 @@
+"""The trainer: one adapter on one mixture, trained with validation every N steps,
+the best checkpoint kept (by the mixture's supervised average) and scored on test.
+
+`Trainer.fit` resumes from run_dir/checkpoints/latest when it exists; `flix.train`
+wraps it into a run (results.json, W&B, the `single` fan-out).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from flix import distributed
+from flix.adapters import WEIGHTS_NAME, get_flix_model
+from flix.batching import TextLimits, loss_sum, training_batch
+from flix.checkpoint import STATE, load_checkpoint, save_checkpoint
+from flix.data.mixtures import Mixture
+from flix.data.reader import read_dataset, resolve_root
+from flix.data.sampling import MixtureSampler
+from flix.evaluate import evaluate
+from flix.features import featureless
+from flix.io import atomic_write_text
+from flix.methods import method_config
+from flix.metrics import example_stats
+from flix.models import enable_activation_checkpointing, load_model, model_kind
+from flix.optim import SparseAdamW, clip_grad_norm_
+from flix.results import selection_metric
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def read_split(root: Path, datasets: list[tuple[str, str]], split: str, limit: int | None) -> dict:
+    return {(task, lang): read_dataset(root, task, split, lang, limit=limit) for task, lang in datasets}
+
+
+def build_model(cfg: DictConfig, mixture: Mixture):
+    """The base model with the adapter of cfg.method for this mixture; (model, tokenizer, seq2seq)."""
+    base, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))
+    method = cfg.method.name
+    config = method_config(
+        cfg.method,
+        mixture.features(),
+        mixture.kind,
+        alpha=cfg.train.alpha,
+        feature_dropout=cfg.dropout,
+        dropout_mode=cfg.train.dropout_mode,
+        lang_rank=cfg.rank.lang,
+        target_modules=OmegaConf.to_container(cfg.model.target_modules) if cfg.model.get("target_modules") else None,
+    )
+    torch.manual_seed(cfg.seed)  # adapter init
+    model = get_flix_model(base, config)
+    space = config.space
+    print(
+        f"[flix] {method}: active rank {space.active_rank}, rank over all features {space.total_rank} "
+        f"(shared {config.shared_rank}, groups {config.ranks}), {model.num_trainable_parameters():,} trainable parameters",
+        file=sys.stderr,
+    )
+    if cfg.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, tokenizer, model_kind(base) == "seq2seq"
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then linear decay to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.1, 1.0 - 0.9 * (step - warmup) / max(1, total - warmup))
+
+    return factor
+
+
+def is_validation_step(step: int, scale: DictConfig) -> bool:
+    """Validation runs every scale.eval_every steps and after the last step."""
+    return step % scale.eval_every == 0 or step == scale.steps
+
+
+def use_bf16(setting, device: torch.device) -> bool:
+    """`train.bf16`: auto (on CUDA only), true (on any device, CPU too) or false."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"train.bf16={setting!r}: use auto (bf16 autocast on GPU only), true or false")
+
+
+class Trainer:
+    """Trains one adapter on one mixture into one directory."""
+
+    def __init__(self, cfg: DictConfig, mixture: Mixture, run_dir: Path):
+        self.cfg, self.mixture, self.run_dir = cfg, mixture, run_dir
+        self.process_rank, self.world_size = distributed.setup()
+        self.main = self.process_rank == 0  # only the main process evaluates and writes
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        self.bf16 = use_bf16(cfg.train.bf16, self.device)
+        self.root = resolve_root(cfg.data.root)
+        mixture.check(self.root)
+        s = cfg.scale
+        self.limits = TextLimits(s.max_prompt_tokens, s.max_target_tokens, s.max_context_chars)
+        self.train_data = read_split(self.root, mixture.train_datasets, "train", None)
+        self.validation = read_split(self.root, mixture.eval_datasets, "validation", s.eval_examples)
+        self.model, self.tokenizer, self.seq2seq = build_model(cfg, mixture)
+        self.model.to(self.device)
+        self.sampler = MixtureSampler(
+            self.train_data, s.batch_size, seed=cfg.seed, strategy=cfg.train.sampling, cap=cfg.train.cap, temperature=cfg.train.temperature
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s.warmup_steps, s.steps))
+        self.ckpt_dir = run_dir / "checkpoints" / "latest"
+
+    def autocast(self):
+        """bf16 autocast for training and generation, as `train.bf16` says."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step on the global batch (this process's shard of it); returns
+        the loss and the fraction of this process's examples that feature dropout left
+        with no adapter at all (they teach nothing this step)."""
+        examples = self.sampler.batch(step, self.process_rank, self.world_size)
+        micro = self.cfg.scale.micro_batch_size
+        batches = [training_batch(examples[i : i + micro], self.tokenizer, self.limits, self.seq2seq) for i in range(0, len(examples), micro)]
+        total_targets = distributed.sum_scalar(sum(b["num_targets"] for b in batches))
+        self.model.train()
+        loss_total, bare = 0.0, 0
+        for i, batch in zip(range(0, len(examples), micro), batches):
+            tensors = {k: v.to(self.device) for k, v in batch.items() if k != "num_targets"}
+            with self.model.route([ex.features for ex in examples[i : i + micro]]), self.autocast():
+                bare += int(featureless(self.model.router.rows).sum())
+                loss = loss_sum(self.model, tensors, self.seq2seq) / total_targets
+                loss.backward()
+            loss_total += loss.item()
+        loss_total = distributed.sum_scalar(loss_total)
+        params = self.optimizer.param_groups[0]["params"]
+        distributed.sum_gradients(params)
+        if not math.isfinite(loss_total):
+            raise NonFiniteLoss(
+                f"loss is {loss_total} at step {step + 1}; the last good checkpoint is kept at {self.ckpt_dir}. "
+                "Lower train.lr, check the data, or use float32 (model.dtype=float32)."
+            )
+        clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, bare / len(examples)
+
+    def validate(self) -> tuple[dict, dict, float]:
+        with self.autocast():
+            scores, preds = evaluate(
+                self.model, self.tokenizer, self.validation, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="validation"
+            )
+        return scores, preds, selection_metric(scores, self.mixture.eval_sets)
+
+    def fit(self, tracker) -> dict:
+        s = self.cfg.scale
+        state = {"step": 0, "best_step": None, "best_score": -math.inf, "best_validation": {}, "history": [], "train_loss": [], "featureless_fraction": [], "train_seconds": 0.0}
+        if (self.ckpt_dir / STATE).exists():
+            state.update({k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler).items() if k in state})
+            print(f"[flix] resuming {self.run_dir} from step {state['step']}", file=sys.stderr)
+        else:
+            torch.manual_seed(self.cfg.seed)
+        bar = tqdm(total=s.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=not self.main)
+        while state["step"] < s.steps:
+            started = time.perf_counter()
+            loss, bare = self.train_step(state["step"])
+            state["train_seconds"] += time.perf_counter() - started
+            state["step"] += 1
+            step = state["step"]
+            state["train_loss"].append(loss)
+            state["featureless_fraction"].append(bare)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            tracker.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/featureless_fraction": bare}, step=step)
+            if self.main and is_validation_step(step, s):
+                scores, preds, average = self.validate()
+                state["history"].append({"step": step, "validation_average": average, "loss": loss})
+                tracker.log({"validation/average": average, **{f"validation/{t}/{l}": v for t, ls in scores.items() for l, v in ls.items()}}, step=step)
+                if average > state["best_score"]:
+                    state.update(best_score=average, best_step=step, best_validation=scores)
+                    self.model.save_pretrained(self.run_dir / "best_adapter")
+                    self._write_predictions("validation", self.validation, preds)
+                bar.write(f"[flix] step {step}: validation average {average:.2f} (best {state['best_score']:.2f} at step {state['best_step']})")
+            if self.main and (step % s.checkpoint_every == 0 or step == s.steps):
+                save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, state)
+        bar.close()
+        distributed.barrier()
+        return state
+
+    def test(self) -> tuple[dict, dict]:
+        """Test scores of the kept adapter and their per-example statistics
+        (`flix.metrics.example_stats`, what the report's intervals resample); writes its predictions."""
+        self._load_best()
+        data = read_split(self.root, self.mixture.eval_datasets, "test", self.cfg.scale.test_examples)
+        with self.autocast():
+            scores, preds = evaluate(self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
+        self._write_predictions("test", data, preds)
+        stats: dict[str, dict[str, list]] = {}
+        for (task, lang), examples in data.items():
+            stats.setdefault(task, {})[lang] = example_stats(task, [ex.target for ex in examples], preds[(task, lang)])
+        return scores, stats
+
+    def _load_best(self) -> None:
+        from safetensors.torch import load_file
+
+        path = self.run_dir / "best_adapter" / WEIGHTS_NAME
+        self.model.load_adapter_state_dict(load_file(str(path)), source=str(path))
+
+    def _write_predictions(self, split: str, data: dict, preds: dict) -> None:
+        for (task, lang), examples in data.items():
+            lines = [json.dumps({"id": ex.id, "target": ex.target, "prediction": p}, ensure_ascii=False) for ex, p in zip(examples, preds[(task, lang)])]
+            atomic_write_text(self.run_dir / "predictions" / split / f"{task}.{lang}.jsonl", "\n".join(lines) + "\n")
+
+
