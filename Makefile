@@ -44,3 +44,8 @@ dropout-modes:  ## feature dropout modes on multilingual NER (beyond the paper)
 	$(STUDY) dropout_modes $(ARGS)
 report:  ## render reports/$(SCALE)/ from existing runs (runs nothing)
 	$(PY) -m flix report --scale $(SCALE) --runs $(FLIX_RUNS)/$(SCALE) --out $(FLIX_REPORTS)/$(SCALE)
+
+# A GPU machine without network (README "GPU without network"): stage here, run there.
+.PHONY: gpu-stage
+gpu-stage:  ## wheels, Gemma 3 270M and the data into staging/part-N (<= 60 MiB each)
+	$(PY) -m flix offline stage --data $(FLIX_DATA_ROOT)

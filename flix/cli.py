@@ -10,6 +10,7 @@ COMMANDS = {
     "data": ("flix.data.cli", "read, check, download and subsample XTREME-UP data"),
     "bench": ("flix.bench", "benchmarks (adapters, run)"),
     "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
+    "offline": ("flix.offline", "stage parts for a GPU machine without network, and run there"),
 }
 
 
