@@ -3,6 +3,8 @@ own counters, in one state.pt written atomically and loaded with weights_only=Tr
 (tensors and plain containers only, so a crafted file cannot run code)."""
 from __future__ import annotations
 
+import io
+import os
 import pickle
 import random
 from pathlib import Path
@@ -41,17 +43,21 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
     """`state`: the trainer's counters and history (plain values)."""
-    with atomic_dir(path) as tmp:
-        torch.save(
-            {
-                "adapter": model.adapter_state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                **state,
-            },
-            tmp / STATE,
-        )
+    buffer = io.BytesIO()  # serialised first: a full disk then fails as an OSError naming the path
+    torch.save(
+        {
+            "adapter": model.adapter_state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            **state,
+        },
+        buffer,
+    )
+    with atomic_dir(path) as tmp, open(tmp / STATE, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -65,6 +71,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             f"{file}: refused to load: it holds more than tensors and plain values (a checkpoint from an older "
             f"flix, or a tampered file); nothing from it was run. Delete {path} to restart the run from step 0. ({err})"
         ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated or corrupted on disk
+        raise RuntimeError(f"{file}: unreadable checkpoint ({type(err).__name__}: {err}). Delete {path} to restart the run from step 0.") from None
     model.load_adapter_state_dict(ckpt["adapter"], source=str(file))
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])

@@ -5,6 +5,7 @@ always land in the same directory and a study skips what is done.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -16,19 +17,42 @@ from flix.data.mixtures import Mixture, load_mixture
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Keys that do not change what a run computes: left out of its hash. (data.root stays in:
 # a subsample and the full release are different runs.) `run_name` holds the hash itself.
-UNHASHED = ("hydra", "logger", "force", "study", "run_name")
+UNHASHED = ("hydra", "logger", "force", "wait", "study", "run_name")
 UNHASHED_NESTED = (("train", "threads"),)
+
+
+def _decisive(container: dict) -> dict:
+    """The config without the keys that do not change results (a copy)."""
+    container = copy.deepcopy(container)
+    for key in UNHASHED:
+        container.pop(key, None)
+    for section, key in UNHASHED_NESTED:
+        if isinstance(container.get(section), dict):
+            container[section].pop(key, None)
+    return container
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the resolved configuration that decides a run's results."""
-    container = OmegaConf.to_container(cfg, resolve=False)
-    for key in UNHASHED:
-        container.pop(key, None)
-    for section, key in UNHASHED_NESTED:
-        container.get(section, {}).pop(key, None)
+    container = _decisive(OmegaConf.to_container(cfg, resolve=False))
     resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def setting(resolved: dict) -> dict[str, str]:
+    """A recorded (resolved) config as flat key -> value, without the seed and what the
+    hash leaves out: runs of one setting differ only by seed (the report averages those)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = json.dumps(value, sort_keys=True)
+
+    walk("", {k: v for k, v in _decisive(resolved).items() if k != "seed"})
+    return flat
 
 
 # conf/train.yaml names run directories with ${config_hash:}; registered with this module,

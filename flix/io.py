@@ -1,27 +1,57 @@
-"""Atomic writes: a killed process never leaves a half-written file or directory."""
+"""Atomic writes: a killed process never leaves a half-written file or directory, and
+`recover` finds the newest complete copy a crash left behind.
+
+Files and directories get the modes the user's umask gives (0644/0755 under umask 022),
+not mkstemp's private 0600/0700, so a group or a web server can read results.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+COMPLETE = ".complete"  # written last into an atomic_dir's temp folder: its contents are whole
+TMP_SUFFIX, OLD_SUFFIX = ".tmp", ".old"
+LEFTOVER = re.compile(r"^\.(.+?)\.(?:[a-z0-9_]{8}\.tmp|old)$")  # .NAME.<mkstemp random>.tmp, .NAME.old
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """The OSError to raise: it names the path, and says so when the disk is full."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(err.errno, f"no space left on device while writing {path}: free space there and rerun (the run resumes)")
+    return OSError(err.errno, f"could not write {path}: {err.strerror or err}")
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temp file beside `path`, fsync, then rename over it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as err:
+        raise write_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
         raise
     return path
 
@@ -36,20 +66,69 @@ def atomic_write_json(path: str | Path, obj) -> Path:
 
 @contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temp directory that replaces `path` only if the block succeeds."""
+    """Yield a temp directory that replaces `path` only if the block succeeds.
+
+    Replacing takes two renames (path -> .path.old, temp -> path); a crash between them
+    leaves no `path`, but `recover(path)` brings back the newest complete copy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-    except BaseException:
+        (tmp / COMPLETE).touch()
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
         raise
-    old = None
+    old = path.with_name(f".{path.name}{OLD_SUFFIX}")
     if path.exists():
-        old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path: str | Path) -> Path | None:
+    """After a crash: make `path` the newest complete copy of an atomic_dir and remove
+    every leftover temp. Call it only while holding the run's lock (another process's
+    temp folder would look like a leftover). Returns `path` if a complete copy exists."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return None
+    temps = sorted(path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"))
+    old = path.with_name(f".{path.name}{OLD_SUFFIX}")
+    # Leftovers are from the last crash (every start recovers), so a complete temp is the
+    # newest copy, then `path`, then .old (path -> .old is the first of the two renames).
+    complete = [t for t in temps if t.is_dir() and (t / COMPLETE).exists()]
+    newest = max(complete, key=lambda t: (t / COMPLETE).stat().st_mtime, default=None)
+    if newest is not None:
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(newest, path)
+    elif not path.exists() and old.is_dir():
+        os.replace(old, path)
+    for leftover in [*temps, old]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.exists():
+            leftover.unlink(missing_ok=True)
+    return path if path.exists() else None
+
+
+def recover_tree(root: str | Path) -> None:
+    """After a crash, under `root`: every atomic_dir back to its newest complete copy, and
+    the temp files of killed atomic writes removed. Call it only while holding the run's
+    lock (another process's temps would look like leftovers)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for leftover in sorted(root.rglob(".*")):
+        match = LEFTOVER.match(leftover.name)
+        if match is None or not leftover.exists():
+            continue
+        if leftover.is_dir():
+            recover(leftover.with_name(match.group(1)))
+        elif leftover.name.endswith(TMP_SUFFIX):
+            leftover.unlink(missing_ok=True)

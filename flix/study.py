@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -90,8 +91,30 @@ def launch(study: dict, common: list[str], launcher: str, jobs: int) -> list[int
     for sweep in study["sweeps"]:
         cmd = [sys.executable, "-m", "flix.train", "-m", *common, *sweep_args(sweep), *extra]
         print("[flix study] " + " ".join(cmd[1:]), flush=True)
-        codes.append(subprocess.run(cmd, cwd=REPO).returncode)
+        codes.append(run_child(cmd))
     return codes
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run one sweep; a SIGTERM or SIGINT to the study goes to the sweep too and the study
+    waits for it to end, then stops (an orphaned sweep would race a rerun of the study)."""
+    child = subprocess.Popen(cmd, cwd=REPO)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        print(f"[flix study] stopped by {signal.Signals(received[0]).name}; the sweep ended (exit {code}); rerun to go on", file=sys.stderr)
+        raise SystemExit(128 + received[0])
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

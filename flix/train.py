@@ -24,9 +24,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from flix import distributed
+from flix.checks import ConfigError, check_run
 from flix.config import config_hash, load_mixture_for
 from flix.data.reader import resolve_root
-from flix.io import atomic_write_text
+from flix.data.mixtures import MixtureError
+from flix.data.reader import DataError
+from flix.io import atomic_write_text, recover_tree
+from flix.lock import RunLocked, run_lock
 from flix.results import CODE_COMMIT, FAILED, RESULTS, merge_datasets, per_language_table, summary_line, write_failure, write_results
 from flix.tracking import NullTracker, ScopedTracker, make_tracker
 from flix.trainer import Trainer
@@ -58,21 +62,31 @@ def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole run; returns results (also written to run_dir/results.json)."""
-    if cfg.get("force") and run_dir.exists():
+    mixture = load_mixture_for(cfg)
+    check_run(cfg, mixture)  # before any model loads or file is written
+    process_rank, _ = distributed.setup()
+    if process_rank != 0:  # other data-parallel processes only train; the main one holds the lock
+        return _train(cfg, mixture, run_dir, process_rank)
+    with run_lock(run_dir, wait=bool(cfg.get("wait"))):
+        recover_tree(run_dir)  # a crash's newest complete checkpoint back in place, temp files gone
+        return _train(cfg, mixture, run_dir, process_rank)
+
+
+def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
+    if cfg.get("force") and process_rank == 0 and run_dir.exists():
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / RESULTS).unlink(missing_ok=True)
     if (run_dir / RESULTS).exists():
         print(f"[flix] {run_dir / RESULTS} exists: run already complete (force=true runs it again)", file=sys.stderr)
         return json.loads((run_dir / RESULTS).read_text())
-    (run_dir / FAILED).unlink(missing_ok=True)
+    if process_rank == 0:
+        (run_dir / FAILED).unlink(missing_ok=True)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
-    mixture = load_mixture_for(cfg)
     # `single` (method.per_dataset): one adapter per dataset, each in datasets/TASK.LANG.
     jobs = [(m, run_dir / "datasets" / m.name.split("/")[-1]) for m in mixture.per_dataset()] if cfg.method.per_dataset else [(mixture, run_dir)]
-    process_rank, _ = distributed.setup()
-    if process_rank != 0:  # other data-parallel processes only train
+    if process_rank != 0:
         for part, part_dir in jobs:
             train_one(cfg, part, part_dir, NullTracker())
         return {}
@@ -126,20 +140,30 @@ def _wandb_id(run_dir: Path) -> str:
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = hydra.core.hydra_config.HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        results = run(cfg, run_dir)
-    except torch.OutOfMemoryError as err:
-        raise RuntimeError(
-            f"out of memory: lower scale.micro_batch_size (now {cfg.scale.micro_batch_size}; the effective batch "
-            f"stays scale.batch_size), scale.max_prompt_tokens or scale.eval_batch_size, or set train.gradient_checkpointing=true"
-        ) from err
-    except Exception as err:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            raise
-        # In a sweep one failed run must not take the others down: record it and go on.
-        write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))
-        print(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}", file=sys.stderr)
+        try:
+            results = run(cfg, run_dir)
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError(
+                f"out of memory: lower scale.micro_batch_size (now {cfg.scale.micro_batch_size}; the effective batch "
+                f"stays scale.batch_size), scale.max_prompt_tokens or scale.eval_batch_size, or set train.gradient_checkpointing=true"
+            ) from err
+    except RunLocked as err:  # another process is on it: nothing of this run is ours to write
+        print(f"[flix] {err}", file=sys.stderr)
+        if not multirun:
+            sys.exit(1)
         return None
+    except Exception as err:
+        usage = isinstance(err, (ConfigError, MixtureError, DataError))
+        if multirun:  # one failed run must not take the sweep down: record it and go on
+            write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))
+            print(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}", file=sys.stderr)
+            return None
+        if usage:  # the message says what to change; a traceback would bury it
+            print(f"flix.train: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        raise
     score = results.get("best_validation_average")
     return score if isinstance(score, float) else None
 

@@ -9,10 +9,11 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
-from flix.config import CONF
+from flix.config import CONF, setting
 from flix.methods import load_method
 from flix.results import FAILED, RESULTS, identity
 
@@ -34,6 +35,7 @@ class RunRecord:
     dropout_mode: str = "independent"
     results: dict | None = None
     failure: str | None = None
+    setting: dict = field(default_factory=dict)  # flix.config.setting: what must agree across seeds
 
     @property
     def eval_sets(self) -> dict:
@@ -76,18 +78,41 @@ class RunIndex:
     root: Path
     runs: list[RunRecord] = field(default_factory=list)
     skipped: list[RunRecord] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # results.json that do not parse
 
     @property
     def finished(self) -> list[RunRecord]:
         return [r for r in self.runs if r.results is not None]
 
-    def select(self, selection: Selection) -> tuple[list[RunRecord], list[RunRecord]]:
-        """(finished, failed) runs matching `selection`, ordered by seed."""
+    def select(self, selection: Selection) -> Selected:
+        """The runs matching `selection`, ordered by seed; finished runs of different
+        settings are never averaged: they come back as a conflict, with none finished."""
         matching = sorted((r for r in self.runs if selection.matches(r)), key=lambda r: (r.seed is None, r.seed or 0, str(r.path)))
-        return [r for r in matching if r.results is not None], [r for r in matching if r.results is None]
+        finished = [r for r in matching if r.results is not None]
+        failed = [r for r in matching if r.results is None]
+        conflict = conflict_of(finished)
+        return Selected([], failed, conflict) if conflict else Selected(finished, failed, None)
 
 
-def _record(path: Path, config: dict, **body) -> RunRecord:
+class Selected(NamedTuple):
+    finished: list[RunRecord]
+    failed: list[RunRecord]
+    conflict: str | None  # why the finished runs were not averaged
+
+
+def conflict_of(runs: list[RunRecord]) -> str | None:
+    """The settings (besides the seed) that the runs record differently, if any. A key
+    only some runs record (a setting added later) is not a conflict."""
+    shared = set.intersection(*(set(r.setting) for r in runs)) if runs else set()
+    differ = sorted(key for key in shared if len({r.setting[key] for r in runs}) > 1)
+    if not differ:
+        return None
+    shown = "; ".join(f"{key}: {' vs '.join(sorted({r.setting[key] for r in runs}))}" for key in differ[:3])
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    return f"runs of different settings, not averaged ({shown}{more}); keep one setting under the runs root: {', '.join(str(r.path) for r in runs)}"
+
+
+def _record(path: Path, config: dict, data_root: str | None = None, **body) -> RunRecord:
     known = identity(config)
     seed, dropout, rank = known["seed"], known["dropout"], known["lang_rank"]
     return RunRecord(
@@ -99,13 +124,17 @@ def _record(path: Path, config: dict, **body) -> RunRecord:
         dropout=None if dropout is None else float(dropout),
         lang_rank=None if rank is None else int(rank),
         dropout_mode=known["dropout_mode"],
+        setting=setting(config) | ({"data_root": json.dumps(data_root)} if data_root else {}),
         **body,
     )
 
 
 def read_results(path: Path) -> RunRecord:
+    """A finished run; ValueError if the file is not a results.json object."""
     results = json.loads(path.read_text())
-    return _record(path.parent, results.get("config") or {}, results=results)
+    if not isinstance(results, dict):
+        raise ValueError("not a JSON object")
+    return _record(path.parent, results.get("config") or {}, results.get("data_root"), results=results)
 
 
 def read_failure(path: Path) -> RunRecord:
@@ -124,12 +153,17 @@ def collect(root: str | Path, scale: str | None = None) -> RunIndex:
     """Every run under `root` (any depth). A directory with results.json counts as
     finished even if an older failed.json is still there (the rerun succeeded)."""
     root = Path(root)
-    runs = [read_results(p) for p in sorted(root.rglob(RESULTS))]
-    done = {r.path for r in runs}
+    runs, unreadable = [], []
+    for path in sorted(root.rglob(RESULTS)):
+        try:
+            runs.append(read_results(path))
+        except (OSError, ValueError, RecursionError) as error:  # truncated, corrupted: skip it, render the rest
+            unreadable.append((path, f"{type(error).__name__}: {error}"))
+    done = {r.path for r in runs} | {p.parent for p, _ in unreadable}
     runs += [read_failure(p) for p in sorted(root.rglob(FAILED)) if p.parent not in done]
     # a results.json without these is not a flix run's
     runs = [r for r in runs if r.results is None or ("method" in r.results and "eval_sets" in r.results)]
     if scale is None:
-        return RunIndex(root, runs)
+        return RunIndex(root, runs, unreadable=unreadable)
     keep = [r for r in runs if r.scale in (None, scale)]
-    return RunIndex(root, keep, [r for r in runs if r.scale not in (None, scale)])
+    return RunIndex(root, keep, [r for r in runs if r.scale not in (None, scale)], unreadable)

@@ -56,6 +56,7 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
         "runs": len(index.finished),
         "failed": sum(r.failure is not None for r in index.runs),
         "skipped_other_scales": len(index.skipped),
+        "unreadable": [f"{path}: {reason}" for path, reason in index.unreadable],
         "tables": {t.name: dict(zip(("filled", "missing"), t.counts())) for t in tables},
         "figure2": {"filled": filled, "missing": len(frame) - filled},
         "appendices": [a.mixture for a in appendices],
@@ -66,4 +67,6 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
 def summary_line(summary: dict) -> str:
     cells = "; ".join(f"{name} {c['filled']} filled/{c['missing']} missing" for name, c in {**summary["tables"], "figure2": summary["figure2"]}.items())
     skipped = f", {summary['skipped_other_scales']} of other scales skipped" if summary["skipped_other_scales"] else ""
-    return f"report ({summary['scale']}, {summary['runs']} runs, {summary['failed']} failed{skipped}): {cells}"
+    unreadable = summary.get("unreadable") or []
+    broken = f", {len(unreadable)} unreadable results.json skipped ({unreadable[0]})" if unreadable else ""
+    return f"report ({summary['scale']}, {summary['runs']} runs, {summary['failed']} failed{skipped}{broken}): {cells}"

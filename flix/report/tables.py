@@ -179,7 +179,7 @@ class Footnotes:
 
 def fill(source: Source, paper: float | None, index: RunIndex, notes: Footnotes) -> Cell:
     """Average a cell over its finished runs (seeds); note what is missing or failed."""
-    finished, failed = index.select(source.selection)
+    finished, failed, conflict = index.select(source.selection)
     scored = [(r, run_value(r, source)) for r in finished]
     used = [(r, v) for r, v in scored if v is not None]
     cell = Cell(float(np.mean([v for _, v in used])) if used else None, paper, [r for r, _ in used])
@@ -191,7 +191,9 @@ def fill(source: Source, paper: float | None, index: RunIndex, notes: Footnotes)
     for run, value in scored:
         if value is None:
             cell.notes.append(notes.add(f"{what}, seed {run.seed}: no {source.split} score for {source.describe_sets()} [{run.path}]"))
-    if not finished and not failed:
+    if conflict:
+        cell.notes.append(notes.add(f"{what}: {conflict}"))
+    elif not finished and not failed:
         cell.notes.append(notes.add(f"missing run: {what} under {index.root}"))
     return cell
 

@@ -1,0 +1,53 @@
+"""One process per run directory: an OS file lock on RUN_DIR/.lock, taken before any write.
+
+The OS releases the lock when its holder dies (even by SIGKILL), so a stale lock file
+from a dead process is simply taken over; the pid, host and start time written into it
+are only there to name the holder in the message a second process gets.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+def holder(run_dir: Path) -> str:
+    try:
+        text = (Path(run_dir) / LOCK).read_text().strip()
+    except OSError:
+        text = ""
+    return text or "an unknown process"
+
+
+@contextmanager
+def run_lock(run_dir: str | Path, wait: bool = False):
+    """Hold RUN_DIR/.lock for the block. Busy: wait for it (`wait`) or raise RunLocked
+    naming the holder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise RunLocked(
+                    f"{run_dir} is being run by {holder(run_dir)}: wait for it to finish, stop it, "
+                    f"or pass wait=true to wait here"
+                ) from None
+            print(f"[flix] waiting for {run_dir}, held by {holder(run_dir)}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
