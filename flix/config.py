@@ -6,6 +6,7 @@ always land in the same directory and a study skips what is done.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -68,6 +69,40 @@ def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose("train", overrides=overrides, return_hydra_config=hydra)
+
+
+GROUPS = tuple(sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"))
+# Names from the paper and the design card that are not options of the group they were given to.
+HINTS = {
+    ("mixture", "study_b"): "study_b is a study (Table 2), not a mixture: run `make study-b` or `python -m flix.study study_b`",
+    ("mixture", "ablations"): "ablations is a study (Tables 3-4): run `make ablations`",
+    ("mixture", "zeroshot"): "the zero-shot mixture is mixture=zeroshot_sp",
+    ("mixture", "single"): "single is a method: method=single (one adapter per dataset)",
+    ("method", "lora"): "LoRA is method=compute_matched (rank of FLix's active rank) or method=param_matched",
+}
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def override_problems(args: list[str]) -> list[str]:
+    """Group options that do not exist (`rank=1`, `mixture=study_b`), named with the
+    choices and, for the paper's names, where that thing lives. Hydra's own message is a
+    traceback for some of them."""
+    problems = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") not in GROUPS:
+            continue
+        group = key.lstrip("+~")
+        for option in value.split(","):  # a multirun sweep: -m method=flix,single
+            if option and option not in choices(group):
+                hint = HINTS.get((group, option)) or (f"the language rank {option} is rank=lang{option}" if group == "rank" and option.isdigit() else "")
+                close = difflib.get_close_matches(option, choices(group), n=1)
+                hint = hint or (f"did you mean {group}={close[0]}?" if close else "")
+                problems.append(f"{group}={option}: no such option{'; ' + hint if hint else ''} (choices: {', '.join(choices(group))})")
+    return problems
 
 
 def load_mixture_for(cfg: DictConfig) -> Mixture:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flix import distributed
 from flix.checks import ConfigError, check_run
-from flix.config import config_hash, load_mixture_for
+from flix.config import config_hash, load_mixture_for, override_problems
 from flix.data.reader import resolve_root
 from flix.data.mixtures import MixtureError
 from flix.data.reader import DataError
@@ -155,12 +155,11 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(1)
         return None
     except Exception as err:
-        usage = isinstance(err, (ConfigError, MixtureError, DataError))
-        if multirun:  # one failed run must not take the sweep down: record it and go on
-            write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))
+        write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))  # the report names it
+        if multirun:  # one failed run must not take the sweep down: go on
             print(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}", file=sys.stderr)
             return None
-        if usage:  # the message says what to change; a traceback would bury it
+        if isinstance(err, (ConfigError, MixtureError, DataError)):  # the message says what to change
             print(f"flix.train: error: {err}", file=sys.stderr)
             sys.exit(2)
         raise
@@ -169,4 +168,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if problems := override_problems(sys.argv[1:]):  # before Hydra, whose message can be a traceback
+        print("flix.train: error: " + "\n  ".join(problems), file=sys.stderr)
+        sys.exit(2)
     main()

@@ -141,9 +141,22 @@ def test_wandb_offline_run_is_written_and_finished(compose, tmp_path, monkeypatc
     assert wandb.run is None  # finished, so the next run of a sweep starts clean
 
 
-def test_bad_option_lists_the_choices(data_root):
-    out = subprocess.run([sys.executable, "-m", "flix.train", "method=lora"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode != 0 and "compute_matched" in out.stderr and "param_matched" in out.stderr
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("method=lora", "method=compute_matched"),
+        ("mixture=study_b", "make study-b"),
+        ("mixture=zeroshot", "mixture=zeroshot_sp"),
+        ("mixture=single", "method=single"),
+        ("rank=1", "rank=lang1"),
+        ("method=flix,sngle", "did you mean method=single?"),
+    ],
+)
+def test_bad_option_says_where_it_lives_and_lists_the_choices(override, hint):
+    """Before Hydra (whose message for rank=1 is a traceback): one message, exit code 2."""
+    out = subprocess.run([sys.executable, "-m", "flix.train", "-m", override], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert hint in out.stderr and "choices:" in out.stderr
 
 
 def test_nan_loss_stops_with_a_clear_message(compose, tmp_path):
