@@ -2,10 +2,11 @@
 PY ?= .venv/bin/python
 SCALE ?= smoke
 export FLIX_DATA_ROOT ?= $(abspath ../shared/data/xtreme_up_mini)
-# Run directories: $(FLIX_RUNS)/<scale>/<mixture>/<run>; rendered tables: $(FLIX_REPORTS)/<scale>/.
+# Run directories: $(FLIX_RUNS)/<scale>/<mixture>/<run>; rendered tables: $(FLIX_REPORTS)/<scale>/,
+# or the committed snapshot reports/<scale>/ with SNAPSHOT=1.
 # (No comments after values here: make would keep the spaces before them.)
 export FLIX_RUNS ?= runs
-export FLIX_REPORTS ?= reports
+export FLIX_REPORTS ?= outputs/reports
 
 .PHONY: setup test bench bench-run
 
@@ -31,7 +32,7 @@ bench-run:  ## expected time of one $(SCALE) run of $(MIXTURE) on this machine, 
 # ARGS="key=value ..." adds Hydra overrides to every run.
 LOGGER ?= wandb
 SEEDS ?= 0
-STUDY = $(PY) -m flix.study --scale $(SCALE) --seeds $(SEEDS) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER))
+STUDY = $(PY) -m flix.study --scale $(SCALE) --seeds $(SEEDS) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(SNAPSHOT),--snapshot)
 
 .PHONY: study-a study-b ablations dropout-modes report
 study-a:  ## Tables 1 and 5
@@ -42,8 +43,8 @@ ablations:  ## Tables 3 and 4
 	$(STUDY) ablations $(ARGS)
 dropout-modes:  ## feature dropout modes on multilingual NER (beyond the paper)
 	$(STUDY) dropout_modes $(ARGS)
-report:  ## render reports/$(SCALE)/ from existing runs (runs nothing)
-	$(PY) -m flix report --scale $(SCALE) --runs $(FLIX_RUNS)/$(SCALE) --out $(FLIX_REPORTS)/$(SCALE)
+report:  ## render $(FLIX_REPORTS)/$(SCALE)/ (SNAPSHOT=1: the committed reports/$(SCALE)/) from existing runs
+	$(PY) -m flix report --scale $(SCALE) --runs $(FLIX_RUNS)/$(SCALE) $(if $(SNAPSHOT),--snapshot,--out $(FLIX_REPORTS)/$(SCALE))
 
 # A GPU machine without network (README "GPU without network"): stage here, run there.
 .PHONY: gpu-stage

@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launcher", default="basic", choices=LAUNCHERS, help="basic: one after another; parallel: joblib; slurm: submitit")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once with --launcher parallel")
     parser.add_argument("--no-report", action="store_true", help="do not render the report afterwards")
+    parser.add_argument("--snapshot", action="store_true", help="render into the committed reports/<scale>/ (default: outputs/reports/<scale>)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = (r.run_dir / "failed.json").read_text() if r.status == "failed" else "no results.json"
         print(f"[flix study] FAILED {' '.join(r.overrides)} -> {r.run_dir}: {_first_line(reason)}", file=sys.stderr)
     if not args.no_report:
-        _report(args.scale, args.logger)
+        _report(args.scale, args.logger, args.snapshot)
     return 1 if failed else 0
 
 
@@ -163,12 +164,12 @@ def _first_line(failed_json: str) -> str:
         return failed_json.strip().splitlines()[0] if failed_json.strip() else "unknown error"
 
 
-def _report(scale: str, logger: str) -> None:
+def _report(scale: str, logger: str, snapshot: bool) -> None:
     from flix.report.cli import main as report
 
     runs = REPO / os.environ.get("FLIX_RUNS", "runs") / scale
-    out = REPO / os.environ.get("FLIX_REPORTS", "reports") / scale
-    report(["--runs", str(runs), "--scale", scale, "--out", str(out)] + (["--wandb"] if logger == "wandb" else []))
+    where = ["--snapshot"] if snapshot else []  # else flix report's uncommitted default ($FLIX_REPORTS)
+    report(["--runs", str(runs), "--scale", scale, *where] + (["--wandb"] if logger == "wandb" else []))
 
 
 if __name__ == "__main__":

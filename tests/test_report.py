@@ -177,6 +177,23 @@ def test_cli_exit_codes(report, tmp_path, capsys):
     assert "ValueError: boom" in capsys.readouterr().err
 
 
+def test_snapshot_drops_stale_files_and_keeps_its_readme(report, tmp_path):
+    out, _ = report
+    runs = out.parent / "smoke"
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    (snapshot / "README.md").write_text("how this snapshot was made")
+    (snapshot / "table9.md").write_text("from an older commit")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("mine")
+    assert main(["--runs", str(runs), "--out", str(plain), "--paper", str(PAPER)]) == 0
+    assert (plain / "notes.txt").exists()  # without --snapshot nothing is removed
+    assert main(["--runs", str(runs), "--out", str(snapshot), "--paper", str(PAPER), "--snapshot"]) == 0
+    assert (snapshot / "README.md").read_text() == "how this snapshot was made"
+    assert not (snapshot / "table9.md").exists() and (snapshot / "table1.md").exists()
+
+
 def test_log_to_wandb_offline(report, tmp_path, monkeypatch):
     out, _ = report
     monkeypatch.setenv("WANDB_MODE", "offline")

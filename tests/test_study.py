@@ -126,7 +126,9 @@ def test_make_studies_render_all_five_tables(runs_env):
 def test_make_default_paths_have_no_stray_spaces():
     env = {k: v for k, v in os.environ.items() if k not in ("FLIX_RUNS", "FLIX_REPORTS")}
     out = subprocess.run(["make", "-n", "report", "SCALE=smoke"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    assert "--runs runs/smoke --out reports/smoke" in out.stdout
+    assert "--runs runs/smoke --out outputs/reports/smoke" in out.stdout
+    snapshot = subprocess.run(["make", "-n", "report", "SCALE=smoke", "SNAPSHOT=1"], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert "--runs runs/smoke --snapshot" in snapshot.stdout
 
 
 def test_seeds_run_every_sweep_once_per_seed(runs_env):

@@ -1,8 +1,10 @@
 """`flix report`: render the paper's tables and Figure 2 from finished runs (runs nothing).
 
-    flix report [--runs DIR] [--scale smoke|cpu|mini|paper] [--out DIR] [--paper DIR] [--wandb]
+    flix report [--runs DIR] [--scale smoke|cpu|mini|paper] [--out DIR | --snapshot] [--paper DIR] [--wandb]
 
-Default paths are relative to the repository root, as flix.study uses them.
+Default paths are relative to the repository root, as flix.study uses them. The report
+goes to an uncommitted folder (outputs/reports/<scale>) unless --snapshot asks for the
+committed one (reports/<scale>), where files no render wrote (but its README) are then removed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from omegaconf import OmegaConf
 from flix.report.render import ReportError, infer_scale, render, summary_line
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = "outputs/reports"  # git-ignored
+SNAPSHOTS = REPO / "reports"  # committed: each scale's folder has a README saying how it was made
 SCALES = tuple(sorted(p.stem for p in (REPO / "conf" / "scale").glob("*.yaml")))  # smoke, cpu, mini, paper
 
 
@@ -23,11 +27,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="flix report", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, help="runs root (default: $FLIX_RUNS or runs, then /<scale>)")
     parser.add_argument("--scale", choices=SCALES, help="default: the runs' scale with --runs, else smoke")
-    parser.add_argument("--out", type=Path, help="output dir (default: $FLIX_REPORTS or reports, then /<scale>)")
+    parser.add_argument("--out", type=Path, help=f"output dir (default: $FLIX_REPORTS or {DEFAULT_OUT}, then /<scale>)")
+    parser.add_argument("--snapshot", action="store_true", help="write the committed snapshot reports/<scale>/ (stale files removed first)")
     parser.add_argument("--paper", type=Path, help="paper tables (default: $FLIX_PAPER_DIR or ../shared/paper beside the repo)")
     parser.add_argument("--wandb", action="store_true", help="also log the report to W&B (offline unless WANDB_MODE=online)")
     parser.add_argument("--wandb-project", help="default: the project of conf/logger/wandb.yaml")
     return parser.parse_args(argv)
+
+
+def remove_stale(out: Path, written: list[str]) -> None:
+    """After a successful render: remove what earlier renders left in the snapshot (a
+    table no longer made would stay and mislead); its README, written by hand, stays."""
+    keep = {Path(p).name for p in written} | {"README.md"}
+    for path in out.iterdir():
+        if path.is_file() and path.name not in keep:
+            path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scale = args.scale or (infer_scale(args.runs) if args.runs and args.runs.is_dir() else "smoke")
         runs = args.runs or REPO / os.environ.get("FLIX_RUNS", "runs") / scale
-        out = args.out or REPO / os.environ.get("FLIX_REPORTS", "reports") / scale
+        out = args.out or (SNAPSHOTS if args.snapshot else REPO / os.environ.get("FLIX_REPORTS", DEFAULT_OUT)) / scale
         paper = args.paper or Path(os.environ.get("FLIX_PAPER_DIR", REPO.parent / "shared" / "paper"))
         summary = render(runs, out, scale, paper)
+        if args.snapshot:
+            remove_stale(out, summary["files"])
     except ReportError as error:
         print(f"flix report: {error}", file=sys.stderr)
         return 2
@@ -50,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         project = args.wandb_project or OmegaConf.load(REPO / "conf" / "logger" / "wandb.yaml").project
         try:
             # W&B's files sit beside the runs' (not in the report folder, which may be committed)
-            print(f"logged the report to W&B: {log_to_wandb(out, project, wandb_dir=runs)}")
+            print(f"logged the report to W&B: {log_to_wandb(out, project, wandb_dir=runs, files=[Path(p) for p in summary['files']])}")
         except Exception as error:  # the report files stand; a tracking failure must not hide them
             print(f"flix report: W&B logging failed: {type(error).__name__}: {error}", file=sys.stderr)
             return 1

@@ -7,14 +7,15 @@ from pathlib import Path
 import pandas as pd
 
 
-def log_to_wandb(out_dir: str | Path, project: str = "flix", wandb_dir: str | Path | None = None) -> Path:
+def log_to_wandb(out_dir: str | Path, project: str = "flix", wandb_dir: str | Path | None = None, files: list[Path] | None = None) -> Path:
     """One W&B run of job_type "report" (offline unless WANDB_MODE says otherwise, as
-    for training runs); returns its local run directory. W&B files go under wandb_dir
-    (default out_dir), never into the artifact."""
+    for training runs); returns its local run directory. `files`: what this render wrote
+    (default: every file in out_dir). W&B files go under wandb_dir (default out_dir),
+    never into the artifact."""
     import wandb
 
     out_dir = Path(out_dir)
-    files = sorted(p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(files if files is not None else (p for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".")))
     run = wandb.init(
         project=project,
         job_type="report",
