@@ -18,7 +18,7 @@ from flix.data.mixtures import Mixture, load_mixture
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Keys that do not change what a run computes: left out of its hash. (data.root stays in:
 # a subsample and the full release are different runs.) `run_name` holds the hash itself.
-UNHASHED = ("hydra", "logger", "force", "wait", "study", "run_name")
+UNHASHED = ("hydra", "logger", "force", "wait", "study", "table", "run_name")
 UNHASHED_NESTED = (("train", "threads"),)
 
 

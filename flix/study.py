@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 LAUNCHERS = ("basic", "parallel", "slurm")
+TABLE = "table"  # a sweep's one name of the table it feeds (not swept; the runs' W&B group)
 
 
 @dataclass
@@ -48,7 +49,9 @@ def load_study(name: str) -> dict:
         raise SystemExit(f"flix study: no study {name!r} ({path}); studies: {', '.join(names)}")
     study = OmegaConf.to_container(OmegaConf.load(path))
     for i, sweep in enumerate(study.get("sweeps") or []):
-        bad = [k for k, v in sweep.items() if not isinstance(v, list) or not v]
+        if not isinstance(sweep.get(TABLE, ""), str):
+            raise SystemExit(f"flix study: {path}: sweeps[{i}].{TABLE} must be one name (the paper table the sweep feeds)")
+        bad = [k for k, v in sweep.items() if k != TABLE and (not isinstance(v, list) or not v)]
         if bad:
             raise SystemExit(f"flix study: {path}: sweeps[{i}].{bad[0]} must be a non-empty list of values")
     return study
@@ -61,12 +64,12 @@ def with_seeds(study: dict, seeds: list[int]) -> dict:
 
 def sweep_args(sweep: dict) -> list[str]:
     """Hydra multirun overrides: key=v1,v2,..."""
-    return [f"{key}={','.join(str(v) for v in values)}" for key, values in sweep.items()]
+    return [f"{key}={values}" if key == TABLE else f"{key}={','.join(str(v) for v in values)}" for key, values in sweep.items()]
 
 
 def expand(sweep: dict) -> list[list[str]]:
-    keys = list(sweep)
-    return [[f"{k}={v}" for k, v in zip(keys, combo)] for combo in itertools.product(*(sweep[k] for k in keys))]
+    swept = {k: v for k, v in sweep.items() if k != TABLE}
+    return [[f"{k}={v}" for k, v in zip(swept, combo)] for combo in itertools.product(*swept.values())]
 
 
 def plan(study: dict, common: list[str]) -> list[PlannedRun]:

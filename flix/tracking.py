@@ -13,7 +13,12 @@ import pandas as pd
 
 
 class NullTracker:
+    records = False  # whether anything logged is kept
+
     def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def summarize(self, results: dict) -> None:
         pass
 
     def log_table(self, name: str, frame: pd.DataFrame) -> None:
@@ -22,11 +27,13 @@ class NullTracker:
     def log_artifact(self, path: Path, name: str, kind: str) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
         pass
 
 
 class WandbTracker(NullTracker):
+    records = True
+
     def __init__(self, run_dir: Path, project: str, group: str, name: str, config: dict, mode: str, tags: list[str], resume_id: str | None):
         import wandb
 
@@ -35,6 +42,7 @@ class WandbTracker(NullTracker):
         self.run = wandb.init(
             project=project,
             group=group,
+            job_type="train",
             name=name,
             config=config,
             dir=str(run_dir),
@@ -44,6 +52,8 @@ class WandbTracker(NullTracker):
             resume="allow" if resume_id else None,
             reinit="finish_previous",
         )
+        # the dashboard's summary shows the selected checkpoint, not the last validation
+        self.run.define_metric("validation/average", summary="max")
 
     @property
     def id(self) -> str:
@@ -60,8 +70,24 @@ class WandbTracker(NullTracker):
         artifact.add_file(str(path))
         self.run.log_artifact(artifact)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def summarize(self, results: dict) -> None:
+        self.run.summary.update(summary_metrics(results))
+
+    def finish(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def summary_metrics(results: dict) -> dict:
+    """What a paper table reads from a run: test and validation of each evaluation set
+    (a table column), their averages over the supervised sets, the selected step."""
+    out = {"best_step": results.get("best_step"), "best_validation_average": results.get("best_validation_average")}
+    for split in ("test", "validation"):
+        values = {name: entry.get(split) for name, entry in (results.get("eval_sets") or {}).items()}
+        out |= {f"{split}/{name}": v for name, v in values.items() if v is not None}
+        supervised = [v for name, v in values.items() if v is not None and not results["eval_sets"][name].get("zero_shot")]
+        if supervised:
+            out[f"{split}/average"] = sum(supervised) / len(supervised)
+    return out
 
 
 class ScopedTracker(NullTracker):
@@ -73,10 +99,13 @@ class ScopedTracker(NullTracker):
     def log(self, metrics: dict, step: int) -> None:
         self.tracker.log({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step=step + self.offset)
 
+    def summarize(self, results: dict) -> None:
+        pass  # the whole run's results are summarised once, by the tracker it scopes
 
-def make_tracker(cfg, run_dir: Path, name: str, group: str, config: dict, resume_id: str | None = None) -> NullTracker:
+
+def make_tracker(cfg, run_dir: Path, name: str, group: str, config: dict, resume_id: str | None = None, tags: list[str] = ()) -> NullTracker:
     if cfg.name == "none":
         return NullTracker()
     if cfg.name != "wandb":
         raise ValueError(f"unknown logger {cfg.name!r}: use logger=wandb or logger=none")
-    return WandbTracker(run_dir, cfg.project, group, name, config, cfg.mode, list(cfg.get("tags") or []), resume_id)
+    return WandbTracker(run_dir, cfg.project, group, name, config, cfg.mode, [*tags, *(cfg.get("tags") or [])], resume_id)

@@ -78,7 +78,13 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
         (run_dir / RESULTS).unlink(missing_ok=True)
     if (run_dir / RESULTS).exists():
         print(f"[flix] {run_dir / RESULTS} exists: run already complete (force=true runs it again)", file=sys.stderr)
-        return json.loads((run_dir / RESULTS).read_text())
+        results = json.loads((run_dir / RESULTS).read_text())
+        if process_rank == 0 and cfg.logger.name != "none" and not (run_dir / LOGGED).exists():
+            # made with logger=none (or before): log it now, so the W&B project has every run
+            tracker = _tracker(cfg, mixture, run_dir)
+            _publish(tracker, results, run_dir)
+            _finish(tracker, run_dir, failed=False)
+        return results
     if process_rank == 0:
         (run_dir / FAILED).unlink(missing_ok=True)
     random.seed(cfg.seed)
@@ -90,11 +96,10 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
         for part, part_dir in jobs:
             train_one(cfg, part, part_dir, NullTracker())
         return {}
-    name = f"{cfg.method.name}-{mixture.name}-seed{cfg.seed}"
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    group = f"{cfg.scale.name}/{cfg.study or mixture.name}"
-    tracker = make_tracker(cfg.logger, run_dir, name=name, group=group, config=resolved, resume_id=_wandb_id(run_dir))
+    tracker = _tracker(cfg, mixture, run_dir)
     started = time.time()
+    failed = True
     try:
         # The single baseline trains one adapter per dataset into one W&B run: each logs
         # under its dataset's name, its steps following the previous one's.
@@ -115,13 +120,43 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
         }
         tail = {"time_seconds": time.time() - started, "commit": CODE_COMMIT, "config_hash": config_hash(cfg), "config": resolved}
         results = write_results(run_dir, mixture, body, head, tail)
-        for split in ("validation", "test"):
-            tracker.log_table(f"tables/{split}", per_language_table(results[split]))
-        tracker.log_artifact(run_dir / RESULTS, name=f"results-{name}".replace("/", "-"), kind="results")
+        _publish(tracker, results, run_dir)
         print(summary_line(results))
+        failed = False
         return results
     finally:
-        tracker.finish()
+        _finish(tracker, run_dir, failed)
+
+
+LOGGED = "wandb_logged"  # written once the run's results reached its W&B run
+
+
+def run_label(cfg: DictConfig) -> str:
+    """Every swept value, so runs of a sweep are told apart on the dashboard."""
+    mode = "" if cfg.train.dropout_mode == "independent" else f"-{cfg.train.dropout_mode}"
+    return f"{cfg.method.name}-{cfg.mixture.name}-drop{cfg.dropout}{mode}-rank{cfg.rank.name}-seed{cfg.seed}"
+
+
+def _tracker(cfg: DictConfig, mixture, run_dir: Path):
+    """W&B run grouped by the table it feeds (the study's sweep sets `table`), tagged by
+    scale, mixture and method."""
+    group = f"{cfg.scale.name}/{cfg.get('table') or cfg.study or mixture.name}"
+    tags = [cfg.scale.name, mixture.name, cfg.method.name]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return make_tracker(cfg.logger, run_dir, name=run_label(cfg), group=group, config=resolved, resume_id=_wandb_id(run_dir), tags=tags)
+
+
+def _publish(tracker, results: dict, run_dir: Path) -> None:
+    tracker.summarize(results)
+    for split in ("validation", "test"):
+        tracker.log_table(f"tables/{split}", per_language_table(results[split]))
+    tracker.log_artifact(run_dir / RESULTS, name=f"results-{run_dir.name}", kind="results")
+
+
+def _finish(tracker, run_dir: Path, failed: bool) -> None:
+    tracker.finish(failed=failed)  # a failed run ends failed on the dashboard
+    if tracker.records and not failed:
+        atomic_write_text(run_dir / LOGGED, "")
 
 
 def _wandb_id(run_dir: Path) -> str:

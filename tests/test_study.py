@@ -131,6 +131,12 @@ def test_make_default_paths_have_no_stray_spaces():
     assert "--runs runs/smoke --snapshot" in snapshot.stdout
 
 
+def test_a_sweeps_table_is_passed_on_not_swept():
+    sweep = study.load_study("ablations")["sweeps"][0]
+    assert "table=table3" in study.sweep_args(sweep)
+    assert all(not o.startswith("table=") for overrides in study.expand(sweep) for o in overrides)
+
+
 def test_seeds_run_every_sweep_once_per_seed(runs_env):
     """--seeds 0,1,2 plans each run of a study three times, in three directories."""
     one = study.plan(study.load_study("ablations"), ["scale=cpu", "logger=none"])

@@ -1,0 +1,93 @@
+"""W&B as a researcher browses it, read back from the offline run files: names carry
+every swept value, groups are the paper's tables, summaries hold the selected
+checkpoint's scores, failed runs end failed, and reused runs get logged too."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flix.train import LOGGED, run
+
+pytest.importorskip("wandb")
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline .wandb file (a LevelDB-style log of 32 KiB
+    blocks after a 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, block, buf, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if left < 7 or kind == 0:  # block trailer / padding
+            pos += left
+            continue
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            records.append(record)
+            buf = b""
+    return records
+
+
+def offline_runs(run_dir: Path) -> list[dict]:
+    """Each offline W&B run under run_dir as {run, summary, exit_code}."""
+    out = []
+    for file in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        info = {"summary": {}, "exit_code": None}
+        for record in wandb_records(file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                info["run"] = record.run
+            elif kind == "summary":
+                for update in record.summary.update:
+                    info["summary"][update.key or "/".join(update.nested_key)] = json.loads(update.value_json)
+            elif kind == "exit":
+                info["exit_code"] = record.exit.exit_code
+        out.append(info)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_a_run_is_named_grouped_tagged_and_summarised_like_the_paper(compose, tmp_path):
+    results = run(compose("mixture=multitask_sw", "logger=wandb", "dropout=0.3", "table=table2"), tmp_path)
+    (logged,) = offline_runs(tmp_path)
+    assert logged["run"].display_name == "flix-multitask_sw-drop0.3-rankpaper-seed0"
+    assert logged["run"].run_group == "smoke/table2" and logged["run"].job_type == "train"
+    assert {"smoke", "multitask_sw", "flix"} <= set(logged["run"].tags)
+    summary = logged["summary"]
+    assert summary["best_step"] == results["best_step"]
+    assert summary["best_validation_average"] == pytest.approx(results["best_validation_average"])
+    for name, entry in results["eval_sets"].items():
+        assert summary[f"test/{name}"] == pytest.approx(entry["test"])
+    assert "test/average" in summary and "validation/average" in summary
+    assert logged["exit_code"] == 0 and (tmp_path / LOGGED).exists()
+
+
+def test_a_failed_run_ends_failed(compose, tmp_path):
+    with pytest.raises(RuntimeError, match="last good checkpoint"):
+        run(compose("mixture=multitask_sw", "logger=wandb", "train.lr=1e30", "train.max_grad_norm=1e30", "scale.steps=30"), tmp_path)
+    (logged,) = offline_runs(tmp_path)
+    assert logged["exit_code"] == 1 and not (tmp_path / LOGGED).exists()
+
+
+def test_a_run_made_without_wandb_is_logged_when_reused_with_it(compose, tmp_path):
+    results = run(compose("mixture=multitask_sw", "logger=none"), tmp_path)
+    assert offline_runs(tmp_path) == []
+    assert run(compose("mixture=multitask_sw", "logger=wandb"), tmp_path) == results  # not trained again
+    (logged,) = offline_runs(tmp_path)
+    assert logged["summary"]["best_step"] == results["best_step"] and logged["exit_code"] == 0
+    run(compose("mixture=multitask_sw", "logger=wandb"), tmp_path)
+    assert len(offline_runs(tmp_path)) == 1  # logged once
