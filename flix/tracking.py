@@ -6,10 +6,22 @@ uploads them later. WANDB_MODE=online (with a key) uploads live.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
+
+
+log = logging.getLogger("flix")
+
+
+def say(message: str) -> None:
+    """A line for the terminal (stderr) and for the run's log file (RUN_DIR/train.log
+    under Hydra, whose handlers the logger reaches)."""
+    print(message, file=sys.stderr, flush=True)
+    log.info(message)
 
 
 class NullTracker:

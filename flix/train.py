@@ -32,7 +32,7 @@ from flix.data.reader import DataError
 from flix.io import atomic_write_text, recover_tree
 from flix.lock import RunLocked, run_lock
 from flix.results import CODE_COMMIT, FAILED, RESULTS, merge_datasets, per_language_table, summary_line, write_failure, write_results
-from flix.tracking import NullTracker, ScopedTracker, make_tracker
+from flix.tracking import NullTracker, ScopedTracker, make_tracker, say
 from flix.trainer import Trainer
 
 
@@ -77,7 +77,7 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / RESULTS).unlink(missing_ok=True)
     if (run_dir / RESULTS).exists():
-        print(f"[flix] {run_dir / RESULTS} exists: run already complete (force=true runs it again)", file=sys.stderr)
+        say(f"[flix] {run_dir / RESULTS} exists: run already complete (force=true runs it again)")
         results = json.loads((run_dir / RESULTS).read_text())
         if process_rank == 0 and cfg.logger.name != "none" and not (run_dir / LOGGED).exists():
             # made with logger=none (or before): log it now, so the W&B project has every run
@@ -121,7 +121,7 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
         tail = {"time_seconds": time.time() - started, "commit": CODE_COMMIT, "config_hash": config_hash(cfg), "config": resolved}
         results = write_results(run_dir, mixture, body, head, tail)
         _publish(tracker, results, run_dir)
-        print(summary_line(results))
+        say(summary_line(results))
         failed = False
         return results
     finally:
@@ -185,17 +185,17 @@ def main(cfg: DictConfig) -> float | None:
                 f"stays scale.batch_size), scale.max_prompt_tokens or scale.eval_batch_size, or set train.gradient_checkpointing=true"
             ) from err
     except RunLocked as err:  # another process is on it: nothing of this run is ours to write
-        print(f"[flix] {err}", file=sys.stderr)
+        say(f"[flix] {err}")
         if not multirun:
             sys.exit(1)
         return None
     except Exception as err:
         write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))  # the report names it
         if multirun:  # one failed run must not take the sweep down: go on
-            print(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}", file=sys.stderr)
+            say(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}")
             return None
         if isinstance(err, (ConfigError, MixtureError, DataError)):  # the message says what to change
-            print(f"flix.train: error: {err}", file=sys.stderr)
+            say(f"flix.train: error: {err}")
             sys.exit(2)
         raise
     score = results.get("best_validation_average")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from flix.metrics import example_stats
 from flix.models import enable_activation_checkpointing, load_model, model_kind
 from flix.optim import SparseAdamW, clip_grad_norm_
 from flix.results import selection_metric
+from flix.tracking import log, say
 
 
 class NonFiniteLoss(RuntimeError):
@@ -58,10 +58,9 @@ def build_model(cfg: DictConfig, mixture: Mixture):
     torch.manual_seed(cfg.seed)  # adapter init
     model = get_flix_model(base, config)
     space = config.space
-    print(
+    say(
         f"[flix] {method}: active rank {space.active_rank}, rank over all features {space.total_rank} "
-        f"(shared {config.shared_rank}, groups {config.ranks}), {model.num_trainable_parameters():,} trainable parameters",
-        file=sys.stderr,
+        f"(shared {config.shared_rank}, groups {config.ranks}), {model.num_trainable_parameters():,} trainable parameters"
     )
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -165,7 +164,7 @@ class Trainer:
         state = {"step": 0, "best_step": None, "best_score": -math.inf, "best_validation": {}, "history": [], "train_loss": [], "featureless_fraction": [], "train_seconds": 0.0}
         if (self.ckpt_dir / STATE).exists():
             state.update({k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler).items() if k in state})
-            print(f"[flix] resuming {self.run_dir} from step {state['step']}", file=sys.stderr)
+            say(f"[flix] resuming {self.run_dir} from step {state['step']}")
         else:
             torch.manual_seed(self.cfg.seed)
         bar = tqdm(total=s.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=not self.main)
@@ -188,7 +187,9 @@ class Trainer:
                     state.update(best_score=average, best_step=step, best_validation=scores)
                     self.model.save_pretrained(self.run_dir / "best_adapter")
                     self._write_predictions("validation", self.validation, preds)
-                bar.write(f"[flix] step {step}: validation average {average:.2f} (best {state['best_score']:.2f} at step {state['best_step']})")
+                message = f"[flix] step {step}: validation average {average:.2f} (best {state['best_score']:.2f} at step {state['best_step']})"
+                bar.write(message)
+                log.info(message)
             if self.main and (step % s.checkpoint_every == 0 or step == s.steps):
                 save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, state)
         bar.close()

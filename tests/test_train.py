@@ -149,6 +149,18 @@ def test_bad_option_says_where_it_lives_and_lists_the_choices(override, hint):
     assert hint in out.stderr and "choices:" in out.stderr
 
 
+def test_a_plain_sweep_summarises_fails_when_a_run_failed_and_logs_each_run(tmp_path, data_root):
+    env = {**os.environ, "FLIX_RUNS": str(tmp_path), "FLIX_DATA_ROOT": str(data_root)}
+    cmd = [sys.executable, "-m", "flix.train", "-m", "logger=none", "mixture=multitask_sw", "dropout=1.5,0.7", "scale.steps=2",
+           "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=2", "train.threads=1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 1
+    assert "[flix sweep] 1 run(s) finished now, 1 failed" in out.stderr and "drop1.5" in out.stderr.split("[flix sweep]")[-1]
+    (good,) = [p.parent for p in tmp_path.rglob("results.json")]
+    log = (good / "train.log").read_text()
+    assert "trainable parameters" in log and "validation average" in log and "best step" in log
+
+
 def test_nan_loss_stops_with_a_clear_message(compose, tmp_path):
     with pytest.raises(RuntimeError, match="last good checkpoint"):
         run(compose("mixture=multitask_sw", "train.lr=1e30", "train.max_grad_norm=1e30", "scale.steps=30"), tmp_path)
