@@ -9,35 +9,50 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from flix.data.mixtures import Mixture, load_mixture
+from flix.data.mixtures import VARIANTS, Mixture, load_mixture
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # Keys that do not change what a run computes: left out of its hash. (data.root stays in:
 # a subsample and the full release are different runs.) `run_name` holds the hash itself.
+# Runs made before a change to what is hashed keep their directories; studies do not
+# reuse them (they run again), the report still reads them.
 UNHASHED = ("hydra", "logger", "force", "wait", "study", "table", "run_name")
 UNHASHED_NESTED = (("train", "threads"),)
 
 
-def _decisive(container: dict) -> dict:
-    """The config without the keys that do not change results (a copy)."""
-    container = copy.deepcopy(container)
+def _decisive(resolved: dict) -> dict:
+    """A resolved config without what does not change results (a copy): the UNHASHED
+    keys, the mixture's notes and its variant the run does not use; the data root as an
+    absolute path (the same data given two ways is one run)."""
+    container = copy.deepcopy(resolved)
     for key in UNHASHED:
         container.pop(key, None)
     for section, key in UNHASHED_NESTED:
         if isinstance(container.get(section), dict):
             container[section].pop(key, None)
+    data, mixture = container.get("data"), container.get("mixture")
+    if isinstance(data, dict) and data.get("root"):
+        data["root"] = os.path.abspath(os.path.expanduser(str(data["root"])))
+    if isinstance(data, dict) and isinstance(mixture, dict):
+        for variant in VARIANTS:
+            if variant != data.get("variant"):
+                mixture.pop(variant, None)
+            elif isinstance(mixture.get(variant), dict):
+                mixture[variant].pop("notes", None)
     return container
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the resolved configuration that decides a run's results."""
-    container = _decisive(OmegaConf.to_container(cfg, resolve=False))
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("run_name", None)  # holds the hash itself
     resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps(_decisive(resolved), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def setting(resolved: dict) -> dict[str, str]:

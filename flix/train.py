@@ -115,7 +115,7 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
             "scale": cfg.scale.name,
             "seed": cfg.seed,
             "model": cfg.model.name,
-            "data_root": str(resolve_root(cfg.data.root)),
+            "data_root": str(resolve_root(cfg.data.root).resolve()),
             "variant": cfg.data.variant,
         }
         tail = {"time_seconds": time.time() - started, "commit": CODE_COMMIT, "config_hash": config_hash(cfg), "config": resolved}

@@ -145,3 +145,16 @@ def test_seeds_run_every_sweep_once_per_seed(runs_env):
     assert len({r.run_dir for r in three}) == 3 * len({r.run_dir for r in one})  # runs shared by sweeps stay shared
     assert {o.split("=")[1] for r in three for o in r.overrides if o.startswith("seed=")} == {"0", "1", "2"}
     assert all(r.run_dir.parts[-3] == "cpu" for r in three)
+
+
+def test_the_hash_keys_runs_by_what_they_compute(data_root, monkeypatch):
+    """The same data as a relative and an absolute path is one run; mixture notes and the
+    variant a run does not use change nothing; the data, the method and the seed do."""
+    from flix.config import compose, config_hash
+
+    monkeypatch.chdir(data_root.parent)
+    base = config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw"]))
+    assert config_hash(compose([f"data.root={data_root.name}", "mixture=multitask_sw"])) == base
+    assert config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", "mixture.mini.notes=edited", "mixture.official.train.ner=[xx]"])) == base
+    for other in ("mixture.mini.train.ner=[yo]", "method=compute_matched", "seed=1", "data.root=/elsewhere"):
+        assert config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", other])) != base, other
