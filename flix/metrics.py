@@ -188,6 +188,8 @@ def read_pairs(path: Path) -> tuple[list[str], list[str]]:
             raise BadInput(f"{where}: bad JSON ({e.msg}, column {e.colno}); {fix}") from None
         except UnicodeDecodeError:
             raise BadInput(f"{where}: not UTF-8 text; save the file as UTF-8") from None
+        except RecursionError:
+            raise BadInput(f"{where}: JSON nested too deeply; {fix}") from None
         if not isinstance(row, dict):
             raise BadInput(f"{where}: a JSON {type(row).__name__}, not an object; {fix}")
         for key in ("target", "prediction"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flix.data import cli
-from flix.data.download import BadArchive, default_dest, download
+from flix.data.download import WORKDIR, BadArchive, default_dest, download
 from flix.data.reader import available, read_dataset
 
 TOP = "xtreme_up_v1.1"
@@ -109,9 +109,9 @@ def test_download_extracts_and_second_call_is_a_noop(server, tmp_path):
 
 def test_partial_download_is_resumed(server, archive, tmp_path):
     dest = tmp_path / "data"
-    dest.mkdir()
+    (dest / WORKDIR).mkdir(parents=True)
     half = len(archive) // 2
-    (dest / f"{NAME}.part").write_bytes(archive[:half])
+    (dest / WORKDIR / f"{NAME}.part").write_bytes(archive[:half])
     assert_data_root(download(server.url, dest, progress=False), dest)
     assert server.ranges == [f"bytes={half}-"]
 
@@ -119,8 +119,8 @@ def test_partial_download_is_resumed(server, archive, tmp_path):
 def test_restarts_when_server_ignores_range(server, tmp_path):
     server.honour_range = False
     dest = tmp_path / "data"
-    dest.mkdir()
-    (dest / f"{NAME}.part").write_bytes(b"stale bytes from another file")
+    (dest / WORKDIR).mkdir(parents=True)
+    (dest / WORKDIR / f"{NAME}.part").write_bytes(b"stale bytes from another file")
     assert_data_root(download(server.url, dest, progress=False), dest)
     assert server.ranges == ["bytes=29-"]
 
@@ -156,6 +156,7 @@ BAD_ARCHIVES = {
     "truncated": lambda a: a[: len(a) * 3 // 4],
     "flipped_byte": flipped,
     "not_gzip": lambda a: b"plain text, not an archive",
+    "duplicate": lambda a: tgz(good_members() + [(f"{TOP}/ner/train/sw.jsonl", b'{"other": "copy"}\n')]),
 }
 
 
@@ -169,6 +170,27 @@ def test_bad_archive_is_refused_and_leaves_nothing(kind, archive, tmp_path):
     assert list(dest.iterdir()) == []
     assert not (tmp_path / "evil.jsonl").exists()
     assert not Path("/tmp/flix-evil.jsonl").exists()
+
+
+def test_users_file_with_the_archives_name_is_never_touched(server, tmp_path):
+    dest = tmp_path / "data"
+    dest.mkdir()
+    mine = dest / NAME  # the URL's last segment: the old code used it as the archive, then deleted it
+    mine.write_bytes(b"my own file")
+    root = download(server.url, dest, progress=False)
+    assert mine.read_bytes() == b"my own file"
+    assert sorted(p.name for p in dest.iterdir()) == sorted([TOP, NAME]) and root == dest / TOP
+
+
+def test_extraction_has_a_size_limit(tmp_path):
+    bomb = tmp_path / NAME
+    bomb.write_bytes(tgz(good_members() + [(f"{TOP}/ner/train/zz.jsonl", b"0" * 3_000_000)]))  # 3 MB of one byte: a tiny .tgz
+    assert bomb.stat().st_size < 100_000
+    dest = tmp_path / "data"
+    with pytest.raises(BadArchive, match=r"more than 0.002 GB .*--max-extract-gb"):
+        download(str(bomb), dest, progress=False, max_extract_gb=0.002)
+    assert list(dest.iterdir()) == []
+    assert download(str(bomb), dest, progress=False, max_extract_gb=0.01) == dest / TOP
 
 
 def test_bad_download_is_removed(server, archive, tmp_path):

@@ -1,7 +1,9 @@
 """Faults a run must survive: crafted and truncated checkpoints, kills at random moments,
 two processes on one run, a killed study, a full disk, bad settings and files, corrupted
-results and runs of different settings in one report cell. (Data-layer faults:
-tests/test_data_faults.py.)"""
+results and runs of different settings in one report cell. (Data-layer faults: a user's
+file in the download folder, gzip bombs and duplicate members in tests/test_download.py;
+NER targets that disagree with their spans, unknown labels, deep nesting and empty files
+in tests/test_reader.py and tests/test_metrics.py.)"""
 from __future__ import annotations
 
 import errno

@@ -252,6 +252,7 @@ def test_cli_metric_override(tmp_path, capsys):
         ('{"target": "a"}', "no 'prediction' key"),
         ('{"target": "a", "prediction": 3}', "'prediction' is int"),
         ('["a", "b"]', "a JSON list, not an object"),
+        ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),
     ],
 )
 def test_cli_bad_line_names_file_and_line(tmp_path, capsys, bad_line, problem):

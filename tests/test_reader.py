@@ -133,6 +133,9 @@ def span(start: int, limit: int, label: str = "LOC") -> list[dict]:
         (ner_line(spans=span(9, 16, 3)), "label"),
         (ner_line(spans=[{"start_byte": "9", "limit_byte": 16, "label": "LOC"}]), "integer"),
         (ner_line(target=5), "'target'"),
+        (ner_line(target="PER: Nairobi"), "does not match its spans"),
+        (ner_line(spans=span(9, 16, "CITY")), "must be one of DATE, LOC, ORG, PER"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
 def test_malformed_ner_line_names_file_and_line(tmp_path, bad, what):
@@ -164,6 +167,17 @@ def test_ids_fallback_target_derivation_and_limit(tmp_path):
     assert [(ex.id, ex.target) for ex in examples] == [("sw.jsonl:1", "LOC: Nairobi"), ("sw.jsonl:3", "")]
     assert read_dataset(tmp_path, "ner", "train", "sw", limit=1) == examples[:1]
     assert next(iter_dataset(tmp_path, "ner", "train", "sw")) == examples[0]
+
+
+def test_stats_flags_empty_files(tmp_path, capsys):
+    from flix.data import cli
+
+    write_lines(tmp_path, "ner", "sw", [ner_line()])
+    empty = tmp_path / "ner" / "test" / "sw.jsonl"
+    empty.parent.mkdir(parents=True)
+    empty.write_text("\n")
+    assert cli.main(["stats", "--root", str(tmp_path), "-q"]) == 1
+    assert f"{empty}: no examples" in capsys.readouterr().err
 
 
 def test_missing_file_lists_existing_languages(data_root):

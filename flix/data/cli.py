@@ -41,15 +41,21 @@ def run_stats(args: argparse.Namespace) -> int:
     counts, errors = count_examples(root, progress=not args.quiet)
     for error in errors:
         print(error, file=sys.stderr)
+    # a run would read nothing from these, and fail late (an empty test file after training)
+    empty = [root / task / split / f"{stem}.jsonl" for task, splits in counts.items() for split, stems in splits.items() for stem, n in stems.items() if n == 0]
+    for path in empty:
+        print(f"{path}: no examples. Restore the file (flix data download), or remove it.", file=sys.stderr)
     print(f"XTREME-UP data at {root}\n{table(counts)}")
     if errors:
         print(f"{len(errors)} malformed line(s), left out of the counts.", file=sys.stderr)
+    if empty:
+        print(f"{len(empty)} file(s) without examples.", file=sys.stderr)
     print(json.dumps(counts, sort_keys=True))
-    return 1 if errors else 0
+    return 1 if errors or empty else 0
 
 
 def run_download(args: argparse.Namespace) -> int:
-    root = dl.download(args.url, args.dest, args.sha256, progress=not args.quiet)
+    root = dl.download(args.url, args.dest, args.sha256, progress=not args.quiet, max_extract_gb=args.max_extract_gb)
     print(f"XTREME-UP data is ready. Use it with: export FLIX_DATA_ROOT={root}  (or data.root={root})")
     print(root)
     return 0
@@ -75,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
     get.add_argument("--dest", help=f"where to put it (default: {dl.default_dest()})")
     get.add_argument("--url", default=dl.DEFAULT_URL, help="archive URL, mirror, file:// URL or path")
     get.add_argument("--sha256", help="expected sha256 of the archive")
+    get.add_argument("--max-extract-gb", type=float, default=dl.MAX_EXTRACT_GB,
+                     help=f"refuse an archive that unpacks to more than this (default {dl.MAX_EXTRACT_GB:g} GB)")
     get.set_defaults(run=run_download)
 
     small = sub.add_parser("subsample", parents=[common], help="a smaller copy: N seeded lines per file")

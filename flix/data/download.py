@@ -29,6 +29,8 @@ from flix.data.reader import SPLITS, DataError, has_layout
 DEFAULT_URL = "https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz"
 CHUNK = 1 << 20
 TIMEOUT_S = 60
+MAX_EXTRACT_GB = 20.0  # the release unpacks to a few GB; a gzip bomb would not stop
+WORKDIR = ".flix-download"  # in dest: the archive while it downloads; removed once unpacked
 MIRROR = "Check the URL and your connection, or pass --url a mirror or a local copy of the archive."
 
 
@@ -150,52 +152,68 @@ def _is_data_file(parts: tuple[str, ...]) -> bool:
     return len(parts) == 4 and parts[1] in TASKS and parts[2] in SPLITS and parts[3].endswith(".jsonl")
 
 
-def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> None:
+class _OverLimit(Exception):
+    """The archive unpacks to more than the extraction limit (extract names the limit)."""
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, budget: int) -> int:
+    """Unpack one member, counting the bytes really written (not the header's size);
+    returns what is left of `budget`."""
     if member.isdir():
         path.mkdir(parents=True, exist_ok=True)
-        return
+        return budget
     path.parent.mkdir(parents=True, exist_ok=True)
     with tar.extractfile(member) as src, open(path, "wb") as out:
-        shutil.copyfileobj(src, out, CHUNK)
+        while chunk := src.read(CHUNK):
+            budget -= len(chunk)
+            if budget < 0:
+                raise _OverLimit
+            out.write(chunk)
+    return budget
 
 
-def _extract_members(tar: tarfile.TarFile, into: Path) -> str:
+def _extract_members(tar: tarfile.TarFile, into: Path, max_bytes: int) -> str:
     """Check each member while unpacking it; returns the one top-level directory."""
-    top, seen_data = None, False
+    top, seen_data, seen = None, False, set()
     for member in tar:
         parts = _member_parts(member)
         if not parts:  # "./" itself
             continue
         if top not in (None, parts[0]) or (len(parts) == 1 and not member.isdir()):
             raise BadArchive("members are not all under one top-level directory")
+        if parts in seen and not member.isdir():
+            raise BadArchive(f"member {member.name!r} appears twice (which copy is the data?)")
+        seen.add(parts)
         top, seen_data = parts[0], seen_data or _is_data_file(parts)
-        _extract_member(tar, member, into.joinpath(*parts))
+        max_bytes = _extract_member(tar, member, into.joinpath(*parts), max_bytes)
     if not seen_data:
         raise BadArchive("it holds no {task}/{split}/*.jsonl files of XTREME-UP")
     return top
 
 
-def extract(archive: Path, into: Path) -> Path:
+def extract(archive: Path, into: Path, max_gb: float = MAX_EXTRACT_GB) -> Path:
     """Unpack a checked gzip tar into `into`; returns its top-level directory there.
 
     The gzip stream is read to its end so that its CRC and length are verified too.
     """
     try:
         with gzip.open(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            top = _extract_members(tar, into)
+            top = _extract_members(tar, into, int(max_gb * 1e9))
             while stream.read(CHUNK):
                 pass
+    except _OverLimit:
+        raise BadArchive(f"it unpacks to more than {max_gb:g} GB (a gzip bomb, or a larger release: pass --max-extract-gb to raise the limit)") from None
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise BadArchive(f"not a valid gzip tar archive ({err})") from None
     return into / top
 
 
-def install(archive: Path, dest: Path) -> Path:
+def install(archive: Path, dest: Path, max_gb: float = MAX_EXTRACT_GB) -> Path:
     """Extract `archive` in a temp dir inside `dest`, then rename the tree into place."""
     dest.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
     try:
-        tree = extract(archive, tmp)
+        tree = extract(archive, tmp, max_gb)
         final = dest / tree.name
         if final.exists():
             raise DataError(f"{final} exists but holds no XTREME-UP data; remove it and run again.")
@@ -214,11 +232,14 @@ def download(
     dest: str | Path | None = None,
     sha256: str | None = None,
     progress: bool = True,
+    max_extract_gb: float = MAX_EXTRACT_GB,
 ) -> Path:
     """Make XTREME-UP available under `dest`; returns its data root (holding `ner/`, ...).
 
     A no-op when `dest` already holds the data. A local path or file:// URL is read in
-    place; anything else is fetched with urllib into `dest` and removed once unpacked.
+    place; anything else is fetched with urllib into dest/.flix-download/ (a folder of
+    its own: no file of the user's in `dest` is read, replaced or deleted) and removed
+    once unpacked.
     """
     dest = Path(dest).expanduser() if dest else default_dest()
     present = find_data_root(dest)
@@ -228,20 +249,22 @@ def download(
     if source is not None and not source.is_file():
         raise DataError(f"Archive {source} does not exist. {MIRROR}")
     dest.mkdir(parents=True, exist_ok=True)
-    archive = source or dest / archive_name(url)
+    workdir = dest / WORKDIR
+    archive = source or workdir / archive_name(url)
     if source is None and not archive.exists():
+        workdir.mkdir(exist_ok=True)
         fetch(url, archive, progress)
     if progress:
         print(f"Checking and unpacking {archive} ...", file=sys.stderr)
     try:
         _check_sha256(archive, sha256)
-        root = install(archive, dest)
+        root = install(archive, dest, max_extract_gb)
     except BadArchive as err:
         if source is not None:
             raise BadArchive(f"Refusing archive {source}: {err}. Nothing was extracted.") from None
-        archive.unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
         message = f"Refusing {url}: {err}. The download was removed; run again to fetch it anew."
         raise BadArchive(message) from None
     if source is None:
-        archive.unlink()
+        shutil.rmtree(workdir, ignore_errors=True)
     return root

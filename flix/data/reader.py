@@ -24,6 +24,7 @@ INPUT_FIELDS = {
     "translation": ("input",),
 }
 TRANSLATION_PREFIX = "en2"
+NER_LABELS = ("DATE", "LOC", "ORG", "PER")  # MasakhaNER's, the XTREME-UP NER task's
 
 GET_DATA = (
     "Get the data with `flix data download --dest DIR`, then set FLIX_DATA_ROOT to the "
@@ -152,8 +153,8 @@ def _span(data: bytes, span: object, index: int) -> tuple[str, str]:
     for key, value in (("start_byte", start), ("limit_byte", limit)):
         if not _is_boundary(data, value):
             raise _BadLine(f"spans[{index}].{key}={value} is inside a UTF-8 character")
-    if not isinstance(label, str) or not label.strip():
-        raise _BadLine(f"spans[{index}].label must be a non-empty string, got {label!r}")
+    if label not in NER_LABELS:
+        raise _BadLine(f"spans[{index}].label must be one of {', '.join(NER_LABELS)}, got {label!r}")
     return label, data[start:limit].decode("utf-8")
 
 
@@ -180,8 +181,9 @@ def _example(obj: object, task: str, lang: str, fallback_id: str) -> Example:
     if task == "ner":
         if "spans" not in obj:
             raise _BadLine("missing field 'spans'")
-        derived = _ner_target(inputs["text"], obj["spans"])
-        target = _string(obj, "target") if "target" in obj else derived
+        target = _ner_target(inputs["text"], obj["spans"])  # the spans are the annotation
+        if "target" in obj and _string(obj, "target") != target:
+            raise _BadLine(f"field 'target' {obj['target'][:80]!r} does not match its spans ({target[:80]!r})")
     else:
         target = _string(obj, "target")
     raw_id = obj.get("example_id", obj.get("id"))
@@ -205,8 +207,9 @@ def iter_file(
                 continue
             try:
                 yield _example(json.loads(line), task, lang, f"{path.name}:{number}")
-            except (_BadLine, ValueError) as err:  # ValueError: bad JSON or UTF-8
-                error = DataError(f"{path}:{number}: {err}. {FIX_FILE}")
+            except (_BadLine, ValueError, RecursionError) as err:  # ValueError: bad JSON or UTF-8
+                reason = "JSON nested too deeply" if isinstance(err, RecursionError) else err
+                error = DataError(f"{path}:{number}: {reason}. {FIX_FILE}")
                 if on_error is None:
                     raise error from None
                 on_error(error)
