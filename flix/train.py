@@ -78,7 +78,10 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
         (run_dir / RESULTS).unlink(missing_ok=True)
     if (run_dir / RESULTS).exists():
         say(f"[flix] {run_dir / RESULTS} exists: run already complete (force=true runs it again)")
-        results = json.loads((run_dir / RESULTS).read_text())
+        try:
+            results = json.loads((run_dir / RESULTS).read_text())
+        except ValueError as err:  # written atomically, so damaged afterwards
+            raise RuntimeError(f"{run_dir / RESULTS}: unreadable ({err}); rerun with force=true to train this run again") from None
         if process_rank == 0 and cfg.logger.name != "none" and not (run_dir / LOGGED).exists():
             # made with logger=none (or before): log it now, so the W&B project has every run
             tracker = _tracker(cfg, mixture, run_dir)

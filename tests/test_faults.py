@@ -353,6 +353,17 @@ def test_report_skips_a_corrupted_results_json_and_renders_the_rest(tmp_path):
     assert summary["unreadable"] and str(broken / "results.json") in summary["unreadable"][0]
 
 
+def test_a_damaged_results_json_is_named_and_force_runs_again(compose, tmp_path):
+    from flix.train import run
+
+    cfg = compose("mixture=multitask_sw")
+    run(cfg, tmp_path)
+    (tmp_path / "results.json").write_text('{"method": "fl')
+    with pytest.raises(RuntimeError, match=rf"{tmp_path / 'results.json'}: unreadable.*force=true"):
+        run(cfg, tmp_path)
+    assert run(compose("mixture=multitask_sw", "force=true"), tmp_path)["method"] == "flix"
+
+
 def test_files_are_written_with_the_users_umask(tmp_path):
     old = os.umask(0o022)
     try:
