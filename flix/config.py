@@ -50,7 +50,8 @@ def _decisive(resolved: dict) -> dict:
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the resolved configuration that decides a run's results."""
     container = OmegaConf.to_container(cfg, resolve=False)
-    container.pop("run_name", None)  # holds the hash itself
+    for key in UNHASHED:  # before resolving: hydra's and run_name's interpolations need the hash
+        container.pop(key, None)
     resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
     return hashlib.sha256(json.dumps(_decisive(resolved), sort_keys=True).encode()).hexdigest()[:10]
 
