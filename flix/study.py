@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -31,6 +31,7 @@ TABLE = "table"  # a sweep's one name of the table it feeds (not swept; the runs
 class PlannedRun:
     overrides: list[str]
     run_dir: Path
+    cfg: DictConfig | None = None
 
     @property
     def status(self) -> str:
@@ -81,8 +82,27 @@ def plan(study: dict, common: list[str]) -> list[PlannedRun]:
         for overrides in expand(sweep):
             cfg = compose([*common, *overrides], hydra=True)
             run_dir = REPO / cfg.hydra.sweep.dir / cfg.hydra.sweep.subdir  # sweeps run with cwd=REPO
-            runs.append(PlannedRun(overrides, run_dir))
+            runs.append(PlannedRun(overrides, run_dir, cfg))
     return runs
+
+
+def problems(runs: list[PlannedRun]) -> list[str]:
+    """What would fail at once in the runs still to do (a bad data root, a missing file, a
+    bad setting), each message once: checked before anything launches."""
+    from flix.checks import ConfigError, check_run
+    from flix.config import load_mixture_for
+    from flix.data.mixtures import MixtureError
+    from flix.data.reader import DataError
+
+    found: dict[str, list[str]] = {}
+    for r in runs:
+        if r.status == "done":
+            continue
+        try:
+            check_run(r.cfg, load_mixture_for(r.cfg))
+        except (ConfigError, MixtureError, DataError) as err:
+            found.setdefault(str(err), []).append(" ".join(r.overrides))
+    return [f"{message}\n  (runs: {'; '.join(who[:3])}{' ...' if len(who) > 3 else ''})" for message, who in found.items()]
 
 
 def launch(study: dict, common: list[str], launcher: str, jobs: int) -> list[int]:
@@ -146,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = plan(study, common)
     done = sum(r.status == "done" for r in runs)
     print(f"[flix study] {args.study} at scale {args.scale}: {len(runs)} runs, {done} complete" + (" (forced again)" if args.force else ""))
+    if found := problems(runs):
+        for message in found:
+            print(f"flix study: error: {message}", file=sys.stderr)
+        print("flix study: nothing was launched.", file=sys.stderr)
+        return 2
     started = time.time()
     launch(study, common, args.launcher, args.jobs)
     failed = [r for r in runs if r.status != "done"]

@@ -108,9 +108,11 @@ def test_full_disk_names_the_checkpoint_and_keeps_the_last_one(trainer, tmp_path
     monkeypatch.setattr(os, "fsync", full)  # where a full disk surfaces
     with pytest.raises(OSError, match=rf"no space left on device while writing {path}"):
         save_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler, {"step": 4})
+    with pytest.raises(OSError, match=rf"no space left on device while writing {tmp_path / 'results.json'}"):
+        atomic_write_text(tmp_path / "results.json", "{}")
     monkeypatch.undo()
     assert load_checkpoint(path, trainer.model, trainer.optimizer, trainer.scheduler)["step"] == 3
-    assert leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == [] and not (tmp_path / "results.json").exists()
 
 
 # -- crash-safe replacement ------------------------------------------------------------------

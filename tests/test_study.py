@@ -61,6 +61,15 @@ def test_unknown_study_lists_the_studies():
         study.load_study("nope")
 
 
+def test_a_bad_data_root_launches_nothing_and_says_it_once(own_study, runs_env, monkeypatch, capsys):
+    monkeypatch.setenv("FLIX_DATA_ROOT", str(runs_env / "no_such_data"))
+    name = own_study("wrong_root", [{"method": ["flix", "compute_matched"], "mixture": ["multitask_sw", "multilingual_ner"]}])
+    assert study.main([name, "--logger", "none", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is not a directory") == 1 and "nothing was launched" in err
+    assert not (runs_env / "runs").exists()  # no run directory, no W&B run, no report
+
+
 def test_failed_run_does_not_stop_the_study_and_completed_runs_are_skipped(own_study, runs_env, capsys):
     name = own_study("mixed", [{"mixture": ["multitask_sw"], "train.lr": [1e-3, 1e40], "train.max_grad_norm": [1e40]}])
     code = study.main([name, "--logger", "none", "--no-report", *FAST])

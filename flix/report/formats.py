@@ -217,7 +217,7 @@ _CSS = """
 body { font-family: sans-serif; max-width: 1300px; margin: 1.5em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.85em; }
 th, td { border: 1px solid #bbb; padding: 3px 7px; }
-th { background: #eee; } td { text-align: right; white-space: nowrap; } td:first-child { text-align: left; }
+th { background: #eee; } td { text-align: right; } td:first-child { text-align: left; white-space: nowrap; }
 td.missing { color: #a00; background: #fbf3f3; }
 .warn { border: 2px solid #c00; background: #fee; padding: 0.6em 1em; font-weight: bold; }
 .note { border-left: 4px solid #999; padding-left: 0.8em; }
