@@ -34,6 +34,7 @@ from flix.lock import RunLocked, run_lock
 from flix.results import CODE_COMMIT, FAILED, RESULTS, merge_datasets, per_language_table, summary_line, write_failure, write_results
 from flix.tracking import NullTracker, ScopedTracker, make_tracker, say
 from flix.trainer import Trainer
+from flix.versions import versions
 
 
 
@@ -121,7 +122,7 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
             "data_root": str(resolve_root(cfg.data.root).resolve()),
             "variant": cfg.data.variant,
         }
-        tail = {"time_seconds": time.time() - started, "commit": CODE_COMMIT, "config_hash": config_hash(cfg), "config": resolved}
+        tail = {"time_seconds": time.time() - started, "commit": CODE_COMMIT, "versions": versions(), "config_hash": config_hash(cfg), "config": resolved}
         results = write_results(run_dir, mixture, body, head, tail)
         _publish(tracker, results, run_dir)
         say(summary_line(results))

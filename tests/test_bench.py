@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from flix import bench
 
@@ -32,7 +33,7 @@ def test_bench_adapters_writes_every_row(tmp_path, capsys):
         assert math.isfinite(target["ratio"]) and target["ratio"] > 0 and isinstance(target["pass"], bool)
     config = report["config"]
     assert (config["batch"], config["seq"], config["threads"], config["model"]["hidden_size"]) == (4, 8, 1, 64)
-    assert config["torch"]
+    assert config["versions"]["torch"] == torch.__version__ and config["versions"]["flix"] != "not installed"
 
     printed = capsys.readouterr().out
     assert "flix_mixed_inference" in printed and printed.count("PASS") + printed.count("MISS") == 4

@@ -177,6 +177,19 @@ def test_cli_exit_codes(report, tmp_path, capsys):
     assert "ValueError: boom" in capsys.readouterr().err
 
 
+def test_pages_state_versions_and_warn_when_a_table_mixes_them(tmp_path):
+    root = tmp_path / "smoke"
+    for seed, torch_version in ((0, "2.13.0"), (1, "2.12.1")):
+        run_dir = write_run(root, ("flix", "multilingual_ner", seed, 0.7, None), {"ner": 50.0})
+        results = json.loads((run_dir / "results.json").read_text())
+        results["versions"] = {"python": "3.11.7", "torch": torch_version, "device": "cpu"}
+        (run_dir / "results.json").write_text(json.dumps(results))
+    render(root, tmp_path / "out", "smoke", PAPER)
+    page = (tmp_path / "out" / "table2.md").read_text()
+    assert "Versions: python 3.11.7, torch 2.12.1 / 2.13.0, device cpu" in page
+    assert "Warning: these runs come from different versions (torch 2.12.1 / 2.13.0)" in page
+
+
 def test_snapshot_drops_stale_files_and_keeps_its_readme(report, tmp_path):
     out, _ = report
     runs = out.parent / "smoke"

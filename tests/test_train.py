@@ -34,6 +34,9 @@ def check_results(results: dict, run_dir: Path) -> None:
         fractions = results["featureless_fraction"]
         assert len(fractions) == len(results["train_loss"]) and all(0.0 <= f <= 1.0 for f in fractions)
     assert results["trainable_parameters"] > 0
+    versions = results["versions"]  # what produced the numbers
+    assert versions["torch"] == torch.__version__ and versions["python"] and versions["device"].startswith(("cpu", "NVIDIA"))
+    assert {"transformers", "peft", "hydra-core", "wandb", "flix"} <= set(versions)
     # per-example test statistics reproduce every test score (the report's intervals resample them)
     for task, langs in results["test"].items():
         for lang, value in langs.items():

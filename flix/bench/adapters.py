@@ -305,16 +305,14 @@ def check_targets(rows: list[dict], inference: list[dict], sizes: list[int]) -> 
 
 
 def run_config(args, sizes: list[int]) -> dict:
-    import peft
-    import transformers
+    from flix.versions import versions
 
     return {
         "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "warmup": args.warmup,
         "threads": args.threads, "features": sizes, "new_tokens": args.new_tokens, "inference_modes": list(INFERENCE_MODES), "model": {"family": "llama", **model_config(args)},
         "dtype": "float32", "rank": RANK, "flix_ranks": FLIX_RANKS, "feature_dropout": 0.7,
         "target_modules": TARGETS, "timing": "median of interleaved rounds, time.perf_counter",
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "versions": versions(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
     }
 
 

@@ -194,10 +194,8 @@ def check_targets(report: dict, sizes: list[int], skipped: dict) -> dict:
 
 
 def run_config(args, sizes: list[int], device: torch.device, bf16: bool) -> dict:
-    import peft
-    import transformers
-
     from flix.results import git_commit
+    from flix.versions import versions
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
@@ -205,8 +203,7 @@ def run_config(args, sizes: list[int], device: torch.device, bf16: bool) -> dict
         "gen_batch": args.gen_batch, "gen_seq": args.gen_seq, "new_tokens": args.new_tokens,
         "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "device": device.type, "device_name": name,
         "cpu_count": os.cpu_count(), "autocast": "bf16" if bf16 else "off (float32)", "rank": RANK, "flix_ranks": FLIX_RANKS,
-        "feature_dropout": DROPOUT, "timing": "median of interleaved rounds", "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__, "python": platform.python_version(), "commit": git_commit(),
+        "feature_dropout": DROPOUT, "timing": "median of interleaved rounds", "versions": versions(), "commit": git_commit(),
     }
 
 

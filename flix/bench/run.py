@@ -73,6 +73,7 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
     from flix.config import load_mixture_for
     from flix.results import git_commit
     from flix.trainer import Trainer, is_validation_step, read_split
+    from flix.versions import versions
 
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     s = cfg.scale
@@ -143,7 +144,7 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
             "test_batches": test_batches,
         },
         "expected": expected,
-        "torch": torch.__version__,
+        "versions": versions(),
         "commit": git_commit(),
     }
 

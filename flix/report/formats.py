@@ -50,6 +50,7 @@ class Page:
             ("Model(s)", values("model")),
             ("Seeds", ", ".join(map(str, seeds)) or "none"),
             ("Commit(s)", values("commit", short=True)),
+            ("Versions", _versions_text(runs)),
             ("Rendered", self.rendered),
         ]
 
@@ -57,7 +58,26 @@ class Page:
         notes = [f"Smoke scale: {SMOKE_NOTE}."] if self.scale == "smoke" else []
         if self.scale in ("smoke", "mini") or any(r.results and r.results.get("variant") == "mini" for r in runs):
             notes.append(MINI_NOTE)
+        mixed = {name: found for name, found in _versions(runs).items() if len(found) > 1}
+        if mixed:
+            notes.append("Warning: these runs come from different versions (" + "; ".join(f"{name} {' / '.join(found)}" for name, found in mixed.items())
+                         + "); their numbers may differ for that reason alone.")
         return notes
+
+
+def _versions(runs: list[RunRecord]) -> dict[str, list[str]]:
+    """Each recorded package (and the device) -> the distinct values the runs recorded."""
+    found: dict[str, set[str]] = {}
+    for r in runs:
+        for name, value in ((r.results or {}).get("versions") or {}).items():
+            found.setdefault(name, set()).add(str(value))
+    return {name: sorted(values) for name, values in found.items()}
+
+
+def _versions_text(runs: list[RunRecord]) -> str:
+    text = ", ".join(f"{name} {' / '.join(values)}" for name, values in _versions(runs).items()) or "not recorded"
+    unrecorded = sum(1 for r in runs if r.results and not r.results.get("versions"))
+    return text + (f" ({unrecorded} run(s) made before versions were recorded)" if unrecorded and text != "not recorded" else "")
 
 
 def _short(commit: str) -> str:
