@@ -19,6 +19,14 @@ setup:  ## create .venv and install flix with its test and Gemma extras (CPU tor
 test:  ## the whole test suite on local data
 	$(PY) -m pytest -q
 
+.PHONY: lint format
+lint:  ## ruff: lint and formatting check (configured in pyproject.toml; CI runs it before the tests)
+	$(PY) -m ruff check flix tests
+	$(PY) -m ruff format --check flix tests
+format:  ## ruff: sort imports and format the tree
+	$(PY) -m ruff check --fix --select I flix tests
+	$(PY) -m ruff format flix tests
+
 bench:  ## speed benchmarks; prints tables and writes reports/bench/*.json
 	$(PY) -m flix bench adapters --out reports/bench/adapters.json
 	$(PY) -m flix bench model  # Gemma 3 270M; writes reports/bench/model-<cpu|cuda>.json

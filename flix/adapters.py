@@ -213,7 +213,7 @@ class FLixModel(nn.Module):
 
     def num_trainable_parameters(self) -> int:
         """Adapter parameters, not counting the zero padding row of each bank."""
-        return sum((l.flix_A.shape[0] - 1) * (l.in_features + l.out_features) for l in self.flix_layers().values())
+        return sum((layer.flix_A.shape[0] - 1) * (layer.in_features + layer.out_features) for layer in self.flix_layers().values())
 
     # -- persistence --------------------------------------------------------------
 

@@ -182,7 +182,7 @@ class Trainer:
             if self.main and is_validation_step(step, s):
                 scores, preds, average = self.validate()
                 state["history"].append({"step": step, "validation_average": average, "loss": loss})
-                tracker.log({"validation/average": average, **{f"validation/{t}/{l}": v for t, ls in scores.items() for l, v in ls.items()}}, step=step)
+                tracker.log({"validation/average": average, **{f"validation/{task}/{lang}": v for task, langs in scores.items() for lang, v in langs.items()}}, step=step)
                 if average > state["best_score"]:
                     state.update(best_score=average, best_step=step, best_validation=scores)
                     self.model.save_pretrained(self.run_dir / "best_adapter")

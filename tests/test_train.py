@@ -67,7 +67,7 @@ def test_keep_one_dropout_leaves_no_example_featureless(compose, tmp_path):
 def test_smoke_run_seq2seq_model(compose, tmp_path):
     results = run(compose("model=tiny_seq2seq", "mixture=multitask_sw"), tmp_path)
     check_results(results, tmp_path)
-    assert results["model"] == "tiny_seq2seq" and all(l > 0 for l in results["train_loss"])
+    assert results["model"] == "tiny_seq2seq" and all(loss > 0 for loss in results["train_loss"])
 
 
 def test_param_matched_solves_its_rank(compose, tmp_path, capfd):

@@ -106,9 +106,9 @@ def feature_space(num_features: int) -> dict[str, list[str]]:
 def mixed_batches(features: dict[str, list[str]], batch: int, count: int, gen: torch.Generator) -> list[list[dict]]:
     """`count` batches of examples with random (task, language) pairs."""
     tasks, langs = features["task"], features["lang"]
-    t = torch.randint(len(tasks), (count, batch), generator=gen).tolist()
-    l = torch.randint(len(langs), (count, batch), generator=gen).tolist()
-    return [[{"task": tasks[i], "lang": langs[j]} for i, j in zip(ti, li)] for ti, li in zip(t, l)]
+    task_ids = torch.randint(len(tasks), (count, batch), generator=gen).tolist()
+    lang_ids = torch.randint(len(langs), (count, batch), generator=gen).tolist()
+    return [[{"task": tasks[i], "lang": langs[j]} for i, j in zip(ti, li)] for ti, li in zip(task_ids, lang_ids)]
 
 
 # --- the cases: each returns a zero-argument callable doing one step ----------------
