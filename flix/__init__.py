@@ -3,6 +3,7 @@
 Every dataset feature (task, language, ...) owns a low-rank adapter; each example
 uses the sum of its active features' adapters.
 """
+
 __version__ = "0.1.0"
 __all__ = ["FLixConfig", "FLixModel", "get_flix_model"]
 

@@ -14,6 +14,7 @@ depends on the active rank, not on the number of features, and gradients are spa
 feature combination, or only an always-on feature) the matmuls run over all tokens
 at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -108,14 +109,12 @@ class Router:
         if rows is None:
             if self.space.features:
                 raise RuntimeError(
-                    "this FLix model has feature groups: call it inside "
-                    "`with model.route([{'task': ..., 'lang': ...}, ...]):` (one dict per example)"
+                    "this FLix model has feature groups: call it inside `with model.route([{'task': ..., 'lang': ...}, ...]):` (one dict per example)"
                 )
             rows = self.space.route([{}])
         elif n % rows.shape[0]:
             raise RuntimeError(
-                f"model.route() got {rows.shape[0]} examples but a layer saw a batch of {n}: "
-                "route exactly one feature dict per input row"
+                f"model.route() got {rows.shape[0]} examples but a layer saw a batch of {n}: route exactly one feature dict per input row"
             )
         elif bool((rows == rows[:1]).all()):
             rows = rows[:1]
@@ -205,11 +204,7 @@ class FLixModel(nn.Module):
     # -- parameters -------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            f"{name}.{p}": getattr(layer, p).detach()
-            for name, layer in self.flix_layers().items()
-            for p in ("flix_A", "flix_B")
-        }
+        return {f"{name}.{p}": getattr(layer, p).detach() for name, layer in self.flix_layers().items() for p in ("flix_A", "flix_B")}
 
     def num_trainable_parameters(self) -> int:
         """Adapter parameters, not counting the zero padding row of each bank."""

@@ -5,6 +5,7 @@ the last position; the loss covers target tokens only, and logits are computed o
 for the last `target_len + 1` positions (most of a step's vocabulary projection).
 Seq2seq models take the prompt as encoder input and the target as labels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

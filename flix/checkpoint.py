@@ -1,6 +1,7 @@
 """Resumable training state: adapter, optimizer, schedule, every RNG and the trainer's
 own counters, in one state.pt written atomically and loaded with weights_only=True
 (tensors and plain containers only, so a crafted file cannot run code)."""
+
 from __future__ import annotations
 
 import io

@@ -1,5 +1,6 @@
 """Checks a run's configuration and data before any model loads or any file is written,
 so a bad setting fails in a second with one message, not after an hour of training."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,15 @@ from flix.data.mixtures import EVAL_SPLITS, Mixture
 
 # scale keys and the smallest value each may take (None allowed where null means "all")
 AT_LEAST = {
-    "steps": 1, "batch_size": 1, "micro_batch_size": 1, "eval_every": 1, "checkpoint_every": 1,
-    "eval_batch_size": 1, "max_prompt_tokens": 1, "max_target_tokens": 1, "warmup_steps": 0,
+    "steps": 1,
+    "batch_size": 1,
+    "micro_batch_size": 1,
+    "eval_every": 1,
+    "checkpoint_every": 1,
+    "eval_batch_size": 1,
+    "max_prompt_tokens": 1,
+    "max_target_tokens": 1,
+    "warmup_steps": 0,
 }
 AT_LEAST_OR_NULL = {"eval_examples": 1, "test_examples": 1, "max_langs_per_task": 1, "max_context_chars": 1}
 

@@ -1,4 +1,5 @@
 """`flix` command line: each subcommand lives with the module that does the work."""
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 The hash names the run directory (conf/train.yaml `run_name`), so the same settings
 always land in the same directory and a study skips what is done.
 """
+
 from __future__ import annotations
 
 import copy
@@ -114,7 +115,9 @@ def override_problems(args: list[str]) -> list[str]:
         group = key.lstrip("+~")
         for option in value.split(","):  # a multirun sweep: -m method=flix,single
             if option and option not in choices(group):
-                hint = HINTS.get((group, option)) or (f"the language rank {option} is rank=lang{option}" if group == "rank" and option.isdigit() else "")
+                hint = HINTS.get((group, option)) or (
+                    f"the language rank {option} is rank=lang{option}" if group == "rank" and option.isdigit() else ""
+                )
                 close = difflib.get_close_matches(option, choices(group), n=1)
                 hint = hint or (f"did you mean {group}={close[0]}?" if close else "")
                 problems.append(f"{group}={option}: no such option{'; ' + hint if hint else ''} (choices: {', '.join(choices(group))})")

@@ -1,6 +1,7 @@
 """Data parallelism under torchrun / accelerate launch: each process trains on its shard
 of the global batch; gradients are summed across processes before every step, so the
 update equals one process training on the whole batch."""
+
 from __future__ import annotations
 
 import os

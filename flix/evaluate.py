@@ -1,4 +1,5 @@
 """Batched greedy generation and scoring with the official metrics."""
+
 from __future__ import annotations
 
 import torch

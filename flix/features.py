@@ -8,6 +8,7 @@ active feature, padded with 0 up to the group's widest rank. A dropped or unknow
 feature simply points at the padding row, so every example costs the same compute
 whatever the number of features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -85,9 +86,7 @@ class FeatureSpace:
             ids[group] = torch.tensor([index.get(str(ex.get(group)), none) for ex in examples], dtype=torch.long)
         return ids
 
-    def route(
-        self, examples: list[dict], dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False
-    ) -> torch.Tensor:
+    def route(self, examples: list[dict], dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False) -> torch.Tensor:
         """(batch, active_rank) bank rows for each example.
 
         Feature dropout (training only; the shared feature always stays): each group

@@ -3,6 +3,7 @@ once into a safetensors folder under the flix cache (minutes), which later loads
 in seconds. One process converts while others wait on a file lock; a killed conversion
 leaves nothing half-written.
 """
+
 from __future__ import annotations
 
 import fcntl

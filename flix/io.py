@@ -4,6 +4,7 @@
 Files and directories get the modes the user's umask gives (0644/0755 under umask 022),
 not mkstemp's private 0600/0700, so a group or a web server can read results.
 """
+
 from __future__ import annotations
 
 import errno

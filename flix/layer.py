@@ -5,6 +5,7 @@ For input x of example e with bank rows R_e (its active features' rows, from the
 y = x W0 (+ bias) + scaling * (x A[R_e]^T) B[R_e]. Row 0 of each bank is zero padding
 (dropped or unknown features point at it); `flix.features` explains the row layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -114,8 +115,7 @@ class _FLixLinear(torch.autograd.Function):
             grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
             grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(ctx.scaling)  # (g, r, d_out)
             grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse),
-                _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
+        return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse), _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
 
 
 def _bank_grad(bank: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, sparse: bool) -> torch.Tensor:

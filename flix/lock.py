@@ -4,6 +4,7 @@ The OS releases the lock when its holder dies (even by SIGKILL), so a stale lock
 from a dead process is simply taken over; the pid, host and start time written into it
 are only there to name the holder in the message a second process gets.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -41,8 +42,7 @@ def run_lock(run_dir: str | Path, wait: bool = False):
         except BlockingIOError:
             if not wait:
                 raise RunLocked(
-                    f"{run_dir} is being run by {holder(run_dir)}: wait for it to finish, stop it, "
-                    f"or pass wait=true to wait here"
+                    f"{run_dir} is being run by {holder(run_dir)}: wait for it to finish, stop it, or pass wait=true to wait here"
                 ) from None
             print(f"[flix] waiting for {run_dir}, held by {holder(run_dir)}", flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -5,6 +5,7 @@ Every method is FLix: the baselines are FLix with one always-on adapter and no f
 (`shared_rank: active` is FLix's active rank, compute-matched; `total` is its rank summed
 over every feature, param-matched), and `single` trains a compute-matched one per dataset.
 """
+
 from __future__ import annotations
 
 import copy

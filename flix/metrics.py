@@ -4,6 +4,7 @@ The numbers must equal those of XTREME-UP's own scorer (google-research/xtreme-u
 `evaluation/metrics.py`) so that ours compare with the paper's and the published
 baselines; where that scorer has a quirk (smoothing, empty answers) we keep it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,9 +94,7 @@ TASK_METRIC = {
 }
 
 
-def score(
-    task: str, targets: Sequence[str], predictions: Sequence[str], metric: str | None = None
-) -> float:
+def score(task: str, targets: Sequence[str], predictions: Sequence[str], metric: str | None = None) -> float:
     """Score one dataset with its task's official metric, or with `metric` if given."""
     if task not in TASK_METRIC:
         raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_METRIC)}")
@@ -103,9 +102,7 @@ def score(
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
     if len(targets) != len(predictions):
-        raise ValueError(
-            f"{len(targets)} targets but {len(predictions)} predictions: they must pair up 1:1"
-        )
+        raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions: they must pair up 1:1")
     if not targets:
         raise ValueError("no examples to score")
     return float(METRICS[metric](targets, predictions))
@@ -206,9 +203,7 @@ def read_pairs(path: Path) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """`flix score --task TASK FILE.jsonl`: print a summary, then a JSON line for scripts."""
-    parser = argparse.ArgumentParser(
-        prog="flix score", description="Score predictions with XTREME-UP's official metrics."
-    )
+    parser = argparse.ArgumentParser(prog="flix score", description="Score predictions with XTREME-UP's official metrics.")
     parser.add_argument("file", type=Path, help='JSONL of {"target": ..., "prediction": ...}')
     parser.add_argument("--task", required=True, choices=TASK_METRIC, help="sets the metric")
     parser.add_argument("--metric", choices=METRICS, help="override the task's metric")

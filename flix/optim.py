@@ -8,6 +8,7 @@ gradient, so the optimizer's memory follows the features trained, not the bank.
 Bias correction uses the global step, like TensorFlow's LazyAdam. With dense
 gradients this is exactly torch's AdamW.
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ best_validation_average, history, train_loss, featureless_fraction,
 trainable_parameters, flix (the FLixConfig), train_seconds, time_seconds, commit,
 config_hash and config.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -29,6 +30,7 @@ SPLITS = ("validation", "test")
 
 def git_commit(where: Path = Path(__file__).parent) -> str | None:
     """The commit of this code, "+dirty" when tracked files differ from it (None outside git)."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=where, timeout=5).stdout.strip()
 
@@ -47,6 +49,7 @@ CODE_COMMIT = git_commit()
 def identity(config: dict) -> dict:
     """Who a run is, from its resolved config (results.json and failed.json `config`):
     the keys the report selects runs by."""
+
     def name(key):
         value = config.get(key)
         return value.get("name") if isinstance(value, dict) else value
@@ -106,7 +109,7 @@ def merge_datasets(parts: list[dict]) -> dict:
         for split in ("validation", "test", "test_stats"):
             for task, langs in part[split].items():
                 merged[split].setdefault(task, {}).update(langs)
-        (task, langs), = part["test"].items()
+        ((task, langs),) = part["test"].items()
         key = f"{task}.{next(iter(langs))}"
         for k in per_dataset:
             merged[k][key] = part[k]

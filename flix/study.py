@@ -7,6 +7,7 @@ Each sweep of the study is one `python -m flix.train -m ...`. Runs whose directo
 the run itself, so an interrupted study picks up where it stopped. A failing run writes
 failed.json and the others go on; the study then lists the failures and exits 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -162,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     study = with_seeds(study, seeds)
-    common = [f"scale={args.scale}", f"logger={args.logger}", f"study={Path(args.study).stem}", *args.overrides] + (["force=true"] if args.force else [])
+    common = [f"scale={args.scale}", f"logger={args.logger}", f"study={Path(args.study).stem}", *args.overrides] + (
+        ["force=true"] if args.force else []
+    )
     runs = plan(study, common)
     done = sum(r.status == "done" for r in runs)
     print(f"[flix study] {args.study} at scale {args.scale}: {len(runs)} runs, {done} complete" + (" (forced again)" if args.force else ""))

@@ -2,6 +2,7 @@
 exits 1 when any of its runs failed (each failed run wrote failed.json and the sweep went
 on). Registered in conf/train.yaml `hydra.callbacks`; works for every launcher, since it
 reads what the runs wrote rather than the launcher's return values."""
+
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@ Each run opens and finishes its own W&B run, so multirun sweeps never mix runs.
 Offline files land under the run directory; `wandb sync RUN_DIR/wandb/offline-run-*`
 uploads them later. WANDB_MODE=online (with a key) uploads live.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-
 
 log = logging.getLogger("flix")
 

@@ -8,6 +8,7 @@ command in the same directory resume where it stopped, with identical results.
 The recipe is here; its parts live in flix.config (composing, the hash), flix.trainer
 (training, selection, test), flix.checkpoint and flix.results (what runs record).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,16 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from flix import distributed
 from flix.checks import ConfigError, check_run
 from flix.config import config_hash, load_mixture_for, override_problems
-from flix.data.reader import resolve_root
 from flix.data.mixtures import MixtureError
-from flix.data.reader import DataError
+from flix.data.reader import DataError, resolve_root
 from flix.io import atomic_write_text, recover_tree
 from flix.lock import RunLocked, run_lock
 from flix.results import CODE_COMMIT, FAILED, RESULTS, merge_datasets, per_language_table, summary_line, write_failure, write_results
 from flix.tracking import NullTracker, ScopedTracker, make_tracker, say
 from flix.trainer import Trainer
 from flix.versions import versions
-
 
 
 def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
@@ -122,7 +121,13 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
             "data_root": str(resolve_root(cfg.data.root).resolve()),
             "variant": cfg.data.variant,
         }
-        tail = {"time_seconds": time.time() - started, "commit": CODE_COMMIT, "versions": versions(), "config_hash": config_hash(cfg), "config": resolved}
+        tail = {
+            "time_seconds": time.time() - started,
+            "commit": CODE_COMMIT,
+            "versions": versions(),
+            "config_hash": config_hash(cfg),
+            "config": resolved,
+        }
         results = write_results(run_dir, mixture, body, head, tail)
         _publish(tracker, results, run_dir)
         say(summary_line(results))

@@ -4,6 +4,7 @@ the best checkpoint kept (by the mixture's supervised average) and scored on tes
 `Trainer.fit` resumes from run_dir/checkpoints/latest when it exists; `flix.train`
 wraps it into a run (results.json, W&B, the `single` fan-out).
 """
+
 from __future__ import annotations
 
 import json
@@ -161,7 +162,16 @@ class Trainer:
 
     def fit(self, tracker) -> dict:
         s = self.cfg.scale
-        state = {"step": 0, "best_step": None, "best_score": -math.inf, "best_validation": {}, "history": [], "train_loss": [], "featureless_fraction": [], "train_seconds": 0.0}
+        state = {
+            "step": 0,
+            "best_step": None,
+            "best_score": -math.inf,
+            "best_validation": {},
+            "history": [],
+            "train_loss": [],
+            "featureless_fraction": [],
+            "train_seconds": 0.0,
+        }
         if (self.ckpt_dir / STATE).exists():
             state.update({k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler).items() if k in state})
             say(f"[flix] resuming {self.run_dir} from step {state['step']}")
@@ -182,7 +192,13 @@ class Trainer:
             if self.main and is_validation_step(step, s):
                 scores, preds, average = self.validate()
                 state["history"].append({"step": step, "validation_average": average, "loss": loss})
-                tracker.log({"validation/average": average, **{f"validation/{task}/{lang}": v for task, langs in scores.items() for lang, v in langs.items()}}, step=step)
+                tracker.log(
+                    {
+                        "validation/average": average,
+                        **{f"validation/{task}/{lang}": v for task, langs in scores.items() for lang, v in langs.items()},
+                    },
+                    step=step,
+                )
                 if average > state["best_score"]:
                     state.update(best_score=average, best_step=step, best_validation=scores)
                     self.model.save_pretrained(self.run_dir / "best_adapter")
@@ -202,7 +218,9 @@ class Trainer:
         self._load_best()
         data = read_split(self.root, self.mixture.eval_datasets, "test", self.cfg.scale.test_examples)
         with self.autocast():
-            scores, preds = evaluate(self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
+            scores, preds = evaluate(
+                self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test"
+            )
         self._write_predictions("test", data, preds)
         stats: dict[str, dict[str, list]] = {}
         for (task, lang), examples in data.items():
@@ -217,7 +235,7 @@ class Trainer:
 
     def _write_predictions(self, split: str, data: dict, preds: dict) -> None:
         for (task, lang), examples in data.items():
-            lines = [json.dumps({"id": ex.id, "target": ex.target, "prediction": p}, ensure_ascii=False) for ex, p in zip(examples, preds[(task, lang)])]
+            lines = [
+                json.dumps({"id": ex.id, "target": ex.target, "prediction": p}, ensure_ascii=False) for ex, p in zip(examples, preds[(task, lang)])
+            ]
             atomic_write_text(self.run_dir / "predictions" / split / f"{task}.{lang}.jsonl", "\n".join(lines) + "\n")
-
-

@@ -1,6 +1,7 @@
 """What produced a number: the versions of Python and the packages that decide results,
 and the device. Recorded in every results.json and benchmark snapshot, shown on every
 report page (which warns when one table mixes them)."""
+
 from __future__ import annotations
 
 import importlib.metadata

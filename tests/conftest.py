@@ -1,4 +1,5 @@
 """Shared fixtures: real data from FLIX_DATA_ROOT, the shared fixtures folder."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """FLix layer, routing, export and persistence on real tiny Hugging Face models."""
+
 from __future__ import annotations
 
 import pytest
@@ -276,9 +277,7 @@ def test_generate_with_beams_and_return_sequences():
     for i in range(3):
         with model.route([MIXED[i]]):
             alone = model.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], **kwargs)
-            alone_beams = model.generate(
-                input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], num_beams=3, num_return_sequences=2, **kwargs
-            )
+            alone_beams = model.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], num_beams=3, num_return_sequences=2, **kwargs)
         assert torch.equal(greedy[i], alone[0])
         assert torch.equal(beams[2 * i : 2 * i + 2], alone_beams)
 

@@ -1,5 +1,6 @@
 """Training tensors and the loss: causal models learn only the target tokens, padding and
 the trimmed logits change nothing, and accumulation over micro-batches is one big batch."""
+
 from __future__ import annotations
 
 import subprocess
@@ -33,7 +34,7 @@ def test_causal_loss_is_the_target_tokens_cross_entropy(examples):
     for i, ex in enumerate(examples):
         ids = batch["input_ids"][i][batch["attention_mask"][i].bool()]  # the example alone, unpadded
         target = tokenizer(" " + ex.target, add_special_tokens=False)["input_ids"][: LIMITS.max_target_tokens] + [tokenizer.eos_token_id]
-        assert ids[-len(target):].tolist() == target  # the sequence ends with target + eos
+        assert ids[-len(target) :].tolist() == target  # the sequence ends with target + eos
         labels = batch["labels"][i]
         assert labels[labels != IGNORE].tolist() == target  # and only those are labels
         with torch.no_grad():

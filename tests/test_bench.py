@@ -1,4 +1,5 @@
 """`flix bench adapters` and `flix bench run` run end to end at toy size and write their reports."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,31 @@ from flix import bench
 
 def test_bench_adapters_writes_every_row(tmp_path, capsys):
     out = tmp_path / "bench" / "adapters.json"
-    argv = ["adapters", "--out", str(out), "--repeats", "1", "--warmup", "1", "--batch", "4", "--seq", "8",
-            "--threads", "1", "--features", "8,64", "--hidden", "64", "--layers", "1", "--vocab", "300", "--new-tokens", "2"]
+    argv = [
+        "adapters",
+        "--out",
+        str(out),
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--batch",
+        "4",
+        "--seq",
+        "8",
+        "--threads",
+        "1",
+        "--features",
+        "8,64",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--vocab",
+        "300",
+        "--new-tokens",
+        "2",
+    ]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
 
@@ -27,7 +51,10 @@ def test_bench_adapters_writes_every_row(tmp_path, capsys):
     assert all(math.isfinite(t) and t > 0 for t in times)
 
     assert set(report["targets"]) == {
-        "flix_vs_compute_matched", "flix_many_vs_few_features", "mixed_inference_speedup_forward", "mixed_inference_speedup_generate"
+        "flix_vs_compute_matched",
+        "flix_many_vs_few_features",
+        "mixed_inference_speedup_forward",
+        "mixed_inference_speedup_generate",
     }
     for target in report["targets"].values():
         assert math.isfinite(target["ratio"]) and target["ratio"] > 0 and isinstance(target["pass"], bool)
@@ -44,8 +71,16 @@ def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys)
     from flix.config import compose
     from flix.train import run
 
-    overrides = [f"data.root={data_root}", "mixture=multitask_sw", "logger=none", "scale.steps=5", "scale.eval_every=2",
-                 "scale.test_examples=5", "scale.eval_batch_size=2", "train.threads=1"]
+    overrides = [
+        f"data.root={data_root}",
+        "mixture=multitask_sw",
+        "logger=none",
+        "scale.steps=5",
+        "scale.eval_every=2",
+        "scale.test_examples=5",
+        "scale.eval_batch_size=2",
+        "train.threads=1",
+    ]
     out = tmp_path / "run.json"
     assert bench.main(["run", *overrides, "--steps", "2", "--warmup", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -79,9 +114,35 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     FLOP counts against a measured matmul peak, the micro-batch memory probe in a fresh
     process, and a verdict for every target."""
     out = tmp_path / "model.json"
-    argv = ["model", "--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--batch", "4", "--seq", "10",
-            "--target", "3", "--features", "8,16", "--gen-batch", "4", "--gen-seq", "6", "--new-tokens", "2",
-            "--memory-scale", "smoke", "--threads", "1"]
+    argv = [
+        "model",
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "4",
+        "--seq",
+        "10",
+        "--target",
+        "3",
+        "--features",
+        "8,16",
+        "--gen-batch",
+        "4",
+        "--gen-seq",
+        "6",
+        "--new-tokens",
+        "2",
+        "--memory-scale",
+        "smoke",
+        "--threads",
+        "1",
+    ]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     assert [r["case"] for r in report["training"]] == ["base", "compute_matched", "peft_lora", "flix D=8", "flix D=16"]
@@ -92,8 +153,12 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     memory = report["micro_batch_memory"]
     assert memory["scale"] == "smoke" and memory["micro_batch"] == 8 and memory["peak_gib"] > 0
     assert set(report["targets"]) == {
-        "flix_vs_base", "flix_vs_compute_matched", "flix_many_vs_few_features", "generate_speedup_vs_peft",
-        "generate_vs_base", "micro_batch_memory",
+        "flix_vs_base",
+        "flix_vs_compute_matched",
+        "flix_many_vs_few_features",
+        "generate_speedup_vs_peft",
+        "generate_vs_base",
+        "micro_batch_memory",
     }
     assert all(isinstance(t["pass"], bool) and math.isfinite(t["value"]) for t in report["targets"].values())
     printed = capsys.readouterr().out
@@ -110,7 +175,8 @@ def test_peak_memory_of_a_child_process_is_its_own():
 
     ballast = bytearray(1 << 30)
     ballast[:: 1 << 12] = b"\1" * len(ballast[:: 1 << 12])  # touch every page: 1 GiB resident
-    child = subprocess.run([sys.executable, "-c", "from flix.bench.timing import peak_rss_gib; print(peak_rss_gib())"],
-                           capture_output=True, text=True, check=True)
+    child = subprocess.run(
+        [sys.executable, "-c", "from flix.bench.timing import peak_rss_gib; print(peak_rss_gib())"], capture_output=True, text=True, check=True
+    )
     assert peak_rss_gib() >= 1.0 > float(child.stdout)
     del ballast

@@ -1,4 +1,5 @@
 """`flix data download` offline: a tiny archive built here, served on loopback only."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,10 +42,7 @@ def tgz(members: list[tuple[str, bytes | None]]) -> bytes:
 
 
 def good_members() -> list[tuple[str, bytes]]:
-    return [
-        (f"{TOP}/{path}", "".join(json.dumps(line) + "\n" for line in lines).encode())
-        for path, lines in FILES.items()
-    ]
+    return [(f"{TOP}/{path}", "".join(json.dumps(line) + "\n" for line in lines).encode()) for path, lines in FILES.items()]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +142,7 @@ def test_sha256_is_checked(archive, tmp_path):
 
 def flipped(data: bytes) -> bytes:
     middle = len(data) // 2
-    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
 
 
 BAD_ARCHIVES = {

@@ -4,6 +4,7 @@ results and runs of different settings in one report cell. (Data-layer faults: a
 file in the download folder, gzip bombs and duplicate members in tests/test_download.py;
 NER targets that disagree with their spans, unknown labels, deep nesting and empty files
 in tests/test_reader.py and tests/test_metrics.py.)"""
+
 from __future__ import annotations
 
 import errno
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_report import PAPER, write_run
 
 from flix.checkpoint import STATE, load_checkpoint, save_checkpoint
 from flix.checks import ConfigError, check_run
@@ -27,7 +29,6 @@ from flix.io import COMPLETE, atomic_dir, atomic_write_text, recover, recover_tr
 from flix.lock import RunLocked, run_lock
 from flix.report import render
 from flix.trainer import Trainer
-from test_report import PAPER, write_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -35,10 +36,22 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 def train_cmd(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "flix.train", "logger=none", "mixture=multitask_sw", f"data.root={data_root}",
-        "scale.steps=24", "scale.eval_every=6", "scale.checkpoint_every=1", "scale.eval_examples=3",
-        "scale.test_examples=3", "scale.batch_size=4", "scale.micro_batch_size=2", "train.threads=1",
-        f"hydra.run.dir={run_dir}", *extra,
+        sys.executable,
+        "-m",
+        "flix.train",
+        "logger=none",
+        "mixture=multitask_sw",
+        f"data.root={data_root}",
+        "scale.steps=24",
+        "scale.eval_every=6",
+        "scale.checkpoint_every=1",
+        "scale.eval_examples=3",
+        "scale.test_examples=3",
+        "scale.batch_size=4",
+        "scale.micro_batch_size=2",
+        "train.threads=1",
+        f"hydra.run.dir={run_dir}",
+        *extra,
     ]
 
 
@@ -203,7 +216,10 @@ def test_second_process_on_a_running_run_exits_naming_the_holder(tmp_path, data_
 
 def test_two_processes_on_one_run_do_the_work_once(tmp_path, data_root):
     run_dir = tmp_path / "run"
-    procs = [subprocess.Popen(train_cmd(run_dir, data_root), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
+    procs = [
+        subprocess.Popen(train_cmd(run_dir, data_root), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        for _ in range(2)
+    ]
     outs = [(p.communicate()[1], p.returncode) for p in procs]
     assert sorted(code for _, code in outs) in ([0, 0], [0, 1]), outs
     for err, code in outs:
@@ -232,8 +248,16 @@ def test_a_waiting_process_gets_the_lock_when_it_is_released(tmp_path):
 
 
 def test_a_dead_holders_lock_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", f"from flix.lock import run_lock\nimport time\nwith run_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from flix.lock import run_lock\nimport time\nwith run_lock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(RunLocked, match=f"pid {holder.pid}"):
         with run_lock(tmp_path):
@@ -263,9 +287,26 @@ def test_sigterm_to_a_study_stops_its_sweep_too(tmp_path, data_root):
     runs = tmp_path / "runs"
     env = {**ENV, "FLIX_RUNS": str(runs), "FLIX_DATA_ROOT": str(data_root)}
     log = tmp_path / "study.log"
-    proc = subprocess.Popen([sys.executable, "-m", "flix.study", str(study), "--logger", "none", "--no-report", "--",
-                             "scale.steps=500", "scale.checkpoint_every=50", "scale.eval_every=250", "train.threads=1"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"), cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flix.study",
+            str(study),
+            "--logger",
+            "none",
+            "--no-report",
+            "--",
+            "scale.steps=500",
+            "scale.checkpoint_every=50",
+            "scale.eval_every=250",
+            "train.threads=1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        cwd=REPO,
+    )
     deadline = time.time() + 120
     while not list(runs.rglob(".lock")):
         assert time.time() < deadline and proc.poll() is None, "the sweep never started"

@@ -64,17 +64,13 @@ def test_truncate_context():
     assert truncate_context(context, "missing", 100, train=True) == context[:100]
     at_end = "x" * 300 + "END"
     assert truncate_context(at_end, "END", 50, train=True) == at_end[-50:]
-    assert "Answer" in truncate_context(
-        context.replace("ANSWER", "Answer"), "ANSWER", 60, train=True
-    )
+    assert "Answer" in truncate_context(context.replace("ANSWER", "Answer"), "ANSWER", 60, train=True)
 
 
 def test_training_truncation_keeps_real_answers(data_root):
     examples = reader.read_dataset(data_root, "qa_in_lang", "train", "fi", limit=50)
     examples += reader.read_dataset(data_root, "qa_cross_lang", "train", "ru", limit=50)
-    long = [
-        e for e in examples if len(e.inputs["context"]) > 300 and e.target in e.inputs["context"]
-    ]
+    long = [e for e in examples if len(e.inputs["context"]) > 300 and e.target in e.inputs["context"]]
     assert long
     for e in long:
         train_prompt = format_prompt(e, max_context_chars=300, train=True)
@@ -84,12 +80,7 @@ def test_training_truncation_keeps_real_answers(data_root):
 
 
 def test_every_language_has_a_name(data_root):
-    codes = {
-        lang
-        for splits in reader.available(data_root).values()
-        for s in splits.values()
-        for lang in s
-    }
+    codes = {lang for splits in reader.available(data_root).values() for s in splits.values() for lang in s}
     for name in mixture_names():
         keys = {"task": "ner", "lang": "sw"} if name == "single" else {}
         for variant in VARIANTS:

@@ -7,6 +7,7 @@ np.mean), run with sacrebleu 2.6.0 on the shared fixtures and on the hand-made c
 below. chrF there is `corpus_chrf(predictions, [targets]).score`, the computation the
 official file intends (its literal call fails on sacrebleu 2.x).
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,7 @@ GOLDEN = {  # task -> {fixture file: official score}
 }
 
 
-@pytest.mark.parametrize(
-    "task,name", [(task, name) for task, files in GOLDEN.items() for name in files]
-)
+@pytest.mark.parametrize("task,name", [(task, name) for task, files in GOLDEN.items() for name in files])
 def test_fixture_pairs_give_official_numbers(metric_pairs_dir, task, name):
     targets, predictions = read_pairs(metric_pairs_dir / task / name)
     assert score(task, targets, predictions) == pytest.approx(GOLDEN[task][name], abs=APPROX)
@@ -111,8 +110,7 @@ def test_span_f1_non_latin_entities():
 QA_CASES = [  # (language, real validation target, hand-made prediction, official F1)
     ("en", "2 billion copies", "about 2 billion", 66.66666666666666),
     ("en", "Daniella and Helinda", "The Daniella!", 50.0),
-    ("en", "Prophet Windows in Augsburg Cathedral", "prophet windows, Augsburg cathedral.",
-     88.8888888888889),
+    ("en", "Prophet Windows in Augsburg Cathedral", "prophet windows, Augsburg cathedral.", 88.8888888888889),
     ("bn", "৫৭ একর", "৫৭ একর।", 50.0),  # the danda is not ASCII punctuation: it stays
     ("bn", "ইয়াসরিব", "ইয়াসরিব", 100.0),
     ("ko", "지역 조정", "지역 조정", 100.0),
@@ -278,7 +276,6 @@ def test_cli_rejects_unknown_task(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         metrics.main(["--task", "pos", str(tmp_path / "x.jsonl")])
     assert exit_.value.code == 2
-
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from flix.data import reader
-from flix.methods import METHODS, kind_ranks, load_method
 from flix.data.mixtures import (
     CONF_DIR,
     KINDS,
@@ -19,6 +18,7 @@ from flix.data.mixtures import (
     load_mixture_by_name,
     mixture_names,
 )
+from flix.methods import METHODS, kind_ranks, load_method
 
 EXPECTED = {
     "study_a",
@@ -35,9 +35,7 @@ EXPECTED = {
 B_NER = "am bm bbj ee ha ig rw lg luo mos ny pcm sn sw tn tw wo xh yo zu".split()
 B_SP = "am be bn fi ha hu ja pt_br ru sw ta tr yo zu de_localized en de es fr hi th".split()
 B_QA_IN = "ar bn fi id ko ru sw te en".split()
-B_QA_CROSS = (
-    "ar bn fi ko ru te as bho brx gbm gom gu hi hne kn mai ml mni mr mwr or pa ps sa ta ur".split()
-)
+B_QA_CROSS = "ar bn fi ko ru te as bho brx gbm gom gu hi hne kn mai ml mni mr mwr or pa ps sa ta ur".split()
 B31_MT = "id es hi yo ja lg ny ru be ar de bn fr tr ig th fi zu te ko sw xh hu ha sn ta am".split()
 B43_UNSEEN = "bho brx gbm gom hne mai mni mr mwr sa as gu kn ml or pa ps ur".split()
 B44_HELD_OUT = "am be bn ha sw ta yo zu th".split()
@@ -134,12 +132,7 @@ def test_mini_keeps_every_paper_language_it_has(data_root):
     for name in EXPECTED:
         official, mini = load(name, "official"), load(name, "mini")
         for task, langs in official.train.items():
-            held_out = {
-                lang
-                for s in mini.eval_sets
-                if s.zero_shot == "unseen_language" or (s.zero_shot and s.task == task)
-                for lang in s.langs
-            }
+            held_out = {lang for s in mini.eval_sets if s.zero_shot == "unseen_language" or (s.zero_shot and s.task == task) for lang in s.langs}
             present = [lang for lang in langs if lang in have[task]["train"]]
             expected = [lang for lang in present if lang not in held_out]
             assert mini.train.get(task, []) == expected, (name, task)
@@ -163,7 +156,7 @@ def test_per_dataset_splits_the_evaluated_training_datasets():
     supervised = {(s.task, lang) for s in m.eval_sets if not s.zero_shot for lang in s.langs}
     assert {p.train_datasets[0] for p in parts} == supervised  # translation is trained, never scored
     for p in parts:
-        (task, lang), = p.train_datasets
+        ((task, lang),) = p.train_datasets
         assert p.name == f"study_a/{task}.{lang}" and p.eval_datasets == [(task, lang)]
 
 
@@ -246,9 +239,7 @@ def test_missing_dataset_lists_missing_and_available(data_root):
     with pytest.raises(reader.DataError) as err:
         load_mixture(cfg, "mini").check(data_root)
     text = str(err.value)
-    assert (
-        "semantic_parsing/train/sw.jsonl" in text and "semantic_parsing/train/de.jsonl" not in text
-    )
+    assert "semantic_parsing/train/sw.jsonl" in text and "semantic_parsing/train/de.jsonl" not in text
     assert "semantic_parsing: train: de en es fr hi th" in text
 
 
@@ -265,16 +256,12 @@ def test_official_variant_on_mini_data_fails_listing_everything(data_root):
     assert "qa_cross_lang: train: ar bn fi ja ko ru te" in text
 
 
-@pytest.mark.parametrize(
-    ("name", "variant"), [(n, v) for n in ("study_a", "zeroshot_sp") for v in VARIANTS]
-)
+@pytest.mark.parametrize(("name", "variant"), [(n, v) for n in ("study_a", "zeroshot_sp") for v in VARIANTS])
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_restrict_keeps_zero_shot_sets(name, variant, n):
     full = load(name, variant)
     small = full.restrict(n)
-    assert [(s.name, s.zero_shot) for s in small.eval_sets] == [
-        (s.name, s.zero_shot) for s in full.eval_sets
-    ]
+    assert [(s.name, s.zero_shot) for s in small.eval_sets] == [(s.name, s.zero_shot) for s in full.eval_sets]
     for s in small.eval_sets:
         assert 1 <= len(s.langs) <= n and set(s.langs) <= set(eval_set(full, s.name).langs)
     for task, langs in small.train.items():

@@ -1,4 +1,5 @@
 """Model loading: tiny random models need no files; Gemma 3 270M runs when its cache exists."""
+
 from __future__ import annotations
 
 import sys
@@ -167,6 +168,7 @@ def test_model_configs_have_the_keys(config: Path) -> None:
 
 
 # --- the real model -------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_gemma3_270m_offline(gemma) -> None:

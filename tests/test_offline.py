@@ -1,5 +1,6 @@
 """Offline GPU runs: parts within their size limit, an install from them with no index into
 a fresh virtual environment, and a run that packs the report and resumes from its archive."""
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,13 @@ def probe_wheel(tmp_path) -> Path:
     src = tmp_path / "probe"
     (src / "flixprobe").mkdir(parents=True)
     (src / "flixprobe" / "__init__.py").write_text("ANSWER = 42\n")
-    (src / "pyproject.toml").write_text('[project]\nname = "flixprobe"\nversion = "1.0"\n[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n')
+    (src / "pyproject.toml").write_text(
+        '[project]\nname = "flixprobe"\nversion = "1.0"\n[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+    )
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-index", "--no-build-isolation", "--no-deps", "-w", str(wheels), str(src)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-index", "--no-build-isolation", "--no-deps", "-w", str(wheels), str(src)], check=True
+    )
     return wheels
 
 
@@ -61,14 +66,30 @@ def test_stage_install_run_pack_and_resume(tmp_path, data_root, probe_wheel):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     links = [arg for p in parts for arg in ("--find-links", str(p))]
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-index", *links, "flixprobe"], check=True)
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import flixprobe; print(flixprobe.ANSWER)"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import flixprobe; print(flixprobe.ANSWER)"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "42"
 
     # there: install, run the study within its minutes, pack one archive
     study = tmp_path / "tiny_study.yaml"
     study.write_text(json.dumps({"sweeps": [{"method": ["flix", "compute_matched"], "mixture": ["multitask_sw"]}]}))
-    cmd = [sys.executable, "-m", "flix.offline", "run", "--parts", str(staging), "--minutes", "10", "--scale", "smoke", "--study", str(study),
-           "--work", str(tmp_path / "work")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flix.offline",
+        "run",
+        "--parts",
+        str(staging),
+        "--minutes",
+        "10",
+        "--scale",
+        "smoke",
+        "--study",
+        str(study),
+        "--work",
+        str(tmp_path / "work"),
+    ]
     first = subprocess.run([*cmd, "--out", str(tmp_path / "out1"), "--", *FAST], cwd=REPO, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
     archive = tmp_path / "out1" / "flix-smoke.tar.gz"
@@ -80,5 +101,7 @@ def test_stage_install_run_pack_and_resume(tmp_path, data_root, probe_wheel):
     assert not any("best_adapter" in n or "checkpoints" in n for n in names)  # weights stay there
 
     # the next call, given that archive, skips the finished runs
-    second = subprocess.run([*cmd, "--out", str(tmp_path / "out2"), "--resume", str(archive), "--no-bench", "--", *FAST], cwd=REPO, capture_output=True, text=True)
+    second = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "out2"), "--resume", str(archive), "--no-bench", "--", *FAST], cwd=REPO, capture_output=True, text=True
+    )
     assert second.returncode == 0 and "2 runs, 2 complete" in second.stdout, second.stdout + second.stderr

@@ -1,5 +1,6 @@
 """SparseAdamW: torch's AdamW on dense gradients, lazy rows on sparse ones, and moments
 only for the rows that ever had a gradient."""
+
 from __future__ import annotations
 
 import io
@@ -55,6 +56,7 @@ def test_sparse_rows_train_like_adamw_and_others_stay_untouched():
 def test_new_rows_later_and_state_dict_resume():
     """Rows first touched at a later step start from zero moments; a state_dict saved
     mid-way resumes to exactly the same weights as an uninterrupted run."""
+
     def run(split: int | None):
         bank = torch.zeros(20, 3).requires_grad_()
         opt = SparseAdamW([bank], **SETTINGS)

@@ -1,4 +1,5 @@
 """The reader on the real mini XTREME-UP copy, and its errors on malformed files."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """`flix report` on a hand-made runs dir: layout, numbers, dashes, notes, files, exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -10,17 +11,23 @@ import pandas as pd
 import pytest
 
 from flix.data.mixtures import load_mixture_by_name
-from flix.results import write_failure, write_results
 from flix.report import log_to_wandb, render
 from flix.report.cli import main
 from flix.report.tables import PAPER_FILES
+from flix.results import write_failure, write_results
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper"
 SMOKE_NOTE = "smoke numbers are a pipeline check (tiny random model, a few steps), not results"
 # (method, mixture, seed, dropout, lang rank) -> base score of each eval set (by name); languages
 # spread symmetrically around it, so a set's average is exactly the base.
-STUDY_A = {"ner": 50.0, "semantic_parsing": 40.0, "qa_in_lang": 60.0, "qa_cross_lang": 70.0,
-           "qa_cross_lang_unseen_comb": 30.0, "qa_cross_lang_unseen_lang": 20.0}
+STUDY_A = {
+    "ner": 50.0,
+    "semantic_parsing": 40.0,
+    "qa_in_lang": 60.0,
+    "qa_cross_lang": 70.0,
+    "qa_cross_lang_unseen_comb": 30.0,
+    "qa_cross_lang_unseen_lang": 20.0,
+}
 RUNS = {
     ("flix", "study_a", 0, 0.7, None): STUDY_A,
     ("flix", "study_a", 1, 0.7, None): {k: v + 2 for k, v in STUDY_A.items()},
@@ -48,8 +55,16 @@ def write_run(root: Path, key: tuple, bases: dict, scale: str = "smoke") -> Path
         spread = np.arange(len(s.langs)) - (len(s.langs) - 1) / 2
         for split, offset in (("validation", VALIDATION_OFFSET), ("test", 0.0)):
             scores[split].setdefault(s.task, {}).update({lang: bases[s.name] + offset + d for lang, d in zip(s.langs, spread)})
-    head = {"method": method, "mixture": mixture, "study": "x", "scale": scale, "seed": seed, "model": "tiny",
-            "data_root": "/data/xtreme_up_mini", "variant": "mini"}
+    head = {
+        "method": method,
+        "mixture": mixture,
+        "study": "x",
+        "scale": scale,
+        "seed": seed,
+        "model": "tiny",
+        "data_root": "/data/xtreme_up_mini",
+        "variant": "mini",
+    }
     body = {**scores, "best_step": 8, "history": [], "trainable_parameters": 10}
     tail = {"commit": "abc123def456789", "config": config_of(method, mixture, seed, dropout, rank, scale)}
     run_dir.mkdir(parents=True)
@@ -59,8 +74,15 @@ def write_run(root: Path, key: tuple, bases: dict, scale: str = "smoke") -> Path
 
 def config_of(method, mixture, seed, dropout, rank, scale="smoke") -> dict:
     """The identity part of a resolved run config."""
-    return {"method": {"name": method}, "mixture": {"name": mixture}, "scale": {"name": scale}, "seed": seed,
-            "dropout": dropout, "rank": {"name": str(rank or "paper"), "lang": rank}, "train": {"dropout_mode": "independent"}}
+    return {
+        "method": {"name": method},
+        "mixture": {"name": mixture},
+        "scale": {"name": scale},
+        "seed": seed,
+        "dropout": dropout,
+        "rank": {"name": str(rank or "paper"), "lang": rank},
+        "train": {"dropout_mode": "independent"},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +126,15 @@ def test_cells_average_seeds_and_sets(report):
     out, _ = report
     t1 = cells(out, "table1")
     flix = {k: v + 1 for k, v in STUDY_A.items()}  # seeds 0 and 1 averaged
-    expected = [flix["ner"], flix["semantic_parsing"], flix["qa_in_lang"], flix["qa_cross_lang"],
-                flix["qa_cross_lang_unseen_comb"], 12.0, flix["qa_cross_lang_unseen_lang"]]
+    expected = [
+        flix["ner"],
+        flix["semantic_parsing"],
+        flix["qa_in_lang"],
+        flix["qa_cross_lang"],
+        flix["qa_cross_lang_unseen_comb"],
+        12.0,
+        flix["qa_cross_lang_unseen_lang"],
+    ]
     columns = [c for c in t1.columns if not c.endswith((" paper", " diff")) and c not in ("seeds", "notes", "Avg.")]
     assert [float(t1.loc["FLix", c]) for c in columns] == pytest.approx(expected, abs=0.01)
     assert float(t1.loc["FLix", "Avg."]) == pytest.approx(np.mean(expected), abs=0.01)
@@ -248,8 +277,9 @@ def test_intervals_significance_and_cells_csv(tmp_path):
     out = tmp_path / "out"
     render(root, out, "cpu", PAPER)
     frame = pd.read_csv(out / "cells.csv")
-    assert {"table", "row", "column", "ours", "ci_low", "ci_high", "seeds", "paper",
-            "diff_vs_compute_matched", "p_vs_compute_matched"} <= set(frame.columns)
+    assert {"table", "row", "column", "ours", "ci_low", "ci_high", "seeds", "paper", "diff_vs_compute_matched", "p_vs_compute_matched"} <= set(
+        frame.columns
+    )
     cell = lambda row: frame[(frame.table == "table2") & (frame.row == row) & (frame.column == "Multilingual NER")].iloc[0]  # noqa: E731
     flix, cm = cell("FLix"), cell("Compute-matched")
     assert flix.ours == pytest.approx(metrics.score("ner", gold, [g if i % 4 < 3 else "PER: nobody" for i, g in enumerate(gold)]))

@@ -28,17 +28,13 @@ def test_rates_sum_to_one_and_cap():
     assert sum(uncapped.values()) == pytest.approx(1)
     assert uncapped["small"] == pytest.approx(100 / 10_100)
     capped = mixing_rates(sizes, cap=1000)
-    assert capped["small"] == pytest.approx(100 / 1100) and capped["big"] == pytest.approx(
-        1000 / 1100
-    )
+    assert capped["small"] == pytest.approx(100 / 1100) and capped["big"] == pytest.approx(1000 / 1100)
     assert mixing_rates({"a": 5, "b": 10}) == pytest.approx({"a": 1 / 3, "b": 2 / 3})
 
 
 def test_temperature():
     sizes = {"a": 100, "b": 10_000}
-    assert mixing_rates(sizes, "temperature", cap=None, temperature=1) == pytest.approx(
-        mixing_rates(sizes, cap=None)
-    )
+    assert mixing_rates(sizes, "temperature", cap=None, temperature=1) == pytest.approx(mixing_rates(sizes, cap=None))
     sqrt = mixing_rates(sizes, "temperature", cap=None, temperature=2)
     assert sqrt["a"] == pytest.approx(10 / 110)
     flat = mixing_rates(sizes, "temperature", cap=None, temperature=1000)

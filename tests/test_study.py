@@ -1,4 +1,5 @@
 """Studies: sweeps as Hydra multiruns, skipping by config hash, failure isolation, launchers."""
+
 from __future__ import annotations
 
 import json
@@ -91,7 +92,17 @@ def test_failed_run_does_not_stop_the_study_and_completed_runs_are_skipped(own_s
 
 
 def test_parallel_launcher_runs_a_sweep(runs_env, data_root):
-    cmd = [sys.executable, "-m", "flix.train", "-m", "logger=none", "mixture=multitask_sw", "method=flix,compute_matched", "hydra/launcher=parallel", *FAST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flix.train",
+        "-m",
+        "logger=none",
+        "mixture=multitask_sw",
+        "method=flix,compute_matched",
+        "hydra/launcher=parallel",
+        *FAST,
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, env=os.environ)
     results = list((runs_env / "runs" / "smoke" / "multitask_sw").glob("*/results.json"))
     assert sorted(json.loads(p.read_text())["method"] for p in results) == ["compute_matched", "flix"]
@@ -164,6 +175,9 @@ def test_the_hash_keys_runs_by_what_they_compute(data_root, monkeypatch):
     monkeypatch.chdir(data_root.parent)
     base = config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw"]))
     assert config_hash(compose([f"data.root={data_root.name}", "mixture=multitask_sw"])) == base
-    assert config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", "mixture.mini.notes=edited", "mixture.official.train.ner=[xx]"])) == base
+    assert (
+        config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", "mixture.mini.notes=edited", "mixture.official.train.ner=[xx]"]))
+        == base
+    )
     for other in ("mixture.mini.train.ner=[yo]", "method=compute_matched", "seed=1", "data.root=/elsewhere"):
         assert config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", other])) != base, other

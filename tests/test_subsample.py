@@ -1,4 +1,5 @@
 """Subsampling the real mini copy: deterministic, verbatim, same layout, never in place."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """End-to-end runs on the real mini data with the tiny model (and Gemma when cached)."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def check_results(results: dict, run_dir: Path) -> None:
-    for key in ("method", "mixture", "scale", "seed", "model", "best_step", "validation", "test", "history", "eval_sets", "trainable_parameters", "time_seconds"):
+    for key in (
+        "method",
+        "mixture",
+        "scale",
+        "seed",
+        "model",
+        "best_step",
+        "validation",
+        "test",
+        "history",
+        "eval_sets",
+        "trainable_parameters",
+        "time_seconds",
+    ):
         assert key in results, key
     assert json.loads((run_dir / "results.json").read_text()) == json.loads(json.dumps(results))
     for split in ("validation", "test"):
@@ -105,9 +119,20 @@ def test_rerun_of_a_finished_run_does_nothing(compose, tmp_path):
 
 def _train_cmd(run_dir: Path, data_root: Path, steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "flix.train", "logger=none", "mixture=multitask_sw", f"data.root={data_root}",
-        f"scale.steps={steps}", "scale.eval_every=4", "scale.checkpoint_every=4", "scale.eval_examples=3",
-        "scale.test_examples=3", "scale.batch_size=4", "scale.micro_batch_size=2", "train.threads=1",
+        sys.executable,
+        "-m",
+        "flix.train",
+        "logger=none",
+        "mixture=multitask_sw",
+        f"data.root={data_root}",
+        f"scale.steps={steps}",
+        "scale.eval_every=4",
+        "scale.checkpoint_every=4",
+        "scale.eval_examples=3",
+        "scale.test_examples=3",
+        "scale.batch_size=4",
+        "scale.micro_batch_size=2",
+        "train.threads=1",
         f"hydra.run.dir={run_dir}",
     ]
 
@@ -154,8 +179,20 @@ def test_bad_option_says_where_it_lives_and_lists_the_choices(override, hint):
 
 def test_a_plain_sweep_summarises_fails_when_a_run_failed_and_logs_each_run(tmp_path, data_root):
     env = {**os.environ, "FLIX_RUNS": str(tmp_path), "FLIX_DATA_ROOT": str(data_root)}
-    cmd = [sys.executable, "-m", "flix.train", "-m", "logger=none", "mixture=multitask_sw", "dropout=1.5,0.7", "scale.steps=2",
-           "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=2", "train.threads=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flix.train",
+        "-m",
+        "logger=none",
+        "mixture=multitask_sw",
+        "dropout=1.5,0.7",
+        "scale.steps=2",
+        "scale.eval_every=2",
+        "scale.eval_examples=2",
+        "scale.test_examples=2",
+        "train.threads=1",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     assert out.returncode == 1
     assert "[flix sweep] 1 run(s) finished now, 1 failed" in out.stderr and "drop1.5" in out.stderr.split("[flix sweep]")[-1]
@@ -175,8 +212,15 @@ def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
     from flix.trainer import Trainer
 
     cfg = compose(
-        "scale=mini", "mixture=multitask_sw", "scale.batch_size=2", "scale.micro_batch_size=2", "scale.max_prompt_tokens=96",
-        "scale.max_target_tokens=12", "scale.max_context_chars=200", "scale.eval_examples=2", "scale.steps=2",
+        "scale=mini",
+        "mixture=multitask_sw",
+        "scale.batch_size=2",
+        "scale.micro_batch_size=2",
+        "scale.max_prompt_tokens=96",
+        "scale.max_target_tokens=12",
+        "scale.max_context_chars=200",
+        "scale.eval_examples=2",
+        "scale.steps=2",
     )
     trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path)
     before = {k: v.clone() for k, v in trainer.model.adapter_state_dict().items()}
@@ -192,8 +236,17 @@ def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
 LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flix.train"],
     # --multi_gpu is accelerate's torchrun path; without GPUs it runs gloo on the CPU.
-    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2", "--num_machines=1",
-                   "--mixed_precision=no", "--dynamo_backend=no", "-m", "flix.train"],
+    "accelerate": [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes=2",
+        "--num_machines=1",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        "-m",
+        "flix.train",
+    ],
 }
 
 
@@ -201,13 +254,26 @@ LAUNCHERS = {
 def test_two_process_data_parallel_equals_one_process(launcher, tmp_path, data_root):
     """2 CPU processes (gloo) give the losses of one process on the same global batch."""
     args = [
-        "logger=none", "mixture=multitask_sw", "method=flix", "dropout=0.0", f"data.root={data_root}",
-        "scale.steps=4", "scale.eval_every=4", "scale.eval_examples=2", "scale.test_examples=2",
-        "scale.batch_size=8", "scale.micro_batch_size=2", "train.threads=1",
+        "logger=none",
+        "mixture=multitask_sw",
+        "method=flix",
+        "dropout=0.0",
+        f"data.root={data_root}",
+        "scale.steps=4",
+        "scale.eval_every=4",
+        "scale.eval_examples=2",
+        "scale.test_examples=2",
+        "scale.batch_size=8",
+        "scale.micro_batch_size=2",
+        "train.threads=1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "flix.train", *args, f"hydra.run.dir={tmp_path / 'one'}"], check=True, cwd=REPO, env=env, capture_output=True)
-    launched = subprocess.run([sys.executable, *LAUNCHERS[launcher], *args, f"hydra.run.dir={tmp_path / 'two'}"], cwd=REPO, env=env, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "flix.train", *args, f"hydra.run.dir={tmp_path / 'one'}"], check=True, cwd=REPO, env=env, capture_output=True
+    )
+    launched = subprocess.run(
+        [sys.executable, *LAUNCHERS[launcher], *args, f"hydra.run.dir={tmp_path / 'two'}"], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stderr.count("trainable parameters") == 2  # both processes built the model
     one = json.loads((tmp_path / "one" / "results.json").read_text())

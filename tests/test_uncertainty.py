@@ -1,4 +1,5 @@
 """Bootstrap intervals and paired tests over per-example statistics."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,12 @@ def coin(p: float, n: int, seed: int) -> list[int]:
 
 def test_point_is_the_mean_over_sets_and_seeds_and_the_interval_covers_it():
     a = runs({SETS[0]: coin(0.5, 60, 1), SETS[1]: coin(0.3, 60, 2)}, {SETS[0]: coin(0.6, 60, 3), SETS[1]: coin(0.2, 60, 4)})
-    expected = np.mean([np.mean([100 * np.mean(h) for h in (s[SETS[0]], s[SETS[1]])]) for s in
-                        ({s: [r[0] for r in rows] for s, rows in seed.items()} for seed in a.values())])
+    expected = np.mean(
+        [
+            np.mean([100 * np.mean(h) for h in (s[SETS[0]], s[SETS[1]])])
+            for s in ({s: [r[0] for r in rows] for s, rows in seed.items()} for seed in a.values())
+        ]
+    )
     est = estimate(a, GROUPS, n=500)
     assert est.mean == pytest.approx(expected)
     assert est.low < est.mean < est.high and est.seeds == (0, 1)

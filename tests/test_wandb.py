@@ -1,6 +1,7 @@
 """W&B as a researcher browses it, read back from the offline run files: names carry
 every swept value, groups are the paper's tables, summaries hold the selected
 checkpoint's scores, failed runs end failed, and reused runs get logged too."""
+
 from __future__ import annotations
 
 import json

@@ -1,9 +1,10 @@
 """`flix bench`: benchmarks that print figures (speed targets live here, not in unit tests).
 
-    flix bench adapters   FLix's step and mixed-batch inference time against LoRA
-    flix bench model      FLix on a real pretrained model (Gemma 3 270M): step, generation, memory
-    flix bench run        the expected wall time of one training run on this machine
+flix bench adapters   FLix's step and mixed-batch inference time against LoRA
+flix bench model      FLix on a real pretrained model (Gemma 3 270M): step, generation, memory
+flix bench run        the expected wall time of one training run on this machine
 """
+
 from __future__ import annotations
 
 import importlib

@@ -18,6 +18,7 @@ The targets: FLix (D=8) within 10% of compute_matched, FLix at the largest D wit
 mode). Both inference paths pay the same base model, so peft / base bounds the last
 ratio; the report prints that ceiling beside it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 def model_config(args) -> dict:
     heads = max(1, args.hidden // 64)
     return dict(
-        hidden_size=args.hidden, num_hidden_layers=args.layers, intermediate_size=4 * args.hidden,
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        intermediate_size=4 * args.hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=args.vocab,
         max_position_embeddings=max(args.seq, 128),
     )
 
@@ -168,8 +173,13 @@ def _infer(model, ids, mode: str, new_tokens: int, **kwargs):
         if mode == "forward":
             return model(input_ids=ids, **kwargs)
         return model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
         )
 
 
@@ -274,21 +284,18 @@ def check_targets(rows: list[dict], inference: list[dict], sizes: list[int]) -> 
     batch = {(r["method"], r["mode"]): r["ms_per_batch"] for r in inference}
     lo, hi = sizes[0], sizes[-1]
     checks = {
-        "flix_vs_compute_matched": (
-            f"FLix (D={lo}) / compute_matched step time", step[("flix", lo)] / step[("compute_matched", 1)], "<=", WITHIN
-        ),
-        "flix_many_vs_few_features": (
-            f"FLix (D={hi}) / FLix (D={lo}) step time", step[("flix", hi)] / step[("flix", lo)], "<=", WITHIN
-        ),
+        "flix_vs_compute_matched": (f"FLix (D={lo}) / compute_matched step time", step[("flix", lo)] / step[("compute_matched", 1)], "<=", WITHIN),
+        "flix_many_vs_few_features": (f"FLix (D={hi}) / FLix (D={lo}) step time", step[("flix", hi)] / step[("flix", lo)], "<=", WITHIN),
     }
     for mode in INFERENCE_MODES:
         checks[f"mixed_inference_speedup_{mode}"] = (
             f"peft adapter_names / FLix mixed-batch inference time ({mode})",
-            batch[("peft_adapter_names", mode)] / batch[("flix_mixed_inference", mode)], ">=", SPEEDUP,
+            batch[("peft_adapter_names", mode)] / batch[("flix_mixed_inference", mode)],
+            ">=",
+            SPEEDUP,
         )
     targets = {
-        key: {"description": desc, "ratio": ratio, "needs": f"{op} {bound:g}",
-              "pass": ratio <= bound if op == "<=" else ratio >= bound}
+        key: {"description": desc, "ratio": ratio, "needs": f"{op} {bound:g}", "pass": ratio <= bound if op == "<=" else ratio >= bound}
         for key, (desc, ratio, op, bound) in checks.items()
     }
     # Both inference paths run the same base model, so no adapter implementation can be
@@ -308,11 +315,24 @@ def run_config(args, sizes: list[int]) -> dict:
     from flix.versions import versions
 
     return {
-        "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "warmup": args.warmup,
-        "threads": args.threads, "features": sizes, "new_tokens": args.new_tokens, "inference_modes": list(INFERENCE_MODES), "model": {"family": "llama", **model_config(args)},
-        "dtype": "float32", "rank": RANK, "flix_ranks": FLIX_RANKS, "feature_dropout": 0.7,
-        "target_modules": TARGETS, "timing": "median of interleaved rounds, time.perf_counter",
-        "versions": versions(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "features": sizes,
+        "new_tokens": args.new_tokens,
+        "inference_modes": list(INFERENCE_MODES),
+        "model": {"family": "llama", **model_config(args)},
+        "dtype": "float32",
+        "rank": RANK,
+        "flix_ranks": FLIX_RANKS,
+        "feature_dropout": 0.7,
+        "target_modules": TARGETS,
+        "timing": "median of interleaved rounds, time.perf_counter",
+        "versions": versions(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
     }
 
 
@@ -320,7 +340,5 @@ def format_table(rows: list[dict], inference: list[dict]) -> str:
     lines = [f"{'training step':<22} {'features':>8} {'ms/step':>10} {'min':>8}"]
     lines += [f"{r['method']:<22} {r['num_features']:>8} {r['ms_per_step']:>10.1f} {r['ms_min']:>8.1f}" for r in rows]
     lines += ["", f"{'inference':<22} {'mode':>8} {'combos':>8} {'ms/batch':>10} {'min':>8}"]
-    lines += [
-        f"{r['method']:<22} {r['mode']:>8} {r['num_combinations']:>8} {r['ms_per_batch']:>10.1f} {r['ms_min']:>8.1f}" for r in inference
-    ]
+    lines += [f"{r['method']:<22} {r['mode']:>8} {r['num_combinations']:>8} {r['ms_per_batch']:>10.1f} {r['ms_min']:>8.1f}" for r in inference]
     return "\n".join(lines)

@@ -21,6 +21,7 @@ are put. A fresh process measures the peak memory of one micro-batch at a scale'
 worst-case sizes (--memory-scale). On CUDA the cases run under bf16 autocast
 (adapters and optimizer state stay float32), as training does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,27 @@ from pathlib import Path
 import torch
 
 from flix.bench.model_cases import (
-    ALPHA, DROPOUT, RANK, TASKS, autocast_for, available_bytes, bank_bytes, base_step, count_flops,
-    device_of, feature_space, flix_step, generation_cases, load, matmul_case,
-    measure_micro_batch_memory, mixed_features, peft_step, probe_memory, shared_copy, train_batch,
+    ALPHA,
+    DROPOUT,
+    RANK,
+    TASKS,
+    autocast_for,
+    available_bytes,
+    bank_bytes,
+    base_step,
+    count_flops,
+    device_of,
+    feature_space,
+    flix_step,
+    generation_cases,
+    load,
+    matmul_case,
+    measure_micro_batch_memory,
+    mixed_features,
+    peft_step,
+    probe_memory,
+    shared_copy,
+    train_batch,
 )
 from flix.methods import kind_ranks
 
@@ -152,8 +171,11 @@ def bench_model(args, sizes: list[int]) -> int:
 
     memory = measure_micro_batch_memory(args)
     report = {
-        "training": rows, "generation": generation, "skipped": {f"flix D={d}": why for d, why in skipped.items()},
-        "matmul_peak_tflop_per_s": peak_flops / 1e12, "micro_batch_memory": memory,
+        "training": rows,
+        "generation": generation,
+        "skipped": {f"flix D={d}": why for d, why in skipped.items()},
+        "matmul_peak_tflop_per_s": peak_flops / 1e12,
+        "micro_batch_memory": memory,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib(),
         "config": run_config(args, sizes, device, bf16),
     }
@@ -185,7 +207,9 @@ def check_targets(report: dict, sizes: list[int], skipped: dict) -> dict:
         description, op, bound = TARGETS[key]
         scale = memory["scale"] if memory else ""
         targets[key] = {
-            "description": description.format(lo=lo, hi=hi, scale=scale), "value": value, "needs": f"{op} {bound:g}",
+            "description": description.format(lo=lo, hi=hi, scale=scale),
+            "value": value,
+            "needs": f"{op} {bound:g}",
             "pass": value <= bound if op == "<=" else value >= bound,
         }
     if skipped:
@@ -199,11 +223,27 @@ def run_config(args, sizes: list[int], device: torch.device, bf16: bool) -> dict
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
-        "model": args.model, "batch": args.batch, "seq": args.seq, "target": args.target, "features": sizes,
-        "gen_batch": args.gen_batch, "gen_seq": args.gen_seq, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads, "device": device.type, "device_name": name,
-        "cpu_count": os.cpu_count(), "autocast": "bf16" if bf16 else "off (float32)", "rank": RANK, "flix_ranks": FLIX_RANKS,
-        "feature_dropout": DROPOUT, "timing": "median of interleaved rounds", "versions": versions(), "commit": git_commit(),
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "target": args.target,
+        "features": sizes,
+        "gen_batch": args.gen_batch,
+        "gen_seq": args.gen_seq,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "device": device.type,
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "autocast": "bf16" if bf16 else "off (float32)",
+        "rank": RANK,
+        "flix_ranks": FLIX_RANKS,
+        "feature_dropout": DROPOUT,
+        "timing": "median of interleaved rounds",
+        "versions": versions(),
+        "commit": git_commit(),
     }
 
 
@@ -220,13 +260,18 @@ def format_report(report: dict) -> str:
     for case, why in report["skipped"].items():
         lines.append(f"{case:<18} skipped: {why}")
     lines.append(f"matmul peak: {report['matmul_peak_tflop_per_s']:.3f} TFLOP/s")
-    lines += ["", f"generation: {c['gen_batch']} prompts x {c['gen_seq']} tokens, {c['new_tokens']} greedy tokens, one combination each",
-              f"{'case':<18} {'ms/batch':>10} {'min':>10}"]
+    lines += [
+        "",
+        f"generation: {c['gen_batch']} prompts x {c['gen_seq']} tokens, {c['new_tokens']} greedy tokens, one combination each",
+        f"{'case':<18} {'ms/batch':>10} {'min':>10}",
+    ]
     lines += [f"{r['case']:<18} {r['ms_per_batch']:>10.1f} {r['ms_min']:>10.1f}" for r in report["generation"]]
     memory = report["micro_batch_memory"]
     if memory:
-        lines.append(f"\none {memory['scale']} micro-batch ({memory['micro_batch']} x {memory['tokens']} tokens, fresh process): "
-                     f"peak {memory['peak_gib']:.2f} GiB, {memory['seconds']:.1f} s")
+        lines.append(
+            f"\none {memory['scale']} micro-batch ({memory['micro_batch']} x {memory['tokens']} tokens, fresh process): "
+            f"peak {memory['peak_gib']:.2f} GiB, {memory['seconds']:.1f} s"
+        )
     lines.append(f"peak memory of this benchmark: {report['peak_memory_gib']:.2f} GiB\n")
     for t in report["targets"].values():
         lines.append(f"{'PASS' if t['pass'] else 'MISS'}  {t['description']}: {t['value']:.3f} (needs {t['needs']})")

@@ -1,6 +1,7 @@
 """The cases `flix bench model` times: model loading, batches and routes, one training
 step of the base / FLix / peft LoRA, generation, a matmul for the practical peak,
 FLOP counting and the one-micro-batch memory probe (run in a fresh process)."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,8 @@ DROPOUT = 0.7
 
 
 def load(args):
-    from flix.models import load_model
     from flix.config import compose
+    from flix.models import load_model
 
     model_cfg = compose([f"model={args.model}"]).model
     from omegaconf import OmegaConf
@@ -150,8 +151,13 @@ def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Calla
     langs = -(-args.gen_batch // TASKS)
     combos = [{"task": f"t{i % TASKS}", "lang": f"l{i // TASKS}"} for i in range(args.gen_batch)]
     kwargs = dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-        do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
     def generate(model, **extra):
@@ -227,9 +233,26 @@ def measure_micro_batch_memory(args) -> dict | None:
     if args.memory_scale == "none":
         return None
     s = compose([f"scale={args.memory_scale}"]).scale
-    cmd = [sys.executable, "-m", "flix.bench.model", "--probe-memory", str(s.micro_batch_size), str(s.max_prompt_tokens), str(s.max_target_tokens),
-           "--model", args.model, "--device", args.device, "--threads", str(args.threads)]
-    print(f"flix bench: measuring one {args.memory_scale} micro-batch ({s.micro_batch_size} x {s.max_prompt_tokens + s.max_target_tokens + 1} tokens) in a fresh process", file=sys.stderr, flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "flix.bench.model",
+        "--probe-memory",
+        str(s.micro_batch_size),
+        str(s.max_prompt_tokens),
+        str(s.max_target_tokens),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
+    print(
+        f"flix bench: measuring one {args.memory_scale} micro-batch ({s.micro_batch_size} x {s.max_prompt_tokens + s.max_target_tokens + 1} tokens) in a fresh process",
+        file=sys.stderr,
+        flush=True,
+    )
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return {"scale": args.memory_scale, **json.loads(out.stdout.strip().splitlines()[-1])}
 

@@ -11,6 +11,7 @@ to the scale's budget:
 The untrained adapter is timed; it tends to stop generating later than a trained one, so
 the evaluation figures lean long. Nothing is written to a run directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="flix bench run", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        prog="flix bench run",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m flix.train (scale=mini mixture=study_a ...)")
@@ -69,8 +73,8 @@ def batches_per_task(data: dict, batch_size: int) -> dict[str, int]:
 def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
     from tqdm.auto import tqdm
 
-    from flix.evaluate import predict
     from flix.config import load_mixture_for
+    from flix.evaluate import predict
     from flix.results import git_commit
     from flix.trainer import Trainer, is_validation_step, read_split
     from flix.versions import versions
@@ -172,14 +176,16 @@ def format_report(r: dict) -> str:
     m, b, e = r["measured"], r["budget"], r["expected"]
     memory = "resident memory" if r["device"].startswith("cpu") else "GPU memory"
     generation = ", ".join(f"{task} {duration(t)} ({m['generation_batch_examples'][task]} examples)" for task, t in m["generation_batch_s"].items())
-    return "\n".join([
-        f"flix bench run: {r['scale']} / {r['mixture']} / {r['method']} / {r['model']} on {r['device']}, "
-        f"{r['threads']} threads, bf16 {'on' if r['bf16'] else 'off'}",
-        f"  measured  start-up {duration(m['startup_s'])}; step of {b['batch_size']} examples {duration(m['step_s'])} "
-        f"(median of {len(m['step_times_s']) - m['warmup_steps']}); one generation batch: {generation}; "
-        f"peak {memory} {m['peak_memory_gib']:.1f} GiB",
-        f"  expected  train {b['steps']} x {duration(m['step_s'])} = {duration(e['train_s'])}; "
-        f"validation {b['validations']} x {duration(e['validation_pass_s'])} = {duration(e['validation_s'])}; "
-        f"test {duration(e['test_s'])}",
-        f"  expected time per run: {duration(e['total_s'])}",
-    ])
+    return "\n".join(
+        [
+            f"flix bench run: {r['scale']} / {r['mixture']} / {r['method']} / {r['model']} on {r['device']}, "
+            f"{r['threads']} threads, bf16 {'on' if r['bf16'] else 'off'}",
+            f"  measured  start-up {duration(m['startup_s'])}; step of {b['batch_size']} examples {duration(m['step_s'])} "
+            f"(median of {len(m['step_times_s']) - m['warmup_steps']}); one generation batch: {generation}; "
+            f"peak {memory} {m['peak_memory_gib']:.1f} GiB",
+            f"  expected  train {b['steps']} x {duration(m['step_s'])} = {duration(e['train_s'])}; "
+            f"validation {b['validations']} x {duration(e['validation_pass_s'])} = {duration(e['validation_s'])}; "
+            f"test {duration(e['test_s'])}",
+            f"  expected time per run: {duration(e['total_s'])}",
+        ]
+    )

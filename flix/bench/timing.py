@@ -3,6 +3,7 @@
 The machines we run on are noisy, so cases are timed in interleaved rounds: a slower
 or busier moment falls on every case alike, and each figure is a median over rounds.
 """
+
 from __future__ import annotations
 
 import resource

@@ -1,4 +1,5 @@
 """`flix data`: check (stats), download and subsample XTREME-UP data."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,13 @@ def run_stats(args: argparse.Namespace) -> int:
     for error in errors:
         print(error, file=sys.stderr)
     # a run would read nothing from these, and fail late (an empty test file after training)
-    empty = [root / task / split / f"{stem}.jsonl" for task, splits in counts.items() for split, stems in splits.items() for stem, n in stems.items() if n == 0]
+    empty = [
+        root / task / split / f"{stem}.jsonl"
+        for task, splits in counts.items()
+        for split, stems in splits.items()
+        for stem, n in stems.items()
+        if n == 0
+    ]
     for path in empty:
         print(f"{path}: no examples. Restore the file (flix data download), or remove it.", file=sys.stderr)
     print(f"XTREME-UP data at {root}\n{table(counts)}")
@@ -81,8 +88,12 @@ def parser() -> argparse.ArgumentParser:
     get.add_argument("--dest", help=f"where to put it (default: {dl.default_dest()})")
     get.add_argument("--url", default=dl.DEFAULT_URL, help="archive URL, mirror, file:// URL or path")
     get.add_argument("--sha256", help="expected sha256 of the archive")
-    get.add_argument("--max-extract-gb", type=float, default=dl.MAX_EXTRACT_GB,
-                     help=f"refuse an archive that unpacks to more than this (default {dl.MAX_EXTRACT_GB:g} GB)")
+    get.add_argument(
+        "--max-extract-gb",
+        type=float,
+        default=dl.MAX_EXTRACT_GB,
+        help=f"refuse an archive that unpacks to more than this (default {dl.MAX_EXTRACT_GB:g} GB)",
+    )
     get.set_defaults(run=run_download)
 
     small = sub.add_parser("subsample", parents=[common], help="a smaller copy: N seeded lines per file")

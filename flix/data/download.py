@@ -5,6 +5,7 @@ request. It is checked member by member while it is extracted into a temporary
 directory next to the destination, and only a complete, valid tree is renamed into
 place: a failed run never leaves a half-extracted data root behind.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -115,8 +116,7 @@ def fetch(url: str, target: Path, progress: bool = True) -> Path:
 def _copy_body(response, part: Path, start: int, total: int | None, progress: bool) -> int:
     """Append (or, from 0, rewrite) the body into `part`; returns the bytes now in it."""
     written = start
-    bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=part.name,
-               file=sys.stderr, disable=not progress)
+    bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, desc=part.name, file=sys.stderr, disable=not progress)
     with open(part, "ab" if start else "wb") as out, bar:
         try:
             while chunk := response.read(CHUNK):
@@ -202,7 +202,9 @@ def extract(archive: Path, into: Path, max_gb: float = MAX_EXTRACT_GB) -> Path:
             while stream.read(CHUNK):
                 pass
     except _OverLimit:
-        raise BadArchive(f"it unpacks to more than {max_gb:g} GB (a gzip bomb, or a larger release: pass --max-extract-gb to raise the limit)") from None
+        raise BadArchive(
+            f"it unpacks to more than {max_gb:g} GB (a gzip bomb, or a larger release: pass --max-extract-gb to raise the limit)"
+        ) from None
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise BadArchive(f"not a valid gzip tar archive ({err})") from None
     return into / top

@@ -1,4 +1,5 @@
 """The one example type that flows from the reader to the model."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

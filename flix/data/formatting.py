@@ -93,12 +93,10 @@ TARGET_MAX_TOKENS: dict[str, int] = {
 }
 
 _INSTRUCTIONS = {
-    "ner": 'List the entities as "TYPE: entity" joined by " $$ " (PER, ORG, LOC, DATE); '
-    "leave it empty if there are none.",
+    "ner": 'List the entities as "TYPE: entity" joined by " $$ " (PER, ORG, LOC, DATE); leave it empty if there are none.',
     "semantic_parsing": "Write the MTOP logical form of the utterance.",
     "qa_in_lang": "Answer with a span copied from the context.",
-    "qa_cross_lang": "The question is in {lang}, the context in English; "
-    "answer with an English span copied from the context.",
+    "qa_cross_lang": "The question is in {lang}, the context in English; answer with an English span copied from the context.",
 }
 
 
@@ -151,12 +149,8 @@ def _body(example: Example, max_context_chars: int | None, train: bool) -> str:
     return f"question: {inputs['question']} title: {inputs['title']} context: {context}\nAnswer:"
 
 
-def format_prompt(
-    example: Example, max_context_chars: int | None = None, train: bool = False
-) -> str:
+def format_prompt(example: Example, max_context_chars: int | None = None, train: bool = False) -> str:
     """The model input for one example: task and language in words, input, answer cue."""
     if example.task not in TASK_NAMES:
-        raise ValueError(
-            f"No prompt format for task {example.task!r}; tasks: {', '.join(TASK_NAMES)}."
-        )
+        raise ValueError(f"No prompt format for task {example.task!r}; tasks: {', '.join(TASK_NAMES)}.")
     return f"{_header(example)}\n{_body(example, max_context_chars, train)}"

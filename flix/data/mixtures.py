@@ -24,7 +24,6 @@ EVAL_SPLITS = ("validation", "test")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "mixture"
 
 
-
 class MixtureError(ValueError):
     """A mixture config that is malformed or breaks a zero-shot guarantee."""
 
@@ -89,11 +88,7 @@ class Mixture:
         """Fail before training if any file is missing, listing all of them and what exists."""
         base = reader.resolve_root(root)
         have = reader.available(base)
-        missing = [
-            (task, split, lang)
-            for task, split, lang in self.required_files()
-            if lang not in have.get(task, {}).get(split, [])
-        ]
+        missing = [(task, split, lang) for task, split, lang in self.required_files() if lang not in have.get(task, {}).get(split, [])]
         if missing:
             raise reader.DataError(_missing_message(self, base, missing, have))
 
@@ -140,9 +135,7 @@ class Mixture:
         return "\n".join(lines)
 
 
-def _missing_message(
-    mixture: Mixture, root: Path, missing: list[tuple[str, str, str]], have: dict
-) -> str:
+def _missing_message(mixture: Mixture, root: Path, missing: list[tuple[str, str, str]], have: dict) -> str:
     lines = [f"Mixture {mixture.source} needs {len(missing)} file(s) missing under {root}:"]
     lines += [f"  {reader.dataset_path(root, t, s, lang)}" for t, s, lang in missing]
     lines.append("Available for those tasks:")
@@ -150,9 +143,7 @@ def _missing_message(
         splits = have.get(task, {})
         listed = "; ".join(f"{s}: {' '.join(splits[s])}" for s in reader.SPLITS if s in splits)
         lines.append(f"  {task}: {listed or 'nothing'}")
-    lines.append(
-        "Use the variant that matches the data (official or mini), or fix the mixture file."
-    )
+    lines.append("Use the variant that matches the data (official or mini), or fix the mixture file.")
     return "\n".join(lines)
 
 
@@ -216,23 +207,18 @@ def _check_eval(mixture: Mixture, s: EvalSet, key: str) -> None:
         unseen = [lang for lang in s.langs if lang not in trained]
         if unseen:
             raise MixtureError(
-                f"{key}: {s.task} is not trained on {unseen}; mark the set zero_shot "
-                f"({' or '.join(ZERO_SHOT)}) or add them to train.{s.task}."
+                f"{key}: {s.task} is not trained on {unseen}; mark the set zero_shot ({' or '.join(ZERO_SHOT)}) or add them to train.{s.task}."
             )
     elif s.zero_shot == "unseen_language":
         leaked = [lang for lang in s.langs if lang in trained | elsewhere]
         if leaked:
             raise MixtureError(
-                f"{key}: unseen_language languages {leaked} appear in training; "
-                "remove them from every train task or make the set unseen_combination."
+                f"{key}: unseen_language languages {leaked} appear in training; remove them from every train task or make the set unseen_combination."
             )
     elif s.zero_shot == "unseen_combination":
         leaked = [lang for lang in s.langs if lang in trained]
         if leaked:
-            raise MixtureError(
-                f"{key}: unseen_combination languages {leaked} are in train.{s.task}; "
-                "hold them out of that task."
-            )
+            raise MixtureError(f"{key}: unseen_combination languages {leaked} are in train.{s.task}; hold them out of that task.")
         orphans = [lang for lang in s.langs if lang not in elsewhere]
         if orphans:
             raise MixtureError(
@@ -240,10 +226,7 @@ def _check_eval(mixture: Mixture, s: EvalSet, key: str) -> None:
                 "so their language feature is untrained; use zero_shot: unseen_language."
             )
     else:
-        raise MixtureError(
-            f"{key}: zero_shot must be one of {', '.join(ZERO_SHOT)} (or absent), "
-            f"got {s.zero_shot!r}."
-        )
+        raise MixtureError(f"{key}: zero_shot must be one of {', '.join(ZERO_SHOT)} (or absent), got {s.zero_shot!r}.")
 
 
 def _plain(cfg: dict | DictConfig) -> dict:
@@ -263,10 +246,7 @@ def _eval_set(raw: Any, train: dict, key: str) -> EvalSet:
     langs = raw.get("langs")
     if langs is None:
         if raw.get("zero_shot") or task not in train:
-            raise MixtureError(
-                f"{key}: give `langs`; only supervised sets of a trained task default "
-                "to its training languages."
-            )
+            raise MixtureError(f"{key}: give `langs`; only supervised sets of a trained task default to its training languages.")
         langs = train[task]
     return EvalSet(str(raw.get("name", task)), task, list(langs), raw.get("zero_shot"))
 
@@ -274,9 +254,7 @@ def _eval_set(raw: Any, train: dict, key: str) -> EvalSet:
 def load_mixture(cfg: dict | DictConfig, variant: str) -> Mixture:
     """Resolve one variant ("official" or "mini") of a mixture config and validate it."""
     if variant not in VARIANTS:
-        raise MixtureError(
-            f"Unknown mixture variant {variant!r}; variants are: {', '.join(VARIANTS)}."
-        )
+        raise MixtureError(f"Unknown mixture variant {variant!r}; variants are: {', '.join(VARIANTS)}.")
     cfg = _plain(cfg)
     name = cfg.get("name")
     if not name:
@@ -289,9 +267,7 @@ def load_mixture(cfg: dict | DictConfig, variant: str) -> Mixture:
         raise MixtureError(f"{where}: missing `{variant}.train` (a mapping task -> languages).")
     train = {task: list(langs or []) for task, langs in section["train"].items()}
     raw_eval = section.get("eval") or []
-    eval_sets = [
-        _eval_set(r, train, f"{where}: {variant}.eval[{i}]") for i, r in enumerate(raw_eval)
-    ]
+    eval_sets = [_eval_set(r, train, f"{where}: {variant}.eval[{i}]") for i, r in enumerate(raw_eval)]
     if not eval_sets:
         raise MixtureError(f"{where}: `{variant}.eval` is empty; nothing would be scored.")
     mixture = Mixture(

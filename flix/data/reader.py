@@ -4,6 +4,7 @@ Layout: `{root}/{task}/{split}/{name}.jsonl`, `name` being the language code, or
 `en2{lang}` for translation. Every line is checked, so a bad file fails here with
 its path and line rather than later as a wrong score.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,20 +57,14 @@ def resolve_root(root: str | Path | None) -> Path:
         inner = [child for child in sorted(path.iterdir()) if child.is_dir() and has_layout(child)]
         hint = f"Did you mean {inner[0]}? " if inner else ""
         raise DataError(
-            f"XTREME-UP data root {path} ({source}) holds no {{task}}/{{split}}/*.jsonl files "
-            f"(e.g. ner/train/sw.jsonl). {hint}{GET_DATA}"
+            f"XTREME-UP data root {path} ({source}) holds no {{task}}/{{split}}/*.jsonl files (e.g. ner/train/sw.jsonl). {hint}{GET_DATA}"
         )
     return path
 
 
 def has_layout(path: Path) -> bool:
     """Whether `path` holds at least one `{task}/{split}/*.jsonl` file."""
-    return any(
-        next((path / task / split).glob("*.jsonl"), None) is not None
-        for task in TASKS
-        for split in SPLITS
-        if (path / task / split).is_dir()
-    )
+    return any(next((path / task / split).glob("*.jsonl"), None) is not None for task in TASKS for split in SPLITS if (path / task / split).is_dir())
 
 
 def _check_names(task: str, split: str) -> None:
@@ -94,7 +89,7 @@ def lang_of(task: str, stem: str) -> str | None:
     """Language of a file stem; None for translation files that are not English-to-X."""
     if task != "translation":
         return stem
-    return stem[len(TRANSLATION_PREFIX):] if stem.startswith(TRANSLATION_PREFIX) else None
+    return stem[len(TRANSLATION_PREFIX) :] if stem.startswith(TRANSLATION_PREFIX) else None
 
 
 def data_files(root: str | Path | None) -> list[tuple[str, str, str, Path]]:
@@ -147,9 +142,7 @@ def _span(data: bytes, span: object, index: int) -> tuple[str, str]:
         if type(value) is not int:
             raise _BadLine(f"spans[{index}].{key} must be an integer, got {value!r}")
     if not 0 <= start < limit <= len(data):
-        raise _BadLine(
-            f"spans[{index}] bytes [{start}, {limit}) out of range for a text of {len(data)} UTF-8 bytes"
-        )
+        raise _BadLine(f"spans[{index}] bytes [{start}, {limit}) out of range for a text of {len(data)} UTF-8 bytes")
     for key, value in (("start_byte", start), ("limit_byte", limit)):
         if not _is_boundary(data, value):
             raise _BadLine(f"spans[{index}].{key}={value} is inside a UTF-8 character")
@@ -217,9 +210,7 @@ def iter_file(
             count += 1
 
 
-def iter_dataset(
-    root: str | Path | None, task: str, split: str, lang: str, limit: int | None = None
-) -> Iterator[Example]:
+def iter_dataset(root: str | Path | None, task: str, split: str, lang: str, limit: int | None = None) -> Iterator[Example]:
     """Lazily read one task/split/language file."""
     base = resolve_root(root)
     path = dataset_path(base, task, split, lang)
@@ -228,8 +219,6 @@ def iter_dataset(
     return iter_file(path, task, lang, limit)
 
 
-def read_dataset(
-    root: str | Path | None, task: str, split: str, lang: str, limit: int | None = None
-) -> list[Example]:
+def read_dataset(root: str | Path | None, task: str, split: str, lang: str, limit: int | None = None) -> list[Example]:
     """All (or the first `limit`) examples of one task/split/language file."""
     return list(iter_dataset(root, task, split, lang, limit))

@@ -38,9 +38,7 @@ def mixing_rates(
     if not sizes:
         raise ValueError("mixing_rates needs at least one dataset.")
     if strategy not in STRATEGIES:
-        raise ValueError(
-            f"Unknown mixing strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}."
-        )
+        raise ValueError(f"Unknown mixing strategy {strategy!r}; strategies: {', '.join(STRATEGIES)}.")
     if cap is not None and cap < 1:
         raise ValueError(f"cap must be a positive number of examples or None, got {cap}.")
     if temperature <= 0:
@@ -48,9 +46,7 @@ def mixing_rates(
     empty = [key for key, size in sizes.items() if size <= 0]
     if empty:
         raise ValueError(f"Datasets without examples cannot be mixed: {empty}.")
-    counts = np.array(
-        [min(size, cap) if cap is not None else size for size in sizes.values()], float
-    )
+    counts = np.array([min(size, cap) if cap is not None else size for size in sizes.values()], float)
     weights = counts ** (1.0 / temperature) if strategy == "temperature" else counts
     rates = weights / weights.sum()
     return dict(zip(sizes, rates.tolist(), strict=True))
@@ -88,14 +84,9 @@ class MixtureSampler:
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> list[Example]:
         """The global batch of `step`, or this rank's contiguous shard of it."""
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"Need 0 <= rank < world_size, got rank={rank}, world_size={world_size}."
-            )
+            raise ValueError(f"Need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
         if self.batch_size % world_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not divisible by world_size {world_size}; "
-                "shards must be equal for data parallelism."
-            )
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by world_size {world_size}; shards must be equal for data parallelism.")
         rng = self._rng(step)
         which = rng.choice(len(self.keys), size=self.batch_size, p=self._p)
         index = (rng.random(self.batch_size) * self._sizes[which]).astype(np.int64)

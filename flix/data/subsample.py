@@ -3,6 +3,7 @@
 Lines are copied verbatim and chosen by (seed, file), so a copy is reproducible and
 reads exactly like the source; `counts.json` beside it records every file's size.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,7 @@ def _lines(path: Path) -> list[bytes]:
         return [line if line.endswith(b"\n") else line + b"\n" for line in handle if line.strip()]
 
 
-def subsample(
-    root: str | Path | None, out: str | Path, per_file: int, seed: int = 0, progress: bool = True
-) -> dict[str, int]:
+def subsample(root: str | Path | None, out: str | Path, per_file: int, seed: int = 0, progress: bool = True) -> dict[str, int]:
     """Copy `per_file` seeded lines of every file to `out`; returns {"task/split/name": n}."""
     if per_file < 1:
         raise DataError(f"--per-file must be at least 1, got {per_file}.")

@@ -1,4 +1,5 @@
 """The report stage: paper Tables 1-5, per-language appendices and Figure 2 from finished runs."""
+
 from flix.report.render import ReportError, render
 from flix.report.wandb_log import log_to_wandb
 

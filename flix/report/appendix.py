@@ -4,6 +4,7 @@ Only the default configuration (dropout 0.7, the paper's ranks) is shown: the Ta
 ablations are theirs alone. Each evaluation set is its own section, as in the paper,
 so zero-shot languages never mix into a supervised average.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ Default paths are relative to the repository root, as flix.study uses them. The 
 goes to an uncommitted folder (outputs/reports/<scale>) unless --snapshot asks for the
 committed one (reports/<scale>), where files no render wrote (but its README) are then removed.
 """
+
 from __future__ import annotations
 
 import argparse

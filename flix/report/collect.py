@@ -3,6 +3,7 @@
 Everything comes from what runs record (flix.results): results.json, or failed.json
 with the error and the resolved config; a run is identified by that config alone.
 """
+
 from __future__ import annotations
 
 import json

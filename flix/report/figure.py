@@ -5,6 +5,7 @@ The paper prints no numbers for Figure 2; its panel here is Table 1 minus Table 
 the same task, which is what the figure plots (QA CrossLang's two columns cover
 different languages, as the paper notes, so that bar is only indicative).
 """
+
 from __future__ import annotations
 
 import io
@@ -37,18 +38,20 @@ def figure_data(table1: Table, table2: Table) -> pd.DataFrame:
                 # paired where the two mixtures score the same test sets (resampled alike)
                 low, high = uncertainty.interval(joint.samples - multi.samples)
             seeds = sorted({r.seed for c in (multi, joint) for r in c.runs if r.seed is not None})
-            rows.append({
-                "task": label,
-                "method": row,
-                "multilingual": multi.value,
-                "joint": joint.value,
-                "change": change,
-                "change low": low,
-                "change high": high,
-                "paper change": joint.paper - multi.paper,
-                "seeds": ", ".join(map(str, seeds)),
-                "notes": "; ".join(dict.fromkeys(table2.cell_notes(multi) + table1.cell_notes(joint))),
-            })
+            rows.append(
+                {
+                    "task": label,
+                    "method": row,
+                    "multilingual": multi.value,
+                    "joint": joint.value,
+                    "change": change,
+                    "change low": low,
+                    "change high": high,
+                    "paper change": joint.paper - multi.paper,
+                    "seeds": ", ".join(map(str, seeds)),
+                    "notes": "; ".join(dict.fromkeys(table2.cell_notes(multi) + table1.cell_notes(joint))),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -68,11 +71,28 @@ def _bars(ax, frame: pd.DataFrame, column: str, title: str) -> None:
                     ax.errorbar(x, v, yerr=[[v - lo], [hi - v]], color="black", capsize=2, linewidth=0.8)
         for x, v in zip(xs, values):
             if pd.isna(v):
-                ax.annotate("n/a", (x, 0.0), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                            fontsize=7, color="grey", style="italic", rotation=90)
+                ax.annotate(
+                    "n/a",
+                    (x, 0.0),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                    color="grey",
+                    style="italic",
+                    rotation=90,
+                )
             else:
-                ax.annotate(f"{v:+.1f}", (x, v), xytext=(0, 3 if v >= 0 else -3), textcoords="offset points",
-                            ha="center", va="bottom" if v >= 0 else "top", fontsize=7)
+                ax.annotate(
+                    f"{v:+.1f}",
+                    (x, v),
+                    xytext=(0, 3 if v >= 0 else -3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom" if v >= 0 else "top",
+                    fontsize=7,
+                )
     known = [v for v in frame[column] if not pd.isna(v)]
     low, high = min([0.0, *known]), max([0.0, *known])
     pad = max(1.0, 0.2 * (high - low))
@@ -93,9 +113,15 @@ def plot(frame: pd.DataFrame, out_dir: str | Path, scale: str) -> list[Path]:
     axes[0].set_ylabel("change in score (joint − multilingual)")
     axes[1].legend(loc="best", fontsize=8)
     fig.suptitle("Figure 2: multitask multilingual (study_a) vs multilingual-only tuning, test", fontsize=11)
-    fig.text(0.5, 0.01, "n/a: a run is missing (named in index.html and figure2.csv). QA CrossLang: the two mixtures "
-             "score different languages (the paper's Table 1 note), so that bar is indicative only.",
-             ha="center", fontsize=7.5, color="#444")
+    fig.text(
+        0.5,
+        0.01,
+        "n/a: a run is missing (named in index.html and figure2.csv). QA CrossLang: the two mixtures "
+        "score different languages (the paper's Table 1 note), so that bar is indicative only.",
+        ha="center",
+        fontsize=7.5,
+        color="#444",
+    )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     out = Path(out_dir)
     svg = io.StringIO()
@@ -111,5 +137,3 @@ def write_csv(frame: pd.DataFrame, out_dir: str | Path) -> Path:
     for column in ("multilingual", "joint", "change", "change low", "change high", "paper change"):
         table[column] = [DASH if pd.isna(v) else f"{v:.2f}" for v in table[column]]
     return atomic_write_text(Path(out_dir) / "figure2.csv", table.to_csv(index=False))
-
-

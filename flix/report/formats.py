@@ -3,6 +3,7 @@
 Every page carries where its numbers came from (scale, data roots, models, seeds,
 commits, render date) and the caveats of the scale, so a table never travels alone.
 """
+
 from __future__ import annotations
 
 import base64
@@ -60,8 +61,11 @@ class Page:
             notes.append(MINI_NOTE)
         mixed = {name: found for name, found in _versions(runs).items() if len(found) > 1}
         if mixed:
-            notes.append("Warning: these runs come from different versions (" + "; ".join(f"{name} {' / '.join(found)}" for name, found in mixed.items())
-                         + "); their numbers may differ for that reason alone.")
+            notes.append(
+                "Warning: these runs come from different versions ("
+                + "; ".join(f"{name} {' / '.join(found)}" for name, found in mixed.items())
+                + "); their numbers may differ for that reason alone."
+            )
         return notes
 
 
@@ -180,13 +184,24 @@ def cells_csv(tables: list[Table]) -> str:
             for column, cell in zip(table.columns, cells):
                 low, high = cell.interval or (None, None)
                 record = {
-                    "table": table.name, "row": label, "column": column, "ours": cell.value, "ci_low": low, "ci_high": high,
-                    "seeds": len({r.seed for r in cell.runs}), "seed_ids": " ".join(str(r.seed) for r in cell.runs), "paper": cell.paper,
+                    "table": table.name,
+                    "row": label,
+                    "column": column,
+                    "ours": cell.value,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "seeds": len({r.seed for r in cell.runs}),
+                    "seed_ids": " ".join(str(r.seed) for r in cell.runs),
+                    "paper": cell.paper,
                 }
                 for method in MARKS:
                     vs = cell.versus.get(method)
-                    record |= {f"diff_vs_{method}": vs and vs.diff, f"diff_ci_low_vs_{method}": vs and vs.low,
-                               f"diff_ci_high_vs_{method}": vs and vs.high, f"p_vs_{method}": vs and vs.p_value}
+                    record |= {
+                        f"diff_vs_{method}": vs and vs.diff,
+                        f"diff_ci_low_vs_{method}": vs and vs.low,
+                        f"diff_ci_high_vs_{method}": vs and vs.high,
+                        f"p_vs_{method}": vs and vs.p_value,
+                    }
                 records.append(record)
     return pd.DataFrame(records).to_csv(index=False, float_format="%.4f")
 
@@ -206,8 +221,20 @@ def appendix_csv(appendix: Appendix) -> str:
 
 # -- LaTeX -------------------------------------------------------------------------
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", DASH: "--", "−": "$-$"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    DASH: "--",
+    "−": "$-$",
+}
 
 
 def tex(text: str) -> str:
@@ -218,13 +245,22 @@ def table_tex(table: Table, page: Page) -> str:
     header, rows = table_rows(table)
     meta = page.meta(table.runs)
     notes = page.notes(table.runs)
-    lines = [f"% {table.title}", *(f"% {k}: {v}" for k, v in meta), *(f"% NOTE: {n}" for n in notes),
-             "% needs \\usepackage{booktabs}",
-             r"\begin{table}[ht]", r"\centering", r"\scriptsize",
-             r"\begin{tabular}{l" + "l" * (len(header) - 1) + "}", r"\toprule",
-             " & ".join(tex(h) for h in header) + r" \\", r"\midrule",
-             *(" & ".join(tex(c) for c in row) + r" \\" for row in rows),
-             r"\bottomrule", r"\end{tabular}"]
+    lines = [
+        f"% {table.title}",
+        *(f"% {k}: {v}" for k, v in meta),
+        *(f"% NOTE: {n}" for n in notes),
+        "% needs \\usepackage{booktabs}",
+        r"\begin{table}[ht]",
+        r"\centering",
+        r"\scriptsize",
+        r"\begin{tabular}{l" + "l" * (len(header) - 1) + "}",
+        r"\toprule",
+        " & ".join(tex(h) for h in header) + r" \\",
+        r"\midrule",
+        *(" & ".join(tex(c) for c in row) + r" \\" for row in rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+    ]
     lines += [r"\par\smallskip " + tex(f"[{i}] {text}") for i, text in enumerate(table.footnotes, 1)]
     caption = f"{table.title}. {CELL_NOTE} " + "; ".join(f"{k}: {v}" for k, v in meta) + ". " + " ".join(notes)
     lines += [r"\caption{" + tex(caption.strip()) + "}", r"\label{tab:" + table.name + "}", r"\end{table}"]
@@ -252,7 +288,7 @@ def _h(text) -> str:
 def html_table(header: list[str], rows: list[list[str]], missing: set[tuple[int, int]] = frozenset()) -> str:
     head = "<tr>" + "".join(f"<th>{_h(h)}</th>" for h in header) + "</tr>"
     body = "".join(
-        "<tr>" + "".join(f'<td{" class=missing" if (i, j) in missing else ""}>{_h(c)}</td>' for j, c in enumerate(row)) + "</tr>"
+        "<tr>" + "".join(f"<td{' class=missing' if (i, j) in missing else ''}>{_h(c)}</td>" for j, c in enumerate(row)) + "</tr>"
         for i, row in enumerate(rows)
     )
     return f'<div style="overflow-x:auto"><table>{head}{body}</table></div>\n'
@@ -266,25 +302,36 @@ def html_meta(page: Page, runs: list[RunRecord]) -> str:
     return '<p class="meta">' + " · ".join(f"{_h(k)}: {_h(v)}" for k, v in page.meta(runs)) + "</p>\n"
 
 
-def html_page(page: Page, all_runs: list[RunRecord], tables: list[Table], figure: tuple[pd.DataFrame, Path] | None,
-              appendices: list[Appendix]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>FLix report ({_h(page.scale)})</title>",
-             f"<style>{_CSS}</style></head><body>", f"<h1>FLix reproduction report: {_h(page.scale)} scale</h1>"]
+def html_page(
+    page: Page, all_runs: list[RunRecord], tables: list[Table], figure: tuple[pd.DataFrame, Path] | None, appendices: list[Appendix]
+) -> str:
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>FLix report ({_h(page.scale)})</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>FLix reproduction report: {_h(page.scale)} scale</h1>",
+    ]
     parts += [f'<p class="warn">{_h(n)}</p>' if n.startswith("Smoke") else f'<p class="note">{_h(n)}</p>' for n in page.notes(all_runs)]
     parts.append("<dl>" + "".join(f"<dt>{_h(k)}</dt><dd>{_h(v)}</dd>" for k, v in page.meta(all_runs)) + "</dl>")
     parts.append(f"<p>{_h(CELL_NOTE)}</p>")
     for table in tables:
         header, rows = table_rows(table)
         missing = {(i, j + 1) for i, (_, cells) in enumerate(table.rows) for j, c in enumerate(cells) if c.value is None}
-        parts += [f'<h2 id="{table.name}">{_h(table.title)}</h2>', html_meta(page, table.runs), html_table(header, rows, missing), html_notes(table.footnotes)]
+        parts += [
+            f'<h2 id="{table.name}">{_h(table.title)}</h2>',
+            html_meta(page, table.runs),
+            html_table(header, rows, missing),
+            html_notes(table.footnotes),
+        ]
     if figure is not None:
         frame, png = figure
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         header = list(frame.columns)
         rows = [[_one(v) if isinstance(v, float) or v is None else v for v in row] for row in frame.itertuples(index=False)]
-        parts += ['<h2 id="figure2">Figure 2: change from multilingual-only to multitask multilingual tuning</h2>',
-                  f'<img alt="Figure 2" style="max-width:100%" src="data:image/png;base64,{data}">',
-                  html_table(header, rows)]
+        parts += [
+            '<h2 id="figure2">Figure 2: change from multilingual-only to multitask multilingual tuning</h2>',
+            f'<img alt="Figure 2" style="max-width:100%" src="data:image/png;base64,{data}">',
+            html_table(header, rows),
+        ]
     if appendices:
         parts.append('<h2 id="appendix">Appendix: per-language scores</h2>')
     for appendix in appendices:
@@ -311,5 +358,7 @@ def write_table(table: Table, page: Page, out_dir: Path) -> list[Path]:
 
 def write_appendix(appendix: Appendix, page: Page, out_dir: Path) -> list[Path]:
     stem = out_dir / f"appendix_{appendix.mixture}"
-    return [atomic_write_text(stem.with_suffix(".md"), appendix_md(appendix, page)),
-            atomic_write_text(stem.with_suffix(".csv"), appendix_csv(appendix))]
+    return [
+        atomic_write_text(stem.with_suffix(".md"), appendix_md(appendix, page)),
+        atomic_write_text(stem.with_suffix(".csv"), appendix_csv(appendix)),
+    ]

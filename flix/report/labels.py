@@ -3,6 +3,7 @@
 Tables, Figure 2 and the appendix all label with these; table specs read the paper CSVs'
 own headers back through them (case-insensitively: Table 5 writes "Semantic parsing").
 """
+
 from __future__ import annotations
 
 # method (conf/method) -> row label; also the appendix's column order

@@ -1,4 +1,5 @@
 """render(): finished runs -> Tables 1-5, appendices, Figure 2 and index.html. Runs nothing."""
+
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -65,7 +66,9 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
 
 
 def summary_line(summary: dict) -> str:
-    cells = "; ".join(f"{name} {c['filled']} filled/{c['missing']} missing" for name, c in {**summary["tables"], "figure2": summary["figure2"]}.items())
+    cells = "; ".join(
+        f"{name} {c['filled']} filled/{c['missing']} missing" for name, c in {**summary["tables"], "figure2": summary["figure2"]}.items()
+    )
     skipped = f", {summary['skipped_other_scales']} of other scales skipped" if summary["skipped_other_scales"] else ""
     unreadable = summary.get("unreadable") or []
     broken = f", {len(unreadable)} unreadable results.json skipped ({unreadable[0]})" if unreadable else ""

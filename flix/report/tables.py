@@ -4,6 +4,7 @@ The paper CSV gives the layout (row labels, column headers, Avg.); the specs her
 each row and column to a Selection of runs and the evaluation sets averaged in it.
 Every cell keeps the runs it came from, so pages can state seeds, models and commits.
 """
+
 from __future__ import annotations
 
 import math
@@ -113,7 +114,7 @@ def _table1(row: str, col: str) -> Source:
     method = method_of(row)
     for prefix, kind in ZERO_SHOT_COLUMNS.items():
         if col.startswith(prefix):
-            task = task_of(col[len(prefix):])
+            task = task_of(col[len(prefix) :])
             return Source(Selection(method, ZERO_SHOT_MIXTURES.get(task, "study_a")), task, kind)
     return Source(Selection(method, "study_a"), task_of(col))
 
@@ -289,4 +290,3 @@ def build_all(index: RunIndex, paper_dir: str | Path) -> list[Table]:
     if any(r.dropout_mode == "keep_one" for r in index.finished):
         tables.append(build_dropout_modes(index))
     return tables
-

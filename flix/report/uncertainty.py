@@ -11,6 +11,7 @@ replacement. The draws depend only on the test set and the replicate, never on t
 method, so two methods' replicates are paired: their difference resamples the same
 examples, which is what makes a small difference on a small test set testable.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,6 +88,7 @@ def replicates(runs: SeedStats, groups: Groups, n: int = REPLICATES) -> np.ndarr
 
 def point(runs: SeedStats, groups: Groups) -> float:
     """The cell's value from the same statistics: what results.json's scores average to."""
+
     def score(seed, test_set):
         return score_from_stats(test_set[0], np.asarray(runs[seed][test_set], dtype=float).sum(0))
 

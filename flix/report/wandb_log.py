@@ -1,4 +1,5 @@
 """Log a rendered report to W&B: its tables, its figure, and the files as one artifact."""
+
 from __future__ import annotations
 
 import os
