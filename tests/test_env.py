@@ -1,5 +1,6 @@
 """The environment is the locked one: every package of requirements.lock is installed at
 its locked version (what `make setup` installs, and what the tests' numbers assume)."""
+
 from __future__ import annotations
 
 import importlib.metadata
