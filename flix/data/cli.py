@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flix.data import download as dl
-from flix.data.reader import SPLITS, DataError, data_files, iter_file, lang_of, resolve_root
+from flix.data.reader import SPLITS, DataError, UsageError, data_files, iter_file, lang_of, resolve_root
 from flix.data.subsample import subsample
 
 
@@ -74,6 +74,14 @@ def run_subsample(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a bad value is a usage error, exit 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="flix data", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -99,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     small = sub.add_parser("subsample", parents=[common], help="a smaller copy: N seeded lines per file")
     small.add_argument("--root", help="source data root (default: $FLIX_DATA_ROOT)")
     small.add_argument("--out", required=True, help="new data root to write")
-    small.add_argument("--per-file", type=int, required=True, help="lines kept per file")
+    small.add_argument("--per-file", type=positive_int, required=True, help="lines kept per file")
     small.add_argument("--seed", type=int, default=0)
     small.set_defaults(run=run_subsample)
     return top
@@ -109,6 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
+    except UsageError as err:  # a root, file or value to fix before running again
+        print(f"flix data {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (DataError, OSError) as err:
         print(f"flix data {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C is not a crash: no traceback (a download's .part stays, to resume)
+        again = "; run it again to resume" if args.command == "download" else ""
+        print(f"flix data {args.command}: interrupted{again}.", file=sys.stderr)
+        return 130

@@ -3,7 +3,9 @@
 The archive is large, so a partial download (`.part`) is resumed with an HTTP Range
 request. It is checked member by member while it is extracted into a temporary
 directory next to the destination, and only a complete, valid tree is renamed into
-place: a failed run never leaves a half-extracted data root behind.
+place: a failed run never leaves a half-extracted data root behind. All of this happens
+in a folder of its own in the destination (marked as made here), so no file of the
+user's is ever read as the archive, replaced or deleted.
 """
 
 from __future__ import annotations
@@ -25,18 +27,23 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from flix.data.examples import TASKS
-from flix.data.reader import SPLITS, DataError, has_layout
+from flix.data.reader import SPLITS, DataError, UsageError, has_layout
 
 DEFAULT_URL = "https://storage.googleapis.com/xtreme-up/xtreme-up-v1.1.jsonl.tgz"
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 MAX_EXTRACT_GB = 20.0  # the release unpacks to a few GB; a gzip bomb would not stop
 WORKDIR = ".flix-download"  # in dest: the archive while it downloads; removed once unpacked
+OWNER = "made-by-flix"  # in WORKDIR: says the folder (and so what is in it) is ours to remove
 MIRROR = "Check the URL and your connection, or pass --url a mirror or a local copy of the archive."
 
 
 class BadArchive(DataError):
     """The archive is corrupt, unsafe or not XTREME-UP; nothing of it is kept."""
+
+
+class TooLarge(BadArchive):
+    """The archive unpacks to more than the limit: maybe a bomb, maybe a larger release."""
 
 
 def default_dest() -> Path:
@@ -172,23 +179,33 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, b
     return budget
 
 
-def _extract_members(tar: tarfile.TarFile, into: Path, max_bytes: int) -> str:
-    """Check each member while unpacking it; returns the one top-level directory."""
-    top, seen_data, seen = None, False, set()
+def _check_unique(member: tarfile.TarInfo, parts: tuple[str, ...], seen: dict[tuple[str, ...], bool]) -> None:
+    """Refuse a path met before (`seen`: path -> is a directory, parents included): which
+    copy is the data would be a guess, and a file where a directory is would fail late."""
+    for i in range(1, len(parts)):
+        if not seen.setdefault(parts[:i], True):
+            raise BadArchive(f"member {member.name!r} lies inside {'/'.join(parts[:i])!r}, which the archive has as a file")
+    if parts in seen and not (member.isdir() and seen[parts]):
+        raise BadArchive(f"member {member.name!r} appears twice (which copy is the data?)")
+    seen[parts] = member.isdir()
+
+
+def _extract_members(tar: tarfile.TarFile, into: Path, max_bytes: int) -> tuple[str, int]:
+    """Check each member while unpacking it; returns the one top-level directory and
+    what is left of `max_bytes`."""
+    top, seen_data, seen = None, False, {}
     for member in tar:
         parts = _member_parts(member)
         if not parts:  # "./" itself
             continue
         if top not in (None, parts[0]) or (len(parts) == 1 and not member.isdir()):
             raise BadArchive("members are not all under one top-level directory")
-        if parts in seen and not member.isdir():
-            raise BadArchive(f"member {member.name!r} appears twice (which copy is the data?)")
-        seen.add(parts)
+        _check_unique(member, parts, seen)
         top, seen_data = parts[0], seen_data or _is_data_file(parts)
         max_bytes = _extract_member(tar, member, into.joinpath(*parts), max_bytes)
     if not seen_data:
         raise BadArchive("it holds no {task}/{split}/*.jsonl files of XTREME-UP")
-    return top
+    return top, max_bytes
 
 
 def extract(archive: Path, into: Path, max_gb: float = MAX_EXTRACT_GB) -> Path:
@@ -198,11 +215,13 @@ def extract(archive: Path, into: Path, max_gb: float = MAX_EXTRACT_GB) -> Path:
     """
     try:
         with gzip.open(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            top = _extract_members(tar, into, int(max_gb * 1e9))
-            while stream.read(CHUNK):
-                pass
+            top, left = _extract_members(tar, into, int(max_gb * 1e9))
+            while chunk := stream.read(CHUNK):  # what follows the tar counts too: no endless inflating
+                left -= len(chunk)
+                if left < 0:
+                    raise _OverLimit
     except _OverLimit:
-        raise BadArchive(
+        raise TooLarge(
             f"it unpacks to more than {max_gb:g} GB (a gzip bomb, or a larger release: pass --max-extract-gb to raise the limit)"
         ) from None
     except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as err:
@@ -210,18 +229,35 @@ def extract(archive: Path, into: Path, max_gb: float = MAX_EXTRACT_GB) -> Path:
     return into / top
 
 
-def install(archive: Path, dest: Path, max_gb: float = MAX_EXTRACT_GB) -> Path:
-    """Extract `archive` in a temp dir inside `dest`, then rename the tree into place."""
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+def install(archive: Path, dest: Path, work: Path, max_gb: float = MAX_EXTRACT_GB) -> Path:
+    """Extract `archive` in a temp dir inside `work` (our folder in `dest`: a killed run's
+    leftovers go with it), then rename the tree into `dest`."""
+    tmp = Path(tempfile.mkdtemp(prefix="extract-", dir=work))
     try:
         tree = extract(archive, tmp, max_gb)
         final = dest / tree.name
-        if final.exists():
-            raise DataError(f"{final} exists but holds no XTREME-UP data; remove it and run again.")
+        if final.exists() or final.is_symlink():  # not ours: find_data_root found no data in it
+            raise UsageError(
+                f"{final} is in the way: the archive unpacks to that name, and it holds no XTREME-UP data. Move it away, or pass another --dest."
+            )
         return tree.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def workdir(dest: Path) -> Path:
+    """dest/.flix-download, made here (and marked so) or by an earlier run: the only
+    place anything is written before the data is complete. An unmarked folder of that
+    name with anything in it is the user's, and is left alone."""
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"--dest {dest} is a file, not a directory; pass another --dest.")
+    work = dest / WORKDIR
+    ours = (work / OWNER).is_file() or (work.is_dir() and not any(work.iterdir()))  # empty: nothing to lose
+    if work.is_symlink() or (work.exists() and not ours):
+        raise UsageError(f"{work} exists and was not made by flix data download; move it away, or pass another --dest.")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / OWNER).write_text("Made by flix data download for the archive while it downloads and unpacks; removed once the data is in place.\n")
+    return work
 
 
 def _check_sha256(archive: Path, sha256: str | None) -> None:
@@ -241,7 +277,8 @@ def download(
     A no-op when `dest` already holds the data. A local path or file:// URL is read in
     place; anything else is fetched with urllib into dest/.flix-download/ (a folder of
     its own: no file of the user's in `dest` is read, replaced or deleted) and removed
-    once unpacked.
+    once unpacked. An archive over the extraction limit is kept there, for a run with a
+    larger `max_extract_gb`.
     """
     dest = Path(dest).expanduser() if dest else default_dest()
     present = find_data_root(dest)
@@ -249,24 +286,32 @@ def download(
         return present
     source = local_path(url)
     if source is not None and not source.is_file():
-        raise DataError(f"Archive {source} does not exist. {MIRROR}")
-    dest.mkdir(parents=True, exist_ok=True)
-    workdir = dest / WORKDIR
-    archive = source or workdir / archive_name(url)
+        raise UsageError(f"Archive {source} does not exist. {MIRROR}")
+    if not max_extract_gb > 0:
+        raise UsageError(f"--max-extract-gb must be positive, got {max_extract_gb:g}.")
+    work = workdir(dest)
+    archive = source or work / archive_name(url)
     if source is None and not archive.exists():
-        workdir.mkdir(exist_ok=True)
         fetch(url, archive, progress)
     if progress:
         print(f"Checking and unpacking {archive} ...", file=sys.stderr)
+    keep = source is None  # a sound download stays for the next run, whatever stops this one
     try:
         _check_sha256(archive, sha256)
-        root = install(archive, dest, max_extract_gb)
+        root = install(archive, dest, work, max_extract_gb)
+        keep = False
     except BadArchive as err:
-        if source is not None:
-            raise BadArchive(f"Refusing archive {source}: {err}. Nothing was extracted.") from None
-        shutil.rmtree(workdir, ignore_errors=True)
-        message = f"Refusing {url}: {err}. The download was removed; run again to fetch it anew."
-        raise BadArchive(message) from None
-    if source is None:
-        shutil.rmtree(workdir, ignore_errors=True)
+        keep = keep and isinstance(err, TooLarge)  # only too large: a larger limit needs no new download
+        raise _refusal(err, url, source, archive, keep) from None
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     return root
+
+
+def _refusal(err: BadArchive, url: str, source: Path | None, archive: Path, kept: bool) -> BadArchive:
+    if source is not None:
+        return type(err)(f"Refusing archive {source}: {err}. Nothing was extracted.")
+    if kept:
+        return TooLarge(f"Refusing {url}: {err}. The download stays at {archive} for that; delete {archive.parent} if you do not want it.")
+    return BadArchive(f"Refusing {url}: {err}. The download was removed; run again to fetch it anew.")

@@ -39,6 +39,11 @@ class DataError(ValueError):
     """Bad or missing data; the message says which file/line, what is wrong and what to do."""
 
 
+class UsageError(DataError):
+    """A data root, file or option given is not there or not usable: the user's to fix
+    before anything runs (the commands exit 2), unlike a bad file or download (exit 1)."""
+
+
 class _BadLine(Exception):
     """A problem with one line; the reader adds the file and line number."""
 
@@ -49,14 +54,14 @@ def resolve_root(root: str | Path | None) -> Path:
     if root is None or str(root) == "":
         root, source = os.environ.get("FLIX_DATA_ROOT") or None, "FLIX_DATA_ROOT"
     if root is None:
-        raise DataError(f"No XTREME-UP data root given and FLIX_DATA_ROOT is not set. {GET_DATA}")
+        raise UsageError(f"No XTREME-UP data root given and FLIX_DATA_ROOT is not set. {GET_DATA}")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DataError(f"XTREME-UP data root {path} ({source}) is not a directory. {GET_DATA}")
+        raise UsageError(f"XTREME-UP data root {path} ({source}) is not a directory. {GET_DATA}")
     if not has_layout(path):
         inner = [child for child in sorted(path.iterdir()) if child.is_dir() and has_layout(child)]
         hint = f"Did you mean {inner[0]}? " if inner else ""
-        raise DataError(
+        raise UsageError(
             f"XTREME-UP data root {path} ({source}) holds no {{task}}/{{split}}/*.jsonl files (e.g. ner/train/sw.jsonl). {hint}{GET_DATA}"
         )
     return path
@@ -69,9 +74,9 @@ def has_layout(path: Path) -> bool:
 
 def _check_names(task: str, split: str) -> None:
     if task not in TASKS:
-        raise DataError(f"Unknown task {task!r}; XTREME-UP tasks here are: {', '.join(TASKS)}.")
+        raise UsageError(f"Unknown task {task!r}; XTREME-UP tasks here are: {', '.join(TASKS)}.")
     if split not in SPLITS:
-        raise DataError(f"Unknown split {split!r}; splits are: {', '.join(SPLITS)}.")
+        raise UsageError(f"Unknown split {split!r}; splits are: {', '.join(SPLITS)}.")
 
 
 def file_name(task: str, lang: str) -> str:
@@ -115,8 +120,8 @@ def available(root: str | Path | None) -> dict[str, dict[str, list[str]]]:
 def _missing_file_error(root: Path, task: str, split: str, path: Path) -> DataError:
     langs = available(root).get(task, {}).get(split, [])
     if langs:
-        return DataError(f"No such data file: {path}. {task}/{split} has: {', '.join(langs)}.")
-    return DataError(f"No such data file: {path}; {root} has no {task}/{split} files. {GET_DATA}")
+        return UsageError(f"No such data file: {path}. {task}/{split} has: {', '.join(langs)}.")
+    return UsageError(f"No such data file: {path}; {root} has no {task}/{split} files. {GET_DATA}")
 
 
 def _string(obj: dict, key: str) -> str:

@@ -1,4 +1,4 @@
-"""Writers: Markdown, LaTeX, CSV and one self-contained HTML page.
+"""Writers: Markdown, LaTeX and CSV (the HTML page: flix.report.html).
 
 Every page carries where its numbers came from (scale, data roots, models, seeds,
 commits, render date) and the caveats of the scale, so a table never travels alone.
@@ -6,8 +6,6 @@ commits, render date) and the caveats of the scale, so a table never travels alo
 
 from __future__ import annotations
 
-import base64
-import html
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +106,7 @@ def _number(value: float | None, digits: int = 2) -> str:
     return DASH if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
 
-def _one(value: float | None) -> str:
+def one_decimal(value: float | None) -> str:
     """Pages show one decimal, as the paper does; CSVs keep two."""
     return _number(value, 1)
 
@@ -152,7 +150,7 @@ def appendix_md(appendix: Appendix, page: Page) -> str:
     for s in appendix.sections:
         zero = f", zero-shot: {s.zero_shot}" if s.zero_shot else ""
         header = ["language", *(f"{m} {split}" for m, split in s.frame.columns)]
-        rows = [[lang, *map(_one, values)] for lang, values in zip(s.frame.index, s.frame.to_numpy())]
+        rows = [[lang, *map(one_decimal, values)] for lang, values in zip(s.frame.index, s.frame.to_numpy())]
         parts.append(f"## {s.name} (task {s.task}{zero})\n\n" + md_table(header, rows))
     return "\n".join(parts)
 
@@ -265,84 +263,6 @@ def table_tex(table: Table, page: Page) -> str:
     caption = f"{table.title}. {CELL_NOTE} " + "; ".join(f"{k}: {v}" for k, v in meta) + ". " + " ".join(notes)
     lines += [r"\caption{" + tex(caption.strip()) + "}", r"\label{tab:" + table.name + "}", r"\end{table}"]
     return "\n".join(lines) + "\n"
-
-
-# -- HTML --------------------------------------------------------------------------
-
-_CSS = """
-body { font-family: sans-serif; max-width: 1300px; margin: 1.5em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.85em; }
-th, td { border: 1px solid #bbb; padding: 3px 7px; }
-th { background: #eee; } td { text-align: right; } td:first-child { text-align: left; white-space: nowrap; }
-td.missing { color: #a00; background: #fbf3f3; }
-.warn { border: 2px solid #c00; background: #fee; padding: 0.6em 1em; font-weight: bold; }
-.note { border-left: 4px solid #999; padding-left: 0.8em; }
-.meta { color: #555; font-size: 0.85em; } .footnotes { font-size: 0.8em; color: #444; }
-"""
-
-
-def _h(text) -> str:
-    return html.escape(str(text))
-
-
-def html_table(header: list[str], rows: list[list[str]], missing: set[tuple[int, int]] = frozenset()) -> str:
-    head = "<tr>" + "".join(f"<th>{_h(h)}</th>" for h in header) + "</tr>"
-    body = "".join(
-        "<tr>" + "".join(f"<td{' class=missing' if (i, j) in missing else ''}>{_h(c)}</td>" for j, c in enumerate(row)) + "</tr>"
-        for i, row in enumerate(rows)
-    )
-    return f'<div style="overflow-x:auto"><table>{head}{body}</table></div>\n'
-
-
-def html_notes(notes: list[str]) -> str:
-    return "".join(f'<p class="footnotes">[{i}] {_h(t)}</p>' for i, t in enumerate(notes, 1))
-
-
-def html_meta(page: Page, runs: list[RunRecord]) -> str:
-    return '<p class="meta">' + " · ".join(f"{_h(k)}: {_h(v)}" for k, v in page.meta(runs)) + "</p>\n"
-
-
-def html_page(
-    page: Page, all_runs: list[RunRecord], tables: list[Table], figure: tuple[pd.DataFrame, Path] | None, appendices: list[Appendix]
-) -> str:
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>FLix report ({_h(page.scale)})</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>FLix reproduction report: {_h(page.scale)} scale</h1>",
-    ]
-    parts += [f'<p class="warn">{_h(n)}</p>' if n.startswith("Smoke") else f'<p class="note">{_h(n)}</p>' for n in page.notes(all_runs)]
-    parts.append("<dl>" + "".join(f"<dt>{_h(k)}</dt><dd>{_h(v)}</dd>" for k, v in page.meta(all_runs)) + "</dl>")
-    parts.append(f"<p>{_h(CELL_NOTE)}</p>")
-    for table in tables:
-        header, rows = table_rows(table)
-        missing = {(i, j + 1) for i, (_, cells) in enumerate(table.rows) for j, c in enumerate(cells) if c.value is None}
-        parts += [
-            f'<h2 id="{table.name}">{_h(table.title)}</h2>',
-            html_meta(page, table.runs),
-            html_table(header, rows, missing),
-            html_notes(table.footnotes),
-        ]
-    if figure is not None:
-        frame, png = figure
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        header = list(frame.columns)
-        rows = [[_one(v) if isinstance(v, float) or v is None else v for v in row] for row in frame.itertuples(index=False)]
-        parts += [
-            '<h2 id="figure2">Figure 2: change from multilingual-only to multitask multilingual tuning</h2>',
-            f'<img alt="Figure 2" style="max-width:100%" src="data:image/png;base64,{data}">',
-            html_table(header, rows),
-        ]
-    if appendices:
-        parts.append('<h2 id="appendix">Appendix: per-language scores</h2>')
-    for appendix in appendices:
-        parts.append(f"<details><summary>mixture {_h(appendix.mixture)}</summary>")
-        for s in appendix.sections:
-            zero = f", zero-shot: {s.zero_shot}" if s.zero_shot else ""
-            header = ["language", *(f"{m} {split}" for m, split in s.frame.columns)]
-            rows = [[lang, *map(_one, values)] for lang, values in zip(s.frame.index, s.frame.to_numpy())]
-            parts += [f"<h3>{_h(s.name)} (task {_h(s.task)}{_h(zero)})</h3>", html_table(header, rows)]
-        parts.append("</details>")
-    return "\n".join(parts + ["</body></html>"]) + "\n"
 
 
 # -- files -------------------------------------------------------------------------

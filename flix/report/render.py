@@ -9,7 +9,8 @@ from flix.io import atomic_write_text
 from flix.report import figure
 from flix.report.appendix import build_appendices
 from flix.report.collect import collect
-from flix.report.formats import Page, cells_csv, html_page, write_appendix, write_table
+from flix.report.formats import Page, cells_csv, write_appendix, write_table
+from flix.report.html import html_page
 from flix.report.tables import build_all
 
 
