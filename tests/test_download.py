@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flix.data import cli
-from flix.data.download import WORKDIR, BadArchive, default_dest, download
+from flix.data.download import BadArchive, default_dest, download, workdir
 from flix.data.reader import available, read_dataset
 
 TOP = "xtreme_up_v1.1"
@@ -27,12 +27,16 @@ FILES = {
 
 
 def tgz(members: list[tuple[str, bytes | None]]) -> bytes:
-    """A gzip tar of (name, content) members; content None makes a symlink."""
+    """A gzip tar of (name, content) members; content None makes a symlink, a name
+    ending in / a directory."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name, content in members:
             info = tarfile.TarInfo(name)
-            if content is None:
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif content is None:
                 info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
                 tar.addfile(info)
             else:
@@ -107,9 +111,8 @@ def test_download_extracts_and_second_call_is_a_noop(server, tmp_path):
 
 def test_partial_download_is_resumed(server, archive, tmp_path):
     dest = tmp_path / "data"
-    (dest / WORKDIR).mkdir(parents=True)
     half = len(archive) // 2
-    (dest / WORKDIR / f"{NAME}.part").write_bytes(archive[:half])
+    (workdir(dest) / f"{NAME}.part").write_bytes(archive[:half])  # as an interrupted run leaves it
     assert_data_root(download(server.url, dest, progress=False), dest)
     assert server.ranges == [f"bytes={half}-"]
 
@@ -117,8 +120,7 @@ def test_partial_download_is_resumed(server, archive, tmp_path):
 def test_restarts_when_server_ignores_range(server, tmp_path):
     server.honour_range = False
     dest = tmp_path / "data"
-    (dest / WORKDIR).mkdir(parents=True)
-    (dest / WORKDIR / f"{NAME}.part").write_bytes(b"stale bytes from another file")
+    (workdir(dest) / f"{NAME}.part").write_bytes(b"stale bytes from another file")
     assert_data_root(download(server.url, dest, progress=False), dest)
     assert server.ranges == ["bytes=29-"]
 
@@ -208,7 +210,7 @@ def test_cli_prints_root_last(archive, tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == str(dest / TOP) and "FLIX_DATA_ROOT" in out[-2]
     assert cli.main(["download", "--dest", str(dest), "--url", missing, "-q"]) == 0, "present: no-op"
-    assert cli.main(["download", "--dest", str(tmp_path / "x"), "--url", missing, "-q"]) == 1
+    assert cli.main(["download", "--dest", str(tmp_path / "x"), "--url", missing, "-q"]) == 2, "a usage error"
     assert "does not exist" in capsys.readouterr().err
 
 

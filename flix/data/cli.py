@@ -117,12 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as err:  # a root, file or value to fix before running again
-        print(f"flix data {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except (DataError, OSError) as err:
         print(f"flix data {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, UsageError) else 1  # 2: a root, file or value to fix first
     except KeyboardInterrupt:  # Ctrl-C is not a crash: no traceback (a download's .part stays, to resume)
         again = "; run it again to resume" if args.command == "download" else ""
         print(f"flix data {args.command}: interrupted{again}.", file=sys.stderr)

@@ -41,7 +41,7 @@ class DataError(ValueError):
 
 class UsageError(DataError):
     """A data root, file or option given is not there or not usable: the user's to fix
-    before anything runs (the commands exit 2), unlike a bad file or download (exit 1)."""
+    before anything runs (`flix data` exits 2; 1 for a bad line, archive or download)."""
 
 
 class _BadLine(Exception):
