@@ -240,9 +240,9 @@ def test_log_to_wandb_offline(report, tmp_path, monkeypatch):
     out, _ = report
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    run_dir = log_to_wandb(out, project="flix-test", wandb_dir=tmp_path)
-    assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
-    assert list(run_dir.glob("*.wandb"))
+    run_dirs = log_to_wandb(out, "smoke", project="flix-test", wandb_dir=tmp_path)
+    assert all(d.parent == tmp_path / "wandb" and d.name.startswith("offline-run-") for d in run_dirs)
+    assert all(list(d.glob("*.wandb")) for d in run_dirs)
     runs = out.parent / "smoke"
     assert main(["--runs", str(runs), "--out", str(tmp_path / "o"), "--paper", str(PAPER), "--wandb"]) == 0
     assert list((runs / "wandb").glob("offline-run-*/*.wandb"))  # beside the runs

@@ -353,3 +353,11 @@ def test_results_name_the_code_that_ran(compose, tmp_path):
     (repo / "a.py").write_text("x = 2\n")
     assert git_commit(repo) == head + "+dirty"
     assert git_commit(tmp_path / "run") is None  # not a git checkout
+
+
+@pytest.mark.parametrize("rank, lang", [("paper", None), ("lang1", 1), ("lang2", 2)])
+def test_rank_option_reads_as_typed_in_run_names(compose, rank, lang):
+    """rank=lang1 names its runs ...-ranklang1-... (not rank1, which reads as a total rank);
+    the report's Table 4 reads the number from rank.lang, as the paper's column does."""
+    cfg = compose(f"rank={rank}")
+    assert f"-rank{rank}-seed" in cfg.run_name and cfg.rank.lang == lang

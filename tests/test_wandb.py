@@ -13,6 +13,8 @@ from flix.train import LOGGED, run
 
 pytest.importorskip("wandb")
 
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper"
+
 
 def wandb_records(path: Path) -> list:
     """The protobuf records of an offline .wandb file (a LevelDB-style log of 32 KiB
@@ -92,3 +94,20 @@ def test_a_run_made_without_wandb_is_logged_when_reused_with_it(compose, tmp_pat
     assert logged["summary"]["best_step"] == results["best_step"] and logged["exit_code"] == 0
     run(compose("mixture=multitask_sw", "logger=wandb"), tmp_path)
     assert len(offline_runs(tmp_path)) == 1  # logged once
+
+
+def test_each_rendered_table_is_logged_in_its_training_runs_group(compose, tmp_path):
+    from flix.report import log_to_wandb, render
+
+    runs = tmp_path / "runs"
+    run(compose("mixture=multitask_sw", "logger=wandb", "table=table2"), runs / "one")
+    summary = render(runs, tmp_path / "out", "smoke", PAPER)
+    dirs = log_to_wandb(tmp_path / "out", "smoke", "flix-test", wandb_dir=tmp_path / "w", files=[Path(p) for p in summary["files"]])
+    (trained,) = offline_runs(runs / "one")
+    reports = {r["run"].run_group: r for r in offline_runs(tmp_path / "w")}
+    assert len(reports) == len(dirs) and all(r["exit_code"] == 0 and r["run"].job_type == "report" for r in reports.values())
+    assert trained["run"].run_group == "smoke/table2"
+    assert "smoke/table2" in reports, sorted(reports)
+    logged = {group: {"/".join(key.split("/")[:2]) for key in r["summary"]} for group, r in reports.items()}
+    assert "report/table2" in logged["smoke/table2"] and "report/table1" not in logged["smoke/table2"], "a table beside its runs"
+    assert {"report/table1", "report/table2", "report/figure2"} <= logged["smoke/report"], "the whole render, once"

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         project = args.wandb_project or OmegaConf.load(REPO / "conf" / "logger" / "wandb.yaml").project
         try:
             # W&B's files sit beside the runs' (not in the report folder, which may be committed)
-            print(f"logged the report to W&B: {log_to_wandb(out, project, wandb_dir=runs, files=[Path(p) for p in summary['files']])}")
+            logged = log_to_wandb(out, scale, project, wandb_dir=runs, files=[Path(p) for p in summary["files"]])
+            print(f"logged the report to W&B: {len(logged)} runs (the whole render, then each table in its runs' group) under {logged[0].parent}")
         except Exception as error:  # the report files stand; a tracking failure must not hide them
             print(f"flix report: W&B logging failed: {type(error).__name__}: {error}", file=sys.stderr)
             return 1
