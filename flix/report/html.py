@@ -17,7 +17,7 @@ from flix.report.tables import Table
 _CSS = """
 body { font-family: sans-serif; max-width: 1300px; margin: 1.5em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.85em; }
-th, td { border: 1px solid #bbb; padding: 3px 7px; }
+th, td { border: 1px solid #bbb; padding: 3px 7px; overflow-wrap: anywhere; }  /* long paths and notes wrap: tables fit 1400 px */
 th { background: #eee; } td { text-align: right; } td:first-child { text-align: left; white-space: nowrap; }
 td.missing { color: #a00; background: #fbf3f3; }
 .warn { border: 2px solid #c00; background: #fee; padding: 0.6em 1em; font-weight: bold; }
