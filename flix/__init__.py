@@ -5,11 +5,15 @@ uses the sum of its active features' adapters.
 """
 
 __version__ = "0.1.0"
-__all__ = ["FLixConfig", "FLixModel", "get_flix_model"]
+__all__ = ["FLixConfig", "FLixDataCollator", "FLixModel", "get_flix_model"]
 
 
 def __getattr__(name):
     # Lazy, so `flix score` and `flix data` start without importing torch.
+    if name == "FLixDataCollator":
+        from flix.collator import FLixDataCollator
+
+        return FLixDataCollator
     if name in __all__:
         from flix import adapters
 

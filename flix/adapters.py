@@ -1,5 +1,5 @@
-"""FLixConfig, the router, injection of FLix layers into a Hugging Face model, and the
-FLixModel wrapper (route, save/load, peft export).
+"""FLixConfig, injection of FLix layers into a Hugging Face model, and the FLixModel
+wrapper (routing, save/load; export and merging live in flix.export).
 
 For input x with active features f(x):  W(x) = W0 + scale * sum_{i in f(x)} B_i A_i,
 scale = alpha / active_rank. Each example's update is a LoRA of rank sum_i r_i, so
@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flix.features import PAD, FeatureSpace
+from flix.features import FeatureSpace
 from flix.layer import FLixLayer, is_conv1d
+from flix.routing import FEATURES_KEY, RoutedCall, Router, as_ids, take_features
 
 CONFIG_NAME = "flix_config.json"
 DROPOUT_MODES = ("independent", "keep_one")
 WEIGHTS_NAME = "flix_adapter.safetensors"
+BANKS = (".flix_A", ".flix_B")
 
 
 @dataclass
@@ -49,7 +51,10 @@ class FLixConfig:
     dropout_mode:    "independent" (the paper's reading; with two groups and p = 0.7, 49%
                      of examples keep no feature) or "keep_one" (an example that would
                      lose every feature keeps one, chosen at random).
-    sparse_grad:     sparse bank gradients (None: on when there are feature groups).
+    sparse_grad:     sparse bank gradients, over the rows a batch used; they need a
+                     sparse-aware optimizer such as flix.optim.SparseAdamW (flix.train uses
+                     it). Off by default: dense gradients work with any torch optimizer
+                     and with transformers.Trainer. A training choice, not saved.
     """
 
     features: dict[str, list[str]] = field(default_factory=dict)
@@ -59,7 +64,7 @@ class FLixConfig:
     alpha: float = 16.0
     feature_dropout: float = 0.0
     dropout_mode: str = "independent"
-    sparse_grad: bool | None = None
+    sparse_grad: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.feature_dropout < 1.0:
@@ -67,61 +72,19 @@ class FLixConfig:
         if self.dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {self.dropout_mode!r}")
         self.space = FeatureSpace(self.features, self.ranks, self.shared_rank)
-        if self.sparse_grad is None:
-            self.sparse_grad = bool(self.features)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.space.active_rank
 
     def to_dict(self) -> dict:
-        return asdict(self)  # fields only: the derived `space` is rebuilt on load
+        out = asdict(self)  # fields only: the derived `space` is rebuilt on load
+        out.pop("sparse_grad")  # how it trains, not what the adapter is
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> FLixConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-class Router:
-    """The current batch's bank rows, shared by every FLix layer of a model."""
-
-    def __init__(self, space: FeatureSpace):
-        self.space = space
-        self.rows: torch.Tensor | None = None  # (batch, active_rank)
-        self._cache: dict = {}
-
-    def set(self, rows: torch.Tensor | None) -> torch.Tensor | None:
-        previous, self.rows, self._cache = self.rows, rows, {}
-        return previous
-
-    def rows_for(self, n: int, device: torch.device) -> torch.Tensor:
-        """Rows for a layer input whose leading dimension is n: (n, active_rank), or
-        (1, active_rank) when every example has the same rows, so that layers do one
-        plain matmul over all tokens instead of a batched one.
-
-        generate() repeats each prompt for beams and return sequences
-        (repeat_interleave), so n may be a multiple of the routed batch.
-        """
-        key = (n, device)
-        if key in self._cache:
-            return self._cache[key]
-        rows = self.rows
-        if rows is None:
-            if self.space.features:
-                raise RuntimeError(
-                    "this FLix model has feature groups: call it inside `with model.route([{'task': ..., 'lang': ...}, ...]):` (one dict per example)"
-                )
-            rows = self.space.route([{}])
-        elif n % rows.shape[0]:
-            raise RuntimeError(
-                f"model.route() got {rows.shape[0]} examples but a layer saw a batch of {n}: route exactly one feature dict per input row"
-            )
-        elif bool((rows == rows[:1]).all()):
-            rows = rows[:1]
-        elif n != rows.shape[0]:
-            rows = rows.repeat_interleave(n // rows.shape[0], dim=0)
-        self._cache[key] = rows = rows.to(device)
-        return rows
 
 
 def _matches(name: str, target_modules: list[str] | str) -> bool:
@@ -152,8 +115,12 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str | None
 class FLixModel(nn.Module):
     """A Hugging Face model whose target modules carry FLix banks.
 
-    Use `with model.route(features): model(...)` (or `.generate(...)`), one feature
-    dict per example. Attributes not found here are looked up on the base model.
+    Route each example by its features, one of three ways: `model(**batch,
+    flix_features=...)` (a list of feature dicts, or the (batch, groups) id tensor that
+    `flix.FLixDataCollator` puts in a batch), one keyword per feature group
+    (`model(**batch, task=[...], lang=[...])`), or `with model.route(features):` around
+    hand-written calls. The same holds for `.generate(...)`. Attributes not found here
+    are looked up on the base model.
     """
 
     def __init__(self, model: nn.Module, config: FLixConfig):
@@ -161,6 +128,7 @@ class FLixModel(nn.Module):
         self.base_model = model
         self.flix_config = config
         self.router = Router(config.space)
+        self.seen: set[tuple[int, ...]] = set()  # feature-id rows trained (before dropout)
         model.requires_grad_(False)
         self.adapted_modules = find_target_modules(model, config.target_modules)
         for name in self.adapted_modules:
@@ -168,6 +136,9 @@ class FLixModel(nn.Module):
             parent = model.get_submodule(parent_name)
             layer = FLixLayer(getattr(parent, child), self.router, config.scaling, config.sparse_grad)
             setattr(parent, child, layer)
+        self.route_hook = model.register_forward_pre_hook(self._route_hook, with_kwargs=True)
+        # instance attributes win over the methods below: the exact signatures Trainer inspects
+        self.forward, self.generate = RoutedCall(self, "forward"), RoutedCall(self, "generate")
 
     def __getattr__(self, name: str):
         try:
@@ -177,34 +148,97 @@ class FLixModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args, labels=None, flix_features=None, **kwargs):
+        # what the class shows (Trainer finds the label names here); instances call RoutedCall
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.routed_call("forward", args, {**kwargs, FEATURES_KEY: flix_features})
 
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+    def generate(self, *args, flix_features=None, **kwargs):
+        return self.routed_call("generate", args, {**kwargs, FEATURES_KEY: flix_features})
+
+    def routed_call(self, name: str, args: tuple, kwargs: dict):
+        """forward: the base model's, whose pre-hook routes by the call's features.
+        generate: routed for the whole generation (its inner forwards carry none)."""
+        if name == "forward":
+            return self.base_model(*args, **kwargs)
+        features = take_features(self.router.space, kwargs)
+        if features is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self._routed(as_ids(self.router.space, features)):
+            return self.base_model.generate(*args, **kwargs)
+
+    def _route_hook(self, module, args, kwargs):
+        """Forward pre-hook on the base model: routes by `flix_features` or feature-group
+        keywords, so it works however the base model is called (TRL, for one, replaces
+        forward). Those rows stay set for gradient checkpointing's recompute in backward;
+        a call with no features outside route() clears them."""
+        features = take_features(self.router.space, kwargs)
+        if features is not None:
+            self.router.set(self.rows_for(as_ids(self.router.space, features)))
+        elif not self.router.contexts:
+            self.router.set(None)
+        return args, kwargs
 
     def flix_layers(self) -> dict[str, FLixLayer]:
         return {name: self.base_model.get_submodule(name) for name in self.adapted_modules}
 
+    def rows_for(self, ids: torch.Tensor) -> torch.Tensor:
+        """Bank rows for (batch, groups) feature ids; in training mode feature dropout is
+        drawn here (torch's global RNG) and the combinations are recorded."""
+        space, config = self.flix_config.space, self.flix_config
+        if not self.training:
+            return space.route_ids(ids)
+        if ids.shape[1]:  # a featureless space (plain LoRA) has no combinations
+            self.seen.update(map(tuple, torch.unique(ids.cpu(), dim=0).tolist()))
+        return space.route_ids(ids, dropout=config.feature_dropout, keep_one=config.dropout_mode == "keep_one")
+
     @contextmanager
     def route(self, features: list[dict]):
-        """Route the next forward/generate calls: one feature dict per example.
+        """Route the forward/generate calls inside the block: one feature dict per
+        example. With gradient checkpointing, call backward inside the block too."""
+        with self._routed(as_ids(self.flix_config.space, list(features))):
+            yield self
 
-        In training mode feature dropout is drawn here (from torch's global RNG).
-        """
-        features = list(features)
-        dropout = self.flix_config.feature_dropout if self.training else 0.0
-        rows = self.flix_config.space.route(features, dropout=dropout, keep_one=self.flix_config.dropout_mode == "keep_one")
-        previous = self.router.set(rows)
+    @contextmanager
+    def _routed(self, ids: torch.Tensor):
+        previous = self.router.set(self.rows_for(ids))
+        self.router.contexts += 1
         try:
             yield self
         finally:
+            self.router.contexts -= 1
             self.router.set(previous)
+
+    @property
+    def trained_combinations(self) -> list[dict[str, str]]:
+        """Feature combinations this adapter was trained on (recorded in training mode,
+        saved by save_pretrained): what `flix export` writes a peft adapter for."""
+        if not self.seen:
+            return []
+        return self.flix_config.space.combinations(torch.tensor(sorted(self.seen), dtype=torch.long))
 
     # -- parameters -------------------------------------------------------------
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{name}.{p}": getattr(layer, p).detach() for name, layer in self.flix_layers().items() for p in ("flix_A", "flix_B")}
+
+    def state_dict(self, *args, **kwargs):
+        """The FLix banks only: the base model is frozen and loads from its own weights,
+        so `torch.save(model.state_dict())` and Trainer checkpoints hold just the adapter
+        (and tied weights, which safetensors refuses to save twice, never come in)."""
+        full = super().state_dict(*args, **kwargs)
+        for key in [k for k in full if not k.endswith(BANKS)]:
+            del full[key]
+        return full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load banks saved by state_dict(); strict checks the bank keys only."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if k.endswith(BANKS)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"FLix state dict does not fit this model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return type(result)(missing, result.unexpected_keys)
 
     def num_trainable_parameters(self) -> int:
         """Adapter parameters, not counting the zero padding row of each bank."""
@@ -221,7 +255,11 @@ class FLixModel(nn.Module):
         with atomic_dir(directory) as tmp:
             tensors = {k: v.contiguous() for k, v in self.adapter_state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME))
-            meta = {"config": self.flix_config.to_dict(), "adapted_modules": self.adapted_modules}
+            meta = {
+                "config": self.flix_config.to_dict(),
+                "adapted_modules": self.adapted_modules,
+                "trained_combinations": self.trained_combinations,
+            }
             # key order matters: the order of groups fixes the bank row layout
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         return Path(directory)
@@ -238,6 +276,8 @@ class FLixModel(nn.Module):
         config.target_modules = meta["adapted_modules"]  # exactly the modules that were saved
         flix_model = cls(model, config)
         flix_model.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME)), source=str(directory / WEIGHTS_NAME))
+        trained = meta.get("trained_combinations") or []
+        flix_model.seen = set(map(tuple, config.space.feature_ids(trained).tolist()))
         return flix_model
 
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
@@ -251,40 +291,16 @@ class FLixModel(nn.Module):
                 expected[key].copy_(value)
 
     def export_peft(self, features: dict, directory: str | Path) -> Path:
-        """Write one feature combination as a standard peft LoRA adapter.
+        """Write one feature combination as a standard peft LoRA adapter (flix.export)."""
+        from flix.export import export_peft
 
-        The combination's A rows and B rows are concatenated along the rank axis;
-        lora_alpha is set so that peft's alpha / r equals FLix's alpha / active_rank.
-        """
-        from peft import LoraConfig
-        from safetensors.torch import save_file
+        return export_peft(self, features, directory)
 
-        from flix.io import atomic_dir
+    def merge_and_unload(self, features: dict) -> nn.Module:
+        """The base model with one combination merged into its weights (flix.export)."""
+        from flix.export import merge_and_unload
 
-        rows = self.flix_config.space.route([features])[0]
-        rows = rows[rows != PAD]
-        r = len(rows)
-        if r == 0:
-            raise ValueError(f"features {features} activate no adapter rows: nothing to export")
-        layers = self.flix_layers()
-        conv1d = [name for name, layer in layers.items() if is_conv1d(layer.base_layer)]
-        peft_config = LoraConfig(
-            r=r,
-            lora_alpha=self.flix_config.alpha * r / self.flix_config.space.active_rank,
-            target_modules=list(layers),
-            fan_in_fan_out=bool(conv1d) and len(conv1d) == len(layers),
-            lora_dropout=0.0,
-            bias="none",
-            base_model_name_or_path=getattr(self.base_model, "name_or_path", None),
-        )
-        tensors = {}
-        for name, layer in layers.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = layer.flix_A.detach()[rows].contiguous()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = layer.flix_B.detach()[rows].T.contiguous()
-        with atomic_dir(directory) as tmp:
-            peft_config.save_pretrained(str(tmp))
-            save_file(tensors, str(tmp / "adapter_model.safetensors"))
-        return Path(directory)
+        return merge_and_unload(self, features)
 
 
 def get_flix_model(model: nn.Module, config: FLixConfig) -> FLixModel:

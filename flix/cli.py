@@ -12,6 +12,7 @@ COMMANDS = {
     "bench": ("flix.bench", "benchmarks (adapters, run)"),
     "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
     "offline": ("flix.offline", "stage parts for a GPU machine without network, and run there"),
+    "export": ("flix.export", "write a FLix adapter as peft LoRA adapters, one per trained feature combination"),
 }
 
 

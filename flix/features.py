@@ -77,17 +77,33 @@ class FeatureSpace:
         row = self._tables[group][self._index[group][feature]]
         return row[row != PAD].tolist()
 
-    def feature_ids(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Per group, each example's feature id; unknown or absent features get the
-        'no feature' id, so an unseen language routes with the task alone."""
-        ids = {}
-        for group, index in self._index.items():
-            none = len(index)
-            ids[group] = torch.tensor([index.get(str(ex.get(group)), none) for ex in examples], dtype=torch.long)
-        return ids
+    @property
+    def groups(self) -> list[str]:
+        return list(self._tables)
+
+    def feature_ids(self, examples: list[dict]) -> torch.Tensor:
+        """(batch, groups) feature ids, a column per group in group order: routing as a
+        tensor (what FLixDataCollator puts in a batch as `flix_features`). An unknown or
+        absent feature gets its group's 'no feature' id, so an unseen language routes
+        with the task alone."""
+        rows = [[index.get(str(ex.get(group)), len(index)) for group, index in self._index.items()] for ex in examples]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(examples), len(self._index))
+
+    def combinations(self, ids: torch.Tensor) -> list[dict[str, str]]:
+        """The distinct feature combinations in a (batch, groups) id tensor, as dicts
+        without the groups whose feature is 'no feature'."""
+        out = []
+        for row in torch.unique(ids.cpu(), dim=0).tolist():
+            values = zip(self._index, row)
+            out.append({group: self.features[group][i] for group, i in values if i < len(self.features[group])})
+        return out
 
     def route(self, examples: list[dict], dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False) -> torch.Tensor:
-        """(batch, active_rank) bank rows for each example.
+        """(batch, active_rank) bank rows for each example (one feature dict each)."""
+        return self.route_ids(self.feature_ids(examples), dropout, generator, keep_one)
+
+    def route_ids(self, ids: torch.Tensor, dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False) -> torch.Tensor:
+        """(batch, active_rank) bank rows from (batch, groups) feature ids.
 
         Feature dropout (training only; the shared feature always stays): each group
         feature of each example is turned off independently with probability `dropout`,
@@ -97,9 +113,15 @@ class FeatureSpace:
         uniformly: no example is left without one, and a single feature is then off with
         probability dropout - dropout**G / G (0.455 for 0.7 and two groups).
         """
-        ids = self.feature_ids(examples)
-        n = len(examples)
-        groups = list(self._tables)
+        groups = self.groups
+        ids = torch.as_tensor(ids, dtype=torch.long).cpu()
+        if ids.dim() != 2 or ids.shape[1] != len(groups):
+            raise ValueError(f"feature ids must be (batch, {len(groups)}) for the groups {groups}, got shape {tuple(ids.shape)}")
+        n = ids.shape[0]
+        limits = torch.tensor([len(self._index[g]) for g in groups], dtype=torch.long)
+        if n and ((ids < 0) | (ids > limits)).any():
+            raise ValueError(f"feature ids out of range for the groups {groups} (each id < its number of features, or = it for none)")
+        ids = ids.clone()
         if dropout > 0 and groups:
             # one draw per group in group order, so a seed gives the same routes as before keep_one existed
             drop = torch.stack([torch.rand(n, generator=generator) < dropout for _ in groups], dim=1)
@@ -107,9 +129,8 @@ class FeatureSpace:
                 bare = drop.all(dim=1)
                 kept = torch.randint(len(groups), (n,), generator=generator)
                 drop[bare, kept[bare]] = False
-            for g, group in enumerate(groups):
-                ids[group] = torch.where(drop[:, g], len(self._tables[group]) - 1, ids[group])
-        parts = [self._shared.expand(n, -1)] + [self._tables[group][ids[group]] for group in groups]
+            ids = torch.where(drop, limits, ids)
+        parts = [self._shared.expand(n, -1)] + [self._tables[group][ids[:, g]] for g, group in enumerate(groups)]
         return torch.cat(parts, dim=1)
 
 

@@ -68,7 +68,8 @@ def method_config(
     common = dict(alpha=alpha, target_modules=target_modules, shared_rank=int(shared))
     if not spec["features"]:
         return FLixConfig(**common)
-    return FLixConfig(features=features, ranks=ranks, feature_dropout=feature_dropout, dropout_mode=dropout_mode, **common)
+    # sparse bank gradients: flix.train's SparseAdamW updates only the rows a batch used
+    return FLixConfig(features=features, ranks=ranks, feature_dropout=feature_dropout, dropout_mode=dropout_mode, sparse_grad=True, **common)
 
 
 def _plain(method: Mapping) -> dict:

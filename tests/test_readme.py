@@ -1,4 +1,4 @@
-"""The README's Python example runs as written."""
+"""The README's Python examples run as written."""
 
 from __future__ import annotations
 
@@ -17,3 +17,17 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "adapter" / "flix_config.json").exists()
     assert (tmp_path / "ner-sw" / "adapter_model.safetensors").exists()
     assert namespace["out"].shape[0] == 1
+
+
+def test_readme_trainer_example_runs(tmp_path, monkeypatch):
+    import torch
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "FLixDataCollator" in b]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)
+    assert len(namespace["manifest"]["adapters"]) == 4 and (tmp_path / "trained-adapter" / "flix_config.json").exists()
+    assert (tmp_path / "trainer-out" / "checkpoint-4" / "model.safetensors").exists()
+    assert "eval_loss" in namespace["metrics"]
+    assert torch.equal(namespace["out"], namespace["peft_out"]), "the exported adapters generate what FLix generates"

@@ -1,0 +1,140 @@
+"""Deploying a FLix adapter where FLix itself is not installed: one feature combination
+as a standard peft LoRA adapter, every trained combination at once with a manifest
+(`flix export`), or one combination merged into the base weights.
+
+A combination's update is a LoRA whose rank is the sum of its features' ranks (the
+active rank, 6 for the paper's FLix): its A rows and B rows concatenated along the rank
+axis, with lora_alpha chosen so that peft's alpha / r equals FLix's alpha / active_rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flix.features import PAD
+from flix.io import atomic_dir, atomic_write_text
+from flix.layer import is_conv1d
+
+MANIFEST = "manifest.json"
+
+
+def combination_rows(model, features: dict) -> torch.Tensor:
+    """The bank rows one feature combination uses (unknown features use none)."""
+    rows = model.flix_config.space.route([features])[0]
+    rows = rows[rows != PAD]
+    if len(rows) == 0:
+        raise ValueError(f"features {features} activate no adapter rows: nothing to export")
+    return rows
+
+
+def folder_name(features: dict) -> str:
+    """task=ner,lang=sw: a combination as a folder name."""
+    return ",".join(f"{group}={value}" for group, value in features.items()) or "shared"
+
+
+def export_peft(model, features: dict, directory: str | Path) -> Path:
+    """Write one feature combination as a standard peft LoRA adapter (atomically)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    rows = combination_rows(model, features)
+    r = len(rows)
+    layers = model.flix_layers()
+    conv1d = [name for name, layer in layers.items() if is_conv1d(layer.base_layer)]
+    peft_config = LoraConfig(
+        r=r,
+        lora_alpha=model.flix_config.alpha * r / model.flix_config.space.active_rank,
+        target_modules=list(layers),
+        fan_in_fan_out=bool(conv1d) and len(conv1d) == len(layers),
+        lora_dropout=0.0,
+        bias="none",
+        base_model_name_or_path=getattr(model.base_model, "name_or_path", None),
+    )
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.flix_A.detach()[rows].contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.flix_B.detach()[rows].T.contiguous()
+    with atomic_dir(directory) as tmp:
+        peft_config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    return Path(directory)
+
+
+def export_all(model, directory: str | Path, combinations: list[dict] | None = None) -> Path:
+    """One peft adapter per combination (default: those the adapter was trained on) in
+    directory/<task=...,lang=...>/, and manifest.json mapping features to folders.
+    max_lora_rank is what a multi-LoRA server (e.g. vLLM's --max-lora-rank) needs."""
+    combinations = model.trained_combinations if combinations is None else combinations
+    if not combinations:
+        raise ValueError("no combinations to export: this adapter recorded none it was trained on; pass them (--features task=ner,lang=sw)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for features in combinations:
+        folder = folder_name(features)
+        export_peft(model, features, directory / folder)
+        entries.append({"features": features, "path": folder, "rank": len(combination_rows(model, features))})
+    manifest = {"max_lora_rank": max(e["rank"] for e in entries), "adapters": entries}
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return directory
+
+
+@torch.no_grad()
+def merge_and_unload(model, features: dict) -> nn.Module:
+    """The base model with one combination merged into its weights, FLix layers
+    removed: W0 + scale * A_rows^T B_rows. It computes what FLix computes for that
+    combination; the FLixModel is not usable afterwards."""
+    rows = combination_rows(model, features)
+    scaling = model.flix_config.scaling
+    model.route_hook.remove()
+    for name, layer in model.flix_layers().items():
+        a, b = layer.flix_A[rows], layer.flix_B[rows]  # (r, d_in), (r, d_out)
+        delta = scaling * (a.T.double() @ b.double())  # (d_in, d_out)
+        base = layer.base_layer
+        weight = base.weight
+        weight += (delta.T if isinstance(base, nn.Linear) else delta).to(weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.base_model.get_submodule(parent_name), child, base)
+    return model.base_model
+
+
+def parse_features(text: str) -> dict:
+    """task=ner,lang=sw -> {"task": "ner", "lang": "sw"}."""
+    pairs = [part.split("=", 1) for part in text.split(",") if part]
+    if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected group=value[,group=value...], e.g. task=ner,lang=sw; got {text!r}")
+    return dict(pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flix export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter", type=Path, help="a FLix adapter folder (save_pretrained; a run's best_adapter/)")
+    parser.add_argument("out", type=Path, help="folder for one peft adapter per combination and manifest.json")
+    parser.add_argument("--model", required=True, help="the base model: tiny, gemma3-270m, a hub id or a local folder")
+    parser.add_argument("--features", type=parse_features, action="append", help="a combination to export (repeatable); default: every trained one")
+    args = parser.parse_args(argv)
+    from flix.adapters import CONFIG_NAME, FLixModel
+    from flix.models import load_model
+
+    if not (args.adapter / CONFIG_NAME).is_file():
+        print(f"flix export: error: {args.adapter / CONFIG_NAME} not found: pass a FLix adapter folder", file=sys.stderr)
+        return 2
+    try:
+        model = FLixModel.from_pretrained(load_model({"name": args.model})[0], args.adapter)
+        out = export_all(model, args.out, args.features)
+    except ValueError as error:
+        print(f"flix export: error: {error}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / MANIFEST).read_text())
+    print(f"wrote {len(manifest['adapters'])} peft adapter(s) and {out / MANIFEST} (max_lora_rank {manifest['max_lora_rank']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Which bank rows the current batch uses: the Router every FLix layer of a model reads,
+and routing given as data (`flix_features`, or one keyword per feature group) to a
+model's forward or generate.
+
+Routing as data is what lets `transformers.Trainer`, TRL and accelerate scripts train a
+FLix model: they call `model(**batch)`, so the batch carries each example's features.
+Rows routed that way stay set after the call returns, because gradient checkpointing
+re-runs the layers during backward, after forward has returned; the next top-level call
+replaces them (or clears them, if it brings no features).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from flix.features import FeatureSpace
+
+FEATURES_KEY = "flix_features"
+
+
+class Router:
+    """The current batch's bank rows, shared by every FLix layer of a model."""
+
+    def __init__(self, space: FeatureSpace):
+        self.space = space
+        self.rows: torch.Tensor | None = None  # (batch, active_rank)
+        self.contexts = 0  # open `model.route()` blocks: their rows are not cleared by a featureless call
+        self._cache: dict = {}
+
+    def set(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        previous, self.rows, self._cache = self.rows, rows, {}
+        return previous
+
+    def rows_for(self, n: int, device: torch.device) -> torch.Tensor:
+        """Rows for a layer input whose leading dimension is n: (n, active_rank), or
+        (1, active_rank) when every example has the same rows, so that layers do one
+        plain matmul over all tokens instead of a batched one.
+
+        generate() repeats each prompt for beams and return sequences
+        (repeat_interleave), so n may be a multiple of the routed batch.
+        """
+        key = (n, device)
+        if key in self._cache:
+            return self._cache[key]
+        rows = self.rows
+        if rows is None:
+            if self.space.features:
+                raise RuntimeError(
+                    "this FLix model has feature groups: pass each example's features, as "
+                    f"model(..., {FEATURES_KEY}=[{{'task': ..., 'lang': ...}}, ...]) (FLixDataCollator puts them in a batch), "
+                    "or call it inside `with model.route([...]):` (one dict per example)"
+                )
+            rows = self.space.route([{}])
+        elif n % rows.shape[0]:
+            raise RuntimeError(f"{rows.shape[0]} examples were routed but a layer saw a batch of {n}: route exactly one feature dict per input row")
+        elif bool((rows == rows[:1]).all()):
+            rows = rows[:1]
+        elif n != rows.shape[0]:
+            rows = rows.repeat_interleave(n // rows.shape[0], dim=0)
+        self._cache[key] = rows = rows.to(device)
+        return rows
+
+
+def as_ids(space: FeatureSpace, features) -> torch.Tensor:
+    """(batch, groups) feature ids from what a caller passed: such a tensor already, a
+    list of feature dicts (one per example), or a dict of columns (group -> values)."""
+    if isinstance(features, torch.Tensor):
+        return features
+    if isinstance(features, dict):
+        lengths = {len(v) for v in features.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"feature columns differ in length: { {g: len(v) for g, v in features.items()} }")
+        n = lengths.pop() if lengths else 0
+        features = [{g: values[i] for g, values in features.items()} for i in range(n)]
+    return space.feature_ids(list(features))
+
+
+def take_features(space: FeatureSpace, kwargs: dict):
+    """Pop a call's features from its keyword arguments: `flix_features`, else one
+    keyword per feature group (dict of columns); None when there are none."""
+    features = kwargs.pop(FEATURES_KEY, None)
+    columns = {g: kwargs.pop(g) for g in space.groups if g in kwargs}
+    columns = {g: v for g, v in columns.items() if v is not None}
+    return features if features is not None else (columns or None)
+
+
+def routed_signature(base_call, groups: list[str]) -> inspect.Signature:
+    """The base model's forward/generate signature plus `flix_features` and one keyword
+    per feature group: Trainer keeps the dataset columns a forward names
+    (remove_unused_columns), so the feature columns reach the data collator."""
+    params = list(inspect.signature(base_call).parameters.values())
+    taken = {p.name for p in params}
+    clash = [g for g in groups if g in taken]
+    if clash:
+        raise ValueError(f"feature group(s) {clash} share a name with an argument of the base model's {base_call.__name__}: rename the group")
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    params = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in [FEATURES_KEY, *groups]]
+    return inspect.Signature(params + extra + var_kw)
+
+
+class RoutedCall:
+    """A FLixModel's `forward` / `generate` as an instance attribute: the base model's
+    method behind routing (FLixModel.routed_call), with the base model's signature plus
+    the features, which is what Trainer reads to keep dataset columns."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return routed_signature(getattr(self.model.base_model, self.name), self.model.router.space.groups)
+
+    def __call__(self, *args, **kwargs):
+        return self.model.routed_call(self.name, args, kwargs)
