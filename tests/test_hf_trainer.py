@@ -5,6 +5,10 @@ checkpointing, merging and export, on the tiny random models."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +209,64 @@ def test_trl_sft_trainer_trains_flix(tmp_path):
     ).train()
     changed = [k for k, v in model.adapter_state_dict().items() if not torch.equal(v, before[k])]
     assert changed and sorted((c["task"], c["lang"]) for c in model.trained_combinations) == sorted(SEEN)
+
+
+def test_unknown_or_missing_features_route_with_the_rest():
+    model = flix().eval()
+    ids = torch.tensor(dataset(3)["input_ids"])
+    rows = [{"input_ids": ids[0].tolist(), "task": "ner", "lang": "zz"}, {"input_ids": ids[1].tolist(), "task": "qa", "lang": None}]
+    batch = FLixDataCollator(model)(rows)
+    with model.route([{"task": "ner"}, {"task": "qa"}]):  # the task feature alone
+        expected = model(input_ids=ids[:2]).logits
+    torch.testing.assert_close(model(**batch).logits, expected)
+
+
+def test_an_accelerate_loop_routes_from_the_batch():
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    model = flix()
+    before = banks(model)
+    accelerator = Accelerator(cpu=True)
+    # weight_decay=0: torch's decay would shrink every row each step, seen or not
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    loader = DataLoader(dataset(), batch_size=4, collate_fn=FLixDataCollator(model))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    for batch in loader:
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    space = model.flix_config.space
+    unseen = space.rows_of("task", "sp") + space.rows_of("lang", "bn")
+    for key, after in model.adapter_state_dict().items():
+        assert not torch.equal(after, before[key]) and torch.equal(after[unseen], before[key][unseen]), key
+    assert sorted((c["task"], c["lang"]) for c in model.trained_combinations) == sorted(SEEN)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_hf_trainer import FLixDataCollator, Trainer, args, banks, dataset, flix
+model = flix()
+before = banks(model)
+Trainer(model=model, args=args({out!r}, per_device_train_batch_size=2, ddp_backend="gloo"), train_dataset=dataset(),
+        data_collator=FLixDataCollator(model)).train()
+rank = torch.distributed.get_rank()
+torch.save({{"before": before, "after": banks(model)}}, {out!r} + f"/rank{{rank}}.pt")
+"""
+
+
+def test_trainer_under_torchrun_ddp_keeps_the_ranks_equal(tmp_path):
+    """Two CPU processes (gloo): the id tensor in the batch survives DDP, both ranks end
+    with the same banks, trained rows moved and never-seen ones did not."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    space = flix().flix_config.space
+    unseen = space.rows_of("task", "sp") + space.rows_of("lang", "bn")
+    for key, after in ranks[0]["after"].items():
+        assert torch.equal(after, ranks[1]["after"][key]), key
+        assert not torch.equal(after, ranks[0]["before"][key]) and torch.equal(after[unseen], ranks[0]["before"][key][unseen]), key
