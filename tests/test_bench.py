@@ -161,8 +161,26 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
         "micro_batch_memory",
     }
     assert all(isinstance(t["pass"], bool) and math.isfinite(t["value"]) for t in report["targets"].values())
+    assert all(t["interval"][0] <= t["value"] <= t["interval"][1] for t in report["targets"].values())
     printed = capsys.readouterr().out
-    assert printed.count("PASS") + printed.count("MISS") == 6
+    verdicts = [line.split()[0] for line in printed.splitlines() if line.split() and line.split()[0] in ("PASS", "MISS", "NOISE")]
+    assert len(verdicts) == 6
+    assert bench.main(["model", "--rescore", str(out)]) == 0, "a saved report is checked again without running"
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "MISS", "NOISE"))] == verdicts
+    assert bench.main(["model", "--rescore", str(tmp_path / "missing.json")]) == 2
+
+
+def test_paired_ratio_interval_and_verdicts():
+    """Per-round ratios cancel a drift shared by both cases; the verdict is PASS or MISS
+    only when the whole interval clears the bound."""
+    from flix.bench.timing import paired_ratio, verdict
+
+    drift = [100.0, 180.0, 120.0, 250.0, 90.0]  # a busy machine: medians of each case alone mislead
+    value, low, high = paired_ratio([1.2 * t for t in drift], drift)
+    assert value == pytest.approx(1.2) and low == pytest.approx(1.2) and high == pytest.approx(1.2)
+    assert verdict(low, high, "<=", 1.1) == "MISS" and verdict(low, high, ">=", 1.1) == "PASS"
+    value, low, high = paired_ratio([100, 115, 95, 108, 112, 99, 104], [100] * 7)
+    assert low < 1.05 < high and verdict(low, high, "<=", 1.05) == "NOISE"
 
 
 def test_peak_memory_of_a_child_process_is_its_own():

@@ -59,3 +59,24 @@ def peak_rss_gib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, bytes on macOS
+
+
+def paired_ratio(num: list[float], den: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """(median, low, high): the median over rounds of num/den timed in the same round, and
+    a 95% bootstrap interval over rounds. Interleaving puts a busy moment on both cases of
+    a round, so the per-round ratio cancels most of the machine's drift."""
+    import numpy as np
+
+    ratios = np.asarray(num, dtype=float) / np.asarray(den, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(ratios), (n, len(ratios)))
+    medians = np.median(ratios[draws], axis=1)
+    return float(np.median(ratios)), float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
+def verdict(low: float, high: float, op: str, bound: float) -> str:
+    """PASS or MISS when the whole interval is on one side of the bound; NOISE when it
+    holds the bound (more rounds, or a quieter machine, decide it)."""
+    meets_low, meets_high = (low <= bound, high <= bound) if op == "<=" else (low >= bound, high >= bound)
+    if meets_low and meets_high:
+        return "PASS"
+    return "MISS" if not (meets_low or meets_high) else "NOISE"
