@@ -28,7 +28,7 @@ from torch import nn
 
 from flix.features import FeatureSpace
 from flix.layer import FLixLayer, is_conv1d
-from flix.routing import FEATURES_KEY, RoutedCall, Router, as_ids, take_features
+from flix.routing import FEATURES_KEY, RoutedCall, Router, as_ids, routed_signature, take_features
 
 CONFIG_NAME = "flix_config.json"
 DROPOUT_MODES = ("independent", "keep_one")
@@ -136,6 +136,7 @@ class FLixModel(nn.Module):
             parent = model.get_submodule(parent_name)
             layer = FLixLayer(getattr(parent, child), self.router, config.scaling, config.sparse_grad)
             setattr(parent, child, layer)
+        routed_signature(model.forward, config.space.groups)  # refuses a group named like a model argument, which routing would swallow
         self.route_hook = model.register_forward_pre_hook(self._route_hook, with_kwargs=True)
         # instance attributes win over the methods below: the exact signatures Trainer inspects
         self.forward, self.generate = RoutedCall(self, "forward"), RoutedCall(self, "generate")

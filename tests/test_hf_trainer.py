@@ -270,3 +270,8 @@ def test_trainer_under_torchrun_ddp_keeps_the_ranks_equal(tmp_path):
     for key, after in ranks[0]["after"].items():
         assert torch.equal(after, ranks[1]["after"][key]), key
         assert not torch.equal(after, ranks[0]["before"][key]) and torch.equal(after[unseen], ranks[0]["before"][key][unseen]), key
+
+
+def test_a_feature_group_named_like_a_model_argument_is_refused():
+    with pytest.raises(ValueError, match="labels.*rename the group"):
+        get_flix_model(load_model({"name": "tiny"})[0], FLixConfig(features={"labels": ["a"]}, ranks={"labels": 2}))
