@@ -275,3 +275,14 @@ def test_trainer_under_torchrun_ddp_keeps_the_ranks_equal(tmp_path):
 def test_a_feature_group_named_like_a_model_argument_is_refused():
     with pytest.raises(ValueError, match="labels.*rename the group"):
         get_flix_model(load_model({"name": "tiny"})[0], FLixConfig(features={"labels": ["a"]}, ranks={"labels": 2}))
+
+
+def test_trainer_bf16_autocast_keeps_float32_banks(tmp_path):
+    """bf16=True runs the step under autocast (as on a GPU); the banks and their
+    optimizer state stay float32 and still train."""
+    model = flix()
+    before = banks(model)
+    train(tmp_path, model, bf16=True)
+    after = model.adapter_state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert all(torch.isfinite(v).all() for v in after.values()) and any(not torch.equal(v, before[k]) for k, v in after.items())
