@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flix export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", type=Path, help="a FLix adapter folder (save_pretrained; a run's best_adapter/)")
     parser.add_argument("out", type=Path, help="folder for one peft adapter per combination and manifest.json")
-    parser.add_argument("--model", required=True, help="the base model: tiny, gemma3-270m, a hub id or a local folder")
+    parser.add_argument("--model", required=True, help="the base model: a conf/model name (tiny, gemma3_270m), a hub id or a local folder")
     parser.add_argument("--features", type=parse_features, action="append", help="a combination to export (repeatable); default: every trained one")
     args = parser.parse_args(argv)
     from flix.adapters import CONFIG_NAME, FLixModel
