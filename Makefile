@@ -42,6 +42,7 @@ format:  ## ruff: sort imports and format the tree
 bench:  ## speed benchmarks; prints tables and writes reports/bench/*.json
 	$(PY) -m flix bench adapters --out reports/bench/adapters.json
 	$(PY) -m flix bench model  # Gemma 3 270M; writes reports/bench/model-<cpu|cuda>.json
+	$(PY) -m flix bench layer --out reports/bench/layer-cpu.json  # one projection on the CPU, tight ratios
 
 MIXTURE ?= study_a
 bench-run:  ## expected time of one $(SCALE) run of $(MIXTURE) on this machine, measured

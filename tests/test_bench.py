@@ -198,3 +198,15 @@ def test_peak_memory_of_a_child_process_is_its_own():
     )
     assert peak_rss_gib() >= 1.0 > float(child.stdout)
     del ballast
+
+
+def test_bench_layer_prints_paired_ratios(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    argv = ["layer", "--d-in", "32", "--d-out", "48", "--tokens", "5", "--features", "8,16", "--repeats", "3", "--warmup", "1", "--threads", "1"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["frozen", "compute_matched", "flix D=8", "flix D=16"]
+    assert rows[0]["vs_frozen"] == [1.0, 1.0, 1.0] and all(r["vs_frozen"][1] <= r["vs_frozen"][0] <= r["vs_frozen"][2] for r in rows)
+    assert "flix D=16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["layer", "--features", "4"])

@@ -2,6 +2,7 @@
 
 flix bench adapters   FLix's step and mixed-batch inference time against LoRA
 flix bench model      FLix on a real pretrained model (Gemma 3 270M): step, generation, memory
+flix bench layer      one adapted projection at a real width: tight ratios for layer changes
 flix bench run        the expected wall time of one training run on this machine
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = {"adapters": "flix.bench.adapters", "model": "flix.bench.model", "run": "flix.bench.run"}
+BENCHMARKS = {"adapters": "flix.bench.adapters", "model": "flix.bench.model", "layer": "flix.bench.layer", "run": "flix.bench.run"}
 
 
 def main(argv: list[str] | None = None) -> int:

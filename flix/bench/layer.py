@@ -1,0 +1,104 @@
+"""`flix bench layer`: one adapted projection on the CPU, forward and backward to its input, at a real
+model's width, for the frozen layer alone, compute-matched LoRA (one always-on feature)
+and FLix on mixed batches.
+
+A whole-model step on a noisy machine moves by more than the few percent the adapters
+cost; one layer runs in milliseconds, so many interleaved rounds give a tight ratio. Use
+it to choose between implementations of the FLix layer; `flix bench model` says what a
+whole step costs. The upstream gradient is a fixed dense tensor, as in training (a
+`.sum().backward()` would hand the layer a stride-0 gradient and time copies instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ALPHA = 16.0
+
+
+def layer_case(d_in: int, d_out: int, x: torch.Tensor, grad: torch.Tensor, config=None, features: list[dict] | None = None) -> Callable[[], None]:
+    """One forward + backward of a (FLix-adapted, when config is given) bias-free Linear."""
+    from flix.layer import FLixLayer
+    from flix.routing import Router
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
+    if config is None:
+        layer, params = base, []
+    else:
+        router = Router(config.space)
+        router.set(config.space.route(features or [{}] * x.shape[0]))
+        layer = FLixLayer(base, router, config.scaling, config.sparse_grad)
+        with torch.no_grad():
+            layer.flix_B.normal_(0, 0.02)
+        params = [layer.flix_A, layer.flix_B]
+
+    def step() -> None:
+        for p in [x, *params]:
+            p.grad = None
+        layer(x).backward(grad)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flix.bench.model_cases import feature_space, mixed_features
+    from flix.bench.timing import paired_ratio, stats, time_interleaved
+    from flix.io import atomic_write_json
+    from flix.methods import method_config
+    from flix.versions import versions
+
+    parser = argparse.ArgumentParser(prog="flix bench layer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--d-in", type=int, default=640, help="input width (default 640, Gemma 3 270M's hidden size)")
+    parser.add_argument("--d-out", type=int, default=2048, help="output width (default 2048, its MLP width)")
+    parser.add_argument("--batch", type=int, default=8, help="examples, each its own feature combination (default 8)")
+    parser.add_argument("--tokens", type=int, default=120, help="tokens per example (default 120)")
+    parser.add_argument("--features", default="8,4096", help="FLix feature counts D, comma-separated (default 8,4096)")
+    parser.add_argument("--repeats", type=int, default=40, help="timed rounds (default 40)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--out", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    try:
+        sizes = sorted({int(d) for d in args.features.split(",")})
+    except ValueError:
+        parser.error(f"--features must be comma-separated integers, got {args.features!r}")
+    if min(args.d_in, args.d_out, args.batch, args.tokens, args.repeats, args.threads, *sizes) < 1 or args.warmup < 0:
+        parser.error("widths, --batch, --tokens, --repeats, --threads and feature counts must be >= 1")
+    if sizes[0] < 8:
+        parser.error("every --features count must be >= 8 (4 tasks and at least as many languages)")
+    torch.set_num_threads(args.threads)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, args.tokens, args.d_in, generator=gen).requires_grad_()
+    grad = torch.randn(args.batch, args.tokens, args.d_out, generator=gen)
+    cases = {"frozen": layer_case(args.d_in, args.d_out, x, grad)}
+    cm = method_config("compute_matched", feature_space(sizes[0]), "joint", alpha=ALPHA)
+    cases["compute_matched"] = layer_case(args.d_in, args.d_out, x, grad, cm)
+    for d in sizes:
+        space = feature_space(d)
+        config = method_config("flix", space, "joint", alpha=ALPHA)
+        cases[f"flix D={d}"] = layer_case(args.d_in, args.d_out, x, grad, config, mixed_features(space, args.batch, 1, gen)[0])
+    ms = time_interleaved(cases, args.warmup, args.repeats)
+
+    rows = []
+    print(f"flix bench layer: {args.d_in} -> {args.d_out}, {args.batch} examples x {args.tokens} tokens, forward + backward, {args.threads} threads")
+    print(f"{'case':<18} {'ms':>8} {'/ frozen [95%]':>24} {'/ compute_matched [95%]':>26}")
+    for name, times in ms.items():
+        vs_frozen, vs_cm = paired_ratio(times, ms["frozen"]), paired_ratio(times, ms["compute_matched"])
+        rows.append({"case": name, **stats("ms", times), "vs_frozen": vs_frozen, "vs_compute_matched": vs_cm})
+        cells = [f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]" for r in (vs_frozen, vs_cm)]
+        print(f"{name:<18} {rows[-1]['ms']:>8.2f} {cells[0]:>24} {cells[1]:>26}")
+    if args.out:
+        atomic_write_json(args.out, {"rows": rows, "config": {**vars(args), "out": str(args.out), "versions": versions()}})
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
