@@ -121,7 +121,6 @@ class FeatureSpace:
         limits = torch.tensor([len(self._index[g]) for g in groups], dtype=torch.long)
         if n and ((ids < 0) | (ids > limits)).any():
             raise ValueError(f"feature ids out of range for the groups {groups} (each id < its number of features, or = it for none)")
-        ids = ids.clone()
         if dropout > 0 and groups:
             # one draw per group in group order, so a seed gives the same routes as before keep_one existed
             drop = torch.stack([torch.rand(n, generator=generator) < dropout for _ in groups], dim=1)

@@ -48,6 +48,7 @@ from flix.bench.adapter_cases import (
     peft_inference,
     peft_step,
 )
+from flix.bench.timing import feature_counts
 
 WITHIN = 1.10  # "within 10%"
 SPEEDUP = 2.0
@@ -73,12 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats, --batch, --seq, --threads, --hidden and --layers must be >= 1, --warmup >= 0")
     if args.vocab < 4:
         parser.error("--vocab must be >= 4")
-    try:
-        sizes = sorted({int(d) for d in args.features.split(",")})
-    except ValueError:
-        parser.error(f"--features must be comma-separated integers, got {args.features!r}")
-    if sizes[0] < 2:
-        parser.error("every --features count must be >= 2 (at least one task and one language)")
+    sizes = feature_counts(parser, args.features, 2, "at least one task and one language")
     with warnings.catch_warnings():  # peft touches a deprecated transformers property
         warnings.simplefilter("ignore", FutureWarning)
         return bench_adapters(args, sizes)

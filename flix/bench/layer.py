@@ -47,8 +47,8 @@ def layer_case(d_in: int, d_out: int, x: torch.Tensor, grad: torch.Tensor, confi
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flix.bench.model_cases import feature_space, mixed_features
-    from flix.bench.timing import paired_ratio, stats, time_interleaved
+    from flix.bench.model_cases import TASKS, feature_space, mixed_features
+    from flix.bench.timing import feature_counts, paired_ratio, stats, time_interleaved
     from flix.io import atomic_write_json
     from flix.methods import method_config
     from flix.versions import versions
@@ -64,14 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    try:
-        sizes = sorted({int(d) for d in args.features.split(",")})
-    except ValueError:
-        parser.error(f"--features must be comma-separated integers, got {args.features!r}")
-    if min(args.d_in, args.d_out, args.batch, args.tokens, args.repeats, args.threads, *sizes) < 1 or args.warmup < 0:
-        parser.error("widths, --batch, --tokens, --repeats, --threads and feature counts must be >= 1")
-    if sizes[0] < 8:
-        parser.error("every --features count must be >= 8 (4 tasks and at least as many languages)")
+    if min(args.d_in, args.d_out, args.batch, args.tokens, args.repeats, args.threads) < 1 or args.warmup < 0:
+        parser.error("widths, --batch, --tokens, --repeats and --threads must be >= 1")
+    sizes = feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
     torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(0)

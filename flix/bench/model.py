@@ -58,6 +58,7 @@ from flix.bench.model_cases import (
     shared_copy,
     train_batch,
 )
+from flix.bench.timing import feature_counts
 from flix.methods import kind_ranks
 
 FLIX_RANKS = kind_ranks("joint")  # conf/method/flix.yaml
@@ -97,12 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats, --batch, --seq, --target, --gen-batch, --gen-seq, --new-tokens and --threads must be >= 1")
     if args.target >= args.seq:
         parser.error("--target must be smaller than --seq")
-    try:
-        sizes = sorted({int(d) for d in args.features.split(",")})
-    except ValueError:
-        parser.error(f"--features must be comma-separated integers, got {args.features!r}")
-    if sizes[0] < 2 * TASKS:
-        parser.error(f"every --features count must be >= {2 * TASKS} ({TASKS} tasks and at least as many languages)")
+    sizes = feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
     torch.set_num_threads(args.threads)
     with warnings.catch_warnings():  # peft touches a deprecated transformers property
         warnings.simplefilter("ignore", FutureWarning)

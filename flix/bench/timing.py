@@ -80,3 +80,14 @@ def verdict(low: float, high: float, op: str, bound: float) -> str:
     if meets_low and meets_high:
         return "PASS"
     return "MISS" if not (meets_low or meets_high) else "NOISE"
+
+
+def feature_counts(parser, text: str, minimum: int, why: str) -> list[int]:
+    """--features "8,64,..." as sorted distinct ints, each >= minimum (else a usage error)."""
+    try:
+        sizes = sorted({int(d) for d in text.split(",")})
+    except ValueError:
+        parser.error(f"--features must be comma-separated integers, got {text!r}")
+    if sizes[0] < minimum:
+        parser.error(f"every --features count must be >= {minimum} ({why})")
+    return sizes
