@@ -150,10 +150,14 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     base, flix = report["training"][0], report["training"][3]
     assert 0 < base["gflop"] < flix["gflop"]  # the adapters add arithmetic, a little
     assert 0 < base["fraction_of_peak"] and report["matmul_peak_tflop_per_s"] > 0
+    attributed = {r["case"] for r in report["training"] if "own_ms" in r}
+    assert attributed == {"compute_matched", "flix D=8", "flix D=16"}  # the FLix-layer cases, not base or peft
+    assert all(r["own_ms"] > 0 and r["attributed_vs_base"][0] > 1 for r in report["training"] if "own_ms" in r)
     memory = report["micro_batch_memory"]
     assert memory["scale"] == "smoke" and memory["micro_batch"] == 8 and memory["peak_gib"] > 0
     assert set(report["targets"]) == {
         "flix_vs_base",
+        "flix_vs_base_attributed",
         "flix_vs_compute_matched",
         "flix_many_vs_few_features",
         "generate_speedup_vs_peft",
@@ -164,7 +168,7 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     assert all(t["interval"][0] <= t["value"] <= t["interval"][1] for t in report["targets"].values())
     printed = capsys.readouterr().out
     verdicts = [line.split()[0] for line in printed.splitlines() if line.split() and line.split()[0] in ("PASS", "MISS", "NOISE")]
-    assert len(verdicts) == 6
+    assert len(verdicts) == 7
     assert bench.main(["model", "--rescore", str(out)]) == 0, "a saved report is checked again without running"
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "MISS", "NOISE"))] == verdicts
     assert bench.main(["model", "--rescore", str(tmp_path / "missing.json")]) == 2
@@ -210,3 +214,62 @@ def test_bench_layer_prints_paired_ratios(tmp_path, capsys):
     assert "flix D=16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["layer", "--features", "4"])
+
+
+def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, capsys):
+    """`--bf16 true` runs the cases as they run on a GPU (bf16 autocast): the FLix layers
+    compute in bf16, while the banks stay float32 and still learn; the report says so."""
+    from types import SimpleNamespace
+
+    from flix.bench.model_cases import autocast_for, bf16_enabled, feature_space, flix_step, load, mixed_features, train_batch
+    from flix.methods import method_config
+
+    cpu = torch.device("cpu")
+    assert bf16_enabled(SimpleNamespace(bf16="true"), cpu) and not bf16_enabled(SimpleNamespace(bf16="auto"), cpu)
+    args = SimpleNamespace(model="tiny", batch=4, seq=10, target=3, seed=0)
+    base, tokenizer = load(args)
+    config = method_config("flix", feature_space(8), "joint", alpha=16.0, feature_dropout=0.0)
+    routes = mixed_features(feature_space(8), args.batch, 1, torch.Generator().manual_seed(0))
+    step = flix_step(base, config, train_batch(args, tokenizer, cpu), routes, autocast_for(cpu, True), cpu)
+    layers = {}
+
+    def record(module, inputs, out) -> None:  # a forward hook that returns nothing keeps the output
+        if type(module).__name__ == "FLixLayer":
+            layers[module] = out.dtype
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        step()
+    finally:
+        hook.remove()
+    assert layers and set(layers.values()) == {torch.bfloat16}
+    assert {layer.flix_B.dtype for layer in layers} == {torch.float32}
+    assert all(layer.flix_B.abs().sum() > 0 for layer in layers)  # B starts at zero: the step updated it
+
+    out = tmp_path / "model.json"
+    argv = ["model", "--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--batch", "4", "--seq", "10"]
+    argv += ["--target", "3", "--features", "8", "--gen-batch", "4", "--gen-seq", "6", "--new-tokens", "2", "--memory-scale", "none"]
+    assert bench.main([*argv, "--threads", "1", "--bf16", "true"]) == 0
+    assert json.loads(out.read_text())["config"]["autocast"] == "bf16"
+    assert "autocast bf16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--bf16", "yes"])
+
+
+def test_attribution_counts_the_adapters_own_work_only():
+    """own_time splits a profiled step: nothing for the frozen base, and for a FLix layer
+    its rank-6 work and optimizer without the frozen matmul inside its node (which, at
+    these widths, is most of the step)."""
+    from flix.bench.attribute import own_time
+    from flix.bench.layer import layer_case
+    from flix.bench.model_cases import feature_space, mixed_features
+    from flix.methods import method_config
+
+    x = torch.randn(4, 128, 512).requires_grad_()
+    grad = torch.randn(4, 128, 512)
+    assert [own for _, own in own_time(layer_case(512, 512, x, grad), 2)] == [0.0, 0.0]
+    space = feature_space(8)
+    config = method_config("flix", space, "joint", alpha=16.0)
+    step = layer_case(512, 512, x, grad, config, mixed_features(space, 4, 1, torch.Generator().manual_seed(0))[0])
+    for ms, own in own_time(step, 2):
+        assert 0 < own < 0.5 * ms

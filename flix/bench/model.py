@@ -19,7 +19,8 @@ is a median. A large matmul timed in the same rounds gives the machine's practic
 peak, against which the steps' achieved FLOP/s (counted by torch's FlopCounterMode)
 are put. A fresh process measures the peak memory of one micro-batch at a scale's
 worst-case sizes (--memory-scale). On CUDA the cases run under bf16 autocast
-(adapters and optimizer state stay float32), as training does.
+(adapters and optimizer state stay float32), as training does; `--bf16 true` runs that
+path on the CPU too.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from flix.bench.model_cases import (
     available_bytes,
     bank_bytes,
     base_step,
+    bf16_enabled,
     count_flops,
     device_of,
     feature_space,
@@ -58,12 +60,13 @@ from flix.bench.model_cases import (
     shared_copy,
     train_batch,
 )
-from flix.bench.timing import feature_counts
+from flix.bench.timing import feature_counts, peak_memory_gib
 from flix.methods import kind_ranks
 
 FLIX_RANKS = kind_ranks("joint")  # conf/method/flix.yaml
 TARGETS = {  # name: (description, op, bound)
     "flix_vs_base": ("FLix (D={lo}) step / frozen base step", "<=", 1.10),
+    "flix_vs_base_attributed": ("FLix (D={lo}) step / its frozen part, attributed within the step", "<=", 1.10),
     "flix_vs_compute_matched": ("FLix (D={lo}) step / compute_matched step", "<=", 1.05),
     "flix_many_vs_few_features": ("FLix (D={hi}) step / FLix (D={lo}) step", "<=", 1.05),
     "generate_speedup_vs_peft": ("peft adapter_names generate / FLix generate", ">=", 3.0),
@@ -88,14 +91,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-scale", default="mini", help="scale whose micro-batch peak memory is measured; 'none' skips it")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="auto", help="auto (cuda if present) | cpu | cuda")
+    parser.add_argument(
+        "--attribute",
+        type=int,
+        default=3,
+        help="profiled steps per adapter case that split its time into the adapters' own work and the frozen rest (CPU; default 3, 0 skips)",
+    )
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="bf16 autocast for every case: auto (on CUDA only, as training does) | true | false",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rescore", type=Path, metavar="JSON", help="print a saved report with its targets checked by this code; runs nothing")
     parser.add_argument("--probe-memory", nargs=3, type=int, metavar=("BATCH", "PROMPT", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rescore:
         return rescore(args.rescore)
-    if min(args.repeats, args.batch, args.seq, args.target, args.gen_batch, args.gen_seq, args.new_tokens, args.threads) < 1 or args.warmup < 0:
-        parser.error("--repeats, --batch, --seq, --target, --gen-batch, --gen-seq, --new-tokens and --threads must be >= 1")
+    if (
+        min(args.attribute, args.warmup) < 0
+        or min(args.repeats, args.batch, args.seq, args.target, args.gen_batch, args.gen_seq, args.new_tokens, args.threads) < 1
+    ):
+        parser.error(
+            "--repeats, --batch, --seq, --target, --gen-batch, --gen-seq, --new-tokens and --threads must be >= 1, --warmup and --attribute >= 0"
+        )
     if args.target >= args.seq:
         parser.error("--target must be smaller than --seq")
     sizes = feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
@@ -116,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench_model(args, sizes: list[int]) -> int:
     import gc
+    import statistics
 
-    from flix.bench.timing import peak_rss_gib, stats, time_interleaved
+    from flix.bench.attribute import own_time
+    from flix.bench.timing import paired_ratio, stats, time_interleaved
     from flix.io import atomic_write_json
     from flix.methods import method_config
 
     device = device_of(args)
-    autocast = autocast_for(device)
-    bf16 = device.type == "cuda"
+    bf16 = bf16_enabled(args, device)
+    autocast = autocast_for(device, bf16)
     base, tokenizer = load(args)
     base.to(device)
     batch = train_batch(args, tokenizer, device)
@@ -158,6 +180,10 @@ def bench_model(args, sizes: list[int]) -> int:
             row["gflop"] = flops[name] / 1e9
             row["tflop_per_s"] = flops[name] / (row["ms_per_step"] / 1e3) / 1e12
             row["fraction_of_peak"] = flops[name] / (row["ms_per_step"] / 1e3) / peak_flops
+        if (name == "compute_matched" or name.startswith("flix D=")) and args.attribute and device.type == "cpu":
+            measured = own_time(train[name], args.attribute)  # after the timed rounds: the profiler slows steps
+            row["own_ms"] = statistics.median(own for _, own in measured)
+            row["attributed_vs_base"] = paired_ratio([step for step, _ in measured], [step - own for step, own in measured])
         rows.append(row)
     del train
     gc.collect()
@@ -175,7 +201,7 @@ def bench_model(args, sizes: list[int]) -> int:
         "skipped": {f"flix D={d}": why for d, why in skipped.items()},
         "matmul_peak_tflop_per_s": peak_flops / 1e12,
         "micro_batch_memory": memory,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib(),
+        "peak_memory_gib": peak_memory_gib(device),
         "config": run_config(args, sizes, device, bf16),
     }
     report["targets"] = check_targets(report, sizes, skipped)
@@ -217,12 +243,15 @@ def check_targets(report: dict, sizes: list[int], skipped: dict) -> dict:
         "generate_vs_base": (gen["flix"], gen["base"]),
     }
     values = {key: paired_ratio(*pair) for key, pair in pairs.items()}
+    attributed = {r["case"]: r["attributed_vs_base"] for r in report["training"] if "attributed_vs_base" in r}
+    if f"flix D={lo}" in attributed:
+        values["flix_vs_base_attributed"] = tuple(attributed[f"flix D={lo}"])
     memory = report["micro_batch_memory"]
     if memory:
         values["micro_batch_memory"] = (memory["peak_gib"],) * 3  # one measurement
     targets = {}
-    for key, (value, low, high) in values.items():
-        description, op, bound = TARGETS[key]
+    for key in (key for key in TARGETS if key in values):
+        (value, low, high), (description, op, bound) = values[key], TARGETS[key]
         scale = memory["scale"] if memory else ""
         targets[key] = {
             "description": description.format(lo=lo, hi=hi, scale=scale),
@@ -272,14 +301,20 @@ def format_report(report: dict) -> str:
     lines = [
         f"flix bench model: {c['model']} on {c['device']} ({c['device_name']}, {c['threads']} threads), autocast {c['autocast']}",
         f"training step: {c['batch']} examples x {c['seq']} tokens, loss on the last {c['target']}",
-        f"{'case':<18} {'ms/step':>10} {'min':>10} {'GFLOP':>8} {'TFLOP/s':>8} {'of peak':>8}",
+        f"{'case':<18} {'ms/step':>10} {'min':>10} {'GFLOP':>8} {'TFLOP/s':>8} {'of peak':>8} {'own ms':>8} {'/ own frozen part [95%]':>24}",
     ]
     for r in report["training"]:
-        extra = f"{r['gflop']:>8.0f} {r['tflop_per_s']:>8.3f} {r['fraction_of_peak']:>8.0%}" if "gflop" in r else ""
-        lines.append(f"{r['case']:<18} {r['ms_per_step']:>10.1f} {r['ms_min']:>10.1f} {extra}")
+        flops = f"{r['gflop']:>8.0f} {r['tflop_per_s']:>8.3f} {r['fraction_of_peak']:>8.0%}" if "gflop" in r else f"{'':>26}"
+        own = ""
+        if "own_ms" in r:
+            value, low, high = r["attributed_vs_base"]
+            own = f" {r['own_ms']:>8.0f} {f'{value:.3f} [{low:.3f}, {high:.3f}]':>24}"
+        lines.append(f"{r['case']:<18} {r['ms_per_step']:>10.1f} {r['ms_min']:>10.1f} {flops}{own}".rstrip())
     for case, why in report["skipped"].items():
         lines.append(f"{case:<18} skipped: {why}")
     lines.append(f"matmul peak: {report['matmul_peak_tflop_per_s']:.3f} TFLOP/s")
+    if any("own_ms" in r for r in report["training"]):
+        lines.append("own ms: the adapters' own work in a profiled step (flix.bench.attribute); / own frozen part: step / (step - own)")
     lines += [
         "",
         f"generation: {c['gen_batch']} prompts x {c['gen_seq']} tokens, {c['new_tokens']} greedy tokens, one combination each",

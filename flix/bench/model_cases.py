@@ -210,7 +210,7 @@ def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
     """Peak memory of one FLix micro-batch (forward + backward) at full length."""
     import time
 
-    from flix.bench.timing import peak_rss_gib
+    from flix.bench.timing import peak_memory_gib
     from flix.methods import method_config
 
     device = device_of(args)
@@ -219,12 +219,11 @@ def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
     args.batch, args.seq, args.target = batch, prompt + target + 1, target + 1
     config = method_config("flix", feature_space(64), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
     routes = mixed_features(feature_space(64), batch, 1, torch.Generator().manual_seed(args.seed))
-    step = flix_step(base, config, train_batch(args, tokenizer, device), routes, autocast_for(device), device)
+    step = flix_step(base, config, train_batch(args, tokenizer, device), routes, autocast_for(device, bf16_enabled(args, device)), device)
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
-    return {"micro_batch": batch, "tokens": args.seq, "peak_gib": peak, "seconds": seconds, "device": device.type}
+    return {"micro_batch": batch, "tokens": args.seq, "peak_gib": peak_memory_gib(device), "seconds": seconds, "device": device.type}
 
 
 def measure_micro_batch_memory(args) -> dict | None:
@@ -247,6 +246,8 @@ def measure_micro_batch_memory(args) -> dict | None:
         args.device,
         "--threads",
         str(args.threads),
+        "--bf16",
+        args.bf16,
     ]
     print(
         f"flix bench: measuring one {args.memory_scale} micro-batch ({s.micro_batch_size} x {s.max_prompt_tokens + s.max_target_tokens + 1} tokens) in a fresh process",
@@ -257,8 +258,13 @@ def measure_micro_batch_memory(args) -> dict | None:
     return {"scale": args.memory_scale, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def autocast_for(device: torch.device):
+def bf16_enabled(args, device: torch.device) -> bool:
+    """--bf16 as `train.bf16` reads it: auto is on for CUDA only."""
     from flix.trainer import use_bf16
 
-    enabled = use_bf16("auto", device)
+    return use_bf16({"true": True, "false": False}.get(args.bf16, args.bf16), device)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """A fresh bf16 autocast context per call (or a disabled one), as `flix.trainer` uses."""
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

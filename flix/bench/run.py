@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from flix.bench.timing import peak_memory_gib
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -137,7 +139,7 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
             "warmup_steps": warmup,
             "generation_batch_s": batch_s,
             "generation_batch_examples": {task: len(examples) for task, examples in first.items()},
-            "peak_memory_gib": peak_memory_gib(cuda),
+            "peak_memory_gib": peak_memory_gib(trainer.device),
         },
         "budget": {
             "steps": s.steps,
@@ -151,15 +153,6 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
         "versions": versions(),
         "commit": git_commit(),
     }
-
-
-def peak_memory_gib(cuda: bool) -> float:
-    """Peak GPU memory allocated by torch, or this process's peak resident memory on CPU."""
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**30
-    from flix.bench.timing import peak_rss_gib
-
-    return peak_rss_gib()
 
 
 def duration(seconds: float) -> str:

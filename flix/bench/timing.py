@@ -61,6 +61,13 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, bytes on macOS
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory so far: allocated device memory on CUDA, resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gib()
+
+
 def paired_ratio(num: list[float], den: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float, float]:
     """(median, low, high): the median over rounds of num/den timed in the same round, and
     a 95% bootstrap interval over rounds. Interleaving puts a busy moment on both cases of

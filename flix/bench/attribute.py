@@ -1,0 +1,44 @@
+"""What the adapters add to a training step, measured inside the step itself.
+
+On a noisy machine two steps timed one after the other differ by more than the few
+percent that adapters cost, so `flix bench model` also profiles a few steps of each
+adapter case and adds up the time of the adapters' own work in that same step: every
+FLix layer's autograd node, forward and backward, less the frozen matmul inside it, and
+the optimizer. A slow moment slows both parts of the step alike, so
+
+    step / (step - own)
+
+estimates the step against the frozen base's own with a narrow interval. It counts
+the profiler's cost per op (larger for the adapters' many small ops, so it leans high)
+and leaves out what the adapters cost the frozen ops around them (caches).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+ADAPTER_NODES = ("_FLixLinear", "_FLixLinearBackward")  # flix.layer._FLixLinear, forward and backward
+FROZEN_MATMULS = ("aten::mm", "aten::addmm")  # the frozen weight's product inside a FLix node
+OPTIMIZER = "Optimizer."  # torch names optimizer events Optimizer.step#<class>.step, Optimizer.zero_grad#...
+
+
+def own_time(step: Callable[[], None], repeats: int) -> list[tuple[float, float]]:
+    """(ms of the step, ms of the adapters' own work in it) for each of `repeats` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    measured = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            step()
+            ms = (time.perf_counter() - start) * 1e3
+        own_us = 0.0
+        for event in prof.events():
+            if event.name in ADAPTER_NODES:
+                frozen = sum(child.cpu_time_total for child in event.cpu_children if child.name in FROZEN_MATMULS)
+                own_us += event.cpu_time_total - frozen
+            elif event.name.startswith(OPTIMIZER) and event.cpu_parent is None:
+                own_us += event.cpu_time_total
+        measured.append((ms, own_us / 1e3))
+    return measured
