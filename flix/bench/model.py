@@ -15,7 +15,8 @@ Generation rows time greedy decoding of --new-tokens tokens for --gen-batch prom
 `peft_adapter_names` (one peft LoRA per combination) and `flix` (routing).
 
 All cases share one copy of the base weights and run in interleaved rounds; each row
-is a median. A large matmul timed in the same rounds gives the machine's practical
+is a median. Then a few profiled steps of each FLix-layer case split its time into the
+adapters' own work and the frozen rest (`flix.bench.attribute`, CPU only). A large matmul timed in the same rounds gives the machine's practical
 peak, against which the steps' achieved FLOP/s (counted by torch's FlopCounterMode)
 are put. A fresh process measures the peak memory of one micro-batch at a scale's
 worst-case sizes (--memory-scale). On CUDA the cases run under bf16 autocast
