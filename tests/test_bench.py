@@ -211,6 +211,7 @@ def test_bench_layer_prints_paired_ratios(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"] for r in rows] == ["frozen", "compute_matched", "flix D=8", "flix D=16"]
     assert rows[0]["vs_frozen"] == [1.0, 1.0, 1.0] and all(r["vs_frozen"][1] <= r["vs_frozen"][0] <= r["vs_frozen"][2] for r in rows)
+    assert "attributed_vs_frozen" not in rows[0] and all(r["attributed_vs_frozen"][0] > 1 for r in rows[1:])
     assert "flix D=16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["layer", "--features", "4"])

@@ -5,7 +5,9 @@ and FLix on mixed batches.
 A whole-model step on a noisy machine moves by more than the few percent the adapters
 cost; one layer runs in milliseconds, so many interleaved rounds give a tight ratio. Use
 it to choose between implementations of the FLix layer; `flix bench model` says what a
-whole step costs. The upstream gradient is a fixed dense tensor, as in training (a
+whole step costs. The attributed column is `flix bench model`'s in-step estimate
+(`flix.bench.attribute`) for the same layer, to hold against the wall-time ratio beside
+it, which is tight here. The upstream gradient is a fixed dense tensor, as in training (a
 `.sum().backward()` would hand the layer a stride-0 gradient and time copies instead).
 """
 
@@ -47,6 +49,7 @@ def layer_case(d_in: int, d_out: int, x: torch.Tensor, grad: torch.Tensor, confi
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flix.bench.attribute import own_time
     from flix.bench.model_cases import TASKS, feature_space, mixed_features
     from flix.bench.timing import feature_counts, paired_ratio, stats, time_interleaved
     from flix.io import atomic_write_json
@@ -61,11 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--features", default="8,4096", help="FLix feature counts D, comma-separated (default 8,4096)")
     parser.add_argument("--repeats", type=int, default=40, help="timed rounds (default 40)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    parser.add_argument(
+        "--attribute",
+        type=int,
+        default=10,
+        metavar="N",
+        help="profiled steps per adapted case for the attributed ratio, as flix bench model's (default 10, 0 skips)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--out", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    if min(args.d_in, args.d_out, args.batch, args.tokens, args.repeats, args.threads) < 1 or args.warmup < 0:
-        parser.error("widths, --batch, --tokens, --repeats and --threads must be >= 1")
+    if min(args.d_in, args.d_out, args.batch, args.tokens, args.repeats, args.threads) < 1 or min(args.warmup, args.attribute) < 0:
+        parser.error("widths, --batch, --tokens, --repeats and --threads must be >= 1, --warmup and --attribute >= 0")
     sizes = feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
     torch.set_num_threads(args.threads)
 
@@ -80,15 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         config = method_config("flix", space, "joint", alpha=ALPHA)
         cases[f"flix D={d}"] = layer_case(args.d_in, args.d_out, x, grad, config, mixed_features(space, args.batch, 1, gen)[0])
     ms = time_interleaved(cases, args.warmup, args.repeats)
+    # The estimate `flix bench model` relies on, checked here against the tight wall-time ratio.
+    attributed = {name: own_time(step, args.attribute) for name, step in cases.items() if name != "frozen" and args.attribute}
 
     rows = []
     print(f"flix bench layer: {args.d_in} -> {args.d_out}, {args.batch} examples x {args.tokens} tokens, forward + backward, {args.threads} threads")
-    print(f"{'case':<18} {'ms':>8} {'/ frozen [95%]':>24} {'/ compute_matched [95%]':>26}")
+    print(f"{'case':<18} {'ms':>8} {'/ frozen [95%]':>24} {'/ compute_matched [95%]':>26} {'attributed [95%]':>24}")
     for name, times in ms.items():
         vs_frozen, vs_cm = paired_ratio(times, ms["frozen"]), paired_ratio(times, ms["compute_matched"])
         rows.append({"case": name, **stats("ms", times), "vs_frozen": vs_frozen, "vs_compute_matched": vs_cm})
-        cells = [f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]" for r in (vs_frozen, vs_cm)]
-        print(f"{name:<18} {rows[-1]['ms']:>8.2f} {cells[0]:>24} {cells[1]:>26}")
+        ratios = [vs_frozen, vs_cm]
+        if name in attributed:
+            rows[-1]["attributed_vs_frozen"] = paired_ratio([step for step, _ in attributed[name]], [step - own for step, own in attributed[name]])
+            ratios.append(rows[-1]["attributed_vs_frozen"])
+        cells = [f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]" for r in ratios]
+        print(f"{name:<18} {rows[-1]['ms']:>8.2f} {cells[0]:>24} {cells[1]:>26} {cells[2] if len(cells) > 2 else '':>24}".rstrip())
     if args.out:
         atomic_write_json(args.out, {"rows": rows, "config": {**vars(args), "out": str(args.out), "versions": versions()}})
         print(f"wrote {args.out}")

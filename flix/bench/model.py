@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "--attribute",
         type=int,
         default=3,
+        metavar="N",
         help="profiled steps per adapter case that split its time into the adapters' own work and the frozen rest (CPU; default 3, 0 skips)",
     )
     parser.add_argument(
