@@ -93,7 +93,7 @@ class _FLixLinear(torch.autograd.Function):
             w = weight.to(x.dtype)
             out = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
             # h is (g, tokens, r) stored as (g, r, tokens): with the rank outermost the
-            # rank-6 products run 3-8% faster per layer here (flix bench layer).
+            # rank-6 products ran 3-8% faster per layer on CPU (reports/bench/README.md).
             h = torch.bmm(a, x.view(g, -1, x.shape[1]).transpose(1, 2)).transpose(1, 2)
             out.view(g, -1, out.shape[1]).baddbmm_(h, b, alpha=scaling)
         ctx.save_for_backward(x, weight, a, b, h, rows)

@@ -49,7 +49,7 @@ def layer_case(d_in: int, d_out: int, x: torch.Tensor, grad: torch.Tensor, confi
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flix.bench.attribute import own_time
+    from flix.bench.attribute import attributed_ratio, own_time
     from flix.bench.model_cases import TASKS, feature_space, mixed_features
     from flix.bench.timing import feature_counts, paired_ratio, stats, time_interleaved
     from flix.io import atomic_write_json
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"case": name, **stats("ms", times), "vs_frozen": vs_frozen, "vs_compute_matched": vs_cm})
         ratios = [vs_frozen, vs_cm]
         if name in attributed:
-            rows[-1]["attributed_vs_frozen"] = paired_ratio([step for step, _ in attributed[name]], [step - own for step, own in attributed[name]])
+            rows[-1]["attributed_vs_frozen"] = attributed_ratio(attributed[name])
             ratios.append(rows[-1]["attributed_vs_frozen"])
         cells = [f"{r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]" for r in ratios]
         print(f"{name:<18} {rows[-1]['ms']:>8.2f} {cells[0]:>24} {cells[1]:>26} {cells[2] if len(cells) > 2 else '':>24}".rstrip())

@@ -15,10 +15,10 @@ Generation rows time greedy decoding of --new-tokens tokens for --gen-batch prom
 `peft_adapter_names` (one peft LoRA per combination) and `flix` (routing).
 
 All cases share one copy of the base weights and run in interleaved rounds; each row
-is a median. Then a few profiled steps of each FLix-layer case split its time into the
-adapters' own work and the frozen rest (`flix.bench.attribute`, CPU only). A large matmul timed in the same rounds gives the machine's practical
+is a median. A large matmul timed in the same rounds gives the machine's practical
 peak, against which the steps' achieved FLOP/s (counted by torch's FlopCounterMode)
-are put. A fresh process measures the peak memory of one micro-batch at a scale's
+are put. Then a few profiled steps of each FLix-layer case split its time into the
+adapters' own work and the frozen rest (`flix.bench.attribute`, CPU only). A fresh process measures the peak memory of one micro-batch at a scale's
 worst-case sizes (--memory-scale). On CUDA the cases run under bf16 autocast
 (adapters and optimizer state stay float32), as training does; `--bf16 true` runs that
 path on the CPU too.
@@ -140,8 +140,8 @@ def bench_model(args, sizes: list[int]) -> int:
     import gc
     import statistics
 
-    from flix.bench.attribute import own_time
-    from flix.bench.timing import paired_ratio, stats, time_interleaved
+    from flix.bench.attribute import attributed_ratio, own_time
+    from flix.bench.timing import stats, time_interleaved
     from flix.io import atomic_write_json
     from flix.methods import method_config
 
@@ -185,7 +185,7 @@ def bench_model(args, sizes: list[int]) -> int:
         if (name == "compute_matched" or name.startswith("flix D=")) and args.attribute and device.type == "cpu":
             measured = own_time(train[name], args.attribute)  # after the timed rounds: the profiler slows steps
             row["own_ms"] = statistics.median(own for _, own in measured)
-            row["attributed_vs_base"] = paired_ratio([step for step, _ in measured], [step - own for step, own in measured])
+            row["attributed_vs_base"] = attributed_ratio(measured)
         rows.append(row)
     del train
     gc.collect()
