@@ -91,11 +91,15 @@ class _FLixLinear(torch.autograd.Function):
             a = bank_a[rows].to(x.dtype)  # (g, r, d_in)
             b = bank_b[rows].to(x.dtype)  # (g, r, d_out)
             w = weight.to(x.dtype)
-            out = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
             # h is (g, tokens, r) stored as (g, r, tokens): with the rank outermost the
             # rank-6 products ran 3-8% faster per layer on CPU (reports/bench/README.md).
             h = torch.bmm(a, x.view(g, -1, x.shape[1]).transpose(1, 2)).transpose(1, 2)
-            out.view(g, -1, out.shape[1]).baddbmm_(h, b, alpha=scaling)
+            # The update is written first and the frozen matmul accumulates onto it
+            # (beta=1 inside the GEMM, which is compute-bound), instead of a separate
+            # read-modify-write pass over the output afterwards.
+            out = torch.bmm(h * scaling, b).view(-1, b.shape[2]).addmm_(x, w)
+            if bias is not None:
+                out.add_(bias.to(x.dtype))
         ctx.save_for_backward(x, weight, a, b, h, rows)
         ctx.scaling, ctx.sparse, ctx.banks = scaling, sparse, (bank_a, bank_b)
         ctx.has_bias = bias is not None
@@ -112,8 +116,7 @@ class _FLixLinear(torch.autograd.Function):
             grad_h = torch.bmm(b, grad3.transpose(1, 2)).mul_(ctx.scaling).transpose(1, 2)  # (g, tokens, r), as h
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = torch.mm(grad, weight.to(x.dtype).t())
-                grad_x.view(g, -1, x.shape[1]).baddbmm_(grad_h, a)
+                grad_x = torch.bmm(grad_h, a).view(-1, x.shape[1]).addmm_(grad, weight.to(x.dtype).t())  # as forward
             grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
             grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(ctx.scaling)  # (g, r, d_out)
             grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
