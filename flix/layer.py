@@ -65,7 +65,10 @@ class FLixLayer(nn.Module):
         weight = self.base_layer.weight
         weight = weight.t() if isinstance(self.base_layer, nn.Linear) else weight  # (d_in, d_out) either way
         flat = x.reshape(-1, self.in_features).to(dtype)
-        out = _FLixLinear.apply(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
+        if torch.is_grad_enabled():
+            out = _FLixLinear.apply(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
+        else:  # generation and evaluation: the same arithmetic without an autograd node's overhead
+            out = _flix_forward(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling)[0]
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -77,29 +80,16 @@ class _FLixLinear(torch.autograd.Function):
     one autograd node.
 
     Written out by hand because the adapter's arithmetic is tiny (rank 6 against widths
-    of hundreds) and its cost is memory traffic: here the update is added in place into
-    the frozen layer's fresh output, the input gradient of the adapter is added in place
-    into the frozen layer's, and the bank gradients come out as one sparse tensor over
-    the rows the batch used (dense with sparse=False). The frozen weight gets no gradient.
+    of hundreds) and its cost is memory traffic: here the frozen matmuls accumulate onto
+    the update and onto the adapter's input gradient (no extra pass over either), and the
+    bank gradients come out as one sparse tensor over the rows the batch used
+    (dense with sparse=False). The frozen weight gets no gradient.
     x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, bank_a, bank_b, rows, scaling, sparse):
-        with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
-            g = rows.shape[0]
-            a = bank_a[rows].to(x.dtype)  # (g, r, d_in)
-            b = bank_b[rows].to(x.dtype)  # (g, r, d_out)
-            w = weight.to(x.dtype)
-            # h is (g, tokens, r) stored as (g, r, tokens): with the rank outermost the
-            # rank-6 products ran 3-8% faster per layer on CPU (reports/bench/README.md).
-            h = torch.bmm(a, x.view(g, -1, x.shape[1]).transpose(1, 2)).transpose(1, 2)
-            # The update is written first and the frozen matmul accumulates onto it
-            # (beta=1 inside the GEMM, which is compute-bound), instead of a separate
-            # read-modify-write pass over the output afterwards.
-            out = torch.bmm(h * scaling, b).view(-1, b.shape[2]).addmm_(x, w)
-            if bias is not None:
-                out.add_(bias.to(x.dtype))
+        out, a, b, h = _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling)
         ctx.save_for_backward(x, weight, a, b, h, rows)
         ctx.scaling, ctx.sparse, ctx.banks = scaling, sparse, (bank_a, bank_b)
         ctx.has_bias = bias is not None
@@ -116,11 +106,38 @@ class _FLixLinear(torch.autograd.Function):
             grad_h = torch.bmm(b, grad3.transpose(1, 2)).mul_(ctx.scaling).transpose(1, 2)  # (g, tokens, r), as h
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = torch.bmm(grad_h, a).view(-1, x.shape[1]).addmm_(grad, weight.to(x.dtype).t())  # as forward
+                grad_x = torch.bmm(grad_h, a).view(-1, x.shape[1])
+                torch.addmm(grad_x, grad, weight.to(x.dtype).t(), out=grad_x)  # as in forward
             grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
             grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(ctx.scaling)  # (g, r, d_out)
             grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse), _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
+
+
+def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
+    """The layer's output, and the per-example bank rows a, b and the rank-r activations h
+    that backward needs."""
+    with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
+        g = rows.shape[0]
+        a = _gather(bank_a, rows).to(x.dtype)  # (g, r, d_in)
+        b = _gather(bank_b, rows).to(x.dtype)  # (g, r, d_out)
+        # h is (g, tokens, r) stored as (g, r, tokens): with the rank outermost the
+        # rank-6 products ran 3-8% faster per layer on CPU (reports/bench/README.md).
+        h = torch.bmm(a, x.view(g, -1, x.shape[1]).transpose(1, 2)).transpose(1, 2)
+        # The update is written first and the frozen matmul accumulates onto it (beta=1
+        # inside the GEMM, which is compute-bound) instead of a read-modify-write pass
+        # over the output afterwards. In place via out=, which FLOP counters see (addmm_
+        # they do not).
+        update = torch.bmm(h * scaling, b).view(-1, b.shape[2])
+        out = torch.addmm(update, x, weight.to(x.dtype), out=update)
+        if bias is not None:
+            out.add_(bias.to(x.dtype))
+    return out, a, b, h
+
+
+def _gather(bank: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """bank[rows] as (g, r, d); index_select is several times faster than advanced indexing."""
+    return bank.index_select(0, rows.reshape(-1)).view(*rows.shape, bank.shape[1])
 
 
 def _bank_grad(bank: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, sparse: bool) -> torch.Tensor:
