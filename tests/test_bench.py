@@ -160,6 +160,7 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
         "flix_vs_base_attributed",
         "flix_vs_compute_matched",
         "flix_many_vs_few_features",
+        "flix_many_vs_few_features_attributed",
         "generate_speedup_vs_peft",
         "generate_vs_base",
         "micro_batch_memory",
@@ -168,10 +169,34 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     assert all(t["interval"][0] <= t["value"] <= t["interval"][1] for t in report["targets"].values())
     printed = capsys.readouterr().out
     verdicts = [line.split()[0] for line in printed.splitlines() if line.split() and line.split()[0] in ("PASS", "MISS", "NOISE")]
-    assert len(verdicts) == 7
-    assert bench.main(["model", "--rescore", str(out)]) == 0, "a saved report is checked again without running"
+    assert len(verdicts) == 8
+    rechecked = tmp_path / "rechecked.json"
+    assert bench.main(["model", "--rescore", str(out), "--out", str(rechecked)]) == 0, "a saved report is checked again without running"
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "MISS", "NOISE"))] == verdicts
+    assert json.loads(rechecked.read_text()) == report
     assert bench.main(["model", "--rescore", str(tmp_path / "missing.json")]) == 2
+
+
+def test_attributed_quotient_spans_both_intervals():
+    """D=4096 against D=8 from their attributed ratios: the interval takes the extremes."""
+    from flix.bench.model import attributed_quotient
+
+    value, low, high = attributed_quotient([1.10, 1.08, 1.12], [1.05, 1.04, 1.06])
+    assert value == pytest.approx(1.10 / 1.05) and low == pytest.approx(1.08 / 1.06) and high == pytest.approx(1.12 / 1.04)
+
+
+def test_time_interleaved_runs_each_case_once_a_round_in_shuffled_orders():
+    """Every round calls every case once; the order changes between rounds, so no case
+    always runs right after the same one (and inherits its caches or its garbage)."""
+    from flix.bench.timing import time_interleaved
+
+    calls: list[str] = []
+    cases = {name: (lambda name=name: calls.append(name)) for name in "abcde"}
+    times = time_interleaved(cases, warmup=1, repeats=6)
+    assert all(len(t) == 6 for t in times.values())
+    rounds = [tuple(calls[i : i + 5]) for i in range(0, len(calls), 5)]
+    assert len(rounds) == 7 and all(sorted(r) == list("abcde") for r in rounds)
+    assert len(set(rounds)) > 1
 
 
 def test_paired_ratio_interval_and_verdicts():

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 ADAPTER_NODES = ("_FLixLinear", "_FLixLinearBackward")  # flix.layer._FLixLinear, forward and backward
-FROZEN_MATMULS = ("aten::mm", "aten::addmm")  # the frozen weight's product inside a FLix node
+FROZEN_MATMULS = ("aten::addmm",)  # the frozen weight's product inside a FLix node (flix.layer._flix_forward, backward)
 OPTIMIZER = "Optimizer."  # torch names optimizer events Optimizer.step#<class>.step, Optimizer.zero_grad#...
 
 

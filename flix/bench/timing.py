@@ -6,6 +6,7 @@ or busier moment falls on every case alike, and each figure is a median over rou
 
 from __future__ import annotations
 
+import random
 import resource
 import statistics
 import sys
@@ -24,11 +25,15 @@ def synchronize(device: torch.device) -> None:
 def time_interleaved(
     cases: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device = torch.device("cpu")
 ) -> dict[str, list[float]]:
-    """ms of each call of each case, timed in round-robin rounds; the first `warmup`
-    rounds (optimizer state allocation, allocator and cache warm-up) are not kept."""
+    """ms of each call of each case, timed in rounds that run every case once, in an
+    order shuffled per round (seeded) so that no case always follows the same one; the
+    first `warmup` rounds (optimizer state allocation, allocator and cache warm-up) are
+    not kept."""
     times: dict[str, list[float]] = {name: [] for name in cases}
+    order = random.Random(0)
     for r in range(warmup + repeats):
-        for name, fn in cases.items():
+        for name in order.sample(list(cases), len(cases)):
+            fn = cases[name]
             synchronize(device)
             start = time.perf_counter()
             fn()
