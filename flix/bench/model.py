@@ -14,12 +14,13 @@ Generation rows time greedy decoding of --new-tokens tokens for --gen-batch prom
 --gen-seq tokens, each prompt its own feature combination: `base` (no adapters),
 `peft_adapter_names` (one peft LoRA per combination) and `flix` (routing).
 
-All cases share one copy of the base weights and run in interleaved rounds; each row
-is a median. A large matmul timed in the same rounds gives the machine's practical
-peak, against which the steps' achieved FLOP/s (counted by torch's FlopCounterMode)
-are put. Then a few profiled steps of each FLix-layer case split its time into the
-adapters' own work and the frozen rest (`flix.bench.attribute`, CPU only). A fresh process measures the peak memory of one micro-batch at a scale's
-worst-case sizes (--memory-scale). On CUDA the cases run under bf16 autocast
+All cases share one copy of the base weights and run in interleaved rounds (each in a
+shuffled order); each row is a median. A large matmul timed in the same rounds gives the
+machine's practical peak, against which the steps' achieved FLOP/s (counted by torch's
+FlopCounterMode) are put. Then a few profiled steps of each FLix-layer case split its
+time into the adapters' own work and the frozen rest (`flix.bench.attribute`, CPU only).
+A fresh process measures the peak memory of one micro-batch at a scale's worst-case
+sizes (--memory-scale). On CUDA the cases run under bf16 autocast
 (adapters and optimizer state stay float32), as training does; `--bf16 true` runs that
 path on the CPU too.
 """
