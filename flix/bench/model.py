@@ -20,9 +20,9 @@ machine's practical peak, against which the steps' achieved FLOP/s (counted by t
 FlopCounterMode) are put. Then a few profiled steps of each FLix-layer case split its
 time into the adapters' own work and the frozen rest (`flix.bench.attribute`, CPU only).
 A fresh process measures the peak memory of one micro-batch at a scale's worst-case
-sizes (--memory-scale). On CUDA the cases run under bf16 autocast
-(adapters and optimizer state stay float32), as training does; `--bf16 true` runs that
-path on the CPU too.
+sizes (--memory-scale). On CUDA the cases run under bf16 autocast (adapters and
+optimizer state stay float32), as training does; `--bf16 true` runs that path on the
+CPU too.
 """
 
 from __future__ import annotations
@@ -260,8 +260,8 @@ def check_targets(report: dict, sizes: list[int], skipped: dict) -> dict:
     attributed = {r["case"]: r["attributed_vs_base"] for r in report["training"] if "attributed_vs_base" in r}
     if f"flix D={lo}" in attributed:
         values["flix_vs_base_attributed"] = tuple(attributed[f"flix D={lo}"])
-    if f"flix D={lo}" in attributed and f"flix D={hi}" in attributed and hi != lo:
-        values["flix_many_vs_few_features_attributed"] = attributed_quotient(attributed[f"flix D={hi}"], attributed[f"flix D={lo}"])
+        if hi != lo and f"flix D={hi}" in attributed:
+            values["flix_many_vs_few_features_attributed"] = attributed_quotient(attributed[f"flix D={hi}"], attributed[f"flix D={lo}"])
     memory = report["micro_batch_memory"]
     if memory:
         values["micro_batch_memory"] = (memory["peak_gib"],) * 3  # one measurement

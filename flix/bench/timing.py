@@ -30,9 +30,9 @@ def time_interleaved(
     first `warmup` rounds (optimizer state allocation, allocator and cache warm-up) are
     not kept."""
     times: dict[str, list[float]] = {name: [] for name in cases}
-    order = random.Random(0)
+    rng = random.Random(0)
     for r in range(warmup + repeats):
-        for name in order.sample(list(cases), len(cases)):
+        for name in rng.sample(list(cases), len(cases)):
             fn = cases[name]
             synchronize(device)
             start = time.perf_counter()
