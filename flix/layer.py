@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from flix import cpu_kernels
 from flix.features import PAD
 
 
@@ -64,7 +65,7 @@ class FLixLayer(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         weight = self.base_layer.weight
         weight = weight.t() if isinstance(self.base_layer, nn.Linear) else weight  # (d_in, d_out) either way
-        flat = x.reshape(-1, self.in_features).to(dtype)
+        flat = x.reshape(-1, self.in_features).to(dtype).contiguous()
         if torch.is_grad_enabled():
             out = _FLixLinear.apply(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
         else:  # generation and evaluation: the same arithmetic without an autograd node's overhead
@@ -80,8 +81,9 @@ class _FLixLinear(torch.autograd.Function):
     one autograd node.
 
     Written out by hand because the adapter's arithmetic is tiny (rank 6 against widths
-    of hundreds) and its cost is memory traffic: here the frozen matmuls accumulate onto
-    the update and onto the adapter's input gradient (no extra pass over either), and the
+    of hundreds) and general ops serve it badly: here the frozen matmuls accumulate onto
+    the update and onto the adapter's input gradient (no extra pass over either), the
+    rank-r part runs in a compiled kernel on CPU in float32 (`flix.cpu_kernels`), and the
     bank gradients come out as one sparse tensor over the rows the batch used
     (dense with sparse=False). The frozen weight gets no gradient.
     x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows).
@@ -99,17 +101,13 @@ class _FLixLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, a, b, h, rows = ctx.saved_tensors
         bank_a, bank_b = ctx.banks
-        g = rows.shape[0]
+        need_x = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
-            grad = grad.to(x.dtype)
-            grad3 = grad.view(g, -1, grad.shape[1])
-            grad_h = torch.bmm(b, grad3.transpose(1, 2)).mul_(ctx.scaling).transpose(1, 2)  # (g, tokens, r), as h
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = torch.bmm(grad_h, a).view(-1, x.shape[1])
+            grad = grad.to(x.dtype).contiguous()
+            lowrank_backward = cpu_kernels.kernel().lowrank_backward if cpu_kernels.lowrank_usable(x, a, b) else _lowrank_backward
+            grad_x, grad_a, grad_b = lowrank_backward(grad, x, a, b, h, ctx.scaling, need_x)
+            if need_x:
                 torch.addmm(grad_x, grad, weight.to(x.dtype).t(), out=grad_x)  # as in forward
-            grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
-            grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(ctx.scaling)  # (g, r, d_out)
             grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse), _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
 
@@ -118,21 +116,44 @@ def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
     """The layer's output, and the per-example bank rows a, b and the rank-r activations h
     that backward needs."""
     with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
-        g = rows.shape[0]
         a = _gather(bank_a, rows).to(x.dtype)  # (g, r, d_in)
         b = _gather(bank_b, rows).to(x.dtype)  # (g, r, d_out)
-        # h is (g, tokens, r) stored as (g, r, tokens): with the rank outermost the
-        # rank-6 products ran 3-8% faster per layer on CPU (reports/bench/README.md).
-        h = torch.bmm(a, x.view(g, -1, x.shape[1]).transpose(1, 2)).transpose(1, 2)
+        lowrank_forward = cpu_kernels.kernel().lowrank_forward if cpu_kernels.lowrank_usable(x, a, b) else _lowrank_forward
+        update, h = lowrank_forward(x, a, b, scaling)
         # The update is written first and the frozen matmul accumulates onto it (beta=1
         # inside the GEMM, which is compute-bound) instead of a read-modify-write pass
         # over the output afterwards. In place via out=, which FLOP counters see (addmm_
         # they do not).
-        update = torch.bmm(h * scaling, b).view(-1, b.shape[2])
         out = torch.addmm(update, x, weight.to(x.dtype), out=update)
         if bias is not None:
             out.add_(bias.to(x.dtype))
     return out, a, b, h
+
+
+# The adapters' part in torch ops, where the CPU kernel (flix.cpu_kernels, same signatures)
+# does not apply: x is (g * tokens, d_in), a (g, r, d_in), b (g, r, d_out), h (g * tokens, r).
+
+
+def _lowrank_forward(x, a, b, scaling):
+    """(update, h): update = scaling * h b_e with h = x a_e^T, for each example e."""
+    g = a.shape[0]
+    # h is computed as (g, r, tokens): with the rank outermost the rank-6 products ran
+    # 3-8% faster per layer on CPU (reports/bench/README.md).
+    h = torch.bmm(a, x.view(g, -1, x.shape[1]).transpose(1, 2)).transpose(1, 2)
+    update = torch.bmm(h * scaling, b).view(-1, b.shape[2])
+    return update, h.reshape(-1, a.shape[1])
+
+
+def _lowrank_backward(grad, x, a, b, h, scaling, need_x):
+    """(grad_x less the frozen weight's part or None, grad_a, grad_b)."""
+    g = a.shape[0]
+    grad3 = grad.view(g, -1, grad.shape[1])
+    h = h.view(g, -1, h.shape[1])
+    grad_h = torch.bmm(b, grad3.transpose(1, 2)).mul_(scaling).transpose(1, 2)  # (g, tokens, r), as h
+    grad_x = torch.bmm(grad_h, a).view(-1, x.shape[1]) if need_x else None
+    grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
+    grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(scaling)  # (g, r, d_out)
+    return grad_x, grad_a, grad_b
 
 
 def _gather(bank: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import torch
 
+from flix import cpu_kernels
+
 
 class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
@@ -50,12 +52,16 @@ class SparseAdamW(torch.optim.Optimizer):
                     grad = p.grad.coalesce()
                     rows, values = grad.indices()[0], grad.values()
                     slots = _slots_for(state, rows)
+                    m, v = state["exp_avg"], state["exp_avg_sq"]
+                    if cpu_kernels.rows_usable(p, values):  # the same update in one pass, in place: O(touched rows)
+                        cpu_kernels.kernel().sparse_adamw_(p, m, v, rows, slots, values, step_size, bias2_sqrt, group["eps"], decay, beta1, beta2)
+                        continue
                     # gather the touched rows, update them, scatter them back: O(touched rows)
-                    w, m, v = p.index_select(0, rows), state["exp_avg"].index_select(0, slots), state["exp_avg_sq"].index_select(0, slots)
-                    _adamw_update(w, values, m, v, beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
+                    w, m_rows, v_rows = p.index_select(0, rows), m.index_select(0, slots), v.index_select(0, slots)
+                    _adamw_update(w, values, m_rows, v_rows, beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
                     p.index_copy_(0, rows, w)
-                    state["exp_avg"].index_copy_(0, slots, m)
-                    state["exp_avg_sq"].index_copy_(0, slots, v)
+                    m.index_copy_(0, slots, m_rows)
+                    v.index_copy_(0, slots, v_rows)
                 else:
                     _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
         return loss

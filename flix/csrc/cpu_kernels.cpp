@@ -1,0 +1,280 @@
+// CPU kernels for FLix in float32, compiled on the user's machine by flix.cpu_kernels:
+// - lowrank_forward / lowrank_backward, the adapters' rank-r arithmetic of flix.layer. At
+//   rank ~6 torch's batched matmuls run far below the machine's FMA rate and read the output
+//   gradient twice; here each example's rows are worked through in tiles of TILE tokens that
+//   stay in L2 while the bank rows stay in L1.
+// - sparse_adamw_, flix.optim's update of a bank's touched rows in one pass instead of about
+//   twenty small ops per bank.
+//
+// Shapes of the rank-r part: x (n, din) and grad (n, dout) hold g examples of n / g tokens each; a (g, r, din)
+// and b (g, r, dout) are each example's gathered bank rows; h = x a^T is (n, r).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));  // one AVX-512 register (two AVX2 ones where that is all there is)
+constexpr int64_t W = 16;                          // floats per vf; widths must be multiples of it
+constexpr int64_t TILE = 32;                       // tokens per tile: 32 x 2048 floats (256 KiB) stay in L2
+constexpr int64_t CB = 256;                        // columns per block of bank rows copied contiguous (L1)
+constexpr int TB = 4;                              // token rows per register block
+constexpr int MAX_RANK = 16;
+#define UNROLL _Pragma("GCC unroll 16")
+
+inline vf load(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+inline void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+inline float hsum(vf v) { float s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+
+// Copies columns [c0, c1) of the R rows of m (d apart) into mb (CB apart): bank rows 2^k floats
+// apart (widths 1024, 2048) would otherwise fall in the same few L1 sets.
+template <int R>
+inline void pack_rows(const float* m, int64_t d, int64_t c0, int64_t c1, float* mb) {
+  for (int k = 0; k < R; ++k) std::copy(m + k * d + c0, m + k * d + c1, mb + k * CB);
+}
+
+// out[t * R + k] = scale * <rows[t], m[k]> for n <= TILE rows (ld apart) and the R rows of m (d wide)
+template <int R>
+void dots(const float* rows, int64_t ld, int64_t n, const float* m, int64_t d, float scale, float* out) {
+  vf part[TILE][R] = {};
+  alignas(64) float mb[R * CB];
+  for (int64_t c0 = 0; c0 < d; c0 += CB) {
+    const int64_t c1 = std::min(d, c0 + CB);
+    pack_rows<R>(m, d, c0, c1, mb);
+    int64_t t = 0;
+    for (; t + TB <= n; t += TB) {
+      vf acc[TB][R];
+      UNROLL for (int i = 0; i < TB; ++i) UNROLL for (int k = 0; k < R; ++k) acc[i][k] = part[t + i][k];
+      for (int64_t j = c0; j < c1; j += W) {
+        vf v[TB];
+        UNROLL for (int i = 0; i < TB; ++i) v[i] = load(rows + (t + i) * ld + j);
+        UNROLL for (int k = 0; k < R; ++k) {
+          const vf mk = load(mb + k * CB + j - c0);
+          UNROLL for (int i = 0; i < TB; ++i) acc[i][k] += v[i] * mk;
+        }
+      }
+      UNROLL for (int i = 0; i < TB; ++i) UNROLL for (int k = 0; k < R; ++k) part[t + i][k] = acc[i][k];
+    }
+    for (; t < n; ++t)
+      for (int64_t j = c0; j < c1; j += W) {
+        const vf v = load(rows + t * ld + j);
+        UNROLL for (int k = 0; k < R; ++k) part[t][k] += v * load(mb + k * CB + j - c0);
+      }
+  }
+  for (int64_t t = 0; t < n; ++t)
+    for (int k = 0; k < R; ++k) out[t * R + k] = scale * hsum(part[t][k]);
+}
+
+// out[t] = sum_k c[t * R + k] * m[k] for n rows (ld apart) of the width d of m
+template <int R>
+void combine(const float* c, int64_t n, const float* m, int64_t d, float* out, int64_t ld) {
+  alignas(64) float mb[R * CB];
+  for (int64_t c0 = 0; c0 < d; c0 += CB) {
+    const int64_t c1 = std::min(d, c0 + CB);
+    pack_rows<R>(m, d, c0, c1, mb);
+    int64_t t = 0;
+    for (; t + TB <= n; t += TB)
+      for (int64_t j = c0; j < c1; j += W) {
+        vf acc[TB] = {};
+        UNROLL for (int k = 0; k < R; ++k) {
+          const vf mk = load(mb + k * CB + j - c0);
+          UNROLL for (int i = 0; i < TB; ++i) acc[i] += c[(t + i) * R + k] * mk;
+        }
+        UNROLL for (int i = 0; i < TB; ++i) store(out + (t + i) * ld + j, acc[i]);
+      }
+    for (; t < n; ++t)
+      for (int64_t j = c0; j < c1; j += W) {
+        vf acc = {};
+        UNROLL for (int k = 0; k < R; ++k) acc += c[t * R + k] * load(mb + k * CB + j - c0);
+        store(out + t * ld + j, acc);
+      }
+  }
+}
+
+// acc[k] += sum_t c[t * R + k] * rows[t] over n rows (ld apart) of width d; acc is (R, d)
+template <int R>
+void outer(const float* c, const float* rows, int64_t ld, int64_t n, int64_t d, float* acc) {
+  int64_t j = 0;
+  for (; j + 2 * W <= d; j += 2 * W) {  // two vectors per row: 2R independent accumulators
+    vf s0[R], s1[R];
+    UNROLL for (int k = 0; k < R; ++k) { s0[k] = load(acc + k * d + j); s1[k] = load(acc + k * d + j + W); }
+    for (int64_t t = 0; t < n; ++t) {
+      const vf v0 = load(rows + t * ld + j), v1 = load(rows + t * ld + j + W);
+      UNROLL for (int k = 0; k < R; ++k) { s0[k] += c[t * R + k] * v0; s1[k] += c[t * R + k] * v1; }
+    }
+    UNROLL for (int k = 0; k < R; ++k) { store(acc + k * d + j, s0[k]); store(acc + k * d + j + W, s1[k]); }
+  }
+  if (j < d) {
+    vf s[R];
+    UNROLL for (int k = 0; k < R; ++k) s[k] = load(acc + k * d + j);
+    for (int64_t t = 0; t < n; ++t) {
+      const vf v = load(rows + t * ld + j);
+      UNROLL for (int k = 0; k < R; ++k) s[k] += c[t * R + k] * v;
+    }
+    UNROLL for (int k = 0; k < R; ++k) store(acc + k * d + j, s[k]);
+  }
+}
+
+// The unit of parallel work: a range of one example's tokens. An example is split only when
+// there are fewer examples than threads; each chunk sums its own bank gradients.
+struct Chunks {
+  int64_t g, tokens, splits;
+  Chunks(int64_t g_, int64_t n) : g(g_), tokens(n / g_) {
+    const int64_t threads = at::get_num_threads();
+    splits = g >= threads ? 1 : std::clamp<int64_t>((2 * threads + g - 1) / g, 1, std::max<int64_t>(1, tokens / TILE));
+  }
+  int64_t count() const { return g * splits; }
+  int64_t example(int64_t c) const { return c / splits; }
+  int64_t begin(int64_t c) const { return example(c) * tokens + (c % splits) * tokens / splits; }
+  int64_t end(int64_t c) const { return example(c) * tokens + (c % splits + 1) * tokens / splits; }
+};
+
+template <int R>
+void forward_rank(const float* x, const float* a, const float* b, float scaling, float* h, float* update,
+                  int64_t din, int64_t dout, const Chunks& ch) {
+  at::parallel_for(0, ch.count(), 1, [&](int64_t first, int64_t last) {
+    float hs[TILE * R];
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t e = ch.example(c), end = ch.end(c);
+      for (int64_t t = ch.begin(c); t < end; t += TILE) {
+        const int64_t n = std::min(TILE, end - t);
+        dots<R>(x + t * din, din, n, a + e * R * din, din, 1.f, h + t * R);
+        for (int64_t i = 0; i < n * R; ++i) hs[i] = scaling * h[t * R + i];
+        combine<R>(hs, n, b + e * R * dout, dout, update + t * dout, dout);
+      }
+    }
+  });
+}
+
+template <int R>
+void backward_rank(const float* grad, const float* x, const float* a, const float* b, const float* h, float scaling,
+                   float* grad_h, float* grad_x, float* grad_a, float* grad_b, int64_t din, int64_t dout, const Chunks& ch) {
+  at::parallel_for(0, ch.count(), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t e = ch.example(c), end = ch.end(c);
+      for (int64_t t = ch.begin(c); t < end; t += TILE) {
+        const int64_t n = std::min(TILE, end - t);
+        // grad_h and grad_b from the same tile of grad, the second read from L2
+        dots<R>(grad + t * dout, dout, n, b + e * R * dout, dout, scaling, grad_h + t * R);
+        outer<R>(h + t * R, grad + t * dout, dout, n, dout, grad_b + c * R * dout);
+        if (grad_x) combine<R>(grad_h + t * R, n, a + e * R * din, din, grad_x + t * din, din);
+        outer<R>(grad_h + t * R, x + t * din, din, n, din, grad_a + c * R * din);
+      }
+    }
+  });
+}
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
+              "flix cpu_kernels: ", name, " must be a contiguous float32 CPU tensor");
+}
+
+void check_shapes(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
+  check(x, "x"); check(a, "a"); check(b, "b");
+  TORCH_CHECK(x.dim() == 2 && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
+                  a.size(2) == x.size(1) && x.size(0) % a.size(0) == 0,
+              "flix cpu_kernels: x (n, din), a (g, r, din), b (g, r, dout) with n a multiple of g");
+  TORCH_CHECK(a.size(1) >= 1 && a.size(1) <= MAX_RANK && x.size(1) % W == 0 && b.size(2) % W == 0,
+              "flix cpu_kernels: rank 1..", MAX_RANK, " and widths that are multiples of ", W);
+}
+
+#define FLIX_RANKS(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16)
+
+}  // namespace
+
+// (update, h): update = scaling * h b_e with h = x a_e^T, for each example e
+std::vector<torch::Tensor> lowrank_forward(torch::Tensor x, torch::Tensor a, torch::Tensor b, double scaling) {
+  check_shapes(x, a, b);
+  const int64_t n = x.size(0), din = x.size(1), dout = b.size(2);
+  const Chunks ch(a.size(0), n);
+  auto h = torch::empty({n, a.size(1)}, x.options());
+  auto update = torch::empty({n, dout}, x.options());
+  switch (a.size(1)) {
+#define CASE(R)                                                                                                \
+  case R:                                                                                                      \
+    forward_rank<R>(x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(scaling), \
+                    h.data_ptr<float>(), update.data_ptr<float>(), din, dout, ch);                             \
+    break;
+    FLIX_RANKS(CASE)
+#undef CASE
+  }
+  return {update, h};
+}
+
+// (grad_x less the frozen weight's part, or undefined without need_x; grad_a; grad_b)
+std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor a, torch::Tensor b,
+                                    torch::Tensor h, double scaling, bool need_x) {
+  check_shapes(x, a, b);
+  check(grad, "grad"); check(h, "h");
+  TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == b.size(2) && h.size(0) == x.size(0) && h.size(1) == a.size(1),
+              "flix cpu_kernels: grad (n, dout) and h (n, r)");
+  const int64_t g = a.size(0), r = a.size(1), n = x.size(0), din = x.size(1), dout = b.size(2);
+  const Chunks ch(g, n);
+  auto grad_h = torch::empty({n, r}, x.options());
+  auto grad_x = need_x ? torch::empty({n, din}, x.options()) : torch::Tensor();
+  auto grad_a = torch::zeros({ch.count(), r, din}, x.options());  // per chunk, summed below
+  auto grad_b = torch::zeros({ch.count(), r, dout}, x.options());
+  switch (r) {
+#define CASE(R)                                                                                                    \
+  case R:                                                                                                          \
+    backward_rank<R>(grad.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),        \
+                     h.data_ptr<float>(), static_cast<float>(scaling), grad_h.data_ptr<float>(),                   \
+                     need_x ? grad_x.data_ptr<float>() : nullptr, grad_a.data_ptr<float>(), grad_b.data_ptr<float>(), \
+                     din, dout, ch);                                                                               \
+    break;
+    FLIX_RANKS(CASE)
+#undef CASE
+  }
+  if (ch.splits > 1) {
+    grad_a = grad_a.view({g, ch.splits, r, din}).sum(1);
+    grad_b = grad_b.view({g, ch.splits, r, dout}).sum(1);
+  }
+  grad_b.mul_(scaling);
+  return {grad_x, grad_a, grad_b};
+}
+
+// AdamW on rows[i] of p with the gradient values[i] and the moments at slots[i], in place:
+// torch.optim.AdamW's arithmetic (decoupled decay, then moments, then the step), bias
+// corrections folded into step_size and bias2_sqrt by the caller. rows must be unique.
+void sparse_adamw_(torch::Tensor p, torch::Tensor exp_avg, torch::Tensor exp_avg_sq, torch::Tensor rows,
+                   torch::Tensor slots, torch::Tensor values, double step_size, double bias2_sqrt, double eps,
+                   double decay, double beta1, double beta2) {
+  check(p, "p"); check(exp_avg, "exp_avg"); check(exp_avg_sq, "exp_avg_sq"); check(values, "values");
+  const int64_t n = rows.numel(), d = p.size(1);
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && slots.scalar_type() == torch::kLong && rows.is_contiguous() &&
+                  slots.is_contiguous() && slots.numel() == n && values.size(0) == n && values.size(1) == d &&
+                  exp_avg.size(1) == d && exp_avg_sq.sizes() == exp_avg.sizes(),
+              "flix cpu_kernels: sparse_adamw_ shapes");
+  for (const double value : {step_size, bias2_sqrt, eps, decay, beta1, beta2})  // as torch's ops refuse them
+    TORCH_CHECK(std::isfinite(static_cast<float>(value)), "flix cpu_kernels: sparse_adamw_: ", value,
+                " cannot be converted to type float without overflow");
+  const int64_t *row = rows.data_ptr<int64_t>(), *slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(row[i] >= 0 && row[i] < p.size(0) && slot[i] >= 0 && slot[i] < exp_avg.size(0),
+                "flix cpu_kernels: sparse_adamw_ row or slot out of range");
+  float *w0 = p.data_ptr<float>(), *m0 = exp_avg.data_ptr<float>(), *v0 = exp_avg_sq.data_ptr<float>();
+  const float* g0 = values.data_ptr<float>();
+  const float lr = static_cast<float>(step_size), b2s = static_cast<float>(bias2_sqrt), ep = static_cast<float>(eps),
+              dec = static_cast<float>(decay), b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+  const float c1 = 1 - b1, c2 = 1 - b2;
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      float *w = w0 + row[i] * d, *m = m0 + slot[i] * d, *v = v0 + slot[i] * d;
+      const float* g = g0 + i * d;
+      for (int64_t j = 0; j < d; ++j) {
+        m[j] = m[j] * b1 + c1 * g[j];
+        v[j] = v[j] * b2 + c2 * g[j] * g[j];
+        w[j] = w[j] * dec - lr * (m[j] / (std::sqrt(v[j]) / b2s + ep));
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lowrank_forward", &lowrank_forward, "update and h of the adapters' forward pass");
+  m.def("lowrank_backward", &lowrank_backward, "grad_x (the adapters' part), grad_a, grad_b");
+  m.def("sparse_adamw_", &sparse_adamw_, "AdamW on a bank's touched rows, in place");
+}

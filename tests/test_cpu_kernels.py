@@ -1,0 +1,149 @@
+"""The compiled CPU kernel for the adapters' rank-r part (flix.cpu_kernels) against torch's
+ops in float64, and the layer built on it."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+from flix import cpu_kernels
+from flix.adapters import Router
+from flix.features import FeatureSpace
+from flix.layer import FLixLayer, _lowrank_backward, _lowrank_forward
+
+# (examples, tokens each, rank, d_in, d_out): token counts off the kernel's 4-row blocks and
+# 32-token tiles, one example split across threads, decode steps of one token, rank 1 and 16,
+# widths past one 256-column block and with an odd number of 16-float vectors
+SHAPES = [(3, 37, 6, 48, 80), (1, 100, 16, 32, 16), (5, 1, 1, 16, 32), (2, 70, 7, 272, 528), (8, 5, 6, 640, 2048)]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = cpu_kernels.kernel()
+    assert module is not None, "the CPU kernel should build here (g++ and ninja are in the setup)"
+    return module
+
+
+def case(g, tokens, r, d_in, d_out, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, grad = torch.randn(g * tokens, d_in, generator=gen), torch.randn(g * tokens, d_out, generator=gen)
+    a, b = torch.randn(g, r, d_in, generator=gen), torch.randn(g, r, d_out, generator=gen)
+    return x, a, b, grad
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_equals_torch_ops(kernel, shape):
+    x, a, b, grad = case(*shape)
+    update, h = kernel.lowrank_forward(x, a, b, 1.5)
+    ref_update, ref_h = _lowrank_forward(x.double(), a.double(), b.double(), 1.5)
+    torch.testing.assert_close(update, ref_update.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h, ref_h.float(), rtol=1e-5, atol=1e-4)
+
+    got = kernel.lowrank_backward(grad, x, a, b, h, 1.5, True)
+    ref = _lowrank_backward(grad.double(), x.double(), a.double(), b.double(), h.double(), 1.5, True)
+    for name, g, r in zip(("grad_x", "grad_a", "grad_b"), got, ref):
+        torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-3, msg=name)
+    grad_x, grad_a, grad_b = kernel.lowrank_backward(grad, x, a, b, h, 1.5, False)
+    assert grad_x is None and torch.equal(grad_a, got[1]) and torch.equal(grad_b, got[2])
+
+
+def test_kernel_rejects_what_it_cannot_compute(kernel):
+    x, a, b, _ = case(2, 4, 6, 32, 32)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        kernel.lowrank_forward(x[:, :24].contiguous(), a[:, :, :24].contiguous(), b, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        kernel.lowrank_forward(x.double(), a, b, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of g"):
+        kernel.lowrank_forward(x[:7], a, b, 1.0)
+    assert not cpu_kernels.lowrank_usable(x.bfloat16(), a.bfloat16(), b.bfloat16())
+    assert not cpu_kernels.lowrank_usable(x[:, :24], a[:, :, :24], b)
+    assert not cpu_kernels.lowrank_usable(x, torch.randn(2, 17, 32), torch.randn(2, 17, 32))
+    assert cpu_kernels.lowrank_usable(x, a, b)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
+    """A float32 FLix layer whose widths the kernel takes: output, input and bank gradients
+    equal plain float64 autograd over y_e = x_e W0 + b + scale * x_e A_e^T B_e."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 32).requires_grad_(False)
+    space = FeatureSpace({"task": ["ner", "qa"], "lang": ["sw", "yo", "bn"]}, {"task": 4, "lang": 2})
+    router = Router(space)
+    layer = FLixLayer(base, router, scaling=1.5, sparse_grad=True)
+    with torch.no_grad():
+        layer.flix_B.normal_()[0].zero_()
+    batch = (
+        [{"task": "ner", "lang": "sw"}] * 3
+        if uniform
+        else [{"task": "ner", "lang": "sw"}, {"task": "qa", "lang": "yo"}, {"task": "qa", "lang": "bn"}]
+    )
+    rows = space.route(batch)
+    router.set(rows)
+    assert cpu_kernels.lowrank_usable(torch.empty(1, 48), torch.empty(1, rows.shape[1], 48), torch.empty(1, rows.shape[1], 32))
+    x = torch.randn(3, 40, 48, requires_grad=True)
+    grad_out = torch.randn(3, 40, 32)
+    out = layer(x)
+    out.backward(grad_out)
+
+    a, b = layer.flix_A.detach().double().requires_grad_(), layer.flix_B.detach().double().requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    ref = x_ref @ base.weight.double().T + base.bias.double()
+    ref = ref + 1.5 * torch.stack([x_ref[e] @ a[rows[e]].T @ b[rows[e]] for e in range(3)])
+    ref.backward(grad_out.double())
+    torch.testing.assert_close(out.detach(), ref.detach().float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad, x_ref.grad.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.flix_A.grad.to_dense(), a.grad.float(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(layer.flix_B.grad.to_dense(), b.grad.float(), rtol=1e-5, atol=1e-3)
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    def no_compiler():
+        raise OSError("g++: not found")
+
+    cpu_kernels.kernel.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
+    try:
+        with pytest.warns(RuntimeWarning, match="g\\+\\+: not found.*FLIX_CPU_KERNELS=0"):
+            assert cpu_kernels.kernel() is None
+        x, a, b, _ = case(2, 4, 6, 32, 32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not cpu_kernels.lowrank_usable(x, a, b)  # cached: no second attempt, no second warning
+        monkeypatch.setenv("FLIX_CPU_KERNELS", "0")
+        cpu_kernels.kernel.cache_clear()
+        assert cpu_kernels.kernel() is None  # off: not even tried
+    finally:
+        cpu_kernels.kernel.cache_clear()
+
+
+def test_sparse_adamw_kernel_equals_torch_ops(kernel):
+    """SparseAdamW with the fused row update equals its torch-op path over steps whose rows
+    repeat within a gradient, change between steps and reach new rows (new moment slots)."""
+    from flix.optim import SparseAdamW
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(20, 48, generator=gen)
+    grads = []
+    for step in range(4):
+        rows = torch.randint(1, 6 + 4 * step, (9,), generator=gen)
+        grads.append(torch.sparse_coo_tensor(rows.unsqueeze(0), torch.randn(9, 48, generator=gen), start.shape, check_invariants=True))
+
+    def train(fused: bool) -> torch.Tensor:
+        bank = torch.nn.Parameter(start.clone())
+        opt = SparseAdamW([bank], lr=1e-2, weight_decay=0.1)
+        assert cpu_kernels.rows_usable(bank, grads[0].coalesce().values())
+        with contextlib.nullcontext() if fused else cpu_kernels.disabled():
+            for grad in grads:
+                bank.grad = grad.clone()
+                opt.step()
+        return bank.detach()
+
+    fused, ops = train(True), train(False)
+    torch.testing.assert_close(fused, ops, rtol=0, atol=1e-6)
+    assert not torch.equal(fused, start)
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[torch.cat([g.coalesce().indices()[0] for g in grads])] = False
+    assert torch.equal(fused[untouched], start[untouched])
