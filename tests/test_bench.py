@@ -159,6 +159,7 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
         "flix_vs_base",
         "flix_vs_base_attributed",
         "flix_vs_compute_matched",
+        "flix_vs_compute_matched_attributed",
         "flix_many_vs_few_features",
         "flix_many_vs_few_features_attributed",
         "generate_speedup_vs_peft",
@@ -169,7 +170,7 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     assert all(t["interval"][0] <= t["value"] <= t["interval"][1] for t in report["targets"].values())
     printed = capsys.readouterr().out
     verdicts = [line.split()[0] for line in printed.splitlines() if line.split() and line.split()[0] in ("PASS", "MISS", "NOISE")]
-    assert len(verdicts) == 8
+    assert len(verdicts) == 9
     rechecked = tmp_path / "rechecked.json"
     assert bench.main(["model", "--rescore", str(out), "--out", str(rechecked)]) == 0, "a saved report is checked again without running"
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "MISS", "NOISE"))] == verdicts
