@@ -39,6 +39,7 @@ def lowrank_usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
         not _off
         and x.device.type == "cpu"
         and x.dtype == a.dtype == b.dtype == torch.float32
+        and a.shape[0] > 0
         and 1 <= a.shape[1] <= MAX_RANK
         and x.shape[1] % WIDTH == 0
         and b.shape[2] % WIDTH == 0

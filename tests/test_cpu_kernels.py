@@ -58,6 +58,9 @@ def test_kernel_rejects_what_it_cannot_compute(kernel):
         kernel.lowrank_forward(x.double(), a, b, 1.0)
     with pytest.raises(RuntimeError, match="multiple of g"):
         kernel.lowrank_forward(x[:7], a, b, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of g > 0"):  # not a division by zero
+        kernel.lowrank_forward(x[:0], a[:0], b[:0], 1.0)
+    assert not cpu_kernels.lowrank_usable(x[:0], a[:0], b[:0])
     assert not cpu_kernels.lowrank_usable(x.bfloat16(), a.bfloat16(), b.bfloat16())
     assert not cpu_kernels.lowrank_usable(x[:, :24], a[:, :, :24], b)
     assert not cpu_kernels.lowrank_usable(x, torch.randn(2, 17, 32), torch.randn(2, 17, 32))

@@ -6,8 +6,9 @@
 // - sparse_adamw_, flix.optim's update of a bank's touched rows in one pass instead of about
 //   twenty small ops per bank.
 //
-// Shapes of the rank-r part: x (n, din) and grad (n, dout) hold g examples of n / g tokens each; a (g, r, din)
-// and b (g, r, dout) are each example's gathered bank rows; h = x a^T is (n, r).
+// Shapes of the rank-r part: x (n, din) and grad (n, dout) hold g examples of n / g tokens
+// each; a (g, r, din) and b (g, r, dout) are each example's gathered bank rows; h = x a^T is
+// (n, r).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -175,8 +176,8 @@ void check(const torch::Tensor& t, const char* name) {
 void check_shapes(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
   check(x, "x"); check(a, "a"); check(b, "b");
   TORCH_CHECK(x.dim() == 2 && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
-                  a.size(2) == x.size(1) && x.size(0) % a.size(0) == 0,
-              "flix cpu_kernels: x (n, din), a (g, r, din), b (g, r, dout) with n a multiple of g");
+                  a.size(2) == x.size(1) && a.size(0) > 0 && x.size(0) % a.size(0) == 0,
+              "flix cpu_kernels: x (n, din), a (g, r, din), b (g, r, dout) with n a multiple of g > 0");
   TORCH_CHECK(a.size(1) >= 1 && a.size(1) <= MAX_RANK && x.size(1) % W == 0 && b.size(2) % W == 0,
               "flix cpu_kernels: rank 1..", MAX_RANK, " and widths that are multiples of ", W);
 }
