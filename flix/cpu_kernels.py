@@ -36,28 +36,25 @@ def lowrank_usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `lowrank_forward`/`lowrank_backward` compute this layer's rank-r part:
     float32 on CPU, widths multiples of 16, rank 1 to 16, and kernels that built."""
     return (
-        not _off
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == a.dtype == b.dtype == torch.float32
         and a.shape[0] > 0
         and 1 <= a.shape[1] <= MAX_RANK
         and x.shape[1] % WIDTH == 0
         and b.shape[2] % WIDTH == 0
-        and kernel() is not None
+        and _ready()
     )
 
 
 def rows_usable(p: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether `sparse_adamw_` updates this bank: a contiguous float32 CPU matrix, and
     kernels that built."""
-    return (
-        not _off
-        and p.device.type == "cpu"
-        and p.dtype == values.dtype == torch.float32
-        and p.dim() == 2
-        and p.is_contiguous()
-        and kernel() is not None
-    )
+    return p.device.type == "cpu" and p.dtype == values.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous() and _ready()
+
+
+def _ready() -> bool:
+    """Not switched off by disabled(), and built (the build is tried once, on CPU work only)."""
+    return not _off and kernel() is not None
 
 
 @contextlib.contextmanager

@@ -55,13 +55,12 @@ class SparseAdamW(torch.optim.Optimizer):
                     m, v = state["exp_avg"], state["exp_avg_sq"]
                     if cpu_kernels.rows_usable(p, values):  # the same update in one pass, in place: O(touched rows)
                         cpu_kernels.kernel().sparse_adamw_(p, m, v, rows, slots, values, step_size, bias2_sqrt, group["eps"], decay, beta1, beta2)
-                        continue
-                    # gather the touched rows, update them, scatter them back: O(touched rows)
-                    w, m_rows, v_rows = p.index_select(0, rows), m.index_select(0, slots), v.index_select(0, slots)
-                    _adamw_update(w, values, m_rows, v_rows, beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
-                    p.index_copy_(0, rows, w)
-                    m.index_copy_(0, slots, m_rows)
-                    v.index_copy_(0, slots, v_rows)
+                    else:  # gather the touched rows, update them, scatter them back: O(touched rows)
+                        w, m_rows, v_rows = p.index_select(0, rows), m.index_select(0, slots), v.index_select(0, slots)
+                        _adamw_update(w, values, m_rows, v_rows, beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
+                        p.index_copy_(0, rows, w)
+                        m.index_copy_(0, slots, m_rows)
+                        v.index_copy_(0, slots, v_rows)
                 else:
                     _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
         return loss
