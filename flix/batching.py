@@ -4,6 +4,8 @@ Causal models see `prompt + target + eos`, left-padded so that every target ends
 the last position; the loss covers target tokens only, and logits are computed only
 for the last `target_len + 1` positions (most of a step's vocabulary projection).
 Seq2seq models take the prompt as encoder input and the target as labels.
+A step's micro-batches hold its examples sorted by length (`micro_batches`), so each
+pads to examples of about its own length; `target_nll` scores gold targets per example.
 """
 
 from __future__ import annotations
@@ -65,12 +67,35 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def training_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool) -> dict:
-    """Tensors for one micro-batch; `num_targets` counts the target tokens."""
-    eos = tokenizer.eos_token_id
-    source = _sources(examples, tokenizer, limits, train=True, seq2seq=seq2seq)
+def _targets(examples: list[Example], tokenizer, limits: TextLimits) -> list[list[int]]:
+    """Target tokens, cut to the budget, then EOS (the model must learn to stop)."""
     # A leading space keeps SentencePiece from merging the target into the prompt's last token.
-    target = [ids[: limits.max_target_tokens] + [eos] for ids in _encode(tokenizer, [" " + ex.target for ex in examples])]
+    return [ids[: limits.max_target_tokens] + [tokenizer.eos_token_id] for ids in _encode(tokenizer, [" " + ex.target for ex in examples])]
+
+
+def micro_batches(examples: list[Example], size: int, tokenizer, limits: TextLimits, seq2seq: bool) -> list[list[Example]]:
+    """A step's examples in micro-batches of `size`, sorted by length (prompt and target
+    tokens, longest first): each micro-batch pads to its own longest example rather than
+    the step's. The step trains on the same examples whatever the order."""
+    sources = _sources(examples, tokenizer, limits, train=True, seq2seq=seq2seq)
+    targets = _targets(examples, tokenizer, limits)
+    lengths = [len(s) + (0 if seq2seq else len(t)) for s, t in zip(sources, targets)]
+    order = sorted(range(len(examples)), key=lambda i: -lengths[i])  # stable: ties keep the sampler's order
+    ordered = [examples[i] for i in order]
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def padding_fraction(batches: list[dict]) -> float:
+    """Share of the input positions of these batches that are padding."""
+    total = sum(b["attention_mask"].numel() for b in batches)
+    return 1.0 - sum(int(b["attention_mask"].sum()) for b in batches) / total if total else 0.0
+
+
+def training_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool, train: bool = True) -> dict:
+    """Tensors for one teacher-forced micro-batch; `num_targets` counts the target tokens.
+    `train=False` formats prompts as evaluation does (QA contexts never centred on the answer)."""
+    source = _sources(examples, tokenizer, limits, train=train, seq2seq=seq2seq)
+    target = _targets(examples, tokenizer, limits)
     if seq2seq:
         input_ids, attention_mask = _left_pad(source, tokenizer.pad_token_id)
         labels = _right_pad(target, IGNORE)
@@ -83,8 +108,8 @@ def training_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2s
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_targets": int((labels != IGNORE).sum())}
 
 
-def loss_sum(model, batch: dict, seq2seq: bool) -> torch.Tensor:
-    """Summed cross-entropy over the batch's target tokens."""
+def _logits_and_labels(model, batch: dict, seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the target positions and the labels they predict (IGNORE elsewhere)."""
     labels = batch["labels"]
     if seq2seq:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
@@ -97,7 +122,27 @@ def loss_sum(model, batch: dict, seq2seq: bool) -> torch.Tensor:
         ).logits
         # position t predicts token t + 1: the last kept position predicts nothing
         labels = F.pad(labels, (0, 1), value=IGNORE)
+    return logits, labels
+
+
+def loss_sum(model, batch: dict, seq2seq: bool) -> torch.Tensor:
+    """Summed cross-entropy over the batch's target tokens."""
+    logits, labels = _logits_and_labels(model, batch, seq2seq)
     return cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+@torch.no_grad()
+def target_nll(model, batch: dict, seq2seq: bool) -> list[float]:
+    """Per example: the gold target's teacher-forced negative log-likelihood, in mean nats
+    per target token (EOS included). One forward pass, no generation."""
+    logits, labels = _logits_and_labels(model, batch, seq2seq)
+    keep = labels != IGNORE
+    token_nll = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
+    for row in range(len(labels)):  # one example's float32 logits at a time: the vocabulary is large
+        lse = torch.logsumexp(logits[row].float(), dim=-1)
+        token_nll[row] = lse - logits[row].float().gather(1, labels[row].clamp(min=0).unsqueeze(1)).squeeze(1)
+    per_example = (token_nll * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return per_example.tolist()
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from flix.data import reader
-from flix.data.mixtures import EVAL_SPLITS, Mixture
+from flix.data.mixtures import Mixture
 
 # scale keys and the smallest value each may take (None allowed where null means "all")
 AT_LEAST = {
@@ -70,10 +70,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
 def data_problems(mixture: Mixture, root: Path) -> list[str]:
     """Every file the run reads must hold at least one example (an empty test file would
     otherwise fail only after training)."""
-    files = [(task, "train", lang) for task, lang in mixture.train_datasets]
-    files += [(task, split, lang) for task, lang in mixture.eval_datasets for split in EVAL_SPLITS]
     problems = []
-    for task, split, lang in files:
+    for task, split, lang in mixture.required_files():
         path = reader.dataset_path(root, task, split, lang)
         if path.is_file() and not _has_line(path):
             problems.append(f"{path}: empty; the run reads its {split} split. Restore the file, or drop {lang} from the mixture's {task} languages")

@@ -1,11 +1,16 @@
-"""Batched greedy generation and scoring with the official metrics."""
+"""Scoring a model on evaluation sets: batched greedy generation scored with the official
+metrics, and the gold targets' teacher-forced log-likelihood (a second, low-variance
+metric: mean nats per target token, lower is better)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flix.batching import TextLimits, generation_batch
+from flix.batching import TextLimits, generation_batch, micro_batches, target_nll, training_batch
 from flix.data import Example
 from flix.data.formatting import TARGET_MAX_TOKENS
 from flix.metrics import score
@@ -36,17 +41,44 @@ def predict(model, tokenizer, examples: list[Example], limits: TextLimits, batch
     return outputs
 
 
+@torch.no_grad()
+def example_nll(model, tokenizer, examples: list[Example], limits: TextLimits, batch_size: int, seq2seq: bool, device) -> list[float]:
+    """Each example's gold-target NLL (`flix.batching.target_nll`), in the examples' order;
+    batches of similar length, prompts formatted as for generation."""
+    by_id = {id(ex): i for i, ex in enumerate(examples)}
+    out = [0.0] * len(examples)
+    for chunk in micro_batches(examples, batch_size, tokenizer, limits, seq2seq):
+        batch = {k: v.to(device) for k, v in training_batch(chunk, tokenizer, limits, seq2seq, train=False).items() if k != "num_targets"}
+        with model.route([ex.features for ex in chunk]):
+            for ex, value in zip(chunk, target_nll(model, batch, seq2seq)):
+                out[by_id[id(ex)]] = value
+    return out
+
+
+@dataclass
+class Evaluation:
+    """One evaluation pass: {task: {lang: ...}} of the paper's metric and of the mean
+    target NLL, each example's NLL, and the predictions per dataset."""
+
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    nll: dict[str, dict[str, float]] = field(default_factory=dict)
+    example_nll: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    predictions: dict[Dataset, list[str]] = field(default_factory=dict)
+
+
 def evaluate(
     model, tokenizer, datasets: dict[Dataset, list[Example]], limits: TextLimits, batch_size: int, seq2seq: bool, device, desc: str = "eval"
-) -> tuple[dict[str, dict[str, float]], dict[Dataset, list[str]]]:
-    """Scores {task: {lang: score}} and predictions for every dataset."""
+) -> Evaluation:
+    """Both metrics and the predictions for every dataset."""
     was_training = model.training
     model.eval()
-    scores: dict[str, dict[str, float]] = {}
-    predictions: dict[Dataset, list[str]] = {}
+    result = Evaluation()
     for (task, lang), examples in tqdm(datasets.items(), desc=desc, unit="dataset", leave=False):
         preds = predict(model, tokenizer, examples, limits, batch_size, seq2seq, device)
-        predictions[(task, lang)] = preds
-        scores.setdefault(task, {})[lang] = score(task, [ex.target for ex in examples], preds)
+        result.predictions[(task, lang)] = preds
+        result.scores.setdefault(task, {})[lang] = score(task, [ex.target for ex in examples], preds)
+        nll = example_nll(model, tokenizer, examples, limits, batch_size, seq2seq, device)
+        result.example_nll.setdefault(task, {})[lang] = nll
+        result.nll.setdefault(task, {})[lang] = float(np.mean(nll))
     model.train(was_training)
-    return scores, predictions
+    return result

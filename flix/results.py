@@ -3,12 +3,16 @@ failed.json (a failed one), both carrying the resolved config the report identif
 runs by; set averages, the selection metric, the `single` merge, per-language tables.
 
 results.json keys: the run's identity (method, mixture, study, scale, seed, model,
-data_root, variant), `eval_sets` ({name: task, langs, zero_shot, validation, test
-averages}), `validation` and `test` ({task: {lang: score}}) of the kept checkpoint,
-`test_stats` (per-example statistics, `flix.metrics.example_stats`), best_step,
-best_validation_average, history, train_loss, featureless_fraction,
-trainable_parameters, flix (the FLixConfig), train_seconds, time_seconds, commit,
-config_hash and config.
+data_root (the data folder's name), variant), `eval_sets` ({name: task, langs,
+zero_shot, and the validation, test, validation_nll, test_nll averages}), `validation`
+and `test` ({task: {lang: score}}, the paper's metric) and `validation_nll` and
+`test_nll` ({task: {lang: mean target NLL}}) of the kept checkpoint; per test example,
+in the same order: `test_ids`, `test_stats` (`flix.metrics.example_stats`) and
+`test_example_nll`; `selection` (what picked the checkpoint: `by` and the validation
+`sets`), best_step, best_validation_average, best_validation_nll, history,
+train_loss, featureless_fraction, trainable_parameters, flix (the FLixConfig),
+train_seconds, time_seconds, commit, config_hash and config (data.root as the folder's
+name: records carry no machine's paths).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from flix.io import atomic_write_json, atomic_write_text
 RESULTS = "results.json"
 FAILED = "failed.json"
 SPLITS = ("validation", "test")
+SCORE_KEYS = ("validation", "test", "validation_nll", "test_nll")  # {task: {lang: value}}
+EXAMPLE_KEYS = ("test_ids", "test_stats", "test_example_nll")  # {task: {lang: [one entry per test example]}}
 
 
 def git_commit(where: Path = Path(__file__).parent) -> str | None:
@@ -76,19 +82,34 @@ def set_averages(scores: dict[str, dict[str, float]], eval_sets: list[EvalSet]) 
     return out
 
 
-def selection_metric(scores: dict[str, dict[str, float]], eval_sets: list[EvalSet]) -> float:
-    """The paper's model selection: the average over the mixture's supervised sets
-    (languages, or tasks); zero-shot sets never pick the checkpoint unless there is nothing else."""
-    supervised = [s for s in eval_sets if not s.zero_shot] or eval_sets
-    return float(np.mean(list(set_averages(scores, supervised).values())))
+def selection_metric(scores: dict[str, dict[str, float]], selection_sets: list[EvalSet]) -> float:
+    """The paper's model selection: the average over the mixture's selection sets
+    (`Mixture.selection_sets`: languages, or tasks) of the paper's metric, or of the NLL."""
+    return float(np.mean(list(set_averages(scores, selection_sets).values())))
 
 
-def eval_set_entries(eval_sets: list[EvalSet], validation: dict, test: dict) -> dict:
-    """results.json `eval_sets`: each set's definition and its split averages."""
-    scores = {"validation": validation, "test": test}
+SELECT_BY = ("metric", "nll")
+
+
+def selection_key(average: float, nll: float, select_by: str) -> tuple[float, ...]:
+    """How validations rank (larger is better; a tie keeps the earlier step). `metric`:
+    the paper's average validation metric, ties (all-zero validations included) broken by
+    the lower average target NLL; `nll` (train.select_by=nll): the lower NLL alone."""
+    if select_by not in SELECT_BY:
+        raise ValueError(f"train.select_by={select_by!r}: use one of {', '.join(SELECT_BY)}")
+    return (-nll,) if select_by == "nll" else (average, -nll)
+
+
+def selection_entry(select_by: str, selection_sets: list[EvalSet]) -> dict:
+    """results.json `selection`: what picked the kept checkpoint."""
+    return {"by": select_by, "sets": [{"name": s.name, "task": s.task, "langs": list(s.langs)} for s in selection_sets]}
+
+
+def eval_set_entries(eval_sets: list[EvalSet], body: dict) -> dict:
+    """results.json `eval_sets`: each set's definition and its averages of SCORE_KEYS."""
     return {
         s.name: {"task": s.task, "langs": list(s.langs), "zero_shot": s.zero_shot}
-        | {split: set_averages(scores[split], [s]).get(s.name) for split in SPLITS}
+        | {key: set_averages(body[key], [s]).get(s.name) for key in SCORE_KEYS if key in body}
         for s in eval_sets
     }
 
@@ -103,12 +124,13 @@ def per_language_table(scores: dict[str, dict[str, float]]) -> pd.DataFrame:
 def merge_datasets(parts: list[dict]) -> dict:
     """One results body from the per-dataset bodies of the `single` method: scores merged,
     per-dataset training records keyed TASK.LANG, parameters and seconds summed."""
-    per_dataset = ("best_step", "history", "train_loss", "featureless_fraction")
-    merged = {"validation": {}, "test": {}, "test_stats": {}, **{k: {} for k in per_dataset}, "trainable_parameters": 0, "train_seconds": 0.0}
+    per_dataset = ("best_step", "best_validation_nll", "selection", "history", "train_loss", "featureless_fraction")
+    nested = (*SCORE_KEYS, *EXAMPLE_KEYS)
+    merged = {**{k: {} for k in nested}, **{k: {} for k in per_dataset}, "trainable_parameters": 0, "train_seconds": 0.0}
     for part in parts:
-        for split in ("validation", "test", "test_stats"):
-            for task, langs in part[split].items():
-                merged[split].setdefault(task, {}).update(langs)
+        for key in nested:
+            for task, langs in part[key].items():
+                merged[key].setdefault(task, {}).update(langs)
         ((task, langs),) = part["test"].items()
         key = f"{task}.{next(iter(langs))}"
         for k in per_dataset:
@@ -119,9 +141,18 @@ def merge_datasets(parts: list[dict]) -> dict:
     return merged
 
 
+def portable(config: dict) -> dict:
+    """A resolved config as records keep it: the data root by its folder's name, so that
+    committed records name no machine's paths (the run's directory hash used the full path)."""
+    data = config.get("data")
+    if isinstance(data, dict) and data.get("root"):
+        return {**config, "data": {**data, "root": Path(str(data["root"])).name}}
+    return config
+
+
 def write_results(run_dir: Path, mixture: Mixture, body: dict, head: dict, tail: dict) -> dict:
     """results.json (head, eval_sets, body, tail, in that key order) and tables/<split>.csv."""
-    results = {**head, "eval_sets": eval_set_entries(mixture.eval_sets, body["validation"], body["test"]), **body, **tail}
+    results = {**head, "eval_sets": eval_set_entries(mixture.eval_sets, body), **body, **tail}
     for split in SPLITS:
         atomic_write_text(run_dir / "tables" / f"{split}.csv", per_language_table(results[split]).to_csv(float_format="%.2f"))
     atomic_write_json(run_dir / RESULTS, results)
@@ -130,7 +161,7 @@ def write_results(run_dir: Path, mixture: Mixture, body: dict, head: dict, tail:
 
 def write_failure(run_dir: Path, err: BaseException, config: dict) -> None:
     """failed.json: the error, its traceback and the resolved config (the run's identity)."""
-    atomic_write_json(run_dir / FAILED, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(), "config": config})
+    atomic_write_json(run_dir / FAILED, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(), "config": portable(config)})
 
 
 def summary_line(results: dict) -> str:

@@ -31,7 +31,18 @@ from flix.data.mixtures import MixtureError
 from flix.data.reader import DataError, resolve_root
 from flix.io import atomic_write_text, recover_tree
 from flix.lock import RunLocked, run_lock
-from flix.results import CODE_COMMIT, FAILED, RESULTS, merge_datasets, per_language_table, summary_line, write_failure, write_results
+from flix.results import (
+    CODE_COMMIT,
+    FAILED,
+    RESULTS,
+    merge_datasets,
+    per_language_table,
+    portable,
+    selection_entry,
+    summary_line,
+    write_failure,
+    write_results,
+)
 from flix.tracking import NullTracker, ScopedTracker, make_tracker, say
 from flix.trainer import Trainer
 from flix.versions import versions
@@ -43,14 +54,18 @@ def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
     state = trainer.fit(tracker)
     if not trainer.main:
         return {}
-    test, test_stats = trainer.test()
+    test, per_example = trainer.test()
     config = trainer.model.flix_config
     return {
         "best_step": state["best_step"],
         "best_validation_average": state["best_score"],
+        "best_validation_nll": state["best_nll"],
+        "selection": selection_entry(cfg.train.select_by, mixture.selection_sets),
         "validation": state["best_validation"],
-        "test": test,
-        "test_stats": test_stats,
+        "test": test.scores,
+        "validation_nll": state["best_validation_nll"],
+        "test_nll": test.nll,
+        **per_example,
         "history": state["history"],
         "train_loss": state["train_loss"],
         "featureless_fraction": state["featureless_fraction"],
@@ -118,7 +133,7 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
             "scale": cfg.scale.name,
             "seed": cfg.seed,
             "model": cfg.model.name,
-            "data_root": str(resolve_root(cfg.data.root).resolve()),
+            "data_root": resolve_root(cfg.data.root).resolve().name,
             "variant": cfg.data.variant,
         }
         tail = {
@@ -126,7 +141,7 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
             "commit": CODE_COMMIT,
             "versions": versions(),
             "config_hash": config_hash(cfg),
-            "config": resolved,
+            "config": portable(resolved),
         }
         results = write_results(run_dir, mixture, body, head, tail)
         _publish(tracker, results, run_dir)

@@ -18,19 +18,19 @@ from tqdm.auto import tqdm
 
 from flix import distributed
 from flix.adapters import WEIGHTS_NAME, get_flix_model
-from flix.batching import TextLimits, loss_sum, training_batch
+from flix.batching import TextLimits, loss_sum, micro_batches, padding_fraction, training_batch
 from flix.checkpoint import STATE, load_checkpoint, save_checkpoint
 from flix.data.mixtures import Mixture
 from flix.data.reader import read_dataset, resolve_root
-from flix.data.sampling import MixtureSampler
-from flix.evaluate import evaluate
+from flix.data.sampling import MixtureSampler, eval_sample
+from flix.evaluate import Evaluation, evaluate
 from flix.features import featureless
 from flix.io import atomic_write_text
 from flix.methods import method_config
 from flix.metrics import example_stats
 from flix.models import enable_activation_checkpointing, load_model, model_kind
 from flix.optim import SparseAdamW, clip_grad_norm_
-from flix.results import selection_metric
+from flix.results import selection_key, selection_metric
 from flix.tracking import log, say
 
 
@@ -38,8 +38,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def read_split(root: Path, datasets: list[tuple[str, str]], split: str, limit: int | None) -> dict:
-    return {(task, lang): read_dataset(root, task, split, lang, limit=limit) for task, lang in datasets}
+def read_split(root: Path, datasets: list[tuple[str, str]], split: str, limit: int | None = None) -> dict:
+    """{(task, lang): examples} of one split; with `limit`, each file's fixed random sample
+    of that many examples (`eval_sample`: the same for every run)."""
+    return {(task, lang): eval_sample(read_dataset(root, task, split, lang), limit, task, split, lang) for task, lang in datasets}
 
 
 def build_model(cfg: DictConfig, mixture: Mixture):
@@ -107,7 +109,7 @@ class Trainer:
         s = cfg.scale
         self.limits = TextLimits(s.max_prompt_tokens, s.max_target_tokens, s.max_context_chars)
         self.train_data = read_split(self.root, mixture.train_datasets, "train", None)
-        self.validation = read_split(self.root, mixture.eval_datasets, "validation", s.eval_examples)
+        self.validation = read_split(self.root, mixture.validation_datasets, "validation", s.eval_examples)
         self.model, self.tokenizer, self.seq2seq = build_model(cfg, mixture)
         self.model.to(self.device)
         self.sampler = MixtureSampler(
@@ -127,14 +129,15 @@ class Trainer:
         the loss and the fraction of this process's examples that feature dropout left
         with no adapter at all (they teach nothing this step)."""
         examples = self.sampler.batch(step, self.process_rank, self.world_size)
-        micro = self.cfg.scale.micro_batch_size
-        batches = [training_batch(examples[i : i + micro], self.tokenizer, self.limits, self.seq2seq) for i in range(0, len(examples), micro)]
+        chunks = micro_batches(examples, self.cfg.scale.micro_batch_size, self.tokenizer, self.limits, self.seq2seq)
+        batches = [training_batch(chunk, self.tokenizer, self.limits, self.seq2seq) for chunk in chunks]
+        self.last_padding = padding_fraction(batches)  # flix bench run reports it
         total_targets = distributed.sum_scalar(sum(b["num_targets"] for b in batches))
         self.model.train()
         loss_total, bare = 0.0, 0
-        for i, batch in zip(range(0, len(examples), micro), batches):
+        for chunk, batch in zip(chunks, batches):
             tensors = {k: v.to(self.device) for k, v in batch.items() if k != "num_targets"}
-            with self.model.route([ex.features for ex in examples[i : i + micro]]), self.autocast():
+            with self.model.route([ex.features for ex in chunk]), self.autocast():
                 bare += int(featureless(self.model.router.rows).sum())
                 loss = loss_sum(self.model, tensors, self.seq2seq) / total_targets
                 loss.backward()
@@ -153,20 +156,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, bare / len(examples)
 
-    def validate(self) -> tuple[dict, dict, float]:
+    def validate(self) -> tuple[Evaluation, float, float]:
+        """Both metrics on the validation sets, and their averages over the mixture's selection sets."""
         with self.autocast():
-            scores, preds = evaluate(
+            result = evaluate(
                 self.model, self.tokenizer, self.validation, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="validation"
             )
-        return scores, preds, selection_metric(scores, self.mixture.eval_sets)
+        sets = self.mixture.selection_sets
+        return result, selection_metric(result.scores, sets), selection_metric(result.nll, sets)
 
     def fit(self, tracker) -> dict:
         s = self.cfg.scale
         state = {
             "step": 0,
             "best_step": None,
-            "best_score": -math.inf,
+            "best_score": -math.inf,  # the kept checkpoint's average validation metric
+            "best_nll": math.inf,  # and its average validation target NLL
             "best_validation": {},
+            "best_validation_nll": {},
             "history": [],
             "train_loss": [],
             "featureless_fraction": [],
@@ -190,20 +197,28 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}")
             tracker.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/featureless_fraction": bare}, step=step)
             if self.main and is_validation_step(step, s):
-                scores, preds, average = self.validate()
-                state["history"].append({"step": step, "validation_average": average, "loss": loss})
+                result, average, nll = self.validate()
+                state["history"].append({"step": step, "validation_average": average, "validation_nll": nll, "loss": loss})
                 tracker.log(
                     {
                         "validation/average": average,
-                        **{f"validation/{task}/{lang}": v for task, langs in scores.items() for lang, v in langs.items()},
+                        "validation/nll": nll,
+                        **{f"validation/{task}/{lang}": v for task, langs in result.scores.items() for lang, v in langs.items()},
+                        **{f"validation_nll/{task}/{lang}": v for task, langs in result.nll.items() for lang, v in langs.items()},
                     },
                     step=step,
                 )
-                if average > state["best_score"]:
-                    state.update(best_score=average, best_step=step, best_validation=scores)
+                select_by = self.cfg.train.select_by
+                if state["best_step"] is None or selection_key(average, nll, select_by) > selection_key(
+                    state["best_score"], state["best_nll"], select_by
+                ):
+                    state.update(best_score=average, best_nll=nll, best_step=step, best_validation=result.scores, best_validation_nll=result.nll)
                     self.model.save_pretrained(self.run_dir / "best_adapter")
-                    self._write_predictions("validation", self.validation, preds)
-                message = f"[flix] step {step}: validation average {average:.2f} (best {state['best_score']:.2f} at step {state['best_step']})"
+                    self._write_predictions("validation", self.validation, result)
+                message = (
+                    f"[flix] step {step}: validation average {average:.2f}, target NLL {nll:.3f} "
+                    f"(kept: step {state['best_step']}, {state['best_score']:.2f}, NLL {state['best_nll']:.3f})"
+                )
                 bar.write(message)
                 log.info(message)
             if self.main and (step % s.checkpoint_every == 0 or step == s.steps):
@@ -212,20 +227,21 @@ class Trainer:
         distributed.barrier()
         return state
 
-    def test(self) -> tuple[dict, dict]:
-        """Test scores of the kept adapter and their per-example statistics
-        (`flix.metrics.example_stats`, what the report's intervals resample); writes its predictions."""
+    def test(self) -> tuple[Evaluation, dict]:
+        """Both metrics of the kept adapter on test, and each test example's id and
+        statistics (`flix.metrics.example_stats`: what the report's intervals resample);
+        writes its predictions."""
         self._load_best()
         data = read_split(self.root, self.mixture.eval_datasets, "test", self.cfg.scale.test_examples)
         with self.autocast():
-            scores, preds = evaluate(
-                self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test"
-            )
-        self._write_predictions("test", data, preds)
+            result = evaluate(self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
+        self._write_predictions("test", data, result)
         stats: dict[str, dict[str, list]] = {}
+        ids: dict[str, dict[str, list[str]]] = {}
         for (task, lang), examples in data.items():
-            stats.setdefault(task, {})[lang] = example_stats(task, [ex.target for ex in examples], preds[(task, lang)])
-        return scores, stats
+            stats.setdefault(task, {})[lang] = example_stats(task, [ex.target for ex in examples], result.predictions[(task, lang)])
+            ids.setdefault(task, {})[lang] = [ex.id for ex in examples]
+        return result, {"test_stats": stats, "test_example_nll": result.example_nll, "test_ids": ids}
 
     def _load_best(self) -> None:
         from safetensors.torch import load_file
@@ -233,9 +249,8 @@ class Trainer:
         path = self.run_dir / "best_adapter" / WEIGHTS_NAME
         self.model.load_adapter_state_dict(load_file(str(path)), source=str(path))
 
-    def _write_predictions(self, split: str, data: dict, preds: dict) -> None:
+    def _write_predictions(self, split: str, data: dict, result: Evaluation) -> None:
         for (task, lang), examples in data.items():
-            lines = [
-                json.dumps({"id": ex.id, "target": ex.target, "prediction": p}, ensure_ascii=False) for ex, p in zip(examples, preds[(task, lang)])
-            ]
+            rows = zip(examples, result.predictions[(task, lang)], result.example_nll[task][lang])
+            lines = [json.dumps({"id": ex.id, "target": ex.target, "prediction": p, "nll": nll}, ensure_ascii=False) for ex, p, nll in rows]
             atomic_write_text(self.run_dir / "predictions" / split / f"{task}.{lang}.jsonl", "\n".join(lines) + "\n")

@@ -78,10 +78,32 @@ class Mixture:
         pairs = [(s.task, lang) for s in self.eval_sets for lang in s.langs]
         return list(dict.fromkeys(pairs))
 
+    @property
+    def selection_sets(self) -> list[EvalSet]:
+        """The validation sets whose average picks the kept checkpoint: the supervised
+        evaluation sets. A mixture scored only zero-shot selects on the trained languages
+        of its zero-shot tasks, never on the held-out labels it reports."""
+        supervised = [s for s in self.eval_sets if not s.zero_shot]
+        if supervised:
+            return supervised
+        tasks = [task for task in dict.fromkeys(s.task for s in self.eval_sets) if self.train.get(task)]
+        if not tasks:
+            raise MixtureError(
+                f"{self.source}: every evaluation set is zero-shot and none of their tasks is trained: nothing to select a checkpoint on."
+            )
+        return [EvalSet(f"{task}_selection", task, list(self.train[task])) for task in tasks]
+
+    @property
+    def validation_datasets(self) -> list[tuple[str, str]]:
+        """(task, lang) validated at every validation step: the evaluation sets' and the selection sets'."""
+        pairs = self.eval_datasets + [(s.task, lang) for s in self.selection_sets for lang in s.langs]
+        return list(dict.fromkeys(pairs))
+
     def required_files(self) -> list[tuple[str, str, str]]:
         """(task, split, lang) of every file a run reads: train splits, then eval splits."""
         needed = [(task, "train", lang) for task, lang in self.train_datasets]
-        needed += [(t, split, lang) for t, lang in self.eval_datasets for split in EVAL_SPLITS]
+        needed += [(t, "validation", lang) for t, lang in self.validation_datasets]
+        needed += [(t, "test", lang) for t, lang in self.eval_datasets]
         return needed
 
     def check(self, root: str | Path | None) -> None:

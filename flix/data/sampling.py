@@ -1,4 +1,5 @@
-"""Mixing rates over datasets and a stateless, resumable batch sampler.
+"""Mixing rates over datasets, a stateless, resumable batch sampler, and the fixed
+random samples of validation and test files that runs are scored on.
 
 A batch is a pure function of (seed, step): resuming at step k draws exactly the
 batches an uninterrupted run draws, with no iterator state to save. Examples are drawn
@@ -7,7 +8,8 @@ with replacement (dataset by its mixing rate, then an example uniformly inside i
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import hashlib
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -93,3 +95,21 @@ class MixtureSampler:
         shard = self.batch_size // world_size
         lo, hi = rank * shard, (rank + 1) * shard
         return [self.datasets[d][i] for d, i in zip(which[lo:hi], index[lo:hi], strict=True)]
+
+
+def eval_sample(examples: Sequence[Example], n: int | None, task: str, split: str, lang: str) -> list[Example]:
+    """A fixed random sample of `n` examples of one validation or test file (all of it
+    when `n` is None or not smaller), kept in file order.
+
+    The draw depends only on (task, split, language, file size): every run, method and
+    seed is scored on the same examples, and they are spread over the file rather than
+    its first lines (files list consecutive sentences of one article together).
+    """
+    if n is None or n >= len(examples):
+        return list(examples)
+    if n < 1:
+        raise ValueError(f"{task}/{split}/{lang}: a sample needs n >= 1 examples, got {n}.")
+    key = hashlib.sha256(repr(("eval_sample", task, split, lang, len(examples))).encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    keep = np.sort(rng.choice(len(examples), size=n, replace=False))
+    return [examples[i] for i in keep]

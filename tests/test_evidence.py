@@ -1,0 +1,119 @@
+"""What runs record so that a report can carry a claim: fixed random evaluation samples
+with ids, the gold targets' NLL beside the paper's metric, selection that never sees
+held-out labels and breaks ties by NLL, records without machine paths, and micro-batches
+that pad less."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flix.batching import TextLimits, micro_batches, padding_fraction, target_nll, training_batch
+from flix.data.mixtures import load_mixture_by_name
+from flix.data.reader import read_dataset
+from flix.data.sampling import eval_sample
+from flix.models import load_model
+from flix.results import selection_key
+from flix.train import run
+
+LIMITS = TextLimits(max_prompt_tokens=96, max_target_tokens=12, max_context_chars=120)
+
+
+def test_eval_sample_is_fixed_random_and_in_file_order(data_root):
+    examples = read_dataset(data_root, "ner", "test", "sw")
+    sample = eval_sample(examples, 8, "ner", "test", "sw")
+    assert len(sample) == 8 and len({ex.id for ex in sample}) == 8
+    assert sample == eval_sample(list(examples), 8, "ner", "test", "sw")  # the same for every run
+    positions = [examples.index(ex) for ex in sample]
+    assert positions == sorted(positions)  # file order kept
+    assert positions != list(range(8))  # not the first lines of the file
+    assert max(positions) > len(examples) // 2  # spread over the file
+    assert eval_sample(examples, 8, "ner", "test", "ha") != sample  # another file draws anew
+    assert eval_sample(examples, None, "ner", "test", "sw") == examples
+    assert eval_sample(examples, len(examples) + 5, "ner", "test", "sw") == examples
+
+
+def test_target_nll_is_each_examples_mean_token_cross_entropy_whatever_the_batch(data_root):
+    model, tokenizer = load_model({"name": "tiny"})
+    model.eval()
+    examples = read_dataset(data_root, "ner", "validation", "sw", limit=3) + read_dataset(data_root, "qa_in_lang", "validation", "sw", limit=2)
+    batch = training_batch(examples, tokenizer, LIMITS, seq2seq=False, train=False)
+    inputs = {k: v for k, v in batch.items() if k != "num_targets"}
+    batched = target_nll(model, inputs, seq2seq=False)
+    for ex, value in zip(examples, batched):
+        alone = training_batch([ex], tokenizer, LIMITS, seq2seq=False, train=False)
+        ids, labels = alone["input_ids"], alone["labels"][0]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        n = len(labels)
+        expected = F.cross_entropy(logits[-n - 1 : -1], labels).item()  # position t predicts token t + 1
+        assert value == pytest.approx(expected, abs=1e-4)
+    assert all(v > 0 for v in batched)
+
+
+def test_micro_batches_are_length_sorted_same_examples_and_pad_less(data_root):
+    _, tokenizer = load_model({"name": "tiny"})
+    examples = read_dataset(data_root, "ner", "train", "sw", limit=32)
+    limits = TextLimits(max_prompt_tokens=160, max_target_tokens=32)
+    chunks = micro_batches(examples, 8, tokenizer, limits, seq2seq=False)
+    assert [len(c) for c in chunks] == [8, 8, 8, 8]
+    assert sorted(ex.id for c in chunks for ex in c) == sorted(ex.id for ex in examples)  # the same training
+    sorted_batches = [training_batch(c, tokenizer, limits, seq2seq=False) for c in chunks]
+    plain = [training_batch(examples[i : i + 8], tokenizer, limits, seq2seq=False) for i in range(0, 32, 8)]
+    widths = [b["input_ids"].shape[1] for b in sorted_batches]
+    assert widths == sorted(widths, reverse=True)
+    assert padding_fraction(sorted_batches) < padding_fraction(plain)
+    assert sum(b["num_targets"] for b in sorted_batches) == sum(b["num_targets"] for b in plain)
+
+
+def test_selection_breaks_ties_by_nll_and_can_select_on_nll():
+    assert selection_key(0.0, 2.0, "metric") > selection_key(0.0, 3.0, "metric")  # all-zero validations
+    assert selection_key(5.0, 9.0, "metric") > selection_key(4.0, 1.0, "metric")  # the paper's metric first
+    assert selection_key(4.0, 1.0, "nll") > selection_key(5.0, 9.0, "nll")
+    with pytest.raises(ValueError, match="train.select_by"):
+        selection_key(1.0, 1.0, "loss")
+
+
+def test_zero_shot_mixture_selects_on_supervised_sets_of_its_task():
+    mixture = load_mixture_by_name("zeroshot_sp", "mini").restrict(4)
+    held_out = {lang for s in mixture.eval_sets for lang in s.langs}
+    (selection,) = mixture.selection_sets
+    assert selection.task == "semantic_parsing" and not selection.zero_shot
+    assert selection.langs == mixture.train["semantic_parsing"] and not held_out & set(selection.langs)
+    assert ("semantic_parsing", "th", "validation") not in [(t, lang, s) for t, s, lang in mixture.required_files() if s == "test"]
+    supervised = load_mixture_by_name("multilingual_ner", "mini")
+    assert supervised.selection_sets == supervised.eval_sets
+
+
+def test_zero_shot_run_records_its_selection_sets_and_never_scores_them(compose, tmp_path):
+    results = run(compose("mixture=zeroshot_sp"), tmp_path)
+    (selected,) = results["selection"]["sets"]
+    assert results["selection"]["by"] == "metric"
+    assert selected["task"] == "semantic_parsing" and "th" not in selected["langs"]
+    assert set(results["test"]["semantic_parsing"]) == {"th"}  # only the held-out language is scored
+    history = results["history"]
+    averages = [h["validation_average"] for h in history]
+    if len(set(averages)) == 1:  # a tie (the tiny model scores 0): the lower NLL wins
+        assert results["best_step"] == min(history, key=lambda h: h["validation_nll"])["step"]
+
+
+def test_run_records_nll_ids_and_no_machine_paths(compose, tmp_path, data_root):
+    results = run(compose("mixture=multitask_sw"), tmp_path)
+    for task, langs in results["test"].items():
+        for lang in langs:
+            ids, nll = results["test_ids"][task][lang], results["test_example_nll"][task][lang]
+            assert len(ids) == len(nll) == len(results["test_stats"][task][lang]) == 3
+            assert results["test_nll"][task][lang] == pytest.approx(sum(nll) / len(nll))
+            sample = eval_sample(read_dataset(data_root, task, "test", lang), 3, task, "test", lang)
+            assert ids == [ex.id for ex in sample]  # the fixed sample, by id
+            lines = (tmp_path / "predictions" / "test" / f"{task}.{lang}.jsonl").read_text().splitlines()
+            assert [json.loads(line)["nll"] for line in lines] == nll
+    for entry in results["eval_sets"].values():
+        assert entry["test_nll"] > 0 and entry["validation_nll"] > 0
+    assert all("validation_nll" in h for h in results["history"])
+    text = (tmp_path / "results.json").read_text()
+    assert str(Path(data_root).resolve()) not in text and results["data_root"] == Path(data_root).resolve().name
