@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flix.features import FeatureSpace
+from flix.features import PAD, FeatureSpace
 from flix.layer import FLixLayer, is_conv1d
 from flix.routing import FEATURES_KEY, RoutedCall, Router, as_ids, routed_signature, take_features
 
@@ -67,6 +67,9 @@ class FLixConfig:
     sparse_grad: bool = False
 
     def __post_init__(self):
+        ranks = [self.shared_rank, *self.ranks.values()]
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+            raise ValueError(f"ranks and shared_rank must be whole numbers, got ranks={self.ranks}, shared_rank={self.shared_rank!r}")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
         if self.dropout_mode not in DROPOUT_MODES:
@@ -267,16 +270,27 @@ class FLixModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> FLixModel:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{directory / CONFIG_NAME} not found: is {directory} a FLix adapter directory?")
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        config = FLixConfig.from_dict(meta["config"])
-        config.target_modules = meta["adapted_modules"]  # exactly the modules that were saved
-        flix_model = cls(model, config)
-        flix_model.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME)), source=str(directory / WEIGHTS_NAME))
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} not found: is {directory} a FLix adapter directory?")
+        try:
+            meta = json.loads(config_path.read_text())
+            config = FLixConfig.from_dict(meta["config"])
+            config.target_modules = meta["adapted_modules"]  # exactly the modules that were saved
+            flix_model = cls(model, config)
+        except KeyError as err:
+            raise ValueError(f"{config_path} has no {err} key: it is not a FLix adapter config; save the adapter again") from err
+        except (ValueError, TypeError, AttributeError) as err:  # bad JSON, ranks, features or modules
+            raise ValueError(f"{config_path} is not a valid FLix adapter config: {err}") from err
+        try:
+            tensors = load_file(str(weights_path))
+        except (OSError, SafetensorError) as err:  # missing, truncated, not safetensors
+            raise ValueError(f"{weights_path} cannot be read ({err}): the adapter is incomplete or damaged; save it again") from err
+        flix_model.load_adapter_state_dict(tensors, source=str(weights_path))
         trained = meta.get("trained_combinations") or []
         flix_model.seen = set(map(tuple, config.space.feature_ids(trained).tolist()))
         return flix_model
@@ -287,6 +301,18 @@ class FLixModel(nn.Module):
         if set(tensors) != set(expected):
             missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
             raise ValueError(f"{source} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for key, value in tensors.items():
+            # exactly: copy_ would broadcast a (1, d), (d,) or scalar tensor into every row
+            if value.shape != expected[key].shape:
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(value.shape)}, this model needs {tuple(expected[key].shape)}: "
+                    "it was saved for other features, ranks or another base model"
+                )
+            if value[PAD].any():
+                raise ValueError(
+                    f"{source}: {key} has a non-zero padding row {PAD} (featureless examples would no longer "
+                    "equal the base model): the file is damaged or was edited; retrain or restore it"
+                )
         with torch.no_grad():
             for key, value in tensors.items():
                 expected[key].copy_(value)

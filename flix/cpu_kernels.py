@@ -25,9 +25,13 @@ from pathlib import Path
 
 import torch
 
+from flix.io import atomic_write_text
+from flix.lock import run_lock
+
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 WIDTH = 16  # layer widths must be multiples of the kernels' vector width
 MAX_RANK = 16
+BUILD_WAIT_S = 600  # how long to wait for another process's build before using torch's ops
 log = logging.getLogger(__name__)
 _off = False  # set by disabled()
 
@@ -76,14 +80,24 @@ def kernel():
         return None
     try:
         return _build()
-    except Exception as err:  # no compiler, no ninja, a compile error: fall back, and say so once
+    except Exception as err:  # no compiler, no ninja, a compile error, a build that hangs: fall back, and say so once
         warnings.warn(
             f"flix: the CPU kernels could not be built ({type(err).__name__}: {str(err).strip()[:500]}); "
-            "using torch's ops (same results, slower). Set FLIX_CPU_KERNELS=0 to skip the attempt.",
+            f"using torch's ops (same results, slower). Deleting {_folder()} rebuilds them from scratch; "
+            "FLIX_CPU_KERNELS=0 skips the attempt.",
             RuntimeWarning,
             stacklevel=2,
         )
         return None
+
+
+def _folder() -> Path:
+    """The build folder: torch's for this Python and torch; the name carries this CPU's flags,
+    as -march=native builds for this CPU, so a cache shared between machines never loads a
+    build made for another CPU (torch rebuilds on source changes)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(f"flix_cpu_kernels_{hashlib.sha1(_cpu_signature().encode()).hexdigest()[:10]}", False))
 
 
 def _build():
@@ -92,18 +106,36 @@ def _build():
     venv_bin = Path(sys.executable).parent
     if shutil.which("ninja") is None and (venv_bin / "ninja").exists():  # the ninja wheel, venv not activated
         os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-    # -march=native builds for this CPU: the name carries its flags, so a cache shared between
-    # machines never loads a build made for another CPU (torch rebuilds on source changes).
-    name = f"flix_cpu_kernels_{hashlib.sha1(_cpu_signature().encode()).hexdigest()[:10]}"
-    log.info("flix: building the CPU kernels %s (once per machine, about a minute)", name)
-    return load(
-        name=name,
-        sources=[str(SOURCE)],
-        # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it the kernels run on one thread
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    folder = _folder()
+    name = folder.name
+    library, stamp = folder / f"{name}.so", folder / "flix-stamp"
+    # An OS lock, released when its holder dies: a killed build never blocks later runs, and a
+    # live one is waited for at most BUILD_WAIT_S (then torch's ops).
+    with run_lock(folder, wait=True, timeout=BUILD_WAIT_S):
+        # torch's own marker, left behind by a killed build, would make load() wait forever;
+        # under our lock nobody else is building
+        (folder / "lock").unlink(missing_ok=True)
+        if library.exists() and not (stamp.exists() and stamp.read_text() == _fingerprint(library)):
+            # truncated or half-written (loading it can crash the process): relink it, as the
+            # build tool sees it as up to date
+            log.warning("flix: the CPU kernel library %s is damaged or unfinished; rebuilding it", library)
+            library.unlink()
+        log.info("flix: building the CPU kernels %s (once per machine, about two minutes)", name)
+        module = load(
+            name=name,
+            sources=[str(SOURCE)],
+            # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it the kernels run on one thread
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            verbose=False,
+        )
+        atomic_write_text(stamp, _fingerprint(library))
+    return module
+
+
+def _fingerprint(library: Path) -> str:
+    return hashlib.sha256(library.read_bytes()).hexdigest()
 
 
 def _cpu_signature() -> str:

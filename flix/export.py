@@ -34,8 +34,12 @@ def combination_rows(model, features: dict) -> torch.Tensor:
 
 
 def folder_name(features: dict) -> str:
-    """task=ner,lang=sw: a combination as a folder name."""
-    return ",".join(f"{group}={value}" for group, value in features.items()) or "shared"
+    """task=ner,lang=sw: a combination as a folder name, refused where it would not be one
+    folder inside the output (a value such as ../../x from an edited config)."""
+    name = ",".join(f"{group}={value}" for group, value in features.items()) or "shared"
+    if any(c in name for c in "/\\\0"):
+        raise ValueError(f"features {features} cannot name a folder: a group or value holds a path separator")
+    return name
 
 
 def export_peft(model, features: dict, directory: str | Path) -> Path:
@@ -73,6 +77,13 @@ def export_all(model, directory: str | Path, combinations: list[dict] | None = N
     combinations = model.trained_combinations if combinations is None else combinations
     if not combinations:
         raise ValueError("no combinations to export: this adapter recorded none it was trained on; pass them (--features task=ner,lang=sw)")
+    known = model.flix_config.features
+    for features in combinations:  # all checked before anything is written
+        unknown = {g: v for g, v in features.items() if v not in known.get(g, [])}
+        if unknown:
+            have = "; ".join(f"{g}: {', '.join(vs)}" for g, vs in known.items()) or "none"
+            raise ValueError(f"features {unknown} are not in this adapter (its features: {have})")
+        folder_name(features)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -8,6 +8,7 @@ are only there to name the holder in the message a second process gets.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import socket
 import time
@@ -29,23 +30,33 @@ def holder(run_dir: Path) -> str:
     return text or "an unknown process"
 
 
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 @contextmanager
-def run_lock(run_dir: str | Path, wait: bool = False):
-    """Hold RUN_DIR/.lock for the block. Busy: wait for it (`wait`) or raise RunLocked
-    naming the holder."""
+def run_lock(run_dir: str | Path, wait: bool = False, timeout: float | None = None):
+    """Hold RUN_DIR/.lock for the block. Busy: wait for it (`wait`; at most `timeout`
+    seconds when given) or raise RunLocked naming the holder."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             if not wait:
                 raise RunLocked(
                     f"{run_dir} is being run by {holder(run_dir)}: wait for it to finish, stop it, or pass wait=true to wait here"
                 ) from None
             print(f"[flix] waiting for {run_dir}, held by {holder(run_dir)}", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + (math.inf if timeout is None else timeout)
+            while not _try_lock(fd):
+                if time.monotonic() > deadline:
+                    raise RunLocked(f"{run_dir} is still held by {holder(run_dir)} after {timeout:.0f} s")
+                time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         yield
