@@ -16,7 +16,7 @@ from flix.report.cli import main
 from flix.report.tables import PAPER_FILES
 from flix.results import write_failure, write_results
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper"
+PAPER = Path(__file__).resolve().parents[1] / "flix" / "report" / "paper"  # shipped with the package
 SMOKE_NOTE = "smoke numbers are a pipeline check (tiny random model, a few steps), not results"
 # (method, mixture, seed, dropout, lang rank) -> base score of each eval set (by name); languages
 # spread symmetrically around it, so a set's average is exactly the base.

@@ -116,7 +116,7 @@ def test_slurm_launcher_config_composes():
     assert cfg.hydra.launcher.gpus_per_node == 1 and "submitit" in cfg.hydra.launcher._target_
 
 
-PAPER = REPO.parent / "shared" / "paper"
+PAPER = REPO / "flix" / "report" / "paper"  # shipped with the package
 
 
 def test_make_studies_render_all_five_tables(runs_env):

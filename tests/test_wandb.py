@@ -13,7 +13,7 @@ from flix.train import LOGGED, run
 
 pytest.importorskip("wandb")
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper"
+PAPER = Path(__file__).resolve().parents[1] / "flix" / "report" / "paper"  # shipped with the package
 
 
 def wandb_records(path: Path) -> list:

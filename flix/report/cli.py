@@ -5,6 +5,8 @@
 Default paths are relative to the repository root, as flix.study uses them. The report
 goes to an uncommitted folder (outputs/reports/<scale>) unless --snapshot asks for the
 committed one (reports/<scale>), where files no render wrote (but its README) are then removed.
+The paper's numbers come with the package (flix/report/paper/); --paper or FLIX_PAPER_DIR
+reads another folder of the same files.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flix.report.render import ReportError, infer_scale, render, summary_line
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = "outputs/reports"  # git-ignored
+PAPER = Path(__file__).resolve().parent / "paper"  # the paper's Tables 1-5 as CSV (its README says from where)
 SNAPSHOTS = REPO / "reports"  # committed: each scale's folder has a README saying how it was made
 SCALES = tuple(sorted(p.stem for p in (REPO / "conf" / "scale").glob("*.yaml")))  # smoke, cpu, mini, paper
 
@@ -30,7 +33,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--scale", choices=SCALES, help="default: the runs' scale with --runs, else smoke")
     parser.add_argument("--out", type=Path, help=f"output dir (default: $FLIX_REPORTS or {DEFAULT_OUT}, then /<scale>)")
     parser.add_argument("--snapshot", action="store_true", help="write the committed snapshot reports/<scale>/ (stale files removed first)")
-    parser.add_argument("--paper", type=Path, help="paper tables (default: $FLIX_PAPER_DIR or ../shared/paper beside the repo)")
+    parser.add_argument("--paper", type=Path, help="the paper's table CSVs (default: $FLIX_PAPER_DIR, else flix/report/paper)")
     parser.add_argument("--wandb", action="store_true", help="also log the report to W&B (offline unless WANDB_MODE=online)")
     parser.add_argument("--wandb-project", help="default: the project of conf/logger/wandb.yaml")
     return parser.parse_args(argv)
@@ -45,13 +48,20 @@ def remove_stale(out: Path, written: list[str]) -> None:
             path.unlink()
 
 
+def shown(path: str | Path) -> str:
+    """A path as the user would type it here: relative to the working directory when
+    inside it (no machine's absolute paths in what is printed or pasted from it)."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
     try:
         scale = args.scale or (infer_scale(args.runs) if args.runs and args.runs.is_dir() else "smoke")
-        runs = args.runs or REPO / os.environ.get("FLIX_RUNS", "runs") / scale
-        out = args.out or (SNAPSHOTS if args.snapshot else REPO / os.environ.get("FLIX_REPORTS", DEFAULT_OUT)) / scale
-        paper = args.paper or Path(os.environ.get("FLIX_PAPER_DIR", REPO.parent / "shared" / "paper"))
+        runs = args.runs or Path(shown(REPO / os.environ.get("FLIX_RUNS", "runs") / scale))
+        out = args.out or Path(shown((SNAPSHOTS if args.snapshot else REPO / os.environ.get("FLIX_REPORTS", DEFAULT_OUT)) / scale))
+        paper = args.paper or Path(os.environ.get("FLIX_PAPER_DIR") or PAPER)
         summary = render(runs, out, scale, paper)
         if args.snapshot:
             remove_stale(out, summary["files"])
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flix report: {error}", file=sys.stderr)
         return 2
     for path in summary["files"]:
-        print(f"wrote {path}")
+        print(f"wrote {shown(path)}")
     print(summary_line(summary))
     if args.wandb:
         from flix.report.wandb_log import log_to_wandb
@@ -68,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # W&B's files sit beside the runs' (not in the report folder, which may be committed)
             logged = log_to_wandb(out, scale, project, wandb_dir=runs, files=[Path(p) for p in summary["files"]])
-            print(f"logged the report to W&B: {len(logged)} runs (the whole render, then each table in its runs' group) under {logged[0].parent}")
+            print(
+                f"logged the report to W&B: {len(logged)} runs (the whole render, then each table in its runs' group) under {shown(logged[0].parent)}"
+            )
         except Exception as error:  # the report files stand; a tracking failure must not hide them
             print(f"flix report: W&B logging failed: {type(error).__name__}: {error}", file=sys.stderr)
             return 1
