@@ -217,3 +217,61 @@ def test_cli_prints_root_last(archive, tmp_path, capsys):
 def test_default_dest_respects_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_dest() == tmp_path / "flix" / "data"
+
+
+# --- flix data mini: a small real copy in a scale's shape, from the archive or a data root ---
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "xtreme_up_sample"
+
+
+def sample_archive() -> bytes:
+    """The real sample in tests/data/, packed as the official archive is (one top folder)."""
+    files = sorted(SAMPLE.rglob("*.jsonl"))
+    return tgz([(f"{TOP}/{p.relative_to(SAMPLE)}", p.read_bytes()) for p in files])
+
+
+def mixtures_cut_to(n: int):
+    from flix.data.mixtures import load_mixture_by_name, mixture_names
+
+    return [load_mixture_by_name(name, "mini").restrict(n) for name in mixture_names()]
+
+
+def test_mini_from_an_archive_holds_what_the_scale_reads(server, tmp_path, capsys):
+    server.files[f"/{NAME}"] = sample_archive()
+    dest, work = tmp_path / "small", tmp_path / "download"
+    assert cli.main(["mini", "--source", server.url, "--download-dir", str(work), "--dest", str(dest), "--scale", "smoke", "-q"]) == 0
+    assert f"export FLIX_DATA_ROOT={dest}" in capsys.readouterr().out
+    assert (work / TOP / "ner" / "train" / "am.jsonl").is_file(), "the archive is unpacked in --download-dir"
+    for mixture in mixtures_cut_to(2):
+        mixture.check(dest)  # every file each smoke-scale mixture reads
+    counts = json.loads((dest / "counts.json").read_text())
+    # smoke evaluates 4 examples per language; it draws 96 for training, more than the sample's 16
+    assert counts["ner/validation/am"] == counts["ner/test/am"] == 4 and counts["ner/train/am"] == 16
+    assert (dest / "ner/test/am.jsonl").read_bytes().splitlines()[0] in (SAMPLE / "ner/test/am.jsonl").read_bytes().splitlines()
+
+
+def test_mini_from_a_data_root_is_deterministic_and_seeded(tmp_path):
+    argv = ["mini", "--source", str(SAMPLE), "--scale", "smoke", "-q"]
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert cli.main([*argv, "--dest", str(tmp_path / name), "--seed", seed]) == 0
+    same = [(tmp_path / name / "qa_in_lang/test/ar.jsonl").read_bytes() for name in "abc"]
+    assert same[0] == same[1] != same[2]
+
+
+def test_mini_refuses_a_source_without_the_scales_files(tmp_path, capsys):
+    dest = tmp_path / "small"
+    assert cli.main(["mini", "--source", str(SAMPLE), "--dest", str(dest), "-q"]) == 2  # the cpu scale reads 4 languages per task
+    err = capsys.readouterr().err
+    assert "lacks" in err and str(SAMPLE / "ner" / "train" / "bbj.jsonl") in err and "Traceback" not in err
+    assert not dest.exists(), "nothing written"
+
+
+@pytest.mark.needs_mini
+def test_mini_of_the_mini_copy_has_the_cpu_scales_shape(data_root, tmp_path):
+    dest = tmp_path / "small"
+    assert cli.main(["mini", "--source", str(data_root), "--dest", str(dest), "-q"]) == 0
+    for mixture in mixtures_cut_to(4):  # conf/scale/cpu.yaml: 4 languages per task
+        mixture.check(dest)
+    counts = json.loads((dest / "counts.json").read_text())
+    assert counts["ner/train/am"] == 48 * 16 and counts["ner/validation/am"] == 24 and counts["ner/test/am"] == 48
+    assert "ner/train/yo" not in counts, "languages no cpu-scale run reads are left out"

@@ -1,4 +1,4 @@
-"""`flix data`: check (stats), download and subsample XTREME-UP data."""
+"""`flix data`: check (stats), download and subsample XTREME-UP data, or make a small real copy (mini)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from flix.data import download as dl
 from flix.data.reader import SPLITS, DataError, UsageError, data_files, iter_file, lang_of, resolve_root
-from flix.data.subsample import subsample
+from flix.data.subsample import scale_copy, subsample
 
 
 def count_examples(root: str | Path | None, progress: bool = True) -> tuple[dict, list[DataError]]:
@@ -74,6 +74,18 @@ def run_subsample(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_mini(args: argparse.Namespace) -> int:
+    source = dl.local_path(args.source)
+    if source is not None and source.is_dir():
+        root = dl.find_data_root(source) or resolve_root(source)  # resolve_root names what is wrong
+    else:
+        root = dl.download(args.source, args.download_dir, progress=not args.quiet)
+    counts = scale_copy(root, args.dest, args.scale, args.seed, progress=not args.quiet)
+    print(f"wrote {sum(counts.values()):,} examples in {len(counts)} files ({args.scale} scale's shape, seed {args.seed}) to {args.dest}")
+    print(f"Use it with: export FLIX_DATA_ROOT={args.dest}  (or data.root={args.dest})")
+    return 0
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1 (a bad value is a usage error, exit 2)."""
     value = int(text)
@@ -110,6 +122,17 @@ def parser() -> argparse.ArgumentParser:
     small.add_argument("--per-file", type=positive_int, required=True, help="lines kept per file")
     small.add_argument("--seed", type=int, default=0)
     small.set_defaults(run=run_subsample)
+    mini = sub.add_parser("mini", parents=[common], help="a small real copy: the files a scale's runs read, seeded lines of each")
+    mini.add_argument("--dest", required=True, help="new data root to write")
+    mini.add_argument(
+        "--source", default=dl.DEFAULT_URL, help="the XTREME-UP archive (URL, file:// URL or path) or a data root (default: the official archive)"
+    )
+    mini.add_argument("--download-dir", help=f"where a downloaded archive is unpacked (default: {dl.default_dest()})")
+    mini.add_argument(
+        "--scale", default="cpu", help="conf/scale/ whose shape to take: languages per task, training draws, eval and test examples (default cpu)"
+    )
+    mini.add_argument("--seed", type=int, default=0)
+    mini.set_defaults(run=run_mini)
     return top
 
 
@@ -121,6 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flix data {args.command}: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, UsageError) else 1  # 2: a root, file or value to fix first
     except KeyboardInterrupt:  # Ctrl-C is not a crash: no traceback (a download's .part stays, to resume)
-        again = "; run it again to resume" if args.command == "download" else ""
+        again = "; run it again to resume" if args.command in ("download", "mini") else ""
         print(f"flix data {args.command}: interrupted{again}.", file=sys.stderr)
         return 130
