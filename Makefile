@@ -1,7 +1,8 @@
 # flix: every target runs inside .venv, made by `make setup`.
 PY ?= .venv/bin/python
 SCALE ?= smoke
-export FLIX_DATA_ROOT ?= $(abspath ../shared/data/xtreme_up_mini)
+# The real mini copy beside the clone, else the small real sample in the repository.
+export FLIX_DATA_ROOT ?= $(abspath $(firstword $(wildcard ../shared/data/xtreme_up_mini) tests/data/xtreme_up_sample))
 # Run directories: $(FLIX_RUNS)/<scale>/<mixture>/<run>; rendered tables: $(FLIX_REPORTS)/<scale>/,
 # or the committed snapshot reports/<scale>/ with SNAPSHOT=1.
 # (No comments after values here: make would keep the spaces before them.)

@@ -129,6 +129,7 @@ def test_duplicate_member_is_refused(extra, tmp_path):
     assert list(dest.iterdir()) == []
 
 
+@pytest.mark.needs_mini  # counts every NER line of the real mini copy
 def test_ner_target_disagreeing_with_spans_is_refused(data_root, tmp_path, capsys):
     path = write(
         tmp_path / "ner" / "train" / "sw.jsonl",
