@@ -28,8 +28,8 @@ UNHASHED_NESTED = (("train", "threads"),)
 
 def _decisive(resolved: dict) -> dict:
     """A resolved config without what does not change results (a copy): the UNHASHED
-    keys, the mixture's notes and its variant the run does not use; the data root as an
-    absolute path (the same data given two ways is one run)."""
+    keys, the mixture's notes and its variant the run does not use; the data root as its
+    real path, symlinks resolved (the same data given two ways is one run)."""
     container = copy.deepcopy(resolved)
     for key in UNHASHED:
         container.pop(key, None)
@@ -38,7 +38,7 @@ def _decisive(resolved: dict) -> dict:
             container[section].pop(key, None)
     data, mixture = container.get("data"), container.get("mixture")
     if isinstance(data, dict) and data.get("root"):
-        data["root"] = os.path.abspath(os.path.expanduser(str(data["root"])))
+        data["root"] = os.path.realpath(os.path.expanduser(str(data["root"])))
     if isinstance(data, dict) and isinstance(mixture, dict):
         for variant in VARIANTS:
             if variant != data.get("variant"):

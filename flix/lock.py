@@ -30,6 +30,22 @@ def holder(run_dir: Path) -> str:
     return text or "an unknown process"
 
 
+def busy(run_dir: str | Path) -> str | None:
+    """Who holds RUN_DIR/.lock while a live process does, else None. It probes with a shared
+    lock, dropped at once: a run starting in that instant would find the directory busy."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return holder(run_dir)
+    finally:
+        os.close(fd)
+    return None
+
+
 def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +37,28 @@ class PlannedRun:
 
     @property
     def status(self) -> str:
-        if (self.run_dir / "results.json").exists():
-            return "done"
+        return self.state()[0]
+
+    def state(self) -> tuple[str, str]:
+        """(status, why): done (a results.json the report reads), running (another process
+        holds the run), damaged (a results.json the report cannot read), failed or missing."""
+        from flix.lock import busy
+        from flix.report.collect import READ_ERRORS, read_results
+
+        results = self.run_dir / "results.json"
+        if results.exists():
+            try:
+                read_results(results)
+                return "done", "complete"
+            except READ_ERRORS as err:
+                damage = f"{results} cannot be read ({type(err).__name__}: {err}); --force trains it again"
+        if holder := busy(self.run_dir):
+            return "running", f"being trained by {holder}; rerun the study when it ends"
+        if results.exists():
+            return "damaged", damage
         if (self.run_dir / "failed.json").exists():
-            return "failed"
-        return "missing"
+            return "failed", _first_line((self.run_dir / "failed.json").read_text())
+        return "missing", "no results.json"
 
 
 def load_study(name: str) -> dict:
@@ -167,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         ["force=true"] if args.force else []
     )
     runs = plan(study, common)
-    done = sum(r.status == "done" for r in runs)
-    print(f"[flix study] {args.study} at scale {args.scale}: {len(runs)} runs, {done} complete" + (" (forced again)" if args.force else ""))
+    print(f"[flix study] {args.study} at scale {args.scale}: {len(runs)} runs, {counts(runs)}" + (" (forced again)" if args.force else ""))
     if found := problems(runs):
         for message in found:
             print(f"flix study: error: {message}", file=sys.stderr)
@@ -176,14 +193,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.time()
     launch(study, common, args.launcher, args.jobs)
-    failed = [r for r in runs if r.status != "done"]
-    print(f"[flix study] {len(runs) - len(failed)}/{len(runs)} runs complete in {time.time() - started:.0f}s")
-    for r in failed:
-        reason = (r.run_dir / "failed.json").read_text() if r.status == "failed" else "no results.json"
-        print(f"[flix study] FAILED {' '.join(r.overrides)} -> {r.run_dir}: {_first_line(reason)}", file=sys.stderr)
+    print(f"[flix study] {len(runs)} runs, {counts(runs)} in {time.time() - started:.0f}s")
+    failed = False
+    for r in runs:  # one line for each run not complete
+        status, why = r.state()
+        if status != "done":
+            failed |= status != "running"  # another process's run is not a failure of this study
+            print(
+                f"[flix study] {'RUNNING ELSEWHERE' if status == 'running' else 'FAILED'} {' '.join(r.overrides)} -> {r.run_dir}: {why}",
+                file=sys.stderr,
+            )
     if not args.no_report:
         _report(args.scale, args.logger, args.snapshot)
     return 1 if failed else 0
+
+
+def counts(runs: list[PlannedRun]) -> str:
+    """7 complete, 1 damaged: how many runs are in each state, complete first."""
+    found = Counter(r.status for r in runs)
+    names = {"done": "complete", "running": "being trained by another process"}
+    return ", ".join(f"{found[s]} {names.get(s, s)}" for s in ("done", "running", "damaged", "failed", "missing") if found[s] or s == "done")
 
 
 def _first_line(failed_json: str) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -79,7 +81,7 @@ class RunIndex:
     root: Path
     runs: list[RunRecord] = field(default_factory=list)
     skipped: list[RunRecord] = field(default_factory=list)
-    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # results.json that do not parse
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # records that cannot be read or trusted, and why
 
     @property
     def finished(self) -> list[RunRecord]:
@@ -130,12 +132,62 @@ def _record(path: Path, config: dict, data_root: str | None = None, **body) -> R
     )
 
 
+# what reading a damaged or hand-edited record can raise: the report names and skips it
+READ_ERRORS = (OSError, ValueError, TypeError, AttributeError, RecursionError)
+RUN_NAME = re.compile(r"^(\w+)-drop")  # conf/train.yaml run_name: METHOD-drop...
+
+
 def read_results(path: Path) -> RunRecord:
-    """A finished run; ValueError if the file is not a results.json object."""
+    """A finished run; ValueError if the file is not a flix results.json the tables can
+    trust: scores that are not finite numbers, or a method that its FLix block or
+    directory name contradicts (an edited record would fill another method's row)."""
     results = json.loads(path.read_text())
     if not isinstance(results, dict):
         raise ValueError("not a JSON object")
-    return _record(path.parent, results.get("config") or {}, results.get("data_root"), results=results)
+    record = _record(path.parent, results.get("config") or {}, results.get("data_root"), results=results)
+    if "method" in results and "eval_sets" in results:  # else not a flix run's: collect() leaves it out
+        _check_scores(results)
+        _check_method(record, results)
+    return record
+
+
+def _check_scores(results: dict) -> None:
+    for split in ("validation", "test"):
+        scores = results.get(split)
+        if not isinstance(scores, dict) or not all(isinstance(langs, dict) for langs in scores.values()):
+            raise ValueError(f"{split} is not a {{task: {{language: score}}}} object")
+        for task, langs in scores.items():
+            for lang, score in langs.items():
+                if not _finite(score):
+                    raise ValueError(f"{split} score of {task}/{lang} is {score!r}, not a finite number")
+    sets = results["eval_sets"]
+    if not isinstance(sets, dict) or not all(isinstance(s, dict) and isinstance(s.get("task"), str) for s in sets.values()):
+        raise ValueError("eval_sets is not a {name: {task: ..., ...}} object")
+    for name, entry in sets.items():
+        for key, value in entry.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"eval_sets {name} {key} is {value!r}, not a finite number")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_method(record: RunRecord, results: dict) -> None:
+    method = load_method(record.method)  # ValueError for a method conf/method/ does not have
+    if results["method"] != record.method:
+        raise ValueError(f"method {results['method']!r} but its config says {record.method!r}")
+    named = RUN_NAME.match(record.path.name)
+    if named and named.group(1) != record.method:
+        raise ValueError(f"method {record.method!r} in a run directory named for {named.group(1)!r}")
+    flix = results.get("flix")
+    if isinstance(flix, dict):  # what was trained: feature adapters, an always-on one, or both
+        trained = (bool(flix.get("features")), bool(flix.get("shared_rank")))
+        expected = (bool(method["features"]), method["shared_rank"] != 0)
+        if trained != expected:
+            raise ValueError(
+                f"method {record.method!r} but its FLix block has features {flix.get('features')} and shared_rank {flix.get('shared_rank')}"
+            )
 
 
 def read_failure(path: Path) -> RunRecord:
@@ -150,18 +202,40 @@ def read_failure(path: Path) -> RunRecord:
     return _record(path.parent, config, failure=reason.splitlines()[0])
 
 
+def run_files(root: Path, name: str) -> list[Path]:
+    """Every `name` file under root at any depth, following symlinked folders as the study
+    does (it finds a run through its path), each real folder once."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link loop, or a second path to the same runs
+            dirs.clear()
+            continue
+        seen.add(real)
+        if name in files:
+            found.append(Path(folder) / name)
+    return sorted(found)
+
+
 def collect(root: str | Path, scale: str | None = None) -> RunIndex:
-    """Every run under `root` (any depth). A directory with results.json counts as
-    finished even if an older failed.json is still there (the rerun succeeded)."""
+    """Every run under `root` (any depth, through symlinked folders). A directory with
+    results.json counts as finished even if an older failed.json is still there (the rerun
+    succeeded). A record that cannot be read or trusted, whatever is wrong with it, is
+    named in `unreadable` and skipped: the rest renders."""
     root = Path(root)
     runs, unreadable = [], []
-    for path in sorted(root.rglob(RESULTS)):
+    for path in run_files(root, RESULTS):
         try:
             runs.append(read_results(path))
-        except (OSError, ValueError, RecursionError) as error:  # truncated, corrupted: skip it, render the rest
+        except READ_ERRORS as error:  # truncated, corrupted, edited
             unreadable.append((path, f"{type(error).__name__}: {error}"))
     done = {r.path for r in runs} | {p.parent for p, _ in unreadable}
-    runs += [read_failure(p) for p in sorted(root.rglob(FAILED)) if p.parent not in done]
+    for path in run_files(root, FAILED):
+        try:
+            if path.parent not in done:
+                runs.append(read_failure(path))
+        except READ_ERRORS as error:  # e.g. the failure of seed=abc
+            unreadable.append((path, f"{type(error).__name__}: {error}"))
     # a results.json without these is not a flix run's
     runs = [r for r in runs if r.results is None or ("method" in r.results and "eval_sets" in r.results)]
     if scale is None:
