@@ -77,6 +77,7 @@ def atomic_dir(path: str | Path):
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _umask_modes(tmp)
         (tmp / COMPLETE).touch()
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,6 +90,14 @@ def atomic_dir(path: str | Path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_modes(folder: Path) -> None:
+    """The modes a plain open() or mkdir would give: some writers (safetensors) make 0600 files."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        full = 0o777 if path.is_dir() or path.stat().st_mode & 0o100 else 0o666
+        os.chmod(path, full & ~mask)
 
 
 def recover(path: str | Path) -> Path | None:

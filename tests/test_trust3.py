@@ -403,3 +403,22 @@ def test_study_says_when_another_process_trains_a_run(one_run_study, capsys):
     assert "1 being trained by another process" in out
     assert code == 0 and "FAILED" not in err, err  # before: FAILED ... no results.json, exit 1
     assert f"RUNNING ELSEWHERE method=compute_matched mixture=multitask_sw seed=0 -> {run.run_dir}: being trained by pid {os.getpid()}" in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_adapter_and_export_files_get_the_umask_modes(tmp_path, umask):
+    from flix import FLixModel
+    from flix.export import export_all
+    from flix.models import load_model
+
+    old = os.umask(umask)
+    try:
+        adapter = saved_adapter(tmp_path / "adapter")
+        export_all(FLixModel.from_pretrained(load_model({"name": "tiny"})[0], adapter), tmp_path / "export")
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if p.name != ".lock"]
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in written}
+    # before: flix_adapter.safetensors and adapter_model.safetensors were 0600
+    assert modes == {k: (0o777 if (tmp_path / k).is_dir() else 0o666) & ~umask for k in modes}, modes
+    assert "adapter/flix_adapter.safetensors" in modes and "export/task=ner,lang=sw/adapter_model.safetensors" in modes
