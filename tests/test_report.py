@@ -267,6 +267,10 @@ def test_intervals_significance_and_cells_csv(tmp_path):
         results["test"]["ner"] = {lang: metrics.score("ner", gold, preds) for lang in langs}
         results["eval_sets"]["ner"]["test"] = metrics.score("ner", gold, preds)
         results["test_stats"] = {"ner": {lang: metrics.example_stats("ner", gold, preds) for lang in langs}}
+        nll = [0.5 if i % 4 < right else 3.0 for i in range(len(gold))]  # the right ones are likely
+        results["test_example_nll"] = {"ner": {lang: nll for lang in langs}}
+        results["eval_sets"]["ner"]["test_nll"] = sum(nll) / len(nll)
+        results["test_ids"] = {"ner": {lang: [f"{lang}-{i}" for i in range(len(gold))] for lang in langs}}
         results["config"]["dropout"] = dropout
         results["config"]["train"] = {"dropout_mode": mode}
         (run_dir / "results.json").write_text(json.dumps(results))
@@ -288,9 +292,16 @@ def test_intervals_significance_and_cells_csv(tmp_path):
     assert flix.diff_ci_low_vs_compute_matched > 0 and flix.p_vs_compute_matched < 0.01
     assert pd.isna(cm.diff_vs_compute_matched)
     table2 = (out / "table2.md").read_text()
-    assert f"{flix.ours:.1f} [{flix.ci_low:.1f}, {flix.ci_high:.1f}]*" in table2
+    assert f"{flix.ours:.1f} [{flix.ci_low:.1f}, {flix.ci_high:.1f}]°*" in table2  # °: one seed, examples only
+    assert flix.interval_covers == "examples only" and flix.p_holm_vs_compute_matched >= flix.p_vs_compute_matched
+    # the same cells in the gold target NLL (lower is better), with intervals and paired differences
+    nll = frame[(frame.table == "table2_nll") & (frame.column == "Multilingual NER")].set_index("row")
+    assert nll.loc["FLix", "ours"] == pytest.approx((3 * 0.5 + 3.0) / 4) and nll.loc["FLix", "ci_low"] <= nll.loc["FLix", "ours"]
+    assert nll.loc["FLix", "diff_vs_compute_matched"] < 0 and pd.isna(nll.loc["FLix", "paper"]) and (out / "table2_nll.md").exists()
     # the keep_one run has its own row in the dropout-modes table (written because it exists)
     modes = frame[frame.table == "dropout_modes"].set_index(["row", "column"])
     assert modes.loc[("FLix, p = 0.7 keep-one", "Test"), "ours"] == pytest.approx(metrics.score("ner", gold, gold))
     assert modes.loc[("FLix, p = 0.7 independent", "Test"), "ours"] == pytest.approx(flix.ours)
+    keep_one = modes.loc[("FLix, p = 0.7 keep-one", "Test")]  # an ablation row against its own control
+    assert keep_one.diff_vs_control == pytest.approx(keep_one.ours - flix.ours) and keep_one.p_vs_control < 0.05
     assert pd.isna(modes.loc[("FLix, no dropout", "Test"), "ours"]) and (out / "dropout_modes.md").exists()

@@ -34,9 +34,12 @@ def figure_data(table1: Table, table2: Table) -> pd.DataFrame:
             multi, joint = table2.cell(row, f"Multilingual {label}"), table1.cell(row, label)
             change = None if multi.value is None or joint.value is None else joint.value - multi.value
             low = high = None
-            if change is not None and multi.samples is not None and joint.samples is not None:
-                # paired where the two mixtures score the same test sets (resampled alike)
-                low, high = uncertainty.interval(joint.samples - multi.samples)
+            if change is not None and multi.evidence is not None and joint.evidence is not None:
+                try:  # paired where the two mixtures scored the same test examples (resampled alike)
+                    paired = uncertainty.difference(joint.evidence, multi.evidence)
+                    low, high = paired.low, paired.high
+                except ValueError:  # other examples or seeds: no interval rather than a wrong one
+                    pass
             seeds = sorted({r.seed for c in (multi, joint) for r in c.runs if r.seed is not None})
             rows.append(
                 {

@@ -21,12 +21,16 @@ MINI_NOTE = (
     "Mini-scale mixtures use documented substitutes for what the mini data lacks (the `mini.notes` "
     "of conf/mixture/*.yaml), so these numbers are not comparable to the paper's."
 )
-MARKS = {"compute_matched": "*", "param_matched": "†"}
+MARKS = {"compute_matched": "*", "param_matched": "†", "control": "‡"}
 CELL_NOTE = (
     "Each cell: reproduced [95% interval] (paper X, reproduced − paper); Avg. is the mean of the row's columns; seeds "
-    "are averaged. Intervals bootstrap the test examples (and the seeds, when there are several). On FLix rows, * (vs "
-    "compute-matched LoRA) and † (vs param-matched LoRA) mark a paired difference whose 95% interval excludes 0 "
-    "(cells.csv has the differences, their intervals and p-values)."
+    "are averaged. Intervals combine the test examples (bootstrap) and, with 2+ seeds, the seeds (a t interval over "
+    "the per-seed values, so 2-3 seeds give wide intervals); an interval marked ° has one seed and covers test-example "
+    "noise only. On FLix rows, * (vs compute-matched LoRA) and † (vs param-matched LoRA), and on ablation rows ‡ (vs "
+    "the table's control row: dropout 0.7, language rank 2, FLix, p = 0.7 independent), mark a paired difference "
+    "(same seeds, same test examples) with a two-sided p < 0.05 after Holm's correction over every comparison of the "
+    "report in this metric. cells.csv has each difference, its interval, the per-seed differences and the raw and "
+    "corrected p-values."
 )
 
 
@@ -87,10 +91,11 @@ def _short(commit: str) -> str:
 
 
 def cell_text(cell: Cell) -> str:
-    text = DASH if cell.value is None else f"{cell.value:.1f}"
+    digits = 1 if cell.value is None or abs(cell.value) >= 10 else 2  # NLL cells (a few nats) need two
+    text = DASH if cell.value is None else f"{cell.value:.{digits}f}"
     if cell.value is not None and cell.interval is not None:
-        text += " [{:.1f}, {:.1f}]".format(*cell.interval)
-    text += "".join(mark for method, mark in MARKS.items() if method in cell.versus and cell.versus[method].significant)
+        text += " [{:.{d}f}, {:.{d}f}]".format(*cell.interval, d=digits) + ("" if cell.seed_noise else "°")
+    text += "".join(mark for key, mark in MARKS.items() if key in cell.versus and cell.versus[key].significant_holm)
     if cell.paper is not None:
         diff = "" if cell.diff is None else f", {cell.diff:+.1f}"
         text += f" (paper {cell.paper:.1f}{diff})"
@@ -174,8 +179,9 @@ def table_csv(table: Table) -> str:
 
 
 def cells_csv(tables: list[Table]) -> str:
-    """Every cell of every table, one row each (long format), with its interval and, on
-    FLix rows, the paired difference from compute-matched LoRA."""
+    """Every cell of every table, one row each (long format), with its interval and its
+    paired differences (FLix rows vs each LoRA baseline, ablation rows vs their control):
+    the difference, its interval, the per-seed differences, raw and Holm p-values."""
     records = []
     for table in tables:
         for label, cells in table.rows:
@@ -190,15 +196,19 @@ def cells_csv(tables: list[Table]) -> str:
                     "ci_high": high,
                     "seeds": len({r.seed for r in cell.runs}),
                     "seed_ids": " ".join(str(r.seed) for r in cell.runs),
+                    "interval_covers": None if cell.interval is None else ("seeds and examples" if cell.seed_noise else "examples only"),
                     "paper": cell.paper,
                 }
-                for method in MARKS:
-                    vs = cell.versus.get(method)
+                for key in MARKS:
+                    vs = cell.versus.get(key)
                     record |= {
-                        f"diff_vs_{method}": vs and vs.diff,
-                        f"diff_ci_low_vs_{method}": vs and vs.low,
-                        f"diff_ci_high_vs_{method}": vs and vs.high,
-                        f"p_vs_{method}": vs and vs.p_value,
+                        f"diff_vs_{key}": vs and vs.diff,
+                        f"diff_ci_low_vs_{key}": vs and vs.low,
+                        f"diff_ci_high_vs_{key}": vs and vs.high,
+                        f"diff_per_seed_vs_{key}": vs and " ".join(f"{seed}:{d:.4f}" for seed, d in zip(vs.seeds, vs.per_seed)),
+                        f"p_vs_{key}": vs and vs.p_value,
+                        f"p_floor_vs_{key}": vs and vs.at_floor,
+                        f"p_holm_vs_{key}": vs and vs.p_holm,
                     }
                 records.append(record)
     return pd.DataFrame(records).to_csv(index=False, float_format="%.4f")

@@ -3,12 +3,16 @@
 The paper CSV gives the layout (row labels, column headers, Avg.); the specs here map
 each row and column to a Selection of runs and the evaluation sets averaged in it.
 Every cell keeps the runs it came from, so pages can state seeds, models and commits.
+Each table is built twice: in the paper's metric, and in the gold targets' NLL
+(`TABLE_nll`, nats per target token, lower is better; no paper numbers). Cells carry
+their uncertainty (`flix.report.uncertainty`) and paired differences: FLix rows against
+the LoRA baselines, ablation rows against their table's control row.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +34,17 @@ PAPER_FILES = {
 TITLES = {
     "table1": "Table 1: Study A, joint multitask multilingual learning (test)",
     "table2": "Table 2: Study B, multilingual or multitask learning (test)",
-    "table3": "Table 3: FLix feature dropout on multilingual in-language QA",
+    "table3": "Table 3: FLix feature dropout on {mixture}",
     "table4": "Table 4: FLix language-feature rank on the multilingual mixtures (test)",
     "table5": "Table 5: FLix with shared parameters, Study A mixture (test)",
 }
+NLL = "nll"  # the second metric: a table's `_nll` variant
+NLL_TITLE = " - gold target NLL (nats per target token, lower is better)"
+# Table 3's mixture: the paper's (in-language QA) when its dropout sweep was run, else
+# multilingual NER (the cpu-scale study's, whose p = 0.7 row is Table 2's FLix runs).
+TABLE3_MIXTURES = ("multilingual_qa_in_lang", "multilingual_ner")
+# Each ablation row is compared with its table's control row (the paper's setting).
+CONTROLS = {"table3": "0.7", "table4": "2", "table5": "FLix"}
 ZERO_SHOT_COLUMNS = {"Zero-shot Unseen Comb: ": "unseen_combination", "Zero-shot Unseen Lang: ": "unseen_language"}
 ZERO_SHOT_MIXTURES = {"semantic_parsing": "zeroshot_sp"}  # Table 1 scores these zero-shot columns on their own mixture
 MULTITASK_COLUMNS = {"Multitask Swahili": "multitask_sw", "Multitask Bengali": "multitask_bn"}
@@ -49,6 +60,12 @@ class Source:
     task: str | None = None  # None: every task's sets
     zero_shot: str | None = None  # None: the supervised sets
     split: str = "test"
+    metric: str = "score"  # score: the paper's metric; nll: the gold target NLL
+
+    @property
+    def key(self) -> str:
+        """The results.json `eval_sets` key of this cell's number."""
+        return self.split if self.metric == "score" else f"{self.split}_{NLL}"
 
     def set_names(self, run: RunRecord) -> list[str]:
         """The run's evaluation sets (as its results.json records them) this cell averages."""
@@ -65,14 +82,23 @@ class Cell:
     paper: float | None
     runs: list[RunRecord] = field(default_factory=list)
     notes: list[int] = field(default_factory=list)
-    # bootstrap replicates of the value (test cells whose runs recorded per-example statistics)
-    samples: np.ndarray | None = field(default=None, repr=False)
-    # FLix rows: paired differences from the baselines' cells of the same column, by method
+    # per-seed values and example resamples (test cells whose runs recorded per-example statistics)
+    evidence: uncertainty.Evidence | None = field(default=None, repr=False)
+    # paired differences from other rows' cells of the same column: "compute_matched" and
+    # "param_matched" on FLix rows, "control" on ablation rows
     versus: dict[str, uncertainty.Difference] = field(default_factory=dict)
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        return None if self.samples is None else uncertainty.interval(self.samples)
+        if self.evidence is None:
+            return None
+        estimate = uncertainty.estimate(self.evidence)
+        return estimate.low, estimate.high
+
+    @property
+    def seed_noise(self) -> bool:
+        """Whether the interval has a seed part (2+ seeds) or covers test examples only."""
+        return self.evidence is not None and len(self.evidence.seeds) > 1
 
     @property
     def diff(self) -> float | None:
@@ -126,9 +152,18 @@ def _table2(row: str, col: str) -> Source:
     return Source(Selection(method, multilingual(task_of(col.removeprefix("Multilingual ")))))
 
 
-def _table3(row: str, col: str) -> Source:
+def _table3(row: str, col: str, mixture: str = TABLE3_MIXTURES[0]) -> Source:
     split = {"Validation": "validation", "Test": "test"}[col]
-    return Source(Selection("flix", "multilingual_qa_in_lang", dropout=float(row)), split=split)
+    return Source(Selection("flix", mixture, dropout=float(row)), split=split)
+
+
+def table3_mixture(index: RunIndex) -> str:
+    """The paper's Table 3 mixture if a FLix run of another dropout than the default exists
+    on it; otherwise the first of TABLE3_MIXTURES that has such runs (else the paper's)."""
+    for mixture in TABLE3_MIXTURES:
+        if any(r.method == "flix" and r.mixture == mixture and r.dropout is not None and r.dropout != DEFAULT_DROPOUT for r in index.runs):
+            return mixture
+    return TABLE3_MIXTURES[0]
 
 
 def _table4(row: str, col: str) -> Source:
@@ -160,7 +195,7 @@ def read_paper(paper_dir: str | Path, name: str) -> pd.DataFrame:
 def run_value(run: RunRecord, source: Source) -> float | None:
     """One run's number for a cell: the mean of the sets' averages, None if any is absent."""
     names = source.set_names(run)
-    values = [run.eval_sets[n].get(source.split) for n in names]
+    values = [run.eval_sets[n].get(source.key) for n in names]
     if not names or any(v is None for v in values):
         return None
     return float(np.mean(values))
@@ -184,50 +219,87 @@ def fill(source: Source, paper: float | None, index: RunIndex, notes: Footnotes)
     scored = [(r, run_value(r, source)) for r in finished]
     used = [(r, v) for r, v in scored if v is not None]
     cell = Cell(float(np.mean([v for _, v in used])) if used else None, paper, [r for r, _ in used])
-    cell.samples = bootstrap(source, cell.runs)
     what = source.selection.describe()
+    try:
+        cell.evidence = cell_evidence(source, cell.runs)
+    except ValueError as err:  # e.g. seeds scored on different examples: no interval rather than a wrong one
+        cell.notes.append(notes.add(f"{what}: no interval ({err})"))
     for run in failed:
         seed = f"seed {run.seed}" if run.seed is not None else "a run"
-        cell.notes.append(notes.add(f"{what}, {seed}: run failed ({run.failure}) [{run.path}]"))
+        cell.notes.append(notes.add(f"{what}, {seed}: run failed ({run.failure}) [{where(index, run)}]"))
     for run, value in scored:
         if value is None:
-            cell.notes.append(notes.add(f"{what}, seed {run.seed}: no {source.split} score for {source.describe_sets()} [{run.path}]"))
+            cell.notes.append(notes.add(f"{what}, seed {run.seed}: no {source.key} score for {source.describe_sets()} [{where(index, run)}]"))
     if conflict:
         cell.notes.append(notes.add(f"{what}: {conflict}"))
     elif not finished and not failed:
-        cell.notes.append(notes.add(f"missing run: {what} under {index.root}"))
+        cell.notes.append(notes.add(f"missing run: {what} under {index.root.name}/"))
     return cell
 
 
-def bootstrap(source: Source, runs: list[RunRecord]) -> np.ndarray | None:
-    """Replicates of a test cell over its runs' per-example statistics (None for validation
-    cells, or when a run predates them). Runs pair up across methods by seed."""
-    if source.split != "test" or not runs or any("test_stats" not in r.results for r in runs):
+def where(index: RunIndex, run: RunRecord) -> str:
+    """A run's directory as pages show it: relative to the runs root, never a machine path."""
+    try:
+        return str(run.path.relative_to(index.root))
+    except ValueError:
+        return run.path.name
+
+
+def cell_evidence(source: Source, runs: list[RunRecord]) -> uncertainty.Evidence | None:
+    """A test cell's evidence from its runs' per-example records (None for validation
+    cells, or when a run predates them). Seeds and examples pair up across rows."""
+    stats_key = "test_stats" if source.metric == "score" else "test_example_nll"
+    if source.split != "test" or not runs or any(stats_key not in r.results for r in runs):
         return None
     sets = runs[0].eval_sets
-    names = source.set_names(runs[0])
-    groups = [[(sets[n]["task"], lang) for lang in sets[n]["langs"]] for n in names]
+    groups = [[(sets[n]["task"], lang) for lang in sets[n]["langs"]] for n in source.set_names(runs[0])]
+    test_sets = [t for group in groups for t in group]
     seeds = [r.seed for r in runs]
     keys = seeds if None not in seeds and len(set(seeds)) == len(seeds) else list(range(len(runs)))
-    stats = {key: {(task, lang): r.results["test_stats"][task][lang] for group in groups for task, lang in group} for key, r in zip(keys, runs)}
-    return uncertainty.replicates(stats, groups)
+    stats, ids = {}, None
+    for key, r in zip(keys, runs):
+        rows = {(task, lang): r.results[stats_key][task][lang] for task, lang in test_sets}
+        stats[key] = rows if source.metric == "score" else {t: [[v, 1.0] for v in values] for t, values in rows.items()}
+        recorded = {(task, lang): tuple(r.results["test_ids"][task][lang]) for task, lang in test_sets} if "test_ids" in r.results else None
+        if ids is not None and recorded != ids:
+            raise ValueError(f"seeds were scored on different test examples ({index_name(runs)})")
+        ids = recorded if ids is None else ids
+    scorer = uncertainty.score_from_stats if source.metric == "score" else uncertainty.mean_of_values
+    return uncertainty.evidence(stats, groups, ids, scorer)
+
+
+def index_name(runs: list[RunRecord]) -> str:
+    return ", ".join(sorted({r.path.name for r in runs}))
 
 
 BASELINES = ("compute_matched", "param_matched")
 
 
-def compare_rows(rows: list[tuple[str, list[Cell]]], methods: dict[str, str]) -> None:
-    """Give FLix rows their paired differences from each baseline row of the table, per column."""
+def _pair(cell: Cell, other: Cell, key: str, notes: Footnotes, what: str) -> None:
+    if cell.evidence is None or other.evidence is None or cell is other:
+        return
+    try:
+        cell.versus[key] = uncertainty.difference(cell.evidence, other.evidence)
+    except ValueError as err:
+        cell.notes.append(notes.add(f"{what}: not compared ({err})"))
+
+
+def compare_rows(rows: list[tuple[str, list[Cell]]], methods: dict[str, str], notes: Footnotes, control: str | None = None) -> None:
+    """Paired differences, per column: FLix rows against each baseline row of the table,
+    and every other row against the `control` row (an ablation's own control)."""
     for baseline in BASELINES:
         base_row = next((cells for label, cells in rows if methods.get(label) == baseline), None)
         if base_row is None:
             continue
         for label, cells in rows:
-            if not has_features(methods[label]):
-                continue
-            for cell, base in zip(cells, base_row):
-                if cell.samples is not None and base.samples is not None and cell.value is not None and base.value is not None:
-                    cell.versus[baseline] = uncertainty.compare(cell.samples, base.samples, cell.value - base.value)
+            if has_features(methods[label]):
+                for cell, base in zip(cells, base_row):
+                    _pair(cell, base, baseline, notes, f"{label} vs {baseline}")
+    control_row = dict(rows).get(control) if control else None
+    if control_row is not None:
+        for label, cells in rows:
+            for cell, base in zip(cells, control_row):
+                _pair(cell, base, "control", notes, f"{label} vs {control}")
 
 
 def average_cell(cells: list[Cell], paper: float | None, columns: list[str], notes: Footnotes) -> Cell:
@@ -236,28 +308,37 @@ def average_cell(cells: list[Cell], paper: float | None, columns: list[str], not
     runs = list({id(r): r for c in cells for r in c.runs}.values())
     if missing:
         return Cell(None, paper, runs, [notes.add(f"Avg. needs every column; missing: {', '.join(missing)}")])
-    samples = None if any(c.samples is None for c in cells) else np.mean([c.samples for c in cells], axis=0)
-    return Cell(float(np.mean([c.value for c in cells])), paper, runs, samples=samples)
+    cell = Cell(float(np.mean([c.value for c in cells])), paper, runs)
+    if all(c.evidence is not None for c in cells) and len({c.evidence.seeds for c in cells}) == 1:
+        cell.evidence = uncertainty.average([c.evidence for c in cells])
+    return cell
 
 
-def build(name: str, index: RunIndex, paper_dir: str | Path) -> Table:
-    """One paper table: its CSV's rows and columns, each cell from the runs SOURCES names."""
+def build(name: str, index: RunIndex, paper_dir: str | Path, metric: str = "score") -> Table:
+    """One paper table: its CSV's rows and columns, each cell from the runs SOURCES names,
+    in the paper's metric or (metric="nll") the gold target NLL."""
     paper = read_paper(paper_dir, name)
     cols = [c for c in paper.columns if c != AVG]
     notes = Footnotes()
     rows, methods = [], {}
+    recipe, title = SOURCES[name], TITLES[name]
+    if name == "table3":
+        mixture = table3_mixture(index)
+        recipe, title = (lambda row, col: _table3(row, col, mixture)), title.format(mixture=mixture)
     for label in map(str, paper.index):
         try:
-            sources = [SOURCES[name](label, col) for col in cols]
+            sources = [replace(recipe(label, col), metric=metric) for col in cols]
         except (KeyError, ValueError) as err:
             raise ValueError(f"{PAPER_FILES[name]}: row {label!r}: no cell recipe ({err}); see flix/report/tables.py SOURCES") from None
-        cells = [fill(source, _number(paper.loc[label, col]), index, notes) for source, col in zip(sources, cols)]
+        papers = [_number(paper.loc[label, col]) if metric == "score" else None for col in cols]
+        cells = [fill(source, number, index, notes) for source, number in zip(sources, papers)]
         if AVG in paper.columns:
-            cells.append(average_cell(cells, _number(paper.loc[label, AVG]), cols, notes))
+            cells.append(average_cell(cells, _number(paper.loc[label, AVG]) if metric == "score" else None, cols, notes))
         rows.append((label, cells))
         methods[label] = sources[0].selection.method
-    compare_rows(rows, methods)
-    return Table(name, TITLES[name], paper.index.name, list(paper.columns), rows, notes.texts)
+    compare_rows(rows, methods, notes, CONTROLS.get(name))
+    suffix = "" if metric == "score" else f"_{NLL}"
+    return Table(name + suffix, title + (NLL_TITLE if metric == NLL else ""), paper.index.name, list(paper.columns), rows, notes.texts)
 
 
 def _number(value) -> float | None:
@@ -267,26 +348,42 @@ def _number(value) -> float | None:
 DROPOUT_MODES_MIXTURE = "multilingual_ner"
 
 
-def build_dropout_modes(index: RunIndex) -> Table:
+def build_dropout_modes(index: RunIndex, metric: str = "score") -> Table:
     """Beyond the paper (experiments/dropout_modes.yaml): FLix without feature dropout,
-    with the paper's independent p (the default dropout) and with keep_one, beside compute-matched LoRA."""
+    with the paper's independent p (the default dropout, the control) and with keep_one,
+    beside compute-matched LoRA."""
     mixture = DROPOUT_MODES_MIXTURE
+    control = f"FLix, p = {DEFAULT_DROPOUT:g} independent"
     rows = {
         METHOD_LABELS["compute_matched"]: Selection("compute_matched", mixture),
         "FLix, no dropout": Selection("flix", mixture, dropout=0.0),
-        f"FLix, p = {DEFAULT_DROPOUT:g} independent": Selection("flix", mixture),
+        control: Selection("flix", mixture),
         f"FLix, p = {DEFAULT_DROPOUT:g} keep-one": Selection("flix", mixture, dropout_mode="keep_one"),
     }
     notes = Footnotes()
-    built = [(label, [fill(Source(sel, split=split), None, index, notes) for split in ("validation", "test")]) for label, sel in rows.items()]
-    compare_rows(built, {label: sel.method for label, sel in rows.items()})
-    title = f"Feature dropout modes on {mixture} (beyond the paper; no paper numbers)"
-    return Table("dropout_modes", title, "Method", ["Validation", "Test"], built, notes.texts)
+    built = [
+        (label, [fill(Source(sel, split=split, metric=metric), None, index, notes) for split in ("validation", "test")])
+        for label, sel in rows.items()
+    ]
+    compare_rows(built, {label: sel.method for label, sel in rows.items()}, notes, control)
+    title = f"Feature dropout modes on {mixture} (beyond the paper; no paper numbers)" + (NLL_TITLE if metric == NLL else "")
+    return Table("dropout_modes" + ("" if metric == "score" else f"_{NLL}"), title, "Method", ["Validation", "Test"], built, notes.texts)
 
 
 def build_all(index: RunIndex, paper_dir: str | Path) -> list[Table]:
-    """Tables 1-5, and the dropout-modes table when a keep_one run exists."""
-    tables = [build(name, index, paper_dir) for name in PAPER_FILES]
-    if any(r.dropout_mode == "keep_one" for r in index.finished):
-        tables.append(build_dropout_modes(index))
+    """Tables 1-5 and, when a keep_one run exists, the dropout-modes table: each in the
+    paper's metric, then each in the gold target NLL. Marks are Holm-corrected over every
+    paired comparison of the tables of one metric (the NLL tables are a second family)."""
+    keep_one = any(r.dropout_mode == "keep_one" for r in index.finished)
+    tables = []
+    for metric in ("score", NLL):
+        family = [build(name, index, paper_dir, metric) for name in PAPER_FILES]
+        family += [build_dropout_modes(index, metric)] if keep_one else []
+        uncertainty.holm(comparisons(family))  # one family per metric
+        tables += family
     return tables
+
+
+def comparisons(tables: list[Table]) -> list[uncertainty.Difference]:
+    """Every paired difference the tables show (the family the marks are corrected over)."""
+    return [d for t in tables for _, cells in t.rows for c in cells for d in c.versus.values()]

@@ -1,33 +1,78 @@
-"""Intervals and paired tests for table cells, by bootstrap over test examples and seeds.
+"""Intervals and paired tests for table cells: test-example noise and seed noise.
 
 A cell is a mean over evaluation sets of the mean over each set's test sets (a table
-column: the languages of a task, or the tasks of a language), averaged over seeds. Runs record one row of additive statistics per
-test example (`flix.metrics.example_stats`), so a resample of the examples is scored
-exactly as the official metric would score it (`flix.metrics.score_from_stats`).
+column: the languages of a task, or the tasks of a language), averaged over seeds. Runs
+record one row of additive statistics per test example (`flix.metrics.example_stats`;
+for the target NLL, [nll, 1]) and the example's id, so a resample of the examples is
+scored exactly as the metric would score it.
 
-Each bootstrap replicate draws, for every test set, its examples with replacement
-(each set keeps its size) and, when there are several seeds, the seeds with
-replacement. The draws depend only on the test set and the replicate, never on the
-method, so two methods' replicates are paired: their difference resamples the same
-examples, which is what makes a small difference on a small test set testable.
+Two sources of noise, combined in every replicate:
+- the test examples: each replicate draws every test set's examples with replacement.
+  The draw depends only on the test set and its example ids, never on the method or the
+  seed, so every run scored on those examples is resampled alike (paired).
+- the seeds: with k >= 2 seeds, the spread of the per-seed values, as a t distribution
+  with k - 1 degrees of freedom (s / sqrt(k) times a t draw). With one seed there is no
+  seed part: the interval covers test-example noise only, and the pages say so.
+With 2 or 3 seeds the t part makes intervals wide; that is what 2 or 3 seeds can say
+(tests/test_uncertainty.py checks the coverage by simulation).
+
+A paired difference a - b uses the seeds both have (seed s of a against seed s of b)
+and the same example resamples; its seed part is the spread of the per-seed
+differences. The p-value is two-sided: twice the smaller share of replicates on either
+side of 0, never printed below 1 / n (`p <= 1/n` at that floor). Marks in the pages are
+Holm-corrected over every comparison of the report (`holm`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from flix.metrics import score_from_stats
+from flix.metrics import TASK_METRIC, score_from_stats
 
 REPLICATES = 2000
 LEVEL = 0.95
+ALPHA = 1 - LEVEL
 
 TestSet = tuple[str, str]  # (task, language)
 Groups = Sequence[Sequence[TestSet]]  # evaluation sets, each a list of test sets
 SeedStats = Mapping[int, Mapping[TestSet, Sequence[Sequence[float]]]]  # seed -> test set -> per-example rows
+Scorer = Callable[[str, Sequence[float]], float]  # (task, summed statistics) -> the score
+
+
+def mean_of_values(task: str, totals):
+    """Scorer of rows [value, 1]: the mean value (the target NLL)."""
+    return totals[0] / totals[1]
+
+
+def _scores(scorer: Scorer, task: str, totals: np.ndarray) -> np.ndarray:
+    """The scores of (n, statistics) summed rows: in one array operation, except for chrF
+    (sacrebleu scores one row at a time)."""
+    if scorer is score_from_stats and TASK_METRIC[task] == "chrf":
+        return np.array([scorer(task, t) for t in totals])
+    return np.asarray(scorer(task, totals.T), dtype=float)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a cell's uncertainty rests on: each seed's value, and each seed's value on
+    `n` resamples of the test examples (the same resamples for every seed)."""
+
+    seeds: tuple[int, ...]
+    values: np.ndarray = field(repr=False)  # (k,)
+    resampled: np.ndarray = field(repr=False)  # (n, k)
+    examples: tuple = field(repr=False)  # ((test set, example ids), ...): what pairing checks
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    def replicates(self) -> np.ndarray:
+        """(n,) the cell's value under both sources of noise."""
+        return self.resampled.mean(axis=1) + seed_noise(self.values, len(self.resampled))
 
 
 @dataclass(frozen=True)
@@ -38,16 +83,28 @@ class Estimate:
     seeds: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Difference:
-    diff: float  # a - b
+    diff: float  # a - b, mean over the paired seeds
     low: float
     high: float
-    p_value: float  # two-sided, from the paired bootstrap
+    p_value: float  # two-sided, uncorrected; at least 1 / replicates
+    at_floor: bool  # no replicate on the other side of 0: p <= 1 / replicates
+    seeds: tuple[int, ...]  # the paired seeds
+    per_seed: tuple[float, ...]  # a - b for each paired seed
+    p_holm: float | None = None  # Holm-corrected over the report's comparisons (set by `holm`)
 
     @property
     def significant(self) -> bool:
+        """The uncorrected 95% interval excludes 0."""
         return not self.low <= 0.0 <= self.high
+
+    @property
+    def significant_holm(self) -> bool:
+        return self.p_holm is not None and self.p_holm < ALPHA
+
+    def p_text(self, replicates: int = REPLICATES) -> str:
+        return f"p <= {1 / replicates:.4f}" if self.at_floor else f"p = {self.p_value:.4f}"
 
 
 def _generator(*key: object) -> np.random.Generator:
@@ -55,66 +112,92 @@ def _generator(*key: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def _example_weights(test_set: TestSet, size: int, replicates: int) -> np.ndarray:
-    """(replicates, size) resampling counts of a test set's examples: multinomial draws."""
-    return _generator("examples", test_set, size).multinomial(size, np.full(size, 1.0 / size), size=replicates)
+def _example_weights(test_set: TestSet, ids: tuple, replicates: int) -> np.ndarray:
+    """(replicates, size) resampling counts of a test set's examples: multinomial draws
+    that depend only on the test set and its examples."""
+    size = len(ids)
+    return _generator("examples", test_set, ids).multinomial(size, np.full(size, 1.0 / size), size=replicates)
 
 
-def _seed_draws(seeds: Sequence[int], replicates: int) -> np.ndarray:
-    """(replicates, len(seeds)) positions into `seeds`; only the seeds themselves with one seed."""
-    if len(seeds) == 1:
-        return np.zeros((replicates, 1), dtype=int)
-    return _generator("seeds", tuple(seeds)).integers(len(seeds), size=(replicates, len(seeds)))
+def seed_noise(values: np.ndarray, n: int) -> np.ndarray:
+    """(n,) draws of the seed part of a mean over k seeds: s / sqrt(k) times a t(k - 1)
+    draw; zeros with one seed (nothing to estimate it from)."""
+    k = len(values)
+    if k < 2:
+        return np.zeros(n)
+    return float(np.std(values, ddof=1)) / np.sqrt(k) * _generator("seeds", k, n).standard_t(k - 1, size=n)
 
 
-def replicates(runs: SeedStats, groups: Groups, n: int = REPLICATES) -> np.ndarray:
-    """(n,) bootstrap replicates of a cell: mean over drawn seeds of the mean over groups
-    of the mean over each group's test sets."""
+def evidence(
+    runs: SeedStats, groups: Groups, ids: Mapping[TestSet, Sequence[str]] | None = None, scorer: Scorer = score_from_stats, n: int = REPLICATES
+) -> Evidence:
+    """A cell's evidence from its runs' per-example statistics. `ids`: each test set's
+    example ids (every seed scored the same examples); None: identified by position."""
     seeds = sorted(runs)
-    per_seed = np.zeros((n, len(seeds)))
+    values, resampled = np.zeros(len(seeds)), np.zeros((n, len(seeds)))
+    examples = []
     for group in groups:
+        share = 1.0 / (len(group) * len(groups))
         for test_set in group:
             rows = [np.asarray(runs[seed][test_set], dtype=float) for seed in seeds]
             sizes = {len(r) for r in rows}
             if len(sizes) != 1:
                 raise ValueError(f"{test_set}: seeds scored different numbers of test examples {sorted(sizes)}")
-            weights = _example_weights(test_set, sizes.pop(), n)
+            size = sizes.pop()
+            names = tuple(ids[test_set]) if ids is not None else tuple(range(size))
+            if len(names) != size:
+                raise ValueError(f"{test_set}: {len(names)} example ids for {size} examples")
+            examples.append((test_set, names))
+            weights = _example_weights(test_set, names, n)
             for s, stats in enumerate(rows):
-                totals = weights @ stats  # (n, k): each replicate's summed statistics
-                per_seed[:, s] += np.array([score_from_stats(test_set[0], t) for t in totals]) / (len(group) * len(groups))
-    draws = _seed_draws(seeds, n)
-    return np.take_along_axis(per_seed, draws, axis=1).mean(axis=1)
+                values[s] += float(_scores(scorer, test_set[0], stats.sum(0, keepdims=True))[0]) * share
+                resampled[:, s] += _scores(scorer, test_set[0], weights @ stats) * share
+    return Evidence(tuple(seeds), values, resampled, tuple(examples))
 
 
-def point(runs: SeedStats, groups: Groups) -> float:
-    """The cell's value from the same statistics: what results.json's scores average to."""
-
-    def score(seed, test_set):
-        return score_from_stats(test_set[0], np.asarray(runs[seed][test_set], dtype=float).sum(0))
-
-    return float(np.mean([np.mean([np.mean([score(seed, t) for t in group]) for group in groups]) for seed in runs]))
+def average(parts: Sequence[Evidence]) -> Evidence:
+    """The evidence of the plain mean of cells (a row's Avg.); they must share their seeds."""
+    if len({p.seeds for p in parts}) != 1:
+        raise ValueError(f"cells of different seeds cannot be averaged: {sorted({p.seeds for p in parts})}")
+    return Evidence(
+        parts[0].seeds,
+        np.mean([p.values for p in parts], axis=0),
+        np.mean([p.resampled for p in parts], axis=0),
+        tuple(e for p in parts for e in p.examples),
+    )
 
 
 def interval(samples: np.ndarray) -> tuple[float, float]:
-    low, high = np.quantile(samples, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    low, high = np.quantile(samples, [ALPHA / 2, 1 - ALPHA / 2])
     return float(low), float(high)
 
 
-def compare(a: np.ndarray, b: np.ndarray, diff: float) -> Difference:
-    """a - b from paired replicates, with its interval and a two-sided p-value: twice the
-    smaller share of replicates on either side of 0, counted as (k + 1) / (n + 1) so that
-    it is never 0 (n replicates cannot show a p-value below about 2 / n)."""
-    delta = a - b
-    k = min(int(np.sum(delta <= 0)), int(np.sum(delta >= 0)))
-    p_value = min(1.0, 2 * (k + 1) / (len(delta) + 1))
-    return Difference(diff, *interval(delta), p_value)
-
-
-def estimate(runs: SeedStats, groups: Groups, n: int = REPLICATES) -> Estimate:
+def estimate(cell: Evidence) -> Estimate:
     """The cell's value with a percentile interval at LEVEL."""
-    return Estimate(point(runs, groups), *interval(replicates(runs, groups, n)), tuple(sorted(runs)))
+    return Estimate(cell.mean, *interval(cell.replicates()), cell.seeds)
 
 
-def paired_difference(a: SeedStats, b: SeedStats, groups: Groups, n: int = REPLICATES) -> Difference:
-    """a - b over the same resampled examples (and seeds, by position)."""
-    return compare(replicates(a, groups, n), replicates(b, groups, n), point(a, groups) - point(b, groups))
+def difference(a: Evidence, b: Evidence) -> Difference:
+    """a - b, paired by seed and by example. ValueError when they share no seed or were
+    scored on different examples (then nothing pairs them)."""
+    seeds = sorted(set(a.seeds) & set(b.seeds))
+    if not seeds:
+        raise ValueError(f"no seed in common (seeds {list(a.seeds)} vs {list(b.seeds)})")
+    if a.examples != b.examples:
+        raise ValueError("scored on different test examples (ids differ); regenerate the runs on the same samples")
+    ia, ib = [a.seeds.index(s) for s in seeds], [b.seeds.index(s) for s in seeds]
+    per_seed = a.values[ia] - b.values[ib]
+    n = len(a.resampled)
+    delta = (a.resampled[:, ia] - b.resampled[:, ib]).mean(axis=1) + seed_noise(per_seed, n)
+    crossing = min(int(np.sum(delta <= 0)), int(np.sum(delta >= 0)))
+    p_value = min(1.0, max(2 * crossing, 1) / n)
+    return Difference(float(np.mean(per_seed)), *interval(delta), p_value, crossing == 0, tuple(seeds), tuple(map(float, per_seed)))
+
+
+def holm(differences: Sequence[Difference]) -> None:
+    """Set each difference's Holm-corrected p-value (step-down, over all of them)."""
+    order = sorted(range(len(differences)), key=lambda i: differences[i].p_value)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(differences) - rank) * differences[i].p_value))
+        differences[i].p_holm = running
