@@ -67,6 +67,7 @@ def test_truncate_context():
     assert "Answer" in truncate_context(context.replace("ANSWER", "Answer"), "ANSWER", 60, train=True)
 
 
+@pytest.mark.needs_mini  # reads 50 training examples per file
 def test_training_truncation_keeps_real_answers(data_root):
     examples = reader.read_dataset(data_root, "qa_in_lang", "train", "fi", limit=50)
     examples += reader.read_dataset(data_root, "qa_cross_lang", "train", "ru", limit=50)

@@ -129,6 +129,7 @@ def qa_targets(data_root):
     return {lang: set(read_targets(folder / f"{lang}.jsonl")) for lang in langs}
 
 
+@pytest.mark.needs_mini  # reads given answers from whole validation files
 @pytest.mark.parametrize("lang,target,prediction,expected", QA_CASES)
 def test_squad_f1_on_real_targets(qa_targets, lang, target, prediction, expected):
     assert target in qa_targets[lang]

@@ -78,6 +78,7 @@ def test_mixture_structure(name, variant):
     assert m.summary().startswith(f"mixture {name} [{variant}]")
 
 
+@pytest.mark.needs_mini  # every language of each mixture's mini variant
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_mini_variant_reads_real_data(name, data_root):
     m = load(name, "mini")
@@ -127,6 +128,7 @@ def test_study_b_official_is_appendix_b():
     assert {load(f"multilingual_{t}", "official").kind for t in ("ner", "semantic_parsing", "qa_in_lang", "qa_cross_lang")} == {"multilingual"}
 
 
+@pytest.mark.needs_mini  # every language of each mixture's mini variant
 def test_mini_keeps_every_paper_language_it_has(data_root):
     have = reader.available(data_root)
     for name in EXPECTED:
@@ -233,6 +235,7 @@ def test_unknown_train_task_and_variant():
         load_mixture(BASE, "full")
 
 
+@pytest.mark.needs_mini  # the message lists the mini copy's languages
 def test_missing_dataset_lists_missing_and_available(data_root):
     cfg = copy.deepcopy(BASE)
     cfg["mini"]["train"]["semantic_parsing"] = ["sw", "de"]
@@ -243,6 +246,7 @@ def test_missing_dataset_lists_missing_and_available(data_root):
     assert "semantic_parsing: train: de en es fr hi th" in text
 
 
+@pytest.mark.needs_mini  # the message lists the mini copy's languages
 def test_official_variant_on_mini_data_fails_listing_everything(data_root):
     with pytest.raises(reader.DataError) as err:
         load("study_a", "official").check(data_root)

@@ -181,6 +181,7 @@ def test_stats_flags_empty_files(tmp_path, capsys):
     assert f"{empty}: no examples" in capsys.readouterr().err
 
 
+@pytest.mark.needs_mini  # the message lists the mini copy's NER languages
 def test_missing_file_lists_existing_languages(data_root):
     with pytest.raises(DataError, match="No such data file") as err:
         read_dataset(data_root, "ner", "train", "xx")
