@@ -11,6 +11,7 @@ COMMANDS = {
     "data": ("flix.data.cli", "read, check, download and subsample XTREME-UP data"),
     "bench": ("flix.bench", "benchmarks (adapters, model, run)"),
     "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
+    "records": ("flix.results", "copy runs' records (results, predictions, logs; no weights) to another folder"),
     "offline": ("flix.offline", "stage parts for a GPU machine without network, and run there"),
     "export": ("flix.export", "write a FLix adapter as peft LoRA adapters, one per trained feature combination"),
 }

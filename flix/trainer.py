@@ -119,6 +119,7 @@ class Trainer:
         self.optimizer = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s.warmup_steps, s.steps))
         self.ckpt_dir = run_dir / "checkpoints" / "latest"
+        self.sort_micro_batches = True  # micro-batches of length-sorted examples (flix.batching.micro_batches)
 
     def autocast(self):
         """bf16 autocast for training and generation, as `train.bf16` says."""
@@ -129,9 +130,14 @@ class Trainer:
         the loss and the fraction of this process's examples that feature dropout left
         with no adapter at all (they teach nothing this step)."""
         examples = self.sampler.batch(step, self.process_rank, self.world_size)
-        chunks = micro_batches(examples, self.cfg.scale.micro_batch_size, self.tokenizer, self.limits, self.seq2seq)
+        micro = self.cfg.scale.micro_batch_size
+        if self.sort_micro_batches:
+            chunks = micro_batches(examples, micro, self.tokenizer, self.limits, self.seq2seq)
+        else:  # the sampler's order (flix bench run times both)
+            chunks = [examples[i : i + micro] for i in range(0, len(examples), micro)]
         batches = [training_batch(chunk, self.tokenizer, self.limits, self.seq2seq) for chunk in chunks]
-        self.last_padding = padding_fraction(batches)  # flix bench run reports it
+        self.last_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # flix bench run reports these
+        self.last_padding = padding_fraction(batches)
         total_targets = distributed.sum_scalar(sum(b["num_targets"] for b in batches))
         self.model.train()
         loss_total, bare = 0.0, 0

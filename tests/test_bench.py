@@ -98,7 +98,10 @@ def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys)
     assert e["validation_pass_s"] == pytest.approx(sum(2 * t for t in m["generation_batch_s"].values()))
     assert e["total_s"] == pytest.approx(e["startup_s"] + e["train_s"] + 3 * e["validation_pass_s"] + e["test_s"])
     assert report["command"].startswith("flix bench run data.root=") and report["bf16"] is False
-    assert "expected time per run" in capsys.readouterr().out
+    padding, speed = m["padding_fraction"], m["tokens_per_s"]
+    assert 0.0 <= padding["sorted"] <= padding["unsorted"] < 1.0 and speed["sorted"] > 0 and speed["unsorted"] > 0
+    printed = capsys.readouterr().out
+    assert "expected time per run" in printed and "length-sorted micro-batches" in printed
 
 
 def test_bench_names_its_benchmarks_and_options(capsys):

@@ -117,3 +117,35 @@ def test_run_records_nll_ids_and_no_machine_paths(compose, tmp_path, data_root):
     assert all("validation_nll" in h for h in results["history"])
     text = (tmp_path / "results.json").read_text()
     assert str(Path(data_root).resolve()) not in text and results["data_root"] == Path(data_root).resolve().name
+
+
+def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch, data_root):
+    """Records (results, predictions, logs; no weights) copied away from the run
+    directories render the same cells.csv, NLL cells with intervals included."""
+    import pandas as pd
+
+    from flix import study
+    from flix.report.render import render
+    from flix.results import copy_records, main
+
+    monkeypatch.setenv("FLIX_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("FLIX_DATA_ROOT", str(data_root))
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    monkeypatch.setattr(study, "EXPERIMENTS", folder)
+    (folder / "pair.yaml").write_text(json.dumps({"sweeps": [{"method": ["compute_matched", "flix"], "mixture": ["multilingual_ner"]}]}))
+    fast = ["scale.steps=2", "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=3", "train.threads=1"]
+    assert study.main(["pair", "--seeds", "0,1", "--logger", "none", "--no-report", *fast]) == 0
+    runs = tmp_path / "runs" / "smoke"
+    paper = Path(__file__).resolve().parents[1] / "flix" / "report" / "paper"
+    render(runs, tmp_path / "from_runs", "smoke", paper)
+    assert main([str(runs), str(tmp_path / "records")]) == 0
+    records = tmp_path / "records"
+    assert not list(records.rglob("*.safetensors")) and not list(records.rglob("checkpoints"))
+    assert len(list(records.rglob("results.json"))) == 4 and list(records.rglob("train.log")) and list(records.rglob("overrides.yaml"))
+    render(records, tmp_path / "from_records", "smoke", paper)
+    assert (tmp_path / "from_records" / "cells.csv").read_text() == (tmp_path / "from_runs" / "cells.csv").read_text()
+    cells = pd.read_csv(tmp_path / "from_records" / "cells.csv")
+    nll = cells[(cells.table == "table2_nll") & (cells.column == "Multilingual NER") & (cells.row == "FLix")].iloc[0]
+    assert nll.seeds == 2 and nll.ci_low < nll.ours < nll.ci_high and nll.interval_covers == "seeds and examples"
+    assert not pd.isna(nll.diff_vs_compute_matched) and copy_records(runs, tmp_path / "again")  # a second copy works too

@@ -4,7 +4,8 @@
 
 Builds the run as `python -m flix.train` does, times a few optimizer steps and one
 generation batch per task (validation split, after an untimed warm-up), and extrapolates
-to the scale's budget:
+to the scale's budget (each step is also timed with its micro-batches in the sampler's
+order, for the padding fraction and tokens per second that length sorting saves):
 
     total = start-up + steps x step + validations x validation pass + test pass
 
@@ -97,7 +98,19 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - begin
 
-    step_times = [timed(trainer.train_step, i) for i in tqdm(range(warmup + steps), desc="bench: train steps", unit="step")]
+    # Each step twice, interleaved: micro-batches of length-sorted examples (what runs do)
+    # and in the sampler's order (before), for the padding they save.
+    step_times, padding, tokens_per_s = [], {True: [], False: []}, {True: [], False: []}
+    for i in tqdm(range(warmup + steps), desc="bench: train steps (sorted, unsorted)", unit="step"):
+        for sort in (True, False):
+            trainer.sort_micro_batches = sort
+            seconds = timed(trainer.train_step, i)
+            if sort:
+                step_times.append(seconds)
+            if i >= warmup:
+                padding[sort].append(trainer.last_padding)
+                tokens_per_s[sort].append(trainer.last_tokens / seconds)
+    trainer.sort_micro_batches = True
     step_s = statistics.median(step_times[warmup:])
 
     def generate(examples):
@@ -140,6 +153,8 @@ def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
             "generation_batch_s": batch_s,
             "generation_batch_examples": {task: len(examples) for task, examples in first.items()},
             "peak_memory_gib": peak_memory_gib(trainer.device),
+            "padding_fraction": {"sorted": statistics.mean(padding[True]), "unsorted": statistics.mean(padding[False])},
+            "tokens_per_s": {"sorted": statistics.median(tokens_per_s[True]), "unsorted": statistics.median(tokens_per_s[False])},
         },
         "budget": {
             "steps": s.steps,
@@ -176,6 +191,9 @@ def format_report(r: dict) -> str:
             f"  measured  start-up {duration(m['startup_s'])}; step of {b['batch_size']} examples {duration(m['step_s'])} "
             f"(median of {len(m['step_times_s']) - m['warmup_steps']}); one generation batch: {generation}; "
             f"peak {memory} {m['peak_memory_gib']:.1f} GiB",
+            f"  padding   {m['padding_fraction']['unsorted']:.1%} of a step's input positions in the sampler's order, "
+            f"{m['padding_fraction']['sorted']:.1%} in length-sorted micro-batches (what runs use); real tokens per second "
+            f"{m['tokens_per_s']['unsorted']:.0f} -> {m['tokens_per_s']['sorted']:.0f}",
             f"  expected  train {b['steps']} x {duration(m['step_s'])} = {duration(e['train_s'])}; "
             f"validation {b['validations']} x {duration(e['validation_pass_s'])} = {duration(e['validation_s'])}; "
             f"test {duration(e['test_s'])}",
