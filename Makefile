@@ -68,7 +68,7 @@ dropout-modes:  ## feature dropout modes on multilingual NER (beyond the paper)
 report:  ## render $(FLIX_REPORTS)/$(SCALE)/ (SNAPSHOT=1: the committed reports/$(SCALE)/) from existing runs
 	$(PY) -m flix report --scale $(SCALE) --runs $(FLIX_RUNS)/$(SCALE) $(if $(SNAPSHOT),--snapshot,--out $(FLIX_REPORTS)/$(SCALE))
 
-# A GPU machine without network (README "GPU without network"): stage here, run there.
+# A GPU machine without network (docs/gpu-offline.md): stage here, run there.
 .PHONY: gpu-stage
 gpu-stage:  ## wheels, Gemma 3 270M and the data into staging/part-N (<= 60 MiB each)
 	$(PY) -m flix offline stage --data $(FLIX_DATA_ROOT)
