@@ -49,6 +49,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems = _number_problems(s, "scale.", AT_LEAST, False) + _number_problems(s, "scale.", AT_LEAST_OR_NULL, True)
     if not problems and s.warmup_steps > s.steps:
         problems.append(f"scale.warmup_steps={s.warmup_steps}: must be <= scale.steps ({s.steps})")
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        problems.append(f"seed={seed!r}: must be a whole number from 0 to 2**32 - 1")
     lang_rank = cfg.rank.lang
     if lang_rank is not None and (isinstance(lang_rank, bool) or not isinstance(lang_rank, int) or lang_rank < 1):
         problems.append(f"rank.lang={lang_rank!r}: must be an integer >= 1, or null for the method's ranks (rank=paper)")

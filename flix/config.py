@@ -104,9 +104,64 @@ def choices(group: str) -> list[str]:
 
 
 def override_problems(args: list[str]) -> list[str]:
-    """Group options that do not exist (`rank=1`, `mixture=study_b`), named with the
-    choices and, for the paper's names, where that thing lives. Hydra's own message is a
-    traceback for some of them."""
+    """What cannot work, found from the command line before Hydra runs (which would write a
+    run folder and a failed.json for each, or print a traceback): group options that do not
+    exist (`rank=1`, `mixture=study_b`), named with the choices and, for the paper's names,
+    where that thing lives; keys that do not exist (`droput=0.5`, with the key meant); and
+    the values flix.checks refuses (`seed=abc`, `dropout=abc`), for every value of a sweep."""
+    problems = _group_problems(args)
+    if problems:
+        return problems
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except HydraException:  # a syntax error: Hydra's own message says where
+        return []
+    overrides = [o for o in overrides if not o.key_or_group.startswith("hydra")]
+    # each override's values, one per value of a sweep
+    options = {
+        o.input_line.partition("=")[0]: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for o in overrides
+    }
+    first = {key: values[0] for key, values in options.items()}
+    cfg = compose([f"{key}={first[key]}" for key in first if key.lstrip("+~") in GROUPS])
+    keys = _keys(OmegaConf.to_container(cfg))
+    for o in overrides:
+        key, _, text = o.input_line.partition("=")
+        if key[0] not in "+~" and key not in GROUPS and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}={text}?" if close else "`python -m flix.train --cfg job` lists every setting"
+            problems.append(f"{o.input_line}: no such setting; {hint}")
+    if problems:
+        return problems
+    from flix.checks import config_problems
+
+    lines = [first] + [first | {key: value} for key, values in options.items() for value in values[1:]]
+    for line in lines:
+        try:
+            cfg = compose([f"{key}={value}" for key, value in line.items()])
+        except (HydraException, ValueError):  # Hydra says what is wrong when it runs
+            continue
+        problems += [p for p in config_problems(cfg) if p not in problems]
+    return problems
+
+
+_ABSENT = object()
+
+
+def _keys(container: dict, prefix: str = "") -> list[str]:
+    """Every setting's dotted key (train, train.lr, ...)."""
+    keys = []
+    for key, value in container.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _group_problems(args: list[str]) -> list[str]:
     problems = []
     for arg in args:
         key, sep, value = arg.partition("=")
@@ -116,8 +171,10 @@ def override_problems(args: list[str]) -> list[str]:
         for option in value.split(","):  # a multirun sweep: -m method=flix,single
             if option and option not in choices(group):
                 hint = HINTS.get((group, option)) or (
-                    f"the language rank {option} is rank=lang{option}" if group == "rank" and option.isdigit() else ""
+                    f"the language rank {option} is rank=lang{option}" if group == "rank" and f"lang{option}" in choices(group) else ""
                 )
+                if group == "rank" and not hint and option.lstrip("-").isdigit():
+                    hint = "a language rank must be >= 1: rank=lang1, rank=lang2, or rank.lang=N for another"
                 close = difflib.get_close_matches(option, choices(group), n=1)
                 hint = hint or (f"did you mean {group}={close[0]}?" if close else "")
                 problems.append(f"{group}={option}: no such option{'; ' + hint if hint else ''} (choices: {', '.join(choices(group))})")

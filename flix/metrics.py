@@ -8,6 +8,7 @@ baselines; where that scorer has a quirk (smoothing, empty answers) we keep it.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import re
@@ -171,9 +172,12 @@ def read_pairs(path: Path) -> tuple[list[str], list[str]]:
     """Targets and predictions of a JSONL file of {"target": str, "prediction": str} lines."""
     fix = 'make each line a JSON object {"target": "...", "prediction": "..."} of strings'
     try:
-        lines = path.read_bytes().splitlines()
+        data = path.read_bytes()
     except OSError as e:
         raise BadInput(f"{path}: cannot read it ({e.strerror}); check the path") from None
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in data[:4096]:  # UTF-32 too
+        raise BadInput(f"{path}: UTF-16 or UTF-32 text (a byte-order mark or NUL bytes), not UTF-8; save the file as UTF-8")
+    lines = data.splitlines()
     targets, predictions = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():  # blank lines are skipped, as by the official reader
@@ -214,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flix score: {e}", file=sys.stderr)
         return 2
     metric = args.metric or TASK_METRIC[args.task]
+    if metric == "span_f1":  # a target with no "LABEL: entity" item holds no span: it scores nothing
+        unparsed = sum(1 for t in targets if t.strip() and not _spans(t))
+        expected = f'the NER format "LABEL: entity{SPAN_DELIMITER}LABEL: entity", e.g. "PER: Ada{SPAN_DELIMITER}LOC: Lagos"'
+        if not any(_spans(t) for t in targets):
+            print(f"flix score: {args.file}: no target holds a span in {expected}; span F1 would be 0.00 whatever the predictions", file=sys.stderr)
+            return 2
+        if unparsed:
+            print(f"flix score: warning: {unparsed} of {len(targets)} targets in {args.file} hold no span in {expected}", file=sys.stderr)
     value = score(args.task, targets, predictions, metric)
     print(f"{args.task} {metric} = {value:.2f} over {len(targets)} pairs in {args.file}")
     n, file = len(targets), str(args.file)
