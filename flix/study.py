@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
+RECORDS = REPO / "reports"  # committed run records: reports/<scale>/runs/<mixture>/<run> (flix records)
 LAUNCHERS = ("basic", "parallel", "slurm")
 TABLE = "table"  # a sweep's one name of the table it feeds (not swept; the runs' W&B group)
 
@@ -34,6 +35,7 @@ class PlannedRun:
     overrides: list[str]
     run_dir: Path
     cfg: DictConfig | None = None
+    record: Path | None = None  # where its committed record would be
 
     @property
     def status(self) -> str:
@@ -101,8 +103,27 @@ def plan(study: dict, common: list[str]) -> list[PlannedRun]:
         for overrides in expand(sweep):
             cfg = compose([*common, *overrides], hydra=True)
             run_dir = REPO / cfg.hydra.sweep.dir / cfg.hydra.sweep.subdir  # sweeps run with cwd=REPO
-            runs.append(PlannedRun(overrides, run_dir, cfg))
+            runs.append(PlannedRun(overrides, run_dir, cfg, RECORDS / str(cfg.scale.name) / "runs" / cfg.hydra.sweep.subdir))
     return runs
+
+
+def restore_records(runs: list[PlannedRun]) -> int:
+    """Put the committed record of each run not done into its run directory, so that the
+    sweep finds it complete and does not train it again; returns how many."""
+    from flix.report.collect import READ_ERRORS, read_results
+    from flix.results import RESULTS, copy_records
+
+    restored = 0
+    for r in runs:
+        if r.record is None or r.status == "done" or r.status == "running" or not (r.record / RESULTS).is_file():
+            continue
+        try:
+            read_results(r.record / RESULTS)
+        except READ_ERRORS:
+            continue  # a damaged record: the run trains again
+        copy_records(r.record, r.run_dir)
+        restored += 1
+    return restored
 
 
 def problems(runs: list[PlannedRun]) -> list[str]:
@@ -185,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         ["force=true"] if args.force else []
     )
     runs = plan(study, common)
+    if not args.force and (restored := restore_records(runs)):
+        print(f"[flix study] {restored} run(s) restored from their committed records under {RECORDS.name}/{args.scale}/runs")
     print(f"[flix study] {args.study} at scale {args.scale}: {len(runs)} runs, {counts(runs)}" + (" (forced again)" if args.force else ""))
     if found := problems(runs):
         for message in found:
@@ -229,8 +252,14 @@ def _report(scale: str, logger: str, snapshot: bool) -> None:
 
     runs = REPO / os.environ.get("FLIX_RUNS", "runs") / scale
     where = ["--snapshot"] if snapshot else []  # else flix report's uncommitted default ($FLIX_REPORTS)
+    if os.environ.get("WANDB_MODE", "offline") == "offline":
+        os.environ.setdefault("WANDB_SILENT", "true")  # the report's W&B runs, like the training runs: no banners
     report(["--runs", str(runs), "--scale", scale, *where] + (["--wandb"] if logger == "wandb" else []))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before or after a sweep (during one, run_child says what stopped)
+        print("[flix study] stopped by Ctrl-C; rerun to go on", file=sys.stderr)
+        sys.exit(130)

@@ -181,3 +181,24 @@ def test_the_hash_keys_runs_by_what_they_compute(data_root, monkeypatch):
     )
     for other in ("mixture.mini.train.ner=[yo]", "method=compute_matched", "seed=1", "data.root=/elsewhere"):
         assert config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", other])) != base, other
+
+
+def test_a_committed_record_counts_as_done_and_is_not_trained_again(own_study, runs_env, tmp_path, monkeypatch, capsys):
+    """Runs whose record sits under reports/<scale>/runs (flix records) are restored into the
+    runs root and skipped, so a study on a new machine goes on from the committed records."""
+    from flix.results import copy_records
+
+    monkeypatch.setattr(study, "RECORDS", tmp_path / "reports")
+    name = own_study("recorded", [{"mixture": ["multitask_sw"], "method": ["compute_matched"]}])
+    assert study.main([name, "--logger", "none", "--no-report", *FAST]) == 0
+    runs = tmp_path / "runs" / "smoke"
+    copy_records(runs, tmp_path / "reports" / "smoke" / "runs")
+    (planned,) = study.plan(study.load_study(name), ["scale=smoke", "logger=none", *FAST])
+    recorded = (planned.run_dir / "results.json").read_text()
+    import shutil
+
+    shutil.rmtree(runs)  # a new machine: the records alone
+    capsys.readouterr()
+    assert study.main([name, "--logger", "none", "--no-report", *FAST]) == 0
+    assert "1 run(s) restored from their committed records" in capsys.readouterr().out
+    assert (planned.run_dir / "results.json").read_text() == recorded and not (planned.run_dir / "checkpoints").exists()
