@@ -63,6 +63,8 @@ class WandbTracker(NullTracker):
             id=resume_id,
             resume="allow" if resume_id else None,
             reinit="finish_previous",
+            # no banners: offline, nothing (a study would print hundreds of lines); online, the run's link
+            settings=wandb.Settings(silent=mode == "offline", quiet=True),
         )
         # the dashboard's summary shows the selected checkpoint, not the last validation
         self.run.define_metric("validation/average", summary="max")

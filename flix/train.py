@@ -230,4 +230,8 @@ if __name__ == "__main__":
     if problems := override_problems(sys.argv[1:]):  # before Hydra, whose message can be a traceback
         print("flix.train: error: " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(2)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the run's files are whole (atomic writes): a line, not a traceback
+        print("flix.train: stopped by Ctrl-C; the same command resumes from the last checkpoint", file=sys.stderr)
+        sys.exit(130)

@@ -422,3 +422,114 @@ def test_adapter_and_export_files_get_the_umask_modes(tmp_path, umask):
     # before: flix_adapter.safetensors and adapter_model.safetensors were 0600
     assert modes == {k: (0o777 if (tmp_path / k).is_dir() else 0o666) & ~umask for k in modes}, modes
     assert "adapter/flix_adapter.safetensors" in modes and "export/task=ner,lang=sw/adapter_model.safetensors" in modes
+
+
+# -- bad settings fail before Hydra and write nothing ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["seed=abc"], "seed='abc': must be a whole number"),  # before: a raw numpy TypeError after a run folder
+        (["dropout=abc"], "dropout='abc': must be a number in [0, 1)"),
+        (["droput=0.5"], "droput=0.5: no such setting; did you mean dropout=0.5?"),  # before: Hydra's "+droput=0.5"
+        (["train.lrr=1e-3"], "train.lrr=1e-3: no such setting; did you mean train.lr=1e-3?"),
+        (["rank=0"], "rank=0: no such option; a language rank must be >= 1: rank=lang1, rank=lang2, or rank.lang=N"),
+        (["-m", "seed=0,abc", "dropout=0.3,2"], "seed='abc'"),  # every value of a sweep
+        (["-m", "seed=0,1", "dropout=0.3,2"], "dropout=2: must be a number in [0, 1)"),
+    ],
+)
+def test_bad_settings_are_named_before_hydra_runs(args, message):
+    from flix.config import override_problems
+
+    problems = override_problems(args)
+    assert any(message in p for p in problems), problems
+    assert not any("lang0" in p for p in problems)  # rank=0 once suggested an option that does not exist
+
+
+def test_good_settings_pass(data_root):
+    from flix.config import override_problems
+
+    assert (
+        override_problems(["-m", "method=flix,compute_matched", "seed=0,1", "dropout=0.0,0.5", "rank.lang=3", "+extra=1", f"data.root={data_root}"])
+        == []
+    )
+
+
+@pytest.mark.parametrize("bad", ["seed=abc", "droput=0.5"])
+def test_a_bad_setting_writes_no_run_folder(tmp_path, bad):
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "flix.train", "logger=none", f"hydra.run.dir={run_dir}", bad], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stderr.startswith("flix.train: error: ") and "Traceback" not in done.stderr, done.stderr
+    assert not run_dir.exists()  # before: a run folder with a failed.json, a "run failed" footnote in reports
+
+
+# -- flix score: formats it cannot read are named --------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_score_names_a_utf16_file(tmp_path, capsys, encoding):
+    from flix import metrics
+
+    path = tmp_path / "preds.jsonl"
+    path.write_bytes('{"target": "PER: Ada", "prediction": "PER: Ada"}\n{"target": "", "prediction": ""}\n'.encode(encoding))
+    assert metrics.main(["--task", "ner", str(path)]) == 2
+    assert f"{path}: UTF-16 or UTF-32 text" in capsys.readouterr().err  # before: "line 2: bad JSON"
+
+
+def test_score_refuses_ner_targets_in_another_format(tmp_path, capsys):
+    from flix import metrics
+
+    path = tmp_path / "preds.jsonl"
+    rows = [{"target": "Ada (PER), Lagos (LOC)", "prediction": "PER: Ada"}, {"target": "", "prediction": ""}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert metrics.main(["--task", "ner", str(path)]) == 2  # before: 0.00, exit 0
+    assert 'no target holds a span in the NER format "LABEL: entity $$ LABEL: entity"' in capsys.readouterr().err
+    rows.append({"target": "PER: Ada", "prediction": "PER: Ada"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert metrics.main(["--task", "ner", str(path)]) == 0
+    assert "warning: 1 of 3 targets" in capsys.readouterr().err
+
+
+# -- quiet: Ctrl-C is one line, W&B prints no banners -----------------------------------------------
+
+
+def study_cmd(one_run_study, *args) -> list[str]:
+    name, _ = one_run_study
+    return [sys.executable, "-m", "flix.study", name, "--no-report", *args]
+
+
+def test_ctrl_c_during_a_study_prints_lines_not_tracebacks(one_run_study):
+    import signal
+    import time
+
+    _, run = one_run_study
+    study = subprocess.Popen(
+        study_cmd(one_run_study, "--logger", "none", "scale.steps=400", "scale.eval_every=200", "scale.checkpoint_every=200", "train.threads=1"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    deadline = time.time() + 240
+    while not any(lock.stat().st_size for lock in run.run_dir.parent.glob("*/.lock")):  # a run holds its lock
+        assert time.time() < deadline and study.poll() is None, "no run started"
+        time.sleep(0.5)
+    time.sleep(3)  # training
+    os.killpg(study.pid, signal.SIGINT)  # Ctrl-C: the study and its sweep both get it
+    out = study.communicate(timeout=120)[0]
+    assert study.returncode == 128 + signal.SIGINT and "Traceback" not in out, out  # before: a 58-line traceback
+    assert "flix.train: stopped by Ctrl-C" in out and "[flix study] stopped by SIGINT" in out
+
+
+def test_wandb_study_prints_no_banners(one_run_study, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    done = subprocess.run(study_cmd(one_run_study, "--logger", "wandb", *FAST), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert not [line for line in lines if line.startswith("wandb:")], lines  # before: a dozen lines a run
+    assert list(one_run_study[1].run_dir.glob("wandb/offline-run-*"))  # and the run is still logged
