@@ -78,13 +78,15 @@ def kernel():
     """The compiled module, or None where the kernels are off or cannot be built."""
     if os.environ.get("FLIX_CPU_KERNELS", "1") == "0":
         return None
+    folder = None
     try:
-        return _build()
+        folder = _folder()
+        return _build(folder)
     except Exception as err:  # no compiler, no ninja, a compile error, a build that hangs: fall back, and say so once
+        remedy = f"Deleting {folder} rebuilds them from scratch; " if folder else ""
         warnings.warn(
             f"flix: the CPU kernels could not be built ({type(err).__name__}: {str(err).strip()[:500]}); "
-            f"using torch's ops (same results, slower). Deleting {_folder()} rebuilds them from scratch; "
-            "FLIX_CPU_KERNELS=0 skips the attempt.",
+            f"using torch's ops (same results, slower). {remedy}FLIX_CPU_KERNELS=0 skips the attempt.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -100,13 +102,12 @@ def _folder() -> Path:
     return Path(_get_build_directory(f"flix_cpu_kernels_{hashlib.sha1(_cpu_signature().encode()).hexdigest()[:10]}", False))
 
 
-def _build():
+def _build(folder: Path):
     from torch.utils.cpp_extension import load
 
     venv_bin = Path(sys.executable).parent
     if shutil.which("ninja") is None and (venv_bin / "ninja").exists():  # the ninja wheel, venv not activated
         os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-    folder = _folder()
     name = folder.name
     library, stamp = folder / f"{name}.so", folder / "flix-stamp"
     # An OS lock, released when its holder dies: a killed build never blocks later runs, and a

@@ -103,7 +103,7 @@ def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch):
-    def no_compiler():
+    def no_compiler(folder):
         raise OSError("g++: not found")
 
     cpu_kernels.kernel.cache_clear()
