@@ -231,9 +231,9 @@ def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
     assert all(0 < loss < 20 for loss in losses)
     after = trainer.model.adapter_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    scores, preds, average = trainer.validate()
-    assert set(scores) == {"ner", "qa_in_lang"} and 0 <= average <= 100
-    assert all(isinstance(p, str) for ps in preds.values() for p in ps)
+    result, average, nll = trainer.validate()
+    assert set(result.scores) == {"ner", "qa_in_lang"} and 0 <= average <= 100 and 0 < nll < 20
+    assert all(isinstance(p, str) for ps in result.predictions.values() for p in ps)
 
 
 LAUNCHERS = {
@@ -300,8 +300,8 @@ def test_bf16_autocast_trains_and_generates(compose, tmp_path):
         layer.register_forward_hook(lambda module, args, out, seen=seen: seen.add(out.dtype))
         torch.manual_seed(0)
         losses[bf16] = [trainer.train_step(step)[0] for step in range(3)]
-        scores, _, average = trainer.validate()
-        assert set(scores) == {"ner", "qa_in_lang"} and 0 <= average <= 100
+        result, average, nll = trainer.validate()
+        assert set(result.scores) == {"ner", "qa_in_lang"} and 0 <= average <= 100 and nll > 0
         assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
     assert dtypes == {False: {torch.float32}, True: {torch.bfloat16}}  # training and generation alike
     assert losses[True] == pytest.approx(losses[False], rel=1e-2)

@@ -28,9 +28,10 @@ TRANSLATION_PREFIX = "en2"
 NER_LABELS = ("DATE", "LOC", "ORG", "PER")  # MasakhaNER's, the XTREME-UP NER task's
 
 GET_DATA = (
-    "Get the data with `flix data download --dest DIR`, then set FLIX_DATA_ROOT to the "
-    "directory it prints (or pass data.root=... / --root). For tests and small runs, "
-    "the real mini copy works: FLIX_DATA_ROOT=../shared/data/xtreme_up_mini."
+    "Get a small real copy with `flix data mini --dest DIR` (or the whole release with "
+    "`flix data download --dest DIR`), then set FLIX_DATA_ROOT to the directory it prints "
+    "(or pass data.root=... / --root). The repository's own sample, tests/data/xtreme_up_sample, "
+    "is enough for tests and scale=smoke."
 )
 FIX_FILE = "Fix the file, or download the data again (flix data download)."
 
