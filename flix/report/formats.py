@@ -90,8 +90,8 @@ def _short(commit: str) -> str:
     return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
-def cell_text(cell: Cell) -> str:
-    digits = 1 if cell.value is None or abs(cell.value) >= 10 else 2  # NLL cells (a few nats) need two
+def cell_text(cell: Cell, digits: int = 1) -> str:
+    """One decimal, as the paper prints; the NLL tables (a few nats) take `digits=2`."""
     text = DASH if cell.value is None else f"{cell.value:.{digits}f}"
     if cell.value is not None and cell.interval is not None:
         text += " [{:.{d}f}, {:.{d}f}]".format(*cell.interval, d=digits) + ("" if cell.seed_noise else "°")
@@ -140,7 +140,8 @@ def md_notes(notes: list[str]) -> str:
 
 def table_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     header = [table.row_header, *table.columns, "Seeds"]
-    return header, [[label, *map(cell_text, cells), _seeds(table.row_seeds(cells))] for label, cells in table.rows]
+    digits = 2 if table.name.endswith("_nll") else 1
+    return header, [[label, *(cell_text(c, digits) for c in cells), _seeds(table.row_seeds(cells))] for label, cells in table.rows]
 
 
 def table_md(table: Table, page: Page) -> str:
