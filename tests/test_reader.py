@@ -198,7 +198,7 @@ def test_missing_root_says_how_to_get_data(monkeypatch, tmp_path):
             resolve_root(root)
         message = str(err.value)
         assert "flix data download --dest" in message and "FLIX_DATA_ROOT" in message
-        assert "xtreme_up_mini" in message
+        assert "flix data mini --dest" in message and "tests/data/xtreme_up_sample" in message  # a route that needs no ../shared
 
 
 def test_root_from_env(monkeypatch, data_root):
