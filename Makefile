@@ -54,7 +54,7 @@ bench-run:  ## expected time of one $(SCALE) run of $(MIXTURE) on this machine, 
 # ARGS="key=value ..." adds Hydra overrides to every run.
 LOGGER ?= wandb
 SEEDS ?= 0
-STUDY = $(PY) -m flix.study --scale $(SCALE) --seeds $(SEEDS) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(SNAPSHOT),--snapshot)
+STUDY = $(PY) -m flix study --scale $(SCALE) --seeds $(SEEDS) --logger $(LOGGER) $(if $(FORCE),--force) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(SNAPSHOT),--snapshot)
 
 .PHONY: study-a study-b ablations dropout-modes report
 study-a:  ## Tables 1 and 5

@@ -14,8 +14,12 @@ def __getattr__(name):
         from flix.collator import FLixDataCollator
 
         return FLixDataCollator
-    if name in __all__:
-        from flix import adapters
+    if name == "FLixConfig":
+        from flix.config import FLixConfig
 
-        return getattr(adapters, name)
+        return FLixConfig
+    if name in __all__:
+        from flix import model
+
+        return getattr(model, name)
     raise AttributeError(f"module 'flix' has no attribute {name!r}")

@@ -7,13 +7,14 @@ import sys
 
 # subcommand -> (module, help); each module exposes main(argv) -> int
 COMMANDS = {
+    "study": ("flix.pipeline.study", "run a study (experiments/NAME.yaml: sweeps of runs), then render its tables"),
     "score": ("flix.metrics", "score predictions with XTREME-UP's official metrics"),
     "data": ("flix.data.cli", "read, check, download and subsample XTREME-UP data"),
     "bench": ("flix.bench", "benchmarks (adapters, model, run)"),
     "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
-    "records": ("flix.results", "copy runs' records (results, predictions, logs; no weights) to another folder"),
-    "offline": ("flix.offline", "stage parts for a GPU machine without network, and run there"),
-    "export": ("flix.export", "write a FLix adapter as peft LoRA adapters, one per trained feature combination"),
+    "records": ("flix.record", "copy runs' records (results, predictions, logs; no weights) to another folder"),
+    "offline": ("flix.pipeline.offline", "stage parts for a GPU machine without network, and run there"),
+    "export": ("flix.pipeline.export_command", "write a FLix adapter as peft LoRA adapters, one per trained feature combination"),
 }
 
 

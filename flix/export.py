@@ -1,6 +1,6 @@
 """Deploying a FLix adapter where FLix itself is not installed: one feature combination
 as a standard peft LoRA adapter, every trained combination at once with a manifest
-(`flix export`), or one combination merged into the base weights.
+(`flix export`: flix.pipeline.export_command), or one combination merged into the base weights.
 
 A combination's update is a LoRA whose rank is the sum of its features' ranks (the
 active rank, 6 for the paper's FLix): its A rows and B rows concatenated along the rank
@@ -9,9 +9,7 @@ axis, with lora_alpha chosen so that peft's alpha / r equals FLix's alpha / acti
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -113,39 +111,3 @@ def merge_and_unload(model, features: dict) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         setattr(model.base_model.get_submodule(parent_name), child, base)
     return model.base_model
-
-
-def parse_features(text: str) -> dict:
-    """task=ner,lang=sw -> {"task": "ner", "lang": "sw"}."""
-    pairs = [part.split("=", 1) for part in text.split(",") if part]
-    if not pairs or any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected group=value[,group=value...], e.g. task=ner,lang=sw; got {text!r}")
-    return dict(pairs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flix export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("adapter", type=Path, help="a FLix adapter folder (save_pretrained; a run's best_adapter/)")
-    parser.add_argument("out", type=Path, help="folder for one peft adapter per combination and manifest.json")
-    parser.add_argument("--model", required=True, help="the base model: a conf/model name (tiny, gemma3_270m), a hub id or a local folder")
-    parser.add_argument("--features", type=parse_features, action="append", help="a combination to export (repeatable); default: every trained one")
-    args = parser.parse_args(argv)
-    from flix.adapters import CONFIG_NAME, FLixModel
-    from flix.models import load_model
-
-    if not (args.adapter / CONFIG_NAME).is_file():
-        print(f"flix export: error: {args.adapter / CONFIG_NAME} not found: pass a FLix adapter folder", file=sys.stderr)
-        return 2
-    try:
-        model = FLixModel.from_pretrained(load_model({"name": args.model})[0], args.adapter)
-        out = export_all(model, args.out, args.features)
-    except ValueError as error:
-        print(f"flix export: error: {error}", file=sys.stderr)
-        return 2
-    manifest = json.loads((out / MANIFEST).read_text())
-    print(f"wrote {len(manifest['adapters'])} peft adapter(s) and {out / MANIFEST} (max_lora_rank {manifest['max_lora_rank']})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

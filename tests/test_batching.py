@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flix.batching import IGNORE, TextLimits, cross_entropy_sum, loss_sum, position_ids, training_batch
+from flix.base_models import load_model
 from flix.data.reader import read_dataset
-from flix.models import load_model
+from flix.pipeline.batching import IGNORE, TextLimits, cross_entropy_sum, loss_sum, position_ids, training_batch
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = TextLimits(max_prompt_tokens=96, max_target_tokens=12, max_context_chars=120)
@@ -65,8 +65,8 @@ def test_position_ids_skip_left_padding():
 
 def test_micro_batches_accumulate_to_the_full_batch(compose, tmp_path):
     """Gradient accumulation: 4 micro-batches of 2 train exactly as one batch of 8."""
-    from flix.config import load_mixture_for
-    from flix.trainer import Trainer
+    from flix.pipeline.run_config import load_mixture_for
+    from flix.pipeline.trainer import Trainer
 
     states, losses = {}, {}
     for micro in (8, 2):
@@ -81,7 +81,7 @@ def test_micro_batches_accumulate_to_the_full_batch(compose, tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    from flix.trainer import lr_lambda
+    from flix.pipeline.trainer import lr_lambda
 
     factor = lr_lambda(warmup=4, total=20)
     values = [factor(step) for step in range(21)]

@@ -68,8 +68,8 @@ def test_bench_adapters_writes_every_row(tmp_path, capsys):
 
 def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys):
     """`flix bench run` counts the validations, batches and steps that the real run makes."""
-    from flix.config import compose
-    from flix.train import run
+    from flix.pipeline.run import run
+    from flix.pipeline.run_config import compose
 
     overrides = [
         f"data.root={data_root}",
@@ -252,7 +252,7 @@ def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, capsys):
     from types import SimpleNamespace
 
     from flix.bench.model_cases import autocast_for, bf16_enabled, feature_space, flix_step, load, mixed_features, train_batch
-    from flix.methods import method_config
+    from flix.pipeline.methods import method_config
 
     cpu = torch.device("cpu")
     assert bf16_enabled(SimpleNamespace(bf16="true"), cpu) and not bf16_enabled(SimpleNamespace(bf16="auto"), cpu)
@@ -293,7 +293,7 @@ def test_attribution_counts_the_adapters_own_work_only():
     from flix.bench.attribute import own_time
     from flix.bench.layer import layer_case
     from flix.bench.model_cases import feature_space, mixed_features
-    from flix.methods import method_config
+    from flix.pipeline.methods import method_config
 
     x = torch.randn(4, 128, 512).requires_grad_()
     grad = torch.randn(4, 128, 512)

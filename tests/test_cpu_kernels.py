@@ -1,4 +1,4 @@
-"""The compiled CPU kernel for the adapters' rank-r part (flix.cpu_kernels) against torch's
+"""The compiled CPU kernel for the adapters' rank-r part (flix.kernels) against torch's
 ops in float64, and the layer built on it."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import warnings
 import pytest
 import torch
 
-from flix import cpu_kernels
-from flix.adapters import Router
+from flix import kernels
 from flix.features import FeatureSpace
 from flix.layer import FLixLayer, _lowrank_backward, _lowrank_forward
+from flix.routing import Router
 
 # (examples, tokens each, rank, d_in, d_out): token counts off the kernel's 4-row blocks and
 # 32-token tiles, one example split across threads, decode steps of one token, rank 1 and 16,
@@ -22,7 +22,7 @@ SHAPES = [(3, 37, 6, 48, 80), (1, 100, 16, 32, 16), (5, 1, 1, 16, 32), (2, 70, 7
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = cpu_kernels.kernel()
+    module = kernels.kernel()
     assert module is not None, "the CPU kernel should build here (g++ and ninja are in the setup)"
     return module
 
@@ -60,11 +60,11 @@ def test_kernel_rejects_what_it_cannot_compute(kernel):
         kernel.lowrank_forward(x[:7], a, b, 1.0)
     with pytest.raises(RuntimeError, match="multiple of g > 0"):  # not a division by zero
         kernel.lowrank_forward(x[:0], a[:0], b[:0], 1.0)
-    assert not cpu_kernels.lowrank_usable(x[:0], a[:0], b[:0])
-    assert not cpu_kernels.lowrank_usable(x.bfloat16(), a.bfloat16(), b.bfloat16())
-    assert not cpu_kernels.lowrank_usable(x[:, :24], a[:, :, :24], b)
-    assert not cpu_kernels.lowrank_usable(x, torch.randn(2, 17, 32), torch.randn(2, 17, 32))
-    assert cpu_kernels.lowrank_usable(x, a, b)
+    assert not kernels.lowrank_usable(x[:0], a[:0], b[:0])
+    assert not kernels.lowrank_usable(x.bfloat16(), a.bfloat16(), b.bfloat16())
+    assert not kernels.lowrank_usable(x[:, :24], a[:, :, :24], b)
+    assert not kernels.lowrank_usable(x, torch.randn(2, 17, 32), torch.randn(2, 17, 32))
+    assert kernels.lowrank_usable(x, a, b)
 
 
 @pytest.mark.parametrize("uniform", [False, True])
@@ -85,7 +85,7 @@ def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
     )
     rows = space.route(batch)
     router.set(rows)
-    assert cpu_kernels.lowrank_usable(torch.empty(1, 48), torch.empty(1, rows.shape[1], 48), torch.empty(1, rows.shape[1], 32))
+    assert kernels.lowrank_usable(torch.empty(1, 48), torch.empty(1, rows.shape[1], 48), torch.empty(1, rows.shape[1], 32))
     x = torch.randn(3, 40, 48, requires_grad=True)
     grad_out = torch.randn(3, 40, 32)
     out = layer(x)
@@ -106,20 +106,20 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
     def no_compiler(folder):
         raise OSError("g++: not found")
 
-    cpu_kernels.kernel.cache_clear()
-    monkeypatch.setattr(cpu_kernels, "_build", no_compiler)
+    kernels.kernel.cache_clear()
+    monkeypatch.setattr(kernels, "_build", no_compiler)
     try:
         with pytest.warns(RuntimeWarning, match="g\\+\\+: not found.*FLIX_CPU_KERNELS=0"):
-            assert cpu_kernels.kernel() is None
+            assert kernels.kernel() is None
         x, a, b, _ = case(2, 4, 6, 32, 32)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not cpu_kernels.lowrank_usable(x, a, b)  # cached: no second attempt, no second warning
+            assert not kernels.lowrank_usable(x, a, b)  # cached: no second attempt, no second warning
         monkeypatch.setenv("FLIX_CPU_KERNELS", "0")
-        cpu_kernels.kernel.cache_clear()
-        assert cpu_kernels.kernel() is None  # off: not even tried
+        kernels.kernel.cache_clear()
+        assert kernels.kernel() is None  # off: not even tried
     finally:
-        cpu_kernels.kernel.cache_clear()
+        kernels.kernel.cache_clear()
 
 
 def test_sparse_adamw_kernel_equals_torch_ops(kernel):
@@ -137,8 +137,8 @@ def test_sparse_adamw_kernel_equals_torch_ops(kernel):
     def train(fused: bool) -> torch.Tensor:
         bank = torch.nn.Parameter(start.clone())
         opt = SparseAdamW([bank], lr=1e-2, weight_decay=0.1)
-        assert cpu_kernels.rows_usable(bank, grads[0].coalesce().values())
-        with contextlib.nullcontext() if fused else cpu_kernels.disabled():
+        assert kernels.rows_usable(bank, grads[0].coalesce().values())
+        with contextlib.nullcontext() if fused else kernels.disabled():
             for grad in grads:
                 bank.grad = grad.clone()
                 opt.step()

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flix.batching import TextLimits, micro_batches, padding_fraction, target_nll, training_batch
+from flix.base_models import load_model
 from flix.data.mixtures import load_mixture_by_name
 from flix.data.reader import read_dataset
 from flix.data.sampling import eval_sample
-from flix.models import load_model
-from flix.results import selection_key
-from flix.train import run
+from flix.pipeline.batching import TextLimits, micro_batches, padding_fraction, target_nll, training_batch
+from flix.pipeline.run import run
+from flix.record import selection_key
 
 LIMITS = TextLimits(max_prompt_tokens=96, max_target_tokens=12, max_context_chars=120)
 
@@ -124,9 +124,9 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     directories render the same cells.csv, NLL cells with intervals included."""
     import pandas as pd
 
-    from flix import study
+    from flix.pipeline import study
+    from flix.record import copy_records, main
     from flix.report.render import render
-    from flix.results import copy_records, main
 
     monkeypatch.setenv("FLIX_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("FLIX_DATA_ROOT", str(data_root))

@@ -22,13 +22,13 @@ import pytest
 import torch
 from test_report import PAPER, write_run
 
-from flix.checkpoint import STATE, load_checkpoint, save_checkpoint
-from flix.checks import ConfigError, check_run
-from flix.config import load_mixture_for
 from flix.io import COMPLETE, atomic_dir, atomic_write_text, recover, recover_tree
 from flix.lock import RunLocked, run_lock
+from flix.pipeline.checkpoint import STATE, load_checkpoint, save_checkpoint
+from flix.pipeline.checks import ConfigError, check_run
+from flix.pipeline.run_config import load_mixture_for
+from flix.pipeline.trainer import Trainer
 from flix.report import render
-from flix.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -38,7 +38,7 @@ def train_cmd(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "flix.train",
+        "flix.pipeline.run",
         "logger=none",
         "mixture=multitask_sw",
         f"data.root={data_root}",
@@ -291,7 +291,7 @@ def test_sigterm_to_a_study_stops_its_sweep_too(tmp_path, data_root):
         [
             sys.executable,
             "-m",
-            "flix.study",
+            "flix.pipeline.study",
             str(study),
             "--logger",
             "none",
@@ -395,7 +395,7 @@ def test_report_skips_a_corrupted_results_json_and_renders_the_rest(tmp_path):
 
 
 def test_a_damaged_results_json_is_named_and_force_runs_again(compose, tmp_path):
-    from flix.train import run
+    from flix.pipeline.run import run
 
     cfg = compose("mixture=multitask_sw")
     run(cfg, tmp_path)

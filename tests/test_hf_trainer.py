@@ -16,9 +16,9 @@ from datasets import Dataset
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
 from flix import FLixConfig, FLixDataCollator, get_flix_model
+from flix.base_models import load_model
 from flix.export import export_all
-from flix.export import main as export_main
-from flix.models import load_model
+from flix.pipeline.export_command import main as export_main
 
 FEATURES = {"task": ["ner", "qa", "sp"], "lang": ["sw", "yo", "bn"]}
 SEEN = [("ner", "sw"), ("qa", "yo"), ("ner", "yo"), ("qa", "sw")]  # sp and bn never appear

@@ -18,7 +18,7 @@ from flix.data.mixtures import (
     load_mixture_by_name,
     mixture_names,
 )
-from flix.methods import METHODS, kind_ranks, load_method
+from flix.pipeline.methods import METHODS, kind_ranks, load_method
 
 EXPECTED = {
     "study_a",

@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from flix.models import cache_dir, default_target_modules, gemma_cache_path, load_model, model_kind
+from flix.base_models import load_model, model_kind
+from flix.base_models.gemma import cache_dir, gemma_cache_path
+from flix.targets import default_target_modules
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 TINY = ["tiny", "tiny_seq2seq", "tiny_gpt2"]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flix import offline
 from flix.data.mixtures import load_mixture_by_name
 from flix.data.reader import dataset_path
+from flix.pipeline import offline
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["scale.steps=2", "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=2", "train.threads=1"]
@@ -77,7 +77,7 @@ def test_stage_install_run_pack_and_resume(tmp_path, data_root, probe_wheel):
     cmd = [
         sys.executable,
         "-m",
-        "flix.offline",
+        "flix.pipeline.offline",
         "run",
         "--parts",
         str(staging),

@@ -56,17 +56,17 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("page,tokens", COMMANDS, ids=[" ".join(t)[:60] for _, t in COMMANDS])
 def test_documented_commands_exist(page, tokens, capsys):
-    """make targets dry-run; flix options appear in the command's --help; flix.train
+    """make targets dry-run; flix options appear in the command's --help; flix.pipeline.run
     overrides compose; anything else (`. .venv/bin/activate`) is listed here."""
     if tokens[0] == "make":
         out = subprocess.run(["make", "-n", *tokens[1:]], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 0, f"{page}: {' '.join(tokens)}: {out.stderr}"
     elif tokens[:3] == ["python", "-m", "flix.train"]:
-        from flix.config import compose
+        from flix.pipeline.run_config import compose
 
         overrides = [t.split(",")[0] for t in tokens[3:] if t not in ("-m", "--help")]  # a sweep: its first values
         compose(overrides)
-    elif tokens[0] == "flix" or tokens[:3] == ["python", "-m", "flix.offline"]:
+    elif tokens[0] == "flix" or tokens[:3] == ["python", "-m", "flix", "offline"]:
         from flix.cli import main
 
         args = tokens[1:] if tokens[0] == "flix" else ["offline", *tokens[3:]]

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from flix.data.mixtures import load_mixture_by_name
+from flix.record import write_failure, write_results
 from flix.report import log_to_wandb, render
 from flix.report.cli import main
 from flix.report.tables import PAPER_FILES
-from flix.results import write_failure, write_results
 
 PAPER = Path(__file__).resolve().parents[1] / "flix" / "report" / "paper"  # shipped with the package
 SMOKE_NOTE = "smoke numbers are a pipeline check (tiny random model, a few steps), not results"
@@ -46,7 +46,7 @@ VALIDATION_OFFSET = -1.0
 
 
 def write_run(root: Path, key: tuple, bases: dict, scale: str = "smoke") -> Path:
-    """A results.json as flix.results writes it, on the real mini mixture's sets."""
+    """A results.json as flix.record writes it, on the real mini mixture's sets."""
     method, mixture, seed, dropout, rank = key
     run_dir = root / mixture / "_".join(map(str, key))  # any name: the report reads results.json
     sets = [s for s in load_mixture_by_name(mixture, "mini").eval_sets if s.name in bases]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flix import study
+from flix.pipeline import study
 from flix.report.collect import read_failure
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_parallel_launcher_runs_a_sweep(runs_env, data_root):
     cmd = [
         sys.executable,
         "-m",
-        "flix.train",
+        "flix.pipeline.run",
         "-m",
         "logger=none",
         "mixture=multitask_sw",
@@ -170,7 +170,7 @@ def test_seeds_run_every_sweep_once_per_seed(runs_env):
 def test_the_hash_keys_runs_by_what_they_compute(data_root, monkeypatch):
     """The same data as a relative and an absolute path is one run; mixture notes and the
     variant a run does not use change nothing; the data, the method and the seed do."""
-    from flix.config import compose, config_hash
+    from flix.pipeline.run_config import compose, config_hash
 
     monkeypatch.chdir(data_root.parent)
     base = config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw"]))
@@ -186,7 +186,7 @@ def test_the_hash_keys_runs_by_what_they_compute(data_root, monkeypatch):
 def test_a_committed_record_counts_as_done_and_is_not_trained_again(own_study, runs_env, tmp_path, monkeypatch, capsys):
     """Runs whose record sits under reports/<scale>/runs (flix records) are restored into the
     runs root and skipped, so a study on a new machine goes on from the committed records."""
-    from flix.results import copy_records
+    from flix.record import copy_records
 
     monkeypatch.setattr(study, "RECORDS", tmp_path / "reports")
     name = own_study("recorded", [{"mixture": ["multitask_sw"], "method": ["compute_matched"]}])

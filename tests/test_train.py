@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from flix import metrics
-from flix.config import load_mixture_for
-from flix.train import run
+from flix.pipeline.run import run
+from flix.pipeline.run_config import load_mixture_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def _train_cmd(run_dir: Path, data_root: Path, steps: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "flix.train",
+        "flix.pipeline.run",
         "logger=none",
         "mixture=multitask_sw",
         f"data.root={data_root}",
@@ -184,7 +184,7 @@ def test_a_plain_sweep_summarises_fails_when_a_run_failed_and_logs_each_run(tmp_
     cmd = [
         sys.executable,
         "-m",
-        "flix.train",
+        "flix.pipeline.run",
         "-m",
         "logger=none",
         "mixture=multitask_sw",
@@ -212,7 +212,7 @@ def test_nan_loss_stops_with_a_clear_message(compose, tmp_path):
 @pytest.mark.slow
 def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
     """Gemma 3 270M offline: two FLix steps on real data, then generation."""
-    from flix.trainer import Trainer
+    from flix.pipeline.trainer import Trainer
 
     cfg = compose(
         "scale=mini",
@@ -248,7 +248,7 @@ LAUNCHERS = {
         "--mixed_precision=no",
         "--dynamo_backend=no",
         "-m",
-        "flix.train",
+        "flix.pipeline.run",
     ],
 }
 
@@ -289,7 +289,7 @@ def test_two_process_data_parallel_equals_one_process(launcher, tmp_path, data_r
 def test_bf16_autocast_trains_and_generates(compose, tmp_path):
     """train.bf16=true (what `auto` does on a GPU, here on the CPU): the model computes in
     bf16, the adapters stay float32 and learn as the float32 run does, generation runs."""
-    from flix.trainer import Trainer
+    from flix.pipeline.trainer import Trainer
 
     losses, dtypes = {}, {}
     for bf16 in (False, True):
@@ -319,7 +319,7 @@ def test_activation_checkpointing_run(compose, tmp_path):
 
 
 def test_scoped_tracker_keeps_steps_increasing():
-    from flix.tracking import NullTracker, ScopedTracker
+    from flix.pipeline.tracking import NullTracker, ScopedTracker
 
     class Recorder(NullTracker):
         def __init__(self):
@@ -335,13 +335,13 @@ def test_scoped_tracker_keeps_steps_increasing():
 
 
 def test_results_name_the_code_that_ran(compose, tmp_path):
-    """commit is read when flix.train is loaded (HEAD can move during a sweep); git_commit
+    """commit is read when flix.pipeline.run is loaded (HEAD can move during a sweep); git_commit
     marks uncommitted changes to tracked files, not untracked files."""
-    import flix.results
-    from flix.results import git_commit
+    import flix.record
+    from flix.record import git_commit
 
     results = run(compose("mixture=multitask_sw", "method=compute_matched"), tmp_path / "run")
-    assert results["commit"] == flix.results.CODE_COMMIT
+    assert results["commit"] == flix.record.CODE_COMMIT
 
     repo = tmp_path / "repo"
     repo.mkdir()

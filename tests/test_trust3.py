@@ -15,18 +15,18 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flix import cpu_kernels
+from flix import kernels
 from flix.lock import run_lock
 
 REPO = Path(__file__).resolve().parents[1]
-LOAD_KERNEL = "from flix import cpu_kernels; assert cpu_kernels.kernel() is not None; print('kernel loaded')"
+LOAD_KERNEL = "from flix import kernels; assert kernels.kernel() is not None; print('kernel loaded')"
 
 
 @pytest.fixture
 def kernel_cache(tmp_path, monkeypatch):
     """A copy of this machine's kernel build in its own TORCH_EXTENSIONS_DIR (mtimes kept, so
     it is up to date): its faults touch no other process's cache."""
-    module = cpu_kernels.kernel()
+    module = kernels.kernel()
     assert module is not None, "the CPU kernel should build here (g++ and ninja are in the setup)"
     built = Path(module.__file__).parent
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
@@ -49,14 +49,14 @@ def test_killed_kernel_build_does_not_block_later_runs(kernel_cache):
 
 
 def test_kernel_build_held_too_long_falls_back_with_one_message(kernel_cache, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "BUILD_WAIT_S", 0.5)
-    cpu_kernels.kernel.cache_clear()
+    monkeypatch.setattr(kernels, "BUILD_WAIT_S", 0.5)
+    kernels.kernel.cache_clear()
     try:
         with run_lock(kernel_cache):  # a live builder that does not finish
             with pytest.warns(RuntimeWarning, match=f"still held by pid {os.getpid()}.*Deleting {kernel_cache}"):
-                assert cpu_kernels.kernel() is None
+                assert kernels.kernel() is None
     finally:
-        cpu_kernels.kernel.cache_clear()
+        kernels.kernel.cache_clear()
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.0], ids=["truncated", "empty"])
@@ -83,7 +83,7 @@ def saved_adapter(folder: Path, features=FEATURES) -> Path:
     import torch
 
     from flix import FLixConfig, get_flix_model
-    from flix.models import load_model
+    from flix.base_models import load_model
 
     model = get_flix_model(load_model({"name": "tiny", "seed": 0})[0], FLixConfig(features=features, ranks={"task": 4, "lang": 2}))
     with torch.no_grad():
@@ -97,7 +97,7 @@ def edit_weights(adapter: Path, change) -> str:
     """Rewrite one bank tensor of the adapter's safetensors with change(tensor); its key."""
     from safetensors.torch import load_file, save_file
 
-    from flix.adapters import WEIGHTS_NAME
+    from flix.model import WEIGHTS_NAME
 
     tensors = load_file(str(adapter / WEIGHTS_NAME))
     key = sorted(k for k in tensors if k.endswith("flix_B"))[0]
@@ -118,7 +118,7 @@ def edit_weights(adapter: Path, change) -> str:
 )
 def test_wrong_weights_are_refused_naming_file_and_tensor(tmp_path, change, message):
     from flix import FLixModel
-    from flix.models import load_model
+    from flix.base_models import load_model
 
     adapter = saved_adapter(tmp_path / "adapter")
     key = edit_weights(adapter, change)
@@ -128,7 +128,7 @@ def test_wrong_weights_are_refused_naming_file_and_tensor(tmp_path, change, mess
 
 
 def test_export_writes_nothing_outside_its_output(tmp_path, capsys):
-    from flix.export import main as export_main
+    from flix.pipeline.export_command import main as export_main
 
     victim = tmp_path / "victim"
     (victim / "keep").mkdir(parents=True)
@@ -173,7 +173,7 @@ def truncate(path: Path):
     ids=["no-weights", "truncated-weights", "no-config-key", "changed-ranks", "changed-features", "string-rank", "untrained-lang", "unknown-group"],
 )
 def test_export_refuses_bad_adapters_and_features_with_a_message(tmp_path, capsys, damage, args, message):
-    from flix.export import main as export_main
+    from flix.pipeline.export_command import main as export_main
 
     adapter = saved_adapter(tmp_path / "adapter")
     damage(adapter)
@@ -189,7 +189,7 @@ def test_export_refuses_bad_adapters_and_features_with_a_message(tmp_path, capsy
 @pytest.fixture
 def parts(tmp_path) -> Path:
     """Staged parts holding a small data archive (no wheels: nothing to download)."""
-    from flix import offline
+    from flix.pipeline import offline
 
     data = tmp_path / "data"
     data.mkdir()
@@ -199,13 +199,13 @@ def parts(tmp_path) -> Path:
 
 
 def offline_run(tmp_path, parts, *args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "flix.offline", "run", "--parts", str(parts), "--minutes", "3", "--scale", "smoke", "--no-bench"]
+    cmd = [sys.executable, "-m", "flix", "offline", "run", "--parts", str(parts), "--minutes", "3", "--scale", "smoke", "--no-bench"]
     cmd += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_offline_uses_only_listed_parts_and_checks_them(tmp_path, parts):
-    from flix import offline
+    from flix.pipeline import offline
 
     part = parts / "part-1"
     (part / "evil-1.0-py3-none-any.whl").write_bytes(b"not listed")  # before: pip-installed, its code run
@@ -308,8 +308,8 @@ def test_report_names_and_skips_a_run_it_cannot_read_or_trust(tmp_path, edit, re
 def test_report_skips_a_failed_typo_run(tmp_path):
     from test_report import PAPER, STUDY_A, config_of, write_run
 
+    from flix.record import write_failure
     from flix.report import render
-    from flix.results import write_failure
 
     root = tmp_path / "smoke"
     write_run(root, ("flix", "study_a", 0, 0.7, None), STUDY_A)
@@ -339,7 +339,7 @@ def test_run_directory_named_for_another_method_is_refused(tmp_path):
 def test_report_and_study_both_follow_symlinked_run_folders(tmp_path, data_root, monkeypatch):
     from test_report import STUDY_A, write_run
 
-    from flix import study
+    from flix.pipeline import study
     from flix.report.collect import collect
 
     elsewhere = tmp_path / "disk2"
@@ -355,7 +355,7 @@ def test_report_and_study_both_follow_symlinked_run_folders(tmp_path, data_root,
 
 
 def test_symlinked_data_root_is_the_same_run(tmp_path, data_root):
-    from flix.config import compose, config_hash, setting
+    from flix.pipeline.run_config import compose, config_hash, setting
 
     link = tmp_path / "data"
     link.symlink_to(data_root)
@@ -367,7 +367,7 @@ def test_symlinked_data_root_is_the_same_run(tmp_path, data_root):
 
 @pytest.fixture
 def one_run_study(tmp_path, monkeypatch, data_root):
-    from flix import study
+    from flix.pipeline import study
 
     monkeypatch.setenv("FLIX_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("FLIX_DATA_ROOT", str(data_root))
@@ -379,7 +379,7 @@ def one_run_study(tmp_path, monkeypatch, data_root):
 
 
 def test_study_never_counts_a_damaged_run_as_complete(one_run_study, capsys):
-    from flix import study
+    from flix.pipeline import study
 
     name, run = one_run_study
     (run.run_dir / "results.json").write_text('{"method": "compute_matched", "test": {')  # truncated
@@ -394,7 +394,7 @@ def test_study_never_counts_a_damaged_run_as_complete(one_run_study, capsys):
 
 
 def test_study_says_when_another_process_trains_a_run(one_run_study, capsys):
-    from flix import study
+    from flix.pipeline import study
 
     name, run = one_run_study
     with run_lock(run.run_dir):  # another process on that run (a lock is per open file)
@@ -408,8 +408,8 @@ def test_study_says_when_another_process_trains_a_run(one_run_study, capsys):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_adapter_and_export_files_get_the_umask_modes(tmp_path, umask):
     from flix import FLixModel
+    from flix.base_models import load_model
     from flix.export import export_all
-    from flix.models import load_model
 
     old = os.umask(umask)
     try:
@@ -440,7 +440,7 @@ def test_adapter_and_export_files_get_the_umask_modes(tmp_path, umask):
     ],
 )
 def test_bad_settings_are_named_before_hydra_runs(args, message):
-    from flix.config import override_problems
+    from flix.pipeline.run_config import override_problems
 
     problems = override_problems(args)
     assert any(message in p for p in problems), problems
@@ -448,7 +448,7 @@ def test_bad_settings_are_named_before_hydra_runs(args, message):
 
 
 def test_good_settings_pass(data_root):
-    from flix.config import override_problems
+    from flix.pipeline.run_config import override_problems
 
     assert (
         override_problems(["-m", "method=flix,compute_matched", "seed=0,1", "dropout=0.0,0.5", "rank.lang=3", "+extra=1", f"data.root={data_root}"])
@@ -498,7 +498,7 @@ def test_score_refuses_ner_targets_in_another_format(tmp_path, capsys):
 
 def study_cmd(one_run_study, *args) -> list[str]:
     name, _ = one_run_study
-    return [sys.executable, "-m", "flix.study", name, "--no-report", *args]
+    return [sys.executable, "-m", "flix", "study", name, "--no-report", *args]
 
 
 def test_ctrl_c_during_a_study_prints_lines_not_tracebacks(one_run_study):

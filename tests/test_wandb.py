@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flix.train import LOGGED, run
+from flix.pipeline.run import LOGGED, run
 
 pytest.importorskip("wandb")
 

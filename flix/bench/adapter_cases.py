@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from flix.methods import kind_ranks
+from flix.pipeline.methods import kind_ranks
 
 LR = 1e-4
 ALPHA = 16.0
@@ -72,7 +72,7 @@ def none_step(args, ids) -> Callable[[], None]:
 
 
 def flix_step(args, ids, config, batches) -> Callable[[], None]:
-    from flix.adapters import get_flix_model
+    from flix.model import get_flix_model
     from flix.optim import SparseAdamW
 
     model = get_flix_model(base_model(args), config).train()
@@ -123,8 +123,8 @@ def _infer(model, ids, mode: str, new_tokens: int, **kwargs):
 
 
 def flix_inference(args, ids, combos, mode: str) -> Callable[[], None]:
-    from flix.adapters import get_flix_model
-    from flix.methods import method_config
+    from flix.model import get_flix_model
+    from flix.pipeline.methods import method_config
 
     features = {"task": sorted({c["task"] for c in combos}), "lang": sorted({c["lang"] for c in combos})}
     config = method_config("flix", features, "joint", alpha=ALPHA, target_modules=TARGETS)

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 def bench_adapters(args, sizes: list[int]) -> int:
     from flix.bench.timing import stats, time_interleaved
     from flix.io import atomic_write_json
-    from flix.methods import method_config
+    from flix.pipeline.methods import method_config
 
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
@@ -173,7 +173,7 @@ def check_targets(rows: list[dict], inference: list[dict], sizes: list[int]) -> 
 
 
 def run_config(args, sizes: list[int]) -> dict:
-    from flix.versions import versions
+    from flix.pipeline.versions import versions
 
     return {
         "batch": args.batch,

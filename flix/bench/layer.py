@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from flix.bench.model_cases import TASKS, feature_space, mixed_features
     from flix.bench.timing import feature_counts, paired_ratio, stats, time_interleaved
     from flix.io import atomic_write_json
-    from flix.methods import method_config
-    from flix.versions import versions
+    from flix.pipeline.methods import method_config
+    from flix.pipeline.versions import versions
 
     parser = argparse.ArgumentParser(prog="flix bench layer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--d-in", type=int, default=640, help="input width (default 640, Gemma 3 270M's hidden size)")

@@ -2,7 +2,7 @@
 
 Training rows time one optimizer step on a mixed batch (--batch examples of --seq
 tokens, the loss on the last --target tokens through the training loss
-`flix.batching.loss_sum`, example i routed to task i mod 4 and a random language, so
+`flix.pipeline.batching.loss_sum`, example i routed to task i mod 4 and a random language, so
 a batch has at least 4 feature combinations):
 
     base              the frozen model alone: forward + backward to its input embeddings
@@ -63,7 +63,7 @@ from flix.bench.model_cases import (
     train_batch,
 )
 from flix.bench.timing import feature_counts, peak_memory_gib
-from flix.methods import kind_ranks
+from flix.pipeline.methods import kind_ranks
 
 FLIX_RANKS = kind_ranks("joint")  # conf/method/flix.yaml
 TARGETS = {  # name: (description, op, bound)
@@ -151,7 +151,7 @@ def bench_model(args, sizes: list[int]) -> int:
     from flix.bench.attribute import attributed_ratio, own_time
     from flix.bench.timing import stats, time_interleaved
     from flix.io import atomic_write_json
-    from flix.methods import method_config
+    from flix.pipeline.methods import method_config
 
     device = device_of(args)
     bf16 = bf16_enabled(args, device)
@@ -295,8 +295,8 @@ def attributed_quotient(num: list[float], den: list[float]) -> tuple[float, floa
 
 
 def run_config(args, sizes: list[int], device: torch.device, bf16: bool) -> dict:
-    from flix.results import git_commit
-    from flix.versions import versions
+    from flix.pipeline.versions import versions
+    from flix.record import git_commit
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from flix.methods import kind_ranks
+from flix.pipeline.methods import kind_ranks
 
 ALPHA = 16.0
 RANK = sum(kind_ranks("joint").values())  # FLix's active rank (conf/method/flix.yaml), and the LoRA baselines'
@@ -22,8 +22,8 @@ DROPOUT = 0.7
 
 
 def load(args):
-    from flix.config import compose
-    from flix.models import load_model
+    from flix.base_models import load_model
+    from flix.pipeline.run_config import compose
 
     model_cfg = compose([f"model={args.model}"]).model
     from omegaconf import OmegaConf
@@ -58,8 +58,8 @@ def mixed_features(features: dict[str, list[str]], batch: int, count: int, gen: 
 def bank_bytes(model: torch.nn.Module, num_features: int) -> int:
     """Bytes of FLix banks with D features (SparseAdamW keeps moments only for the
     rows that batches touch, a few hundred here)."""
-    from flix.adapters import find_target_modules
-    from flix.methods import method_config
+    from flix.pipeline.methods import method_config
+    from flix.targets import find_target_modules
 
     rows = method_config("flix", feature_space(num_features), "joint").space.num_rows
     widths = sum(sum(model.get_submodule(n).weight.shape) for n in find_target_modules(model, None))
@@ -86,7 +86,7 @@ def train_batch(args, tokenizer, device) -> dict:
 
 
 def base_step(model, batch, autocast) -> Callable[[], None]:
-    from flix.batching import loss_sum
+    from flix.pipeline.batching import loss_sum
 
     # Backward must reach the inputs, as it does through any adapter.
     model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
@@ -101,9 +101,9 @@ def base_step(model, batch, autocast) -> Callable[[], None]:
 
 
 def flix_step(base, config, batch, routes, autocast, device) -> Callable[[], None]:
-    from flix.adapters import get_flix_model
-    from flix.batching import loss_sum
+    from flix.model import get_flix_model
     from flix.optim import SparseAdamW
+    from flix.pipeline.batching import loss_sum
 
     model = get_flix_model(shared_copy(base), config).to(device).train()
     optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -122,8 +122,8 @@ def flix_step(base, config, batch, routes, autocast, device) -> Callable[[], Non
 def peft_step(base, batch, autocast, device) -> Callable[[], None]:
     from peft import LoraConfig, get_peft_model
 
-    from flix.batching import loss_sum
-    from flix.models import default_target_modules
+    from flix.pipeline.batching import loss_sum
+    from flix.targets import default_target_modules
 
     lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=default_target_modules(base))
     model = get_peft_model(shared_copy(base), lora).to(device).train()
@@ -142,9 +142,9 @@ def peft_step(base, batch, autocast, device) -> Callable[[], None]:
 def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Callable[[], None]]:
     from peft import LoraConfig, get_peft_model
 
-    from flix.adapters import get_flix_model
-    from flix.methods import method_config
-    from flix.models import default_target_modules
+    from flix.model import get_flix_model
+    from flix.pipeline.methods import method_config
+    from flix.targets import default_target_modules
 
     gen = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(10, min(tokenizer.vocab_size, 50_000), (args.gen_batch, args.gen_seq), generator=gen).to(device)
@@ -198,10 +198,10 @@ def matmul_case(device: torch.device, bf16: bool) -> tuple[Callable[[], None], f
 def count_flops(step: Callable[[], None]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from flix import cpu_kernels
+    from flix import kernels
 
     # the compiled CPU kernel is invisible to FLOP counters: count the same arithmetic as torch ops
-    with FlopCounterMode(display=False) as counter, cpu_kernels.disabled():
+    with FlopCounterMode(display=False) as counter, kernels.disabled():
         step()
     return counter.get_total_flops()
 
@@ -214,7 +214,7 @@ def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
     import time
 
     from flix.bench.timing import peak_memory_gib
-    from flix.methods import method_config
+    from flix.pipeline.methods import method_config
 
     device = device_of(args)
     base, tokenizer = load(args)
@@ -230,7 +230,7 @@ def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
 
 
 def measure_micro_batch_memory(args) -> dict | None:
-    from flix.config import compose
+    from flix.pipeline.run_config import compose
 
     if args.memory_scale == "none":
         return None
@@ -263,11 +263,11 @@ def measure_micro_batch_memory(args) -> dict | None:
 
 def bf16_enabled(args, device: torch.device) -> bool:
     """--bf16 as `train.bf16` reads it: auto is on for CUDA only."""
-    from flix.trainer import use_bf16
+    from flix.pipeline.trainer import use_bf16
 
     return use_bf16({"true": True, "false": False}.get(args.bf16, args.bf16), device)
 
 
 def autocast_for(device: torch.device, enabled: bool):
-    """A fresh bf16 autocast context per call (or a disabled one), as `flix.trainer` uses."""
+    """A fresh bf16 autocast context per call (or a disabled one), as `flix.pipeline.trainer` uses."""
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from flix.config import compose
+    from flix.pipeline.run_config import compose
 
     try:
         cfg = compose(args.overrides)
@@ -76,11 +76,11 @@ def batches_per_task(data: dict, batch_size: int) -> dict[str, int]:
 def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
     from tqdm.auto import tqdm
 
-    from flix.config import load_mixture_for
-    from flix.evaluate import predict
-    from flix.results import git_commit
-    from flix.trainer import Trainer, is_validation_step, read_split
-    from flix.versions import versions
+    from flix.pipeline.evaluate import predict
+    from flix.pipeline.run_config import load_mixture_for
+    from flix.pipeline.trainer import Trainer, is_validation_step, read_split
+    from flix.pipeline.versions import versions
+    from flix.record import git_commit
 
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
     s = cfg.scale

@@ -2,7 +2,7 @@
 
     flix report [--runs DIR] [--scale smoke|cpu|mini|paper] [--out DIR | --snapshot] [--paper DIR] [--wandb]
 
-Default paths are relative to the repository root, as flix.study uses them. The report
+Default paths are relative to the repository root, as flix.pipeline.study uses them. The report
 goes to an uncommitted folder (outputs/reports/<scale>) unless --snapshot asks for the
 committed one (reports/<scale>), where files no render wrote (but its README) are then removed.
 The paper's numbers come with the package (flix/report/paper/); --paper or FLIX_PAPER_DIR

@@ -1,6 +1,6 @@
 """Find finished and failed runs under a runs root and pick the ones a table cell needs.
 
-Everything comes from what runs record (flix.results): results.json, or failed.json
+Everything comes from what runs record (flix.record): results.json, or failed.json
 with the error and the resolved config; a run is identified by that config alone.
 """
 
@@ -16,9 +16,9 @@ from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
-from flix.config import CONF, setting
-from flix.methods import load_method
-from flix.results import FAILED, RESULTS, identity
+from flix.pipeline.methods import load_method
+from flix.pipeline.run_config import CONF, setting
+from flix.record import FAILED, RESULTS, identity
 
 DEFAULT_DROPOUT = float(OmegaConf.load(CONF / "train.yaml").dropout)
 PAPER_RANK = None  # config rank.lang null: the method's ranks for the mixture kind
@@ -38,7 +38,7 @@ class RunRecord:
     dropout_mode: str = "independent"
     results: dict | None = None
     failure: str | None = None
-    setting: dict = field(default_factory=dict)  # flix.config.setting: what must agree across seeds
+    setting: dict = field(default_factory=dict)  # flix.pipeline.run_config.setting: what must agree across seeds
 
     @property
     def eval_sets(self) -> dict:

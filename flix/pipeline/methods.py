@@ -15,10 +15,10 @@ from typing import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from flix.adapters import FLixConfig
+from flix.config import FLixConfig
 from flix.features import FeatureSpace
 
-METHODS = tuple(sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "method").glob("*.yaml")))
+METHODS = tuple(sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "method").glob("*.yaml")))
 
 
 def load_method(name: str) -> dict:
@@ -30,7 +30,7 @@ def load_method(name: str) -> dict:
 def _load_method(name: str) -> dict:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)} (conf/method/)")
-    from flix.config import compose
+    from flix.pipeline.run_config import compose
 
     return OmegaConf.to_container(compose([f"method={name}"]).method, resolve=True)
 
@@ -68,7 +68,7 @@ def method_config(
     common = dict(alpha=alpha, target_modules=target_modules, shared_rank=int(shared))
     if not spec["features"]:
         return FLixConfig(**common)
-    # sparse bank gradients: flix.train's SparseAdamW updates only the rows a batch used
+    # sparse bank gradients: flix.pipeline.run's SparseAdamW updates only the rows a batch used
     return FLixConfig(features=features, ranks=ranks, feature_dropout=feature_dropout, dropout_mode=dropout_mode, sparse_grad=True, **common)
 
 

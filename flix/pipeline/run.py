@@ -1,0 +1,226 @@
+"""One run: train -> validate every N steps -> keep the best adapter -> test -> results
+(started by `python -m flix.train`, flix/train.py).
+
+Everything a table needs lands in the run directory: results.json, tables/*.csv,
+predictions/, best_adapter/. Checkpoints under checkpoints/ make a rerun of the same
+command in the same directory resume where it stopped, with identical results.
+The recipe is here; its parts live in flix.pipeline.run_config (composing, the hash), flix.pipeline.trainer
+(training, selection, test), flix.pipeline.checkpoint and flix.record (what runs record).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra.core.hydra_config
+import numpy as np
+import torch
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from flix.data.mixtures import MixtureError
+from flix.data.reader import DataError, resolve_root
+from flix.io import atomic_write_text, recover_tree
+from flix.lock import RunLocked, run_lock
+from flix.pipeline import distributed
+from flix.pipeline.checks import ConfigError, check_run
+from flix.pipeline.run_config import config_hash, load_mixture_for
+from flix.pipeline.tracking import NullTracker, ScopedTracker, make_tracker, say
+from flix.pipeline.trainer import Trainer
+from flix.pipeline.versions import versions
+from flix.record import (
+    CODE_COMMIT,
+    FAILED,
+    RESULTS,
+    merge_datasets,
+    per_language_table,
+    portable,
+    selection_entry,
+    summary_line,
+    write_failure,
+    write_results,
+)
+
+
+def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
+    """Train, select and test one adapter; returns its part of results.json ({} off the main process)."""
+    trainer = Trainer(cfg, mixture, run_dir)
+    state = trainer.fit(tracker)
+    if not trainer.main:
+        return {}
+    test, per_example = trainer.test()
+    config = trainer.model.flix_config
+    return {
+        "best_step": state["best_step"],
+        "best_validation_average": state["best_score"],
+        "best_validation_nll": state["best_nll"],
+        "selection": selection_entry(cfg.train.select_by, mixture.selection_sets),
+        "validation": state["best_validation"],
+        "test": test.scores,
+        "validation_nll": state["best_validation_nll"],
+        "test_nll": test.nll,
+        **per_example,
+        "history": state["history"],
+        "train_loss": state["train_loss"],
+        "featureless_fraction": state["featureless_fraction"],
+        "trainable_parameters": trainer.model.num_trainable_parameters(),
+        "flix": config.to_dict() | {"active_rank": config.space.active_rank},
+        "train_seconds": state["train_seconds"],
+    }
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """The whole run; returns results (also written to run_dir/results.json)."""
+    mixture = load_mixture_for(cfg)
+    check_run(cfg, mixture)  # before any model loads or file is written
+    process_rank, _ = distributed.setup()
+    if process_rank != 0:  # other data-parallel processes only train; the main one holds the lock
+        return _train(cfg, mixture, run_dir, process_rank)
+    with run_lock(run_dir, wait=bool(cfg.get("wait"))):
+        recover_tree(run_dir)  # a crash's newest complete checkpoint back in place, temp files gone
+        return _train(cfg, mixture, run_dir, process_rank)
+
+
+def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
+    if cfg.get("force") and process_rank == 0 and run_dir.exists():
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / RESULTS).unlink(missing_ok=True)
+    if (run_dir / RESULTS).exists():
+        say(f"[flix] {run_dir / RESULTS} exists: run already complete (force=true runs it again)")
+        try:
+            results = json.loads((run_dir / RESULTS).read_text())
+        except ValueError as err:  # written atomically, so damaged afterwards
+            raise RuntimeError(f"{run_dir / RESULTS}: unreadable ({err}); rerun with force=true to train this run again") from None
+        if process_rank == 0 and cfg.logger.name != "none" and not (run_dir / LOGGED).exists():
+            # made with logger=none (or before): log it now, so the W&B project has every run
+            tracker = _tracker(cfg, mixture, run_dir)
+            _publish(tracker, results, run_dir)
+            _finish(tracker, run_dir, failed=False)
+        return results
+    if process_rank == 0:
+        (run_dir / FAILED).unlink(missing_ok=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
+    # `single` (method.per_dataset): one adapter per dataset, each in datasets/TASK.LANG.
+    jobs = [(m, run_dir / "datasets" / m.name.split("/")[-1]) for m in mixture.per_dataset()] if cfg.method.per_dataset else [(mixture, run_dir)]
+    if process_rank != 0:
+        for part, part_dir in jobs:
+            train_one(cfg, part, part_dir, NullTracker())
+        return {}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tracker = _tracker(cfg, mixture, run_dir)
+    started = time.time()
+    failed = True
+    try:
+        # The single baseline trains one adapter per dataset into one W&B run: each logs
+        # under its dataset's name, its steps following the previous one's.
+        parts = [
+            train_one(cfg, part, part_dir, tracker if len(jobs) == 1 else ScopedTracker(tracker, part_dir.name, i * cfg.scale.steps))
+            for i, (part, part_dir) in enumerate(jobs)
+        ]
+        body = merge_datasets(parts) if cfg.method.per_dataset else parts[0]
+        head = {
+            "method": cfg.method.name,
+            "mixture": mixture.name,
+            "study": cfg.study,
+            "scale": cfg.scale.name,
+            "seed": cfg.seed,
+            "model": cfg.model.name,
+            "data_root": resolve_root(cfg.data.root).resolve().name,
+            "variant": cfg.data.variant,
+        }
+        tail = {
+            "time_seconds": time.time() - started,
+            "commit": CODE_COMMIT,
+            "versions": versions(),
+            "config_hash": config_hash(cfg),
+            "config": portable(resolved),
+        }
+        results = write_results(run_dir, mixture, body, head, tail)
+        _publish(tracker, results, run_dir)
+        say(summary_line(results))
+        failed = False
+        return results
+    finally:
+        _finish(tracker, run_dir, failed)
+
+
+LOGGED = "wandb_logged"  # written once the run's results reached its W&B run
+
+
+def run_label(cfg: DictConfig) -> str:
+    """Every swept value, so runs of a sweep are told apart on the dashboard."""
+    mode = "" if cfg.train.dropout_mode == "independent" else f"-{cfg.train.dropout_mode}"
+    return f"{cfg.method.name}-{cfg.mixture.name}-drop{cfg.dropout}{mode}-rank{cfg.rank.name}-seed{cfg.seed}"
+
+
+def _tracker(cfg: DictConfig, mixture, run_dir: Path):
+    """W&B run grouped by the table it feeds (the study's sweep sets `table`), tagged by
+    scale, mixture and method."""
+    group = f"{cfg.scale.name}/{cfg.get('table') or cfg.study or mixture.name}"
+    tags = [cfg.scale.name, mixture.name, cfg.method.name]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return make_tracker(cfg.logger, run_dir, name=run_label(cfg), group=group, config=resolved, resume_id=_wandb_id(run_dir), tags=tags)
+
+
+def _publish(tracker, results: dict, run_dir: Path) -> None:
+    tracker.summarize(results)
+    for split in ("validation", "test"):
+        tracker.log_table(f"tables/{split}", per_language_table(results[split]))
+    tracker.log_artifact(run_dir / RESULTS, name=f"results-{run_dir.name}", kind="results")
+
+
+def _finish(tracker, run_dir: Path, failed: bool) -> None:
+    tracker.finish(failed=failed)  # a failed run ends failed on the dashboard
+    if tracker.records and not failed:
+        atomic_write_text(run_dir / LOGGED, "")
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """Reuse the W&B run id when resuming, so a resumed run is one W&B run."""
+    path = run_dir / "wandb_id"
+    if path.exists():
+        return path.read_text().strip()
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_text(path, run_id)
+    return run_id
+
+
+def hydra_job(cfg: DictConfig) -> float | None:
+    """One Hydra job (`python -m flix.train`, flix/train.py): run, and turn failures into a
+    failed.json and an exit code (a sweep goes on past a failed run)."""
+    hydra_cfg = hydra.core.hydra_config.HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        try:
+            results = run(cfg, run_dir)
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError(
+                f"out of memory: lower scale.micro_batch_size (now {cfg.scale.micro_batch_size}; the effective batch "
+                f"stays scale.batch_size), scale.max_prompt_tokens or scale.eval_batch_size, or set train.gradient_checkpointing=true"
+            ) from err
+    except RunLocked as err:  # another process is on it: nothing of this run is ours to write
+        say(f"[flix] {err}")
+        if not multirun:
+            sys.exit(1)
+        return None
+    except Exception as err:
+        write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))  # the report names it
+        if multirun:  # one failed run must not take the sweep down: go on
+            say(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}")
+            return None
+        if isinstance(err, (ConfigError, MixtureError, DataError)):  # the message says what to change
+            say(f"flix.train: error: {err}")
+            sys.exit(2)
+        raise
+    score = results.get("best_validation_average")
+    return score if isinstance(score, float) else None

@@ -1,0 +1,189 @@
+"""A run's configuration: composing conf/train.yaml, its hash, and the mixture it names.
+
+The hash names the run directory (conf/train.yaml `run_name`), so the same settings
+always land in the same directory and a study skips what is done.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from flix.data.mixtures import VARIANTS, Mixture, load_mixture
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+# Keys that do not change what a run computes: left out of its hash. (data.root stays in:
+# a subsample and the full release are different runs.) `run_name` holds the hash itself.
+# Runs made before a change to what is hashed keep their directories; studies do not
+# reuse them (they run again), the report still reads them.
+UNHASHED = ("hydra", "logger", "force", "wait", "study", "table", "run_name")
+UNHASHED_NESTED = (("train", "threads"),)
+
+
+def _decisive(resolved: dict) -> dict:
+    """A resolved config without what does not change results (a copy): the UNHASHED
+    keys, the mixture's notes and its variant the run does not use; the data root as its
+    real path, symlinks resolved (the same data given two ways is one run)."""
+    container = copy.deepcopy(resolved)
+    for key in UNHASHED:
+        container.pop(key, None)
+    for section, key in UNHASHED_NESTED:
+        if isinstance(container.get(section), dict):
+            container[section].pop(key, None)
+    data, mixture = container.get("data"), container.get("mixture")
+    if isinstance(data, dict) and data.get("root"):
+        data["root"] = os.path.realpath(os.path.expanduser(str(data["root"])))
+    if isinstance(data, dict) and isinstance(mixture, dict):
+        for variant in VARIANTS:
+            if variant != data.get("variant"):
+                mixture.pop(variant, None)
+            elif isinstance(mixture.get(variant), dict):
+                mixture[variant].pop("notes", None)
+    return container
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the resolved configuration that decides a run's results."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for key in UNHASHED:  # before resolving: hydra's and run_name's interpolations need the hash
+        container.pop(key, None)
+    resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+    return hashlib.sha256(json.dumps(_decisive(resolved), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def setting(resolved: dict) -> dict[str, str]:
+    """A recorded (resolved) config as flat key -> value, without the seed and what the
+    hash leaves out: runs of one setting differ only by seed (the report averages those)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = json.dumps(value, sort_keys=True)
+
+    walk("", {k: v for k, v in _decisive(resolved).items() if k != "seed"})
+    return flat
+
+
+# conf/train.yaml names run directories with ${config_hash:}; registered with this module,
+# which every entry point that composes the config imports for `compose` or `config_hash`.
+OmegaConf.register_new_resolver("config_hash", lambda *, _root_: config_hash(_root_), replace=True)
+
+
+def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
+    """conf/train.yaml with the overrides, as `python -m flix.train` composes it
+    (`hydra=True` keeps the hydra node, e.g. for the run directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides, return_hydra_config=hydra)
+
+
+GROUPS = tuple(sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"))
+# Names from the paper and the design card that are not options of the group they were given to.
+HINTS = {
+    ("mixture", "study_b"): "study_b is a study (Table 2), not a mixture: run `make study-b` or `python -m flix study study_b`",
+    ("mixture", "ablations"): "ablations is a study (Tables 3-4): run `make ablations`",
+    ("mixture", "zeroshot"): "the zero-shot mixture is mixture=zeroshot_sp",
+    ("mixture", "single"): "single is a method: method=single (one adapter per dataset)",
+    ("method", "lora"): "LoRA is method=compute_matched (rank of FLix's active rank) or method=param_matched",
+}
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def override_problems(args: list[str]) -> list[str]:
+    """What cannot work, found from the command line before Hydra runs (which would write a
+    run folder and a failed.json for each, or print a traceback): group options that do not
+    exist (`rank=1`, `mixture=study_b`), named with the choices and, for the paper's names,
+    where that thing lives; keys that do not exist (`droput=0.5`, with the key meant); and
+    the values flix.pipeline.checks refuses (`seed=abc`, `dropout=abc`), for every value of a sweep."""
+    problems = _group_problems(args)
+    if problems:
+        return problems
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
+    except HydraException:  # a syntax error: Hydra's own message says where
+        return []
+    overrides = [o for o in overrides if not o.key_or_group.startswith("hydra")]
+    # each override's values, one per value of a sweep
+    options = {
+        o.input_line.partition("=")[0]: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for o in overrides
+    }
+    first = {key: values[0] for key, values in options.items()}
+    cfg = compose([f"{key}={first[key]}" for key in first if key.lstrip("+~") in GROUPS])
+    keys = _keys(OmegaConf.to_container(cfg))
+    for o in overrides:
+        key, _, text = o.input_line.partition("=")
+        if key[0] not in "+~" and key not in GROUPS and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}={text}?" if close else "`python -m flix.train --cfg job` lists every setting"
+            problems.append(f"{o.input_line}: no such setting; {hint}")
+    if problems:
+        return problems
+    from flix.pipeline.checks import config_problems
+
+    lines = [first] + [first | {key: value} for key, values in options.items() for value in values[1:]]
+    for line in lines:
+        try:
+            cfg = compose([f"{key}={value}" for key, value in line.items()])
+        except (HydraException, ValueError):  # Hydra says what is wrong when it runs
+            continue
+        problems += [p for p in config_problems(cfg) if p not in problems]
+    return problems
+
+
+_ABSENT = object()
+
+
+def _keys(container: dict, prefix: str = "") -> list[str]:
+    """Every setting's dotted key (train, train.lr, ...)."""
+    keys = []
+    for key, value in container.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _group_problems(args: list[str]) -> list[str]:
+    problems = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") not in GROUPS:
+            continue
+        group = key.lstrip("+~")
+        for option in value.split(","):  # a multirun sweep: -m method=flix,single
+            if option and option not in choices(group):
+                hint = HINTS.get((group, option)) or (
+                    f"the language rank {option} is rank=lang{option}" if group == "rank" and f"lang{option}" in choices(group) else ""
+                )
+                if group == "rank" and not hint and option.lstrip("-").isdigit():
+                    hint = "a language rank must be >= 1: rank=lang1, rank=lang2, or rank.lang=N for another"
+                close = difflib.get_close_matches(option, choices(group), n=1)
+                hint = hint or (f"did you mean {group}={close[0]}?" if close else "")
+                problems.append(f"{group}={option}: no such option{'; ' + hint if hint else ''} (choices: {', '.join(choices(group))})")
+    return problems
+
+
+def load_mixture_for(cfg: DictConfig) -> Mixture:
+    """The run's mixture: its data variant, cut to the scale's languages per task."""
+    mixture = load_mixture(cfg.mixture, cfg.data.variant)
+    if cfg.scale.max_langs_per_task:
+        mixture = mixture.restrict(int(cfg.scale.max_langs_per_task))
+    return mixture
