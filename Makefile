@@ -34,16 +34,16 @@ test:  ## the whole test suite on local data
 
 .PHONY: lint format
 lint:  ## ruff: lint and formatting check (configured in pyproject.toml; CI runs it before the tests)
-	$(PY) -m ruff check flix tests
-	$(PY) -m ruff format --check flix tests
+	$(PY) -m ruff check flix tests benchmarks
+	$(PY) -m ruff format --check flix tests benchmarks
 format:  ## ruff: sort imports and format the tree
-	$(PY) -m ruff check --fix --select I flix tests
-	$(PY) -m ruff format flix tests
+	$(PY) -m ruff check --fix --select I flix tests benchmarks
+	$(PY) -m ruff format flix tests benchmarks
 
-bench:  ## speed benchmarks; prints tables and writes reports/bench/*.json
-	$(PY) -m flix bench adapters --out reports/bench/adapters.json
-	$(PY) -m flix bench model  # Gemma 3 270M; writes reports/bench/model-<cpu|cuda>.json
-	$(PY) -m flix bench layer --out reports/bench/layer-cpu.json  # one projection on the CPU, tight ratios
+bench:  ## speed benchmarks (benchmarks/); prints tables and writes reports/bench/*.json
+	$(PY) -m benchmarks.adapters --out reports/bench/adapters.json
+	$(PY) -m benchmarks.model  # Gemma 3 270M; writes reports/bench/model-<cpu|cuda>.json
+	$(PY) -m benchmarks.layer --out reports/bench/layer-cpu.json  # one projection on the CPU, tight ratios
 
 MIXTURE ?= study_a
 bench-run:  ## expected time of one $(SCALE) run of $(MIXTURE) on this machine, measured

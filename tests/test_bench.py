@@ -1,20 +1,24 @@
-"""`flix bench adapters` and `flix bench run` run end to end at toy size and write their reports."""
+"""The benchmarks (benchmarks/: adapters, model, layer) and `flix bench run` run end to end at
+toy size and write their reports; `flix bench` runs a checkout's benchmarks in a child process."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from flix import bench
+from benchmarks import adapters, layer, model
+from flix.pipeline import bench_command, estimate
+from flix.pipeline.memory import peak_rss_gib
 
 
 def test_bench_adapters_writes_every_row(tmp_path, capsys):
     out = tmp_path / "bench" / "adapters.json"
     argv = [
-        "adapters",
         "--out",
         str(out),
         "--repeats",
@@ -38,7 +42,7 @@ def test_bench_adapters_writes_every_row(tmp_path, capsys):
         "--new-tokens",
         "2",
     ]
-    assert bench.main(argv) == 0
+    assert adapters.main(argv) == 0
     report = json.loads(out.read_text())
 
     methods = [(r["method"], r["num_features"]) for r in report["rows"]]
@@ -82,7 +86,7 @@ def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys)
         "train.threads=1",
     ]
     out = tmp_path / "run.json"
-    assert bench.main(["run", *overrides, "--steps", "2", "--warmup", "0", "--out", str(out)]) == 0
+    assert estimate.main([*overrides, "--steps", "2", "--warmup", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
 
     results = run(compose(overrides), tmp_path / "real")
@@ -105,11 +109,25 @@ def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys)
 
 
 def test_bench_names_its_benchmarks_and_options(capsys):
-    assert bench.main(["nope"]) == 2
+    assert bench_command.main(["nope"]) == 2
     assert "adapters" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["run", "method=lora"])
+        bench_command.main(["run", "method=lora"])
     assert exit_.value.code == 2 and "compute_matched" in capsys.readouterr().err
+
+
+def test_flix_bench_runs_the_checkouts_benchmarks_in_a_child_process(tmp_path, capsys):
+    """`flix bench layer ...` is `python -m benchmarks.layer ...` from the checkout, in the
+    caller's directory (a relative --out lands there); without benchmarks/ (flix installed
+    from a wheel) it says so in one line."""
+    argv = ["--d-in", "8", "--d-out", "8", "--tokens", "2", "--features", "8", "--repeats", "1", "--warmup", "0", "--attribute", "0"]
+    cmd = [sys.executable, "-m", "flix", "bench", "layer", *argv, "--threads", "1", "--out", "layer.json"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [r["case"] for r in json.loads((tmp_path / "layer.json").read_text())["rows"]] == ["frozen", "compute_matched", "flix D=8"]
+    assert bench_command.run_benchmark("layer", argv, repo=tmp_path) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "benchmarks/" in error and "checkout" in error
 
 
 def test_bench_model_writes_every_row(tmp_path, capsys):
@@ -118,7 +136,6 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     process, and a verdict for every target."""
     out = tmp_path / "model.json"
     argv = [
-        "model",
         "--model",
         "tiny",
         "--out",
@@ -146,7 +163,7 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
         "--threads",
         "1",
     ]
-    assert bench.main(argv) == 0
+    assert model.main(argv) == 0
     report = json.loads(out.read_text())
     assert [r["case"] for r in report["training"]] == ["base", "compute_matched", "peft_lora", "flix D=8", "flix D=16"]
     assert [r["case"] for r in report["generation"]] == ["base", "peft_adapter_names", "flix"]
@@ -175,15 +192,15 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     verdicts = [line.split()[0] for line in printed.splitlines() if line.split() and line.split()[0] in ("PASS", "MISS", "NOISE")]
     assert len(verdicts) == 9
     rechecked = tmp_path / "rechecked.json"
-    assert bench.main(["model", "--rescore", str(out), "--out", str(rechecked)]) == 0, "a saved report is checked again without running"
+    assert model.main(["--rescore", str(out), "--out", str(rechecked)]) == 0, "a saved report is checked again without running"
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "MISS", "NOISE"))] == verdicts
     assert json.loads(rechecked.read_text()) == report
-    assert bench.main(["model", "--rescore", str(tmp_path / "missing.json")]) == 2
+    assert model.main(["--rescore", str(tmp_path / "missing.json")]) == 2
 
 
 def test_attributed_quotient_spans_both_intervals():
     """D=4096 against D=8 from their attributed ratios: the interval takes the extremes."""
-    from flix.bench.model import attributed_quotient
+    from benchmarks.model_report import attributed_quotient
 
     value, low, high = attributed_quotient([1.10, 1.08, 1.12], [1.05, 1.04, 1.06])
     assert value == pytest.approx(1.10 / 1.05) and low == pytest.approx(1.08 / 1.06) and high == pytest.approx(1.12 / 1.04)
@@ -192,7 +209,7 @@ def test_attributed_quotient_spans_both_intervals():
 def test_time_interleaved_runs_each_case_once_a_round_in_shuffled_orders():
     """Every round calls every case once; the order changes between rounds, so no case
     always runs right after the same one (and inherits its caches or its garbage)."""
-    from flix.bench.timing import time_interleaved
+    from benchmarks.timing import time_interleaved
 
     calls: list[str] = []
     cases = {name: (lambda name=name: calls.append(name)) for name in "abcde"}
@@ -206,7 +223,7 @@ def test_time_interleaved_runs_each_case_once_a_round_in_shuffled_orders():
 def test_paired_ratio_interval_and_verdicts():
     """Per-round ratios cancel a drift shared by both cases; the verdict is PASS or MISS
     only when the whole interval clears the bound."""
-    from flix.bench.timing import paired_ratio, verdict
+    from benchmarks.timing import paired_ratio, verdict
 
     drift = [100.0, 180.0, 120.0, 250.0, 90.0]  # a busy machine: medians of each case alone mislead
     value, low, high = paired_ratio([1.2 * t for t in drift], drift)
@@ -219,15 +236,10 @@ def test_paired_ratio_interval_and_verdicts():
 def test_peak_memory_of_a_child_process_is_its_own():
     """A probe started by subprocess reports its own peak, not its parent's (ru_maxrss
     inherits the parent's through vfork/exec; VmHWM does not)."""
-    import subprocess
-    import sys
-
-    from flix.bench.timing import peak_rss_gib
-
     ballast = bytearray(1 << 30)
     ballast[:: 1 << 12] = b"\1" * len(ballast[:: 1 << 12])  # touch every page: 1 GiB resident
     child = subprocess.run(
-        [sys.executable, "-c", "from flix.bench.timing import peak_rss_gib; print(peak_rss_gib())"], capture_output=True, text=True, check=True
+        [sys.executable, "-c", "from flix.pipeline.memory import peak_rss_gib; print(peak_rss_gib())"], capture_output=True, text=True, check=True
     )
     assert peak_rss_gib() >= 1.0 > float(child.stdout)
     del ballast
@@ -235,15 +247,15 @@ def test_peak_memory_of_a_child_process_is_its_own():
 
 def test_bench_layer_prints_paired_ratios(tmp_path, capsys):
     out = tmp_path / "layer.json"
-    argv = ["layer", "--d-in", "32", "--d-out", "48", "--tokens", "5", "--features", "8,16", "--repeats", "3", "--warmup", "1", "--threads", "1"]
-    assert bench.main([*argv, "--out", str(out)]) == 0
+    argv = ["--d-in", "32", "--d-out", "48", "--tokens", "5", "--features", "8,16", "--repeats", "3", "--warmup", "1", "--threads", "1"]
+    assert layer.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"] for r in rows] == ["frozen", "compute_matched", "flix D=8", "flix D=16"]
     assert rows[0]["vs_frozen"] == [1.0, 1.0, 1.0] and all(r["vs_frozen"][1] <= r["vs_frozen"][0] <= r["vs_frozen"][2] for r in rows)
     assert "attributed_vs_frozen" not in rows[0] and all(r["attributed_vs_frozen"][0] > 1 for r in rows[1:])
     assert "flix D=16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        bench.main(["layer", "--features", "4"])
+        layer.main(["--features", "4"])
 
 
 def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, capsys):
@@ -251,7 +263,7 @@ def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, capsys):
     compute in bf16, while the banks stay float32 and still learn; the report says so."""
     from types import SimpleNamespace
 
-    from flix.bench.model_cases import autocast_for, bf16_enabled, feature_space, flix_step, load, mixed_features, train_batch
+    from benchmarks.model_cases import autocast_for, bf16_enabled, feature_space, flix_step, load, mixed_features, train_batch
     from flix.pipeline.methods import method_config
 
     cpu = torch.device("cpu")
@@ -277,22 +289,22 @@ def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, capsys):
     assert all(layer.flix_B.abs().sum() > 0 for layer in layers)  # B starts at zero: the step updated it
 
     out = tmp_path / "model.json"
-    argv = ["model", "--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--batch", "4", "--seq", "10"]
+    argv = ["--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--batch", "4", "--seq", "10"]
     argv += ["--target", "3", "--features", "8", "--gen-batch", "4", "--gen-seq", "6", "--new-tokens", "2", "--memory-scale", "none"]
-    assert bench.main([*argv, "--threads", "1", "--bf16", "true"]) == 0
+    assert model.main([*argv, "--threads", "1", "--bf16", "true"]) == 0
     assert json.loads(out.read_text())["config"]["autocast"] == "bf16"
     assert "autocast bf16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        bench.main([*argv, "--bf16", "yes"])
+        model.main([*argv, "--bf16", "yes"])
 
 
 def test_attribution_counts_the_adapters_own_work_only():
     """own_time splits a profiled step: nothing for the frozen base, and for a FLix layer
     its rank-6 work and optimizer without the frozen matmul inside its node (which, at
     these widths, is most of the step)."""
-    from flix.bench.attribute import own_time
-    from flix.bench.layer import layer_case
-    from flix.bench.model_cases import feature_space, mixed_features
+    from benchmarks.attribute import own_time
+    from benchmarks.layer import layer_case
+    from benchmarks.model_cases import feature_space, mixed_features
     from flix.pipeline.methods import method_config
 
     x = torch.randn(4, 128, 512).requires_grad_()

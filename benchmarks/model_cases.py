@@ -1,6 +1,7 @@
-"""The cases `flix bench model` times: model loading, batches and routes, one training
-step of the base / FLix / peft LoRA, generation, a matmul for the practical peak,
-FLOP counting and the one-micro-batch memory probe (run in a fresh process)."""
+"""The cases `benchmarks.model` times: model loading, batches and routes, one training
+step of the base / FLix / peft LoRA (`benchmarks.cases`' steps with the training loss),
+generation, a matmul for the practical peak, FLOP counting and the one-micro-batch
+memory probe (run in a fresh process)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,30 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from flix.pipeline.methods import kind_ranks
+from benchmarks import cases
+from benchmarks.cases import ALPHA, DROPOUT
+from flix import kernels
+from flix.model import get_flix_model
+from flix.pipeline.batching import loss_sum
+from flix.pipeline.memory import peak_memory_gib
+from flix.pipeline.methods import method_config
+from flix.targets import default_target_modules, find_target_modules
 
-ALPHA = 16.0
-RANK = sum(kind_ranks("joint").values())  # FLix's active rank (conf/method/flix.yaml), and the LoRA baselines'
+REPO = Path(__file__).resolve().parents[1]
 TASKS = 4
-DROPOUT = 0.7
 
 
 def load(args):
+    from omegaconf import OmegaConf
+
     from flix.base_models import load_model
     from flix.pipeline.run_config import compose
 
     model_cfg = compose([f"model={args.model}"]).model
-    from omegaconf import OmegaConf
-
     return load_model(OmegaConf.to_container(model_cfg, resolve=True))
 
 
@@ -45,22 +52,18 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def feature_space(num_features: int) -> dict[str, list[str]]:
-    return {"task": [f"t{i}" for i in range(TASKS)], "lang": [f"l{i}" for i in range(num_features - TASKS)]}
+    """D features: 4 tasks, the rest languages."""
+    return cases.feature_space(num_features, TASKS)
 
 
 def mixed_features(features: dict[str, list[str]], batch: int, count: int, gen: torch.Generator) -> list[list[dict]]:
     """`count` batches; example i has task i mod 4 and a random language."""
-    langs = features["lang"]
-    picks = torch.randint(len(langs), (count, batch), generator=gen).tolist()
-    return [[{"task": features["task"][i % TASKS], "lang": langs[j]} for i, j in enumerate(row)] for row in picks]
+    return cases.mixed_routes(features, batch, count, gen)
 
 
 def bank_bytes(model: torch.nn.Module, num_features: int) -> int:
     """Bytes of FLix banks with D features (SparseAdamW keeps moments only for the
     rows that batches touch, a few hundred here)."""
-    from flix.pipeline.methods import method_config
-    from flix.targets import find_target_modules
-
     rows = method_config("flix", feature_space(num_features), "joint").space.num_rows
     widths = sum(sum(model.get_submodule(n).weight.shape) for n in find_target_modules(model, None))
     return rows * widths * 4
@@ -85,67 +88,31 @@ def train_batch(args, tokenizer, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def base_step(model, batch, autocast) -> Callable[[], None]:
-    from flix.pipeline.batching import loss_sum
+def training_loss(batch: dict, autocast) -> cases.Loss:
+    """The training loss (`flix.pipeline.batching.loss_sum`) of `batch`, under `autocast`."""
 
-    # Backward must reach the inputs, as it does through any adapter.
-    model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_(True))
-    model.train()
-
-    def step():
+    def loss(model):
         with autocast():
-            loss = loss_sum(model, batch, seq2seq=False)
-        loss.backward()
+            return loss_sum(model, batch, seq2seq=False)
 
-    return step
+    return loss
+
+
+def base_step(model, batch, autocast) -> Callable[[], None]:
+    return cases.frozen_step(model, training_loss(batch, autocast))
 
 
 def flix_step(base, config, batch, routes, autocast, device) -> Callable[[], None]:
-    from flix.model import get_flix_model
-    from flix.optim import SparseAdamW
-    from flix.pipeline.batching import loss_sum
-
     model = get_flix_model(shared_copy(base), config).to(device).train()
-    optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    it = itertools.count()
-
-    def step():
-        with model.route(routes[next(it) % len(routes)]), autocast():
-            loss = loss_sum(model, batch, seq2seq=False)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return cases.flix_step(model, training_loss(batch, autocast), routes)
 
 
 def peft_step(base, batch, autocast, device) -> Callable[[], None]:
-    from peft import LoraConfig, get_peft_model
-
-    from flix.pipeline.batching import loss_sum
-    from flix.targets import default_target_modules
-
-    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=default_target_modules(base))
-    model = get_peft_model(shared_copy(base), lora).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        with autocast():
-            loss = loss_sum(model, batch, seq2seq=False)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    model = cases.lora(shared_copy(base), default_target_modules(base)).to(device).train()
+    return cases.lora_step(model, training_loss(batch, autocast))
 
 
 def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Callable[[], None]]:
-    from peft import LoraConfig, get_peft_model
-
-    from flix.model import get_flix_model
-    from flix.pipeline.methods import method_config
-    from flix.targets import default_target_modules
-
     gen = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(10, min(tokenizer.vocab_size, 50_000), (args.gen_batch, args.gen_seq), generator=gen).to(device)
     langs = -(-args.gen_batch // TASKS)
@@ -168,21 +135,14 @@ def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Calla
         return call
 
     features = {"task": [f"t{i}" for i in range(TASKS)], "lang": [f"l{i}" for i in range(langs)]}
-    flix = get_flix_model(shared_copy(base), method_config("flix", features, "joint", alpha=ALPHA)).to(device).eval()
-    with torch.no_grad():  # trained-looking adapters: B = 0 would add nothing
-        for layer in flix.flix_layers().values():
-            layer.flix_B.normal_(std=0.02)[0].zero_()
+    flix = cases.look_trained(get_flix_model(shared_copy(base), method_config("flix", features, "joint", alpha=ALPHA)).to(device).eval())
 
     def flix_generate():
         with flix.route(combos):
             generate(flix)()
 
     names = [f"combo{i}" for i in range(args.gen_batch)]
-    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=default_target_modules(base), init_lora_weights=False)
-    peft = get_peft_model(shared_copy(base), lora, adapter_name=names[0])
-    for name in names[1:]:
-        peft.add_adapter(name, lora)
-    peft.to(device).eval()
+    peft = cases.lora(shared_copy(base), default_target_modules(base), names).to(device).eval()
     return {"base": generate(shared_copy(base).eval()), "peft_adapter_names": generate(peft, adapter_names=names), "flix": flix_generate}
 
 
@@ -198,8 +158,6 @@ def matmul_case(device: torch.device, bf16: bool) -> tuple[Callable[[], None], f
 def count_flops(step: Callable[[], None]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from flix import kernels
-
     # the compiled CPU kernel is invisible to FLOP counters: count the same arithmetic as torch ops
     with FlopCounterMode(display=False) as counter, kernels.disabled():
         step()
@@ -212,9 +170,6 @@ def count_flops(step: Callable[[], None]) -> int:
 def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
     """Peak memory of one FLix micro-batch (forward + backward) at full length."""
     import time
-
-    from flix.bench.timing import peak_memory_gib
-    from flix.pipeline.methods import method_config
 
     device = device_of(args)
     base, tokenizer = load(args)
@@ -238,7 +193,7 @@ def measure_micro_batch_memory(args) -> dict | None:
     cmd = [
         sys.executable,
         "-m",
-        "flix.bench.model",
+        "benchmarks.model",
         "--probe-memory",
         str(s.micro_batch_size),
         str(s.max_prompt_tokens),
@@ -253,11 +208,11 @@ def measure_micro_batch_memory(args) -> dict | None:
         args.bf16,
     ]
     print(
-        f"flix bench: measuring one {args.memory_scale} micro-batch ({s.micro_batch_size} x {s.max_prompt_tokens + s.max_target_tokens + 1} tokens) in a fresh process",
+        f"benchmarks: measuring one {args.memory_scale} micro-batch ({s.micro_batch_size} x {s.max_prompt_tokens + s.max_target_tokens + 1} tokens) in a fresh process",
         file=sys.stderr,
         flush=True,
     )
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)  # cwd: where `benchmarks` imports from
     return {"scale": args.memory_scale, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 

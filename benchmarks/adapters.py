@@ -1,4 +1,4 @@
-"""`flix bench adapters`: FLix's speed against LoRA, on a small Llama-style model.
+"""`python -m benchmarks.adapters`: FLix's speed against LoRA, on a small Llama-style model.
 
 Training rows time one step (forward, backward, optimizer step, zero_grad) on a
 mixed batch: `none` (frozen base, only input gradients), `compute_matched` (one
@@ -21,7 +21,6 @@ ratio; the report prints that ceiling beside it.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import os
@@ -33,10 +32,8 @@ from pathlib import Path
 
 import torch
 
-from flix.bench.adapter_cases import (
-    ALPHA,
-    FLIX_RANKS,
-    RANK,
+from benchmarks import options
+from benchmarks.adapter_cases import (
     TARGETS,
     base_inference,
     feature_space,
@@ -48,7 +45,11 @@ from flix.bench.adapter_cases import (
     peft_inference,
     peft_step,
 )
-from flix.bench.timing import feature_counts
+from benchmarks.cases import ALPHA, DROPOUT, FLIX_RANKS, RANK
+from benchmarks.timing import stats, time_interleaved
+from flix.io import atomic_write_json
+from flix.pipeline.methods import method_config
+from flix.pipeline.versions import versions
 
 WITHIN = 1.10  # "within 10%"
 SPEEDUP = 2.0
@@ -56,38 +57,31 @@ INFERENCE_MODES = ("forward", "generate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flix bench adapters", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("reports/bench/adapters.json"), help="JSON report (written atomically)")
-    parser.add_argument("--repeats", type=int, default=9, help="timed rounds; each row is the median (default 9)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    parser.add_argument("--batch", type=int, default=16, help="examples per batch (default 16)")
-    parser.add_argument("--seq", type=int, default=128, help="tokens per example (default 128)")
+    parser = options.parser(
+        "python -m benchmarks.adapters",
+        __doc__,
+        out=Path("reports/bench/adapters.json"),
+        out_help="JSON report (written atomically)",
+        repeats=9,
+        warmup=2,
+        features="8,64,512,4096",
+    )
+    positive = options.at_least(1)
+    parser.add_argument("--batch", type=positive, default=16, help="examples per batch (default 16)")
+    parser.add_argument("--seq", type=positive, default=128, help="tokens per example (default 128)")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per sequence in `generate` mode (default 16)")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--features", default="8,64,512,4096", help="FLix feature counts D, comma-separated")
-    parser.add_argument("--hidden", type=int, default=256, help="model width; MLP 4x, heads of 64 (default 256)")
-    parser.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
-    parser.add_argument("--vocab", type=int, default=1024, help="vocabulary size (default 1024)")
+    parser.add_argument("--hidden", type=positive, default=256, help="model width; MLP 4x, heads of 64 (default 256)")
+    parser.add_argument("--layers", type=positive, default=4, help="transformer layers (default 4)")
+    parser.add_argument("--vocab", type=options.at_least(4), default=1024, help="vocabulary size (default 1024)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if min(args.repeats, args.batch, args.seq, args.threads, args.hidden, args.layers) < 1 or args.warmup < 0:
-        parser.error("--repeats, --batch, --seq, --threads, --hidden and --layers must be >= 1, --warmup >= 0")
-    if args.vocab < 4:
-        parser.error("--vocab must be >= 4")
-    sizes = feature_counts(parser, args.features, 2, "at least one task and one language")
+    sizes = options.feature_counts(parser, args.features, 2, "at least one task and one language")
     with warnings.catch_warnings():  # peft touches a deprecated transformers property
         warnings.simplefilter("ignore", FutureWarning)
         return bench_adapters(args, sizes)
 
 
-# --- the model, features and batches ---------------------------------------------
-
-
 def bench_adapters(args, sizes: list[int]) -> int:
-    from flix.bench.timing import stats, time_interleaved
-    from flix.io import atomic_write_json
-    from flix.pipeline.methods import method_config
-
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=gen)
@@ -100,9 +94,9 @@ def bench_adapters(args, sizes: list[int]) -> int:
     cm = method_config("compute_matched", smallest, "joint", alpha=ALPHA, target_modules=TARGETS)
     train[("compute_matched", 1)] = flix_step(args, ids, cm, mixed_batches(smallest, args.batch, rounds, gen))
     for d in sizes:
-        print(f"flix bench: building flix D={d}", file=sys.stderr, flush=True)
+        print(f"benchmarks: building flix D={d}", file=sys.stderr, flush=True)
         features = feature_space(d)
-        config = method_config("flix", features, "joint", alpha=ALPHA, feature_dropout=0.7, target_modules=TARGETS)
+        config = method_config("flix", features, "joint", alpha=ALPHA, feature_dropout=DROPOUT, target_modules=TARGETS)
         train[("flix", d)] = flix_step(args, ids, config, mixed_batches(features, args.batch, rounds, gen))
     train[("peft_lora", 1)] = peft_step(args, ids)
     named = {f"{m} D={d}" if m == "flix" else m: fn for (m, d), fn in train.items()}
@@ -173,8 +167,6 @@ def check_targets(rows: list[dict], inference: list[dict], sizes: list[int]) -> 
 
 
 def run_config(args, sizes: list[int]) -> dict:
-    from flix.pipeline.versions import versions
-
     return {
         "batch": args.batch,
         "seq": args.seq,
@@ -188,7 +180,7 @@ def run_config(args, sizes: list[int]) -> dict:
         "dtype": "float32",
         "rank": RANK,
         "flix_ranks": FLIX_RANKS,
-        "feature_dropout": 0.7,
+        "feature_dropout": DROPOUT,
         "target_modules": TARGETS,
         "timing": "median of interleaved rounds, time.perf_counter",
         "versions": versions(),
@@ -203,3 +195,7 @@ def format_table(rows: list[dict], inference: list[dict]) -> str:
     lines += ["", f"{'inference':<22} {'mode':>8} {'combos':>8} {'ms/batch':>10} {'min':>8}"]
     lines += [f"{r['method']:<22} {r['mode']:>8} {r['num_combinations']:>8} {r['ms_per_batch']:>10.1f} {r['ms_min']:>8.1f}" for r in inference]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,33 +1,37 @@
-"""`flix bench layer`: one adapted projection on the CPU, forward and backward to its input, at a real
+"""`python -m benchmarks.layer`: one adapted projection on the CPU, forward and backward to its input, at a real
 model's width, for the frozen layer alone, compute-matched LoRA (one always-on feature)
 and FLix on mixed batches.
 
 A whole-model step on a noisy machine moves by more than the few percent the adapters
 cost; one layer runs in milliseconds, so many interleaved rounds give a tight ratio. Use
-it to choose between implementations of the FLix layer; `flix bench model` says what a
-whole step costs. The attributed column is `flix bench model`'s in-step estimate
-(`flix.bench.attribute`) for the same layer, to hold against the wall-time ratio beside
+it to choose between implementations of the FLix layer; `benchmarks.model` says what a
+whole step costs. The attributed column is `benchmarks.model`'s in-step estimate
+(`benchmarks.attribute`) for the same layer, to hold against the wall-time ratio beside
 it, which is tight here. The upstream gradient is a fixed dense tensor, as in training (a
 `.sum().backward()` would hand the layer a stride-0 gradient and time copies instead).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-ALPHA = 16.0
+from benchmarks import options
+from benchmarks.attribute import attributed_ratio, own_time
+from benchmarks.cases import ALPHA
+from benchmarks.model_cases import TASKS, feature_space, mixed_features
+from benchmarks.timing import paired_ratio, stats, time_interleaved
+from flix.io import atomic_write_json
+from flix.layer import FLixLayer
+from flix.pipeline.methods import method_config
+from flix.pipeline.versions import versions
+from flix.routing import Router
 
 
 def layer_case(d_in: int, d_out: int, x: torch.Tensor, grad: torch.Tensor, config=None, features: list[dict] | None = None) -> Callable[[], None]:
     """One forward + backward of a (FLix-adapted, when config is given) bias-free Linear."""
-    from flix.layer import FLixLayer
-    from flix.routing import Router
-
     torch.manual_seed(0)
     base = torch.nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
     if config is None:
@@ -49,34 +53,23 @@ def layer_case(d_in: int, d_out: int, x: torch.Tensor, grad: torch.Tensor, confi
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flix.bench.attribute import attributed_ratio, own_time
-    from flix.bench.model_cases import TASKS, feature_space, mixed_features
-    from flix.bench.timing import feature_counts, paired_ratio, stats, time_interleaved
-    from flix.io import atomic_write_json
-    from flix.pipeline.methods import method_config
-    from flix.pipeline.versions import versions
-
-    parser = argparse.ArgumentParser(prog="flix bench layer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--d-in", type=int, default=640, help="input width (default 640, Gemma 3 270M's hidden size)")
-    parser.add_argument("--d-out", type=int, default=2048, help="output width (default 2048, its MLP width)")
-    parser.add_argument("--batch", type=int, default=8, help="examples, each its own feature combination (default 8)")
-    parser.add_argument("--tokens", type=int, default=120, help="tokens per example (default 120)")
-    parser.add_argument("--features", default="8,4096", help="FLix feature counts D, comma-separated (default 8,4096)")
-    parser.add_argument("--repeats", type=int, default=40, help="timed rounds (default 40)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (default 5)")
+    parser = options.parser(
+        "python -m benchmarks.layer", __doc__, out=None, out_help="also write the figures as JSON", repeats=40, warmup=5, features="8,4096"
+    )
+    positive = options.at_least(1)
+    parser.add_argument("--d-in", type=positive, default=640, help="input width (default 640, Gemma 3 270M's hidden size)")
+    parser.add_argument("--d-out", type=positive, default=2048, help="output width (default 2048, its MLP width)")
+    parser.add_argument("--batch", type=positive, default=8, help="examples, each its own feature combination (default 8)")
+    parser.add_argument("--tokens", type=positive, default=120, help="tokens per example (default 120)")
     parser.add_argument(
         "--attribute",
-        type=int,
+        type=options.at_least(0),
         default=10,
         metavar="N",
-        help="profiled steps per adapted case for the attributed ratio, as flix bench model's (default 10, 0 skips)",
+        help="profiled steps per adapted case for the attributed ratio, as benchmarks.model's (default 10, 0 skips)",
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--out", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
-    if min(args.d_in, args.d_out, args.batch, args.tokens, args.repeats, args.threads) < 1 or min(args.warmup, args.attribute) < 0:
-        parser.error("widths, --batch, --tokens, --repeats and --threads must be >= 1, --warmup and --attribute >= 0")
-    sizes = feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
+    sizes = options.feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
     torch.set_num_threads(args.threads)
 
     gen = torch.Generator().manual_seed(0)
@@ -90,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         config = method_config("flix", space, "joint", alpha=ALPHA)
         cases[f"flix D={d}"] = layer_case(args.d_in, args.d_out, x, grad, config, mixed_features(space, args.batch, 1, gen)[0])
     ms = time_interleaved(cases, args.warmup, args.repeats)
-    # The estimate `flix bench model` relies on, checked here against the tight wall-time ratio.
+    # The estimate `benchmarks.model` relies on, checked here against the tight wall-time ratio.
     attributed = {name: own_time(step, args.attribute) for name, step in cases.items() if name != "frozen" and args.attribute}
 
     rows = []

@@ -1,4 +1,4 @@
-"""Timing and memory helpers shared by the benchmarks.
+"""Timing and statistics shared by the benchmarks.
 
 The machines we run on are noisy, so cases are timed in interleaved rounds: a slower
 or busier moment falls on every case alike, and each figure is a median over rounds.
@@ -7,7 +7,6 @@ or busier moment falls on every case alike, and each figure is a median over rou
 from __future__ import annotations
 
 import random
-import resource
 import statistics
 import sys
 import time
@@ -41,36 +40,13 @@ def time_interleaved(
             if r >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
         kind = "warm-up" if r < warmup else "timed"
-        print(f"flix bench: {kind} round {r + 1}/{warmup + repeats} ({len(cases)} cases)", file=sys.stderr, flush=True)
+        print(f"benchmarks: {kind} round {r + 1}/{warmup + repeats} ({len(cases)} cases)", file=sys.stderr, flush=True)
     return times
 
 
 def stats(key: str, times: list[float]) -> dict:
     """The median under `key`, with the minimum and every time for the JSON report."""
     return {key: statistics.median(times), "ms_min": min(times), "ms_all": [round(t, 3) for t in times]}
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far.
-
-    Linux's VmHWM belongs to this process's own address space; ru_maxrss does not always:
-    a child started by vfork/posix_spawn (as `subprocess` does) inherits its parent's peak.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux, bytes on macOS
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory so far: allocated device memory on CUDA, resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return peak_rss_gib()
 
 
 def paired_ratio(num: list[float], den: list[float], n: int = 4000, seed: int = 0) -> tuple[float, float, float]:
@@ -92,14 +68,3 @@ def verdict(low: float, high: float, op: str, bound: float) -> str:
     if meets_low and meets_high:
         return "PASS"
     return "MISS" if not (meets_low or meets_high) else "NOISE"
-
-
-def feature_counts(parser, text: str, minimum: int, why: str) -> list[int]:
-    """--features "8,64,..." as sorted distinct ints, each >= minimum (else a usage error)."""
-    try:
-        sizes = sorted({int(d) for d in text.split(",")})
-    except ValueError:
-        parser.error(f"--features must be comma-separated integers, got {text!r}")
-    if sizes[0] < minimum:
-        parser.error(f"every --features count must be >= {minimum} ({why})")
-    return sizes

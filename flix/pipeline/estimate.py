@@ -23,11 +23,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from omegaconf import DictConfig
-
-from flix.bench.timing import peak_memory_gib
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if cfg.method.per_dataset:
         parser.error(f"method={cfg.method.name} trains one compute-matched adapter per dataset, one after another: time method=compute_matched")
-    report = bench_run(cfg, args.steps, args.warmup)
+    report = estimate(cfg, args.steps, args.warmup)
     report["command"] = " ".join(["flix bench run", *args.overrides, f"--steps {args.steps}", f"--warmup {args.warmup}"])
     print(format_report(report))
     if args.out:
@@ -73,10 +72,12 @@ def batches_per_task(data: dict, batch_size: int) -> dict[str, int]:
     return counts
 
 
-def bench_run(cfg: DictConfig, steps: int, warmup: int) -> dict:
+def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
+    import torch  # here, not at the top: `flix bench run --help` stays quick
     from tqdm.auto import tqdm
 
     from flix.pipeline.evaluate import predict
+    from flix.pipeline.memory import peak_memory_gib
     from flix.pipeline.run_config import load_mixture_for
     from flix.pipeline.trainer import Trainer, is_validation_step, read_split
     from flix.pipeline.versions import versions

@@ -1,7 +1,7 @@
 """What the adapters add to a training step, measured inside the step itself.
 
 On a noisy machine two steps timed one after the other differ by more than the few
-percent that adapters cost, so `flix bench model` also profiles a few steps of each
+percent that adapters cost, so `benchmarks.model` also profiles a few steps of each
 adapter case and adds up the time of the adapters' own work in that same step: every
 FLix layer's autograd node, forward and backward, less the frozen matmul inside it, and
 the optimizer. A slow moment slows both parts of the step alike, so
@@ -10,7 +10,7 @@ the optimizer. A slow moment slows both parts of the step alike, so
 
 estimates the step against the frozen base's own with a narrow interval. It counts
 the profiler's cost per op (mostly on the adapters' many small ops) and leaves out what
-the adapters cost the frozen ops around them (caches); `flix bench layer` prints it
+the adapters cost the frozen ops around them (caches); `benchmarks.layer` prints it
 beside a wall-time ratio that is tight, to check it.
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+from benchmarks.timing import paired_ratio
 
 ADAPTER_NODES = ("_FLixLinear", "_FLixLinearBackward")  # flix.layer._FLixLinear, forward and backward
 FROZEN_MATMULS = ("aten::addmm",)  # the frozen weight's product inside a FLix node (flix.layer._flix_forward, backward)
@@ -47,6 +49,4 @@ def own_time(step: Callable[[], None], repeats: int) -> list[tuple[float, float]
 
 def attributed_ratio(measured: list[tuple[float, float]]) -> tuple[float, float, float]:
     """step / (step - own) over the profiled steps: median and 95% interval."""
-    from flix.bench.timing import paired_ratio
-
     return paired_ratio([step for step, _ in measured], [step - own for step, own in measured])
