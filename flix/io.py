@@ -142,3 +142,12 @@ def recover_tree(root: str | Path) -> None:
             recover(leftover.with_name(match.group(1)))
         elif leftover.name.endswith(TMP_SUFFIX):
             leftover.unlink(missing_ok=True)
+
+
+def cache_dir() -> Path:
+    """Where flix keeps what it makes once per machine (converted models, the kernels'
+    source copies): $FLIX_CACHE, else $XDG_CACHE_HOME/flix, else ~/.cache/flix."""
+    if os.environ.get("FLIX_CACHE"):
+        return Path(os.environ["FLIX_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flix"

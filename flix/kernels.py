@@ -1,13 +1,17 @@
-"""Compiled CPU kernels (`flix/csrc/kernels.cpp`), float32: the adapters' rank-r
-arithmetic of `flix.layer` and the sparse AdamW row update of `flix.optim`.
+"""Compiled CPU kernels (`flix/csrc/cpu_kernels.cpp`), float32: the adapters' rank-r
+arithmetic of `flix.layer` and the sparse AdamW row update of `flix.optim`, each behind one
+function here that picks the kernel or torch's ops for itself.
 
 At rank ~6 torch's batched matmuls run far below a CPU's FMA rate; on Gemma 3 270M they
 were most of what FLix added to a training step, and the optimizer's ~20 small ops per
-bank much of the rest (reports/bench/README.md). The kernels are built on first use with
+bank much of the rest (reports/bench/README.md). Opt-in: `use(True)` (runs: `scale.cpu_kernels`,
+on in scale=cpu only), so by default every run and test takes the torch ops a GPU run takes;
+FLIX_CPU_KERNELS=1 or 0 overrides both. On first use the kernels are built with
 `torch.utils.cpp_extension` (a C++ compiler and ninja) for this machine's CPU
-(`-march=native`) and cached under `TORCH_EXTENSIONS_DIR` (default
-~/.cache/torch_extensions). Where they cannot be built, flix uses torch's ops, which give
-the same results to float rounding, and says why once. `FLIX_CPU_KERNELS=0` turns them off.
+(`-march=native`) into a folder named by the source's hash, the CPU and torch (under
+TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), from a copy of the source in the
+flix cache: every checkout and venv with the same source reuses one build. Where they cannot be built, flix uses torch's ops (the same
+results to float rounding) and says why once.
 """
 
 from __future__ import annotations
@@ -25,20 +29,79 @@ from pathlib import Path
 
 import torch
 
-from flix.io import atomic_write_text
+from flix.io import atomic_write_text, cache_dir
 from flix.lock import run_lock
 
-SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 WIDTH = 16  # layer widths must be multiples of the kernels' vector width
 MAX_RANK = 16
 BUILD_WAIT_S = 600  # how long to wait for another process's build before using torch's ops
 log = logging.getLogger(__name__)
+_wanted = False  # set by use()
 _off = False  # set by disabled()
 
 
-def lowrank_usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `lowrank_forward`/`lowrank_backward` compute this layer's rank-r part:
-    float32 on CPU, widths multiples of 16, rank 1 to 16, and kernels that built."""
+def use(enabled: bool) -> None:
+    """Turn the compiled kernels on or off for this process (FLIX_CPU_KERNELS=1|0 overrides)."""
+    global _wanted
+    _wanted = bool(enabled)
+
+
+def wanted() -> bool:
+    env = os.environ.get("FLIX_CPU_KERNELS")
+    return env == "1" if env in ("0", "1") else _wanted
+
+
+def lowrank_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(update, h) with h = x a_e^T and update = scaling * h b_e for each example e.
+    x is (g * tokens, d_in), a (g, r, d_in), b (g, r, d_out), h (g * tokens, r)."""
+    if _lowrank_usable(x, a, b):
+        return kernel().lowrank_forward(x, a, b, scaling)
+    g = a.shape[0]
+    # h is computed as (g, r, tokens): with the rank outermost the rank-6 products ran
+    # 3-8% faster per layer on CPU (reports/bench/README.md).
+    h = torch.bmm(a, x.view(g, -1, x.shape[1]).transpose(1, 2)).transpose(1, 2)
+    update = torch.bmm(h * scaling, b).view(-1, b.shape[2])
+    return update, h.reshape(-1, a.shape[1])
+
+
+def lowrank_backward(grad, x, a, b, h, scaling: float, need_x: bool):
+    """(grad_x less the frozen weight's part, or None; grad_a; grad_b) of lowrank_forward."""
+    if _lowrank_usable(x, a, b):
+        return kernel().lowrank_backward(grad, x, a, b, h, scaling, need_x)
+    g = a.shape[0]
+    grad3 = grad.view(g, -1, grad.shape[1])
+    h = h.view(g, -1, h.shape[1])
+    grad_h = torch.bmm(b, grad3.transpose(1, 2)).mul_(scaling).transpose(1, 2)  # (g, tokens, r), as h
+    grad_x = torch.bmm(grad_h, a).view(-1, x.shape[1]) if need_x else None
+    grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
+    grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(scaling)  # (g, r, d_out)
+    return grad_x, grad_a, grad_b
+
+
+def sparse_adamw_(p, m, v, rows, slots, values, step_size, bias2_sqrt, eps, decay, beta1, beta2) -> None:
+    """AdamW on the bank rows `rows` of p (moments at `slots` of m and v), in place:
+    O(touched rows)."""
+    if _rows_usable(p, values):  # one fused pass
+        kernel().sparse_adamw_(p, m, v, rows, slots, values, step_size, bias2_sqrt, eps, decay, beta1, beta2)
+        return
+    w, m_rows, v_rows = p.index_select(0, rows), m.index_select(0, slots), v.index_select(0, slots)
+    adamw_update(w, values, m_rows, v_rows, beta1, beta2, step_size, bias2_sqrt, eps, decay)
+    p.index_copy_(0, rows, w)
+    m.index_copy_(0, slots, m_rows)
+    v.index_copy_(0, slots, v_rows)
+
+
+def adamw_update(w, grad, m, v, beta1, beta2, step_size, bias2_sqrt, eps, decay) -> None:
+    """In place on w, m, v: torch AdamW's update, decoupled weight decay first."""
+    w.mul_(decay)
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    w.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
+
+
+def _lowrank_usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """float32 on CPU, widths multiples of 16, rank 1 to 16, and kernels on and built."""
     return (
         x.device.type == "cpu"
         and x.dtype == a.dtype == b.dtype == torch.float32
@@ -50,15 +113,14 @@ def lowrank_usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def rows_usable(p: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether `sparse_adamw_` updates this bank: a contiguous float32 CPU matrix, and
-    kernels that built."""
+def _rows_usable(p: torch.Tensor, values: torch.Tensor) -> bool:
+    """A contiguous float32 CPU matrix, and kernels on and built."""
     return p.device.type == "cpu" and p.dtype == values.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous() and _ready()
 
 
 def _ready() -> bool:
-    """Not switched off by disabled(), and built (the build is tried once, on CPU work only)."""
-    return not _off and kernel() is not None
+    """Wanted, not switched off by disabled(), and built (the build is tried once, on CPU work only)."""
+    return wanted() and not _off and kernel() is not None
 
 
 @contextlib.contextmanager
@@ -75,8 +137,9 @@ def disabled():
 
 @functools.cache
 def kernel():
-    """The compiled module, or None where the kernels are off or cannot be built."""
-    if os.environ.get("FLIX_CPU_KERNELS", "1") == "0":
+    """The compiled module (built on first call), or None where FLIX_CPU_KERNELS=0 or it
+    cannot be built."""
+    if os.environ.get("FLIX_CPU_KERNELS") == "0":
         return None
     folder = None
     try:
@@ -86,7 +149,7 @@ def kernel():
         remedy = f"Deleting {folder} rebuilds them from scratch; " if folder else ""
         warnings.warn(
             f"flix: the CPU kernels could not be built ({type(err).__name__}: {str(err).strip()[:500]}); "
-            f"using torch's ops (same results, slower). {remedy}FLIX_CPU_KERNELS=0 skips the attempt.",
+            f"using torch's ops (same results, slower). {remedy}FLIX_CPU_KERNELS=0 (or scale.cpu_kernels=false) skips the attempt.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -94,12 +157,13 @@ def kernel():
 
 
 def _folder() -> Path:
-    """The build folder: torch's for this Python and torch; the name carries this CPU's flags,
-    as -march=native builds for this CPU, so a cache shared between machines never loads a
-    build made for another CPU (torch rebuilds on source changes)."""
+    """The build folder, in torch's extensions cache, named by the source's hash, this CPU's
+    flags (-march=native builds for this CPU, so a cache shared between machines never loads
+    a build made for another CPU) and torch's version: every checkout reuses one build."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory(f"flix_cpu_kernels_{hashlib.sha1(_cpu_signature().encode()).hexdigest()[:10]}", False))
+    key = hashlib.sha1(SOURCE.read_bytes() + _cpu_signature().encode()).hexdigest()[:10]
+    return Path(_get_build_directory(f"flix_cpu_kernels_{key}", False))
 
 
 def _build(folder: Path):
@@ -121,10 +185,12 @@ def _build(folder: Path):
             # build tool sees it as up to date
             log.warning("flix: the CPU kernel library %s is damaged or unfinished; rebuilding it", library)
             library.unlink()
-        log.info("flix: building the CPU kernels %s (once per machine, about two minutes)", name)
+        source = _source_copy()
+        if not library.exists():
+            print(f"[flix] building the CPU kernels in {folder} (once per machine and source, about a minute)", file=sys.stderr, flush=True)
         module = load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source)],
             # -fopenmp: at::parallel_for is OpenMP inside torch's headers; without it the kernels run on one thread
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -133,6 +199,17 @@ def _build(folder: Path):
         )
         atomic_write_text(stamp, _fingerprint(library))
     return module
+
+
+def _source_copy() -> Path:
+    """The source, copied to a path named by its hash: every checkout compiles the same file
+    path, so the build tool sees one build (a checkout's own path would rebuild it)."""
+    text = SOURCE.read_text()
+    copy = cache_dir() / "kernels" / f"cpu_kernels-{hashlib.sha1(text.encode()).hexdigest()[:12]}.cpp"
+    if not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(copy, text)
+    return copy
 
 
 def _fingerprint(library: Path) -> str:

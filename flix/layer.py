@@ -104,8 +104,7 @@ class _FLixLinear(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(x.dtype).contiguous()
-            lowrank_backward = kernels.kernel().lowrank_backward if kernels.lowrank_usable(x, a, b) else _lowrank_backward
-            grad_x, grad_a, grad_b = lowrank_backward(grad, x, a, b, h, ctx.scaling, need_x)
+            grad_x, grad_a, grad_b = kernels.lowrank_backward(grad, x, a, b, h, ctx.scaling, need_x)
             if need_x:
                 torch.addmm(grad_x, grad, weight.to(x.dtype).t(), out=grad_x)  # as in forward
             grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -118,8 +117,7 @@ def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
     with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
         a = _gather(bank_a, rows).to(x.dtype)  # (g, r, d_in)
         b = _gather(bank_b, rows).to(x.dtype)  # (g, r, d_out)
-        lowrank_forward = kernels.kernel().lowrank_forward if kernels.lowrank_usable(x, a, b) else _lowrank_forward
-        update, h = lowrank_forward(x, a, b, scaling)
+        update, h = kernels.lowrank_forward(x, a, b, scaling)
         # The update is written first and the frozen matmul accumulates onto it (beta=1
         # inside the GEMM, which is compute-bound) instead of a read-modify-write pass
         # over the output afterwards. In place via out=, which FLOP counters see (addmm_
@@ -128,32 +126,6 @@ def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
         if bias is not None:
             out.add_(bias.to(x.dtype))
     return out, a, b, h
-
-
-# The adapters' part in torch ops, where the CPU kernel (flix.kernels, same signatures)
-# does not apply: x is (g * tokens, d_in), a (g, r, d_in), b (g, r, d_out), h (g * tokens, r).
-
-
-def _lowrank_forward(x, a, b, scaling):
-    """(update, h): update = scaling * h b_e with h = x a_e^T, for each example e."""
-    g = a.shape[0]
-    # h is computed as (g, r, tokens): with the rank outermost the rank-6 products ran
-    # 3-8% faster per layer on CPU (reports/bench/README.md).
-    h = torch.bmm(a, x.view(g, -1, x.shape[1]).transpose(1, 2)).transpose(1, 2)
-    update = torch.bmm(h * scaling, b).view(-1, b.shape[2])
-    return update, h.reshape(-1, a.shape[1])
-
-
-def _lowrank_backward(grad, x, a, b, h, scaling, need_x):
-    """(grad_x less the frozen weight's part or None, grad_a, grad_b)."""
-    g = a.shape[0]
-    grad3 = grad.view(g, -1, grad.shape[1])
-    h = h.view(g, -1, h.shape[1])
-    grad_h = torch.bmm(b, grad3.transpose(1, 2)).mul_(scaling).transpose(1, 2)  # (g, tokens, r), as h
-    grad_x = torch.bmm(grad_h, a).view(-1, x.shape[1]) if need_x else None
-    grad_a = torch.bmm(grad_h.transpose(1, 2), x.view(g, -1, x.shape[1]))  # (g, r, d_in)
-    grad_b = torch.bmm(h.transpose(1, 2), grad3).mul_(scaling)  # (g, r, d_out)
-    return grad_x, grad_a, grad_b
 
 
 def _gather(bank: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -53,16 +53,9 @@ class SparseAdamW(torch.optim.Optimizer):
                     rows, values = grad.indices()[0], grad.values()
                     slots = _slots_for(state, rows)
                     m, v = state["exp_avg"], state["exp_avg_sq"]
-                    if kernels.rows_usable(p, values):  # the same update in one pass, in place: O(touched rows)
-                        kernels.kernel().sparse_adamw_(p, m, v, rows, slots, values, step_size, bias2_sqrt, group["eps"], decay, beta1, beta2)
-                    else:  # gather the touched rows, update them, scatter them back: O(touched rows)
-                        w, m_rows, v_rows = p.index_select(0, rows), m.index_select(0, slots), v.index_select(0, slots)
-                        _adamw_update(w, values, m_rows, v_rows, beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
-                        p.index_copy_(0, rows, w)
-                        m.index_copy_(0, slots, m_rows)
-                        v.index_copy_(0, slots, v_rows)
+                    kernels.sparse_adamw_(p, m, v, rows, slots, values, step_size, bias2_sqrt, group["eps"], decay, beta1, beta2)
                 else:
-                    _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
+                    kernels.adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, step_size, bias2_sqrt, group["eps"], decay)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -96,14 +89,6 @@ def _slots_for(state: dict, rows: torch.Tensor) -> torch.Tensor:
                 moments = state[key]
                 state[key] = torch.cat([moments, moments.new_zeros((grow, *moments.shape[1:]))])
     return slot[rows]
-
-
-def _adamw_update(w, grad, m, v, beta1, beta2, step_size, bias2_sqrt, eps, decay):
-    """In place on w, m, v: torch AdamW's update, decoupled weight decay first."""
-    w.mul_(decay)
-    m.mul_(beta1).add_(grad, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    w.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
 
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:

