@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flix.pipeline import study
-from flix.report.collect import read_failure
+from flix.record import read_failure
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["scale.steps=2", "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=2", "train.threads=1"]

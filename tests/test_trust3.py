@@ -355,7 +355,8 @@ def test_report_and_study_both_follow_symlinked_run_folders(tmp_path, data_root,
 
 
 def test_symlinked_data_root_is_the_same_run(tmp_path, data_root):
-    from flix.pipeline.run_config import compose, config_hash, setting
+    from flix.pipeline.run_config import compose, config_hash
+    from flix.record import setting
 
     link = tmp_path / "data"
     link.symlink_to(data_root)

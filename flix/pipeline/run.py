@@ -23,6 +23,7 @@ import torch
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from flix import record
 from flix.data.mixtures import MixtureError
 from flix.data.reader import DataError, resolve_root
 from flix.io import atomic_write_text, recover_tree
@@ -33,18 +34,7 @@ from flix.pipeline.run_config import config_hash, load_mixture_for
 from flix.pipeline.tracking import NullTracker, ScopedTracker, make_tracker, say
 from flix.pipeline.trainer import Trainer
 from flix.pipeline.versions import versions
-from flix.record import (
-    CODE_COMMIT,
-    FAILED,
-    RESULTS,
-    merge_datasets,
-    per_language_table,
-    portable,
-    selection_entry,
-    summary_line,
-    write_failure,
-    write_results,
-)
+from flix.record import CODE_COMMIT, FAILED, RESULTS
 
 
 def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
@@ -55,23 +45,23 @@ def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
         return {}
     test, per_example = trainer.test()
     config = trainer.model.flix_config
-    return {
-        "best_step": state["best_step"],
-        "best_validation_average": state["best_score"],
-        "best_validation_nll": state["best_nll"],
-        "selection": selection_entry(cfg.train.select_by, mixture.selection_sets),
-        "validation": state["best_validation"],
-        "test": test.scores,
-        "validation_nll": state["best_validation_nll"],
-        "test_nll": test.nll,
-        **per_example,
-        "history": state["history"],
-        "train_loss": state["train_loss"],
-        "featureless_fraction": state["featureless_fraction"],
-        "trainable_parameters": trainer.model.num_trainable_parameters(),
-        "flix": config.to_dict() | {"active_rank": config.space.active_rank},
-        "train_seconds": state["train_seconds"],
-    }
+    return record.body(
+        best_step=state["best_step"],
+        best_validation_average=state["best_score"],
+        best_validation_nll=state["best_nll"],
+        selection=record.selection_entry(cfg.train.select_by, mixture.selection_sets),
+        validation=state["best_validation"],
+        test=test.scores,
+        validation_nll=state["best_validation_nll"],
+        test_nll=test.nll,
+        per_example=per_example,
+        history=state["history"],
+        train_loss=state["train_loss"],
+        featureless_fraction=state["featureless_fraction"],
+        trainable_parameters=trainer.model.num_trainable_parameters(),
+        flix=config.to_dict() | {"active_rank": config.space.active_rank},
+        train_seconds=state["train_seconds"],
+    )
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -124,27 +114,27 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
             train_one(cfg, part, part_dir, tracker if len(jobs) == 1 else ScopedTracker(tracker, part_dir.name, i * cfg.scale.steps))
             for i, (part, part_dir) in enumerate(jobs)
         ]
-        body = merge_datasets(parts) if cfg.method.per_dataset else parts[0]
-        head = {
-            "method": cfg.method.name,
-            "mixture": mixture.name,
-            "study": cfg.study,
-            "scale": cfg.scale.name,
-            "seed": cfg.seed,
-            "model": cfg.model.name,
-            "data_root": resolve_root(cfg.data.root).resolve().name,
-            "variant": cfg.data.variant,
-        }
-        tail = {
-            "time_seconds": time.time() - started,
-            "commit": CODE_COMMIT,
-            "versions": versions(),
-            "config_hash": config_hash(cfg),
-            "config": portable(resolved),
-        }
-        results = write_results(run_dir, mixture, body, head, tail)
+        body = record.merge_datasets(parts) if cfg.method.per_dataset else parts[0]
+        head = record.head(
+            method=cfg.method.name,
+            mixture=mixture.name,
+            study=cfg.study,
+            scale=cfg.scale.name,
+            seed=cfg.seed,
+            model=cfg.model.name,
+            data_root=resolve_root(cfg.data.root).resolve().name,
+            variant=cfg.data.variant,
+        )
+        tail = record.tail(
+            time_seconds=time.time() - started,
+            commit=CODE_COMMIT,
+            versions=versions(),
+            config_hash=config_hash(cfg),
+            config=resolved,
+        )
+        results = record.write_results(run_dir, mixture, body, head, tail)
         _publish(tracker, results, run_dir)
-        say(summary_line(results))
+        say(record.summary_line(results))
         failed = False
         return results
     finally:
@@ -171,8 +161,8 @@ def _tracker(cfg: DictConfig, mixture, run_dir: Path):
 
 def _publish(tracker, results: dict, run_dir: Path) -> None:
     tracker.summarize(results)
-    for split in ("validation", "test"):
-        tracker.log_table(f"tables/{split}", per_language_table(results[split]))
+    for split, table in record.split_tables(results).items():
+        tracker.log_table(f"tables/{split}", table)
     tracker.log_artifact(run_dir / RESULTS, name=f"results-{run_dir.name}", kind="results")
 
 
@@ -214,7 +204,7 @@ def hydra_job(cfg: DictConfig) -> float | None:
             sys.exit(1)
         return None
     except Exception as err:
-        write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))  # the report names it
+        record.write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))  # the report names it
         if multirun:  # one failed run must not take the sweep down: go on
             say(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}")
             return None
@@ -222,5 +212,5 @@ def hydra_job(cfg: DictConfig) -> float | None:
             say(f"flix.train: error: {err}")
             sys.exit(2)
         raise
-    score = results.get("best_validation_average")
+    score = record.summary_metrics(results)["best_validation_average"]
     return score if isinstance(score, float) else None

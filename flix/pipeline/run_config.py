@@ -6,71 +6,27 @@ always land in the same directory and a study skips what is done.
 
 from __future__ import annotations
 
-import copy
 import difflib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from flix.data.mixtures import VARIANTS, Mixture, load_mixture
+from flix.data.mixtures import Mixture, load_mixture
+from flix.record.setting import UNHASHED, decisive
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-# Keys that do not change what a run computes: left out of its hash. (data.root stays in:
-# a subsample and the full release are different runs.) `run_name` holds the hash itself.
-# Runs made before a change to what is hashed keep their directories; studies do not
-# reuse them (they run again), the report still reads them.
-UNHASHED = ("hydra", "logger", "force", "wait", "study", "table", "run_name")
-UNHASHED_NESTED = (("train", "threads"),)
-
-
-def _decisive(resolved: dict) -> dict:
-    """A resolved config without what does not change results (a copy): the UNHASHED
-    keys, the mixture's notes and its variant the run does not use; the data root as its
-    real path, symlinks resolved (the same data given two ways is one run)."""
-    container = copy.deepcopy(resolved)
-    for key in UNHASHED:
-        container.pop(key, None)
-    for section, key in UNHASHED_NESTED:
-        if isinstance(container.get(section), dict):
-            container[section].pop(key, None)
-    data, mixture = container.get("data"), container.get("mixture")
-    if isinstance(data, dict) and data.get("root"):
-        data["root"] = os.path.realpath(os.path.expanduser(str(data["root"])))
-    if isinstance(data, dict) and isinstance(mixture, dict):
-        for variant in VARIANTS:
-            if variant != data.get("variant"):
-                mixture.pop(variant, None)
-            elif isinstance(mixture.get(variant), dict):
-                mixture[variant].pop("notes", None)
-    return container
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of the resolved configuration that decides a run's results."""
+    """Hash of the resolved configuration that decides a run's results (flix.record.setting
+    `decisive`: the same part the report compares across seeds)."""
     container = OmegaConf.to_container(cfg, resolve=False)
     for key in UNHASHED:  # before resolving: hydra's and run_name's interpolations need the hash
         container.pop(key, None)
     resolved = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
-    return hashlib.sha256(json.dumps(_decisive(resolved), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def setting(resolved: dict) -> dict[str, str]:
-    """A recorded (resolved) config as flat key -> value, without the seed and what the
-    hash leaves out: runs of one setting differ only by seed (the report averages those)."""
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}{key}.", inner)
-        else:
-            flat[prefix[:-1]] = json.dumps(value, sort_keys=True)
-
-    walk("", {k: v for k, v in _decisive(resolved).items() if k != "seed"})
-    return flat
+    return hashlib.sha256(json.dumps(decisive(resolved), sort_keys=True).encode()).hexdigest()[:10]
 
 
 # conf/train.yaml names run directories with ${config_hash:}; registered with this module,

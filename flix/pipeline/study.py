@@ -45,12 +45,13 @@ class PlannedRun:
         """(status, why): done (a results.json the report reads), running (another process
         holds the run), damaged (a results.json the report cannot read), failed or missing."""
         from flix.lock import busy
-        from flix.report.collect import READ_ERRORS, read_results
+        from flix.record import FAILED, READ_ERRORS, RESULTS, read_failure
+        from flix.report.collect import read_run
 
-        results = self.run_dir / "results.json"
+        results = self.run_dir / RESULTS
         if results.exists():
             try:
-                read_results(results)
+                read_run(results)
                 return "done", "complete"
             except READ_ERRORS as err:
                 damage = f"{results} cannot be read ({type(err).__name__}: {err}); --force trains it again"
@@ -58,8 +59,8 @@ class PlannedRun:
             return "running", f"being trained by {holder}; rerun the study when it ends"
         if results.exists():
             return "damaged", damage
-        if (self.run_dir / "failed.json").exists():
-            return "failed", _first_line((self.run_dir / "failed.json").read_text())
+        if (self.run_dir / FAILED).exists():
+            return "failed", read_failure(self.run_dir / FAILED).failure
         return "missing", "no results.json"
 
 
@@ -110,15 +111,15 @@ def plan(study: dict, common: list[str]) -> list[PlannedRun]:
 def restore_records(runs: list[PlannedRun]) -> int:
     """Put the committed record of each run not done into its run directory, so that the
     sweep finds it complete and does not train it again; returns how many."""
-    from flix.record import RESULTS, copy_records
-    from flix.report.collect import READ_ERRORS, read_results
+    from flix.record import READ_ERRORS, RESULTS, copy_records
+    from flix.report.collect import read_run
 
     restored = 0
     for r in runs:
         if r.record is None or r.status == "done" or r.status == "running" or not (r.record / RESULTS).is_file():
             continue
         try:
-            read_results(r.record / RESULTS)
+            read_run(r.record / RESULTS)
         except READ_ERRORS:
             continue  # a damaged record: the run trains again
         copy_records(r.record, r.run_dir)
@@ -183,9 +184,9 @@ def run_child(cmd: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flix study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="a file stem under experiments/ (study_a, study_b, ablations) or a path to a study .yaml")
-    from flix.report.cli import SCALES
+    from flix.pipeline.run_config import choices
 
-    parser.add_argument("--scale", default=os.environ.get("SCALE", "smoke"), choices=SCALES)
+    parser.add_argument("--scale", default=os.environ.get("SCALE", "smoke"), choices=choices("scale"))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: every run of the study once per seed (default 0)")
     parser.add_argument("--logger", default="wandb", choices=["wandb", "none"])
     parser.add_argument("--force", action="store_true", help="run again even runs that are complete")
@@ -236,15 +237,6 @@ def counts(runs: list[PlannedRun]) -> str:
     found = Counter(r.status for r in runs)
     names = {"done": "complete", "running": "being trained by another process"}
     return ", ".join(f"{found[s]} {names.get(s, s)}" for s in ("done", "running", "damaged", "failed", "missing") if found[s] or s == "done")
-
-
-def _first_line(failed_json: str) -> str:
-    import json
-
-    try:
-        return json.loads(failed_json)["error"]
-    except (ValueError, KeyError):
-        return failed_json.strip().splitlines()[0] if failed_json.strip() else "unknown error"
 
 
 def _report(scale: str, logger: str, snapshot: bool) -> None:

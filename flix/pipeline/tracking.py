@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from flix.record import summary_metrics
+
 log = logging.getLogger("flix")
 
 
@@ -89,19 +91,6 @@ class WandbTracker(NullTracker):
 
     def finish(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
-
-
-def summary_metrics(results: dict) -> dict:
-    """What a paper table reads from a run: test and validation of each evaluation set
-    (a table column), their averages over the supervised sets, the selected step."""
-    out = {"best_step": results.get("best_step"), "best_validation_average": results.get("best_validation_average")}
-    for split in ("test", "validation"):
-        values = {name: entry.get(split) for name, entry in (results.get("eval_sets") or {}).items()}
-        out |= {f"{split}/{name}": v for name, v in values.items() if v is not None}
-        supervised = [v for name, v in values.items() if v is not None and not results["eval_sets"][name].get("zero_shot")]
-        if supervised:
-            out[f"{split}/average"] = sum(supervised) / len(supervised)
-    return out
 
 
 class ScopedTracker(NullTracker):

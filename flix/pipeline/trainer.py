@@ -31,7 +31,7 @@ from flix.pipeline.checkpoint import STATE, load_checkpoint, save_checkpoint
 from flix.pipeline.evaluate import Evaluation, evaluate
 from flix.pipeline.methods import method_config
 from flix.pipeline.tracking import log, say
-from flix.record import selection_key, selection_metric
+from flix.record import example_entries, selection_key, selection_metric
 
 
 class NonFiniteLoss(RuntimeError):
@@ -247,7 +247,7 @@ class Trainer:
         for (task, lang), examples in data.items():
             stats.setdefault(task, {})[lang] = example_stats(task, [ex.target for ex in examples], result.predictions[(task, lang)])
             ids.setdefault(task, {})[lang] = [ex.id for ex in examples]
-        return result, {"test_stats": stats, "test_example_nll": result.example_nll, "test_ids": ids}
+        return result, example_entries(stats=stats, nll=result.example_nll, ids=ids)
 
     def _load_best(self) -> None:
         from safetensors.torch import load_file

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from flix.report.collect import RunIndex, RunRecord, Selection
+from flix.record import RunRecord, SetRecord
+from flix.report.collect import RunIndex, Selection
 from flix.report.labels import METHOD_LABELS
 
 SPLITS = ("validation", "test")
@@ -41,17 +42,17 @@ def _mean(values: list) -> float:
     return float(np.mean(values)) if values else np.nan
 
 
-def _section(name: str, info: dict, runs: dict[str, list[RunRecord]]) -> Section:
-    langs = list(dict.fromkeys(lang for rs in runs.values() for r in rs for lang in (r.eval_sets.get(name) or {}).get("langs", [])))
+def _section(name: str, info: SetRecord, runs: dict[str, list[RunRecord]]) -> Section:
+    langs = list(dict.fromkeys(lang for rs in runs.values() for r in rs if name in r.eval_sets for lang in r.eval_sets[name].langs))
     columns = pd.MultiIndex.from_product([list(runs), SPLITS], names=["method", "split"])
     frame = pd.DataFrame(index=pd.Index(langs + [AVERAGE], name="language"), columns=columns, dtype=float)
-    task = info["task"]
+    task = info.task
     for method, rs in runs.items():
         for split in SPLITS:
             for lang in langs:
-                frame.loc[lang, (method, split)] = _mean([r.results[split].get(task, {}).get(lang) for r in rs])
-            frame.loc[AVERAGE, (method, split)] = _mean([(r.eval_sets.get(name) or {}).get(split) for r in rs])
-    return Section(name, task, info.get("zero_shot"), frame)
+                frame.loc[lang, (method, split)] = _mean([r.score(split, task, lang) for r in rs])
+            frame.loc[AVERAGE, (method, split)] = _mean([r.eval_sets[name].average(split) if name in r.eval_sets else None for r in rs])
+    return Section(name, task, info.zero_shot, frame)
 
 
 def build_appendix(index: RunIndex, mixture: str) -> Appendix | None:

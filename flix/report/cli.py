@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -24,19 +25,26 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = "outputs/reports"  # git-ignored
 PAPER = Path(__file__).resolve().parent / "paper"  # the paper's Tables 1-5 as CSV (its README says from where)
 SNAPSHOTS = REPO / "reports"  # committed: each scale's folder has a README saying how it was made
-SCALES = tuple(sorted(p.stem for p in (REPO / "conf" / "scale").glob("*.yaml")))  # smoke, cpu, mini, paper
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="flix report", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, help="runs root (default: $FLIX_RUNS or runs, then /<scale>)")
-    parser.add_argument("--scale", choices=SCALES, help="default: the runs' scale with --runs, else smoke")
+    # a plain name, not checked against conf/scale: the runs' records say their scale
+    parser.add_argument("--scale", type=scale_name, help="smoke, cpu, mini or paper (default: the runs' scale with --runs, else smoke)")
     parser.add_argument("--out", type=Path, help=f"output dir (default: $FLIX_REPORTS or {DEFAULT_OUT}, then /<scale>)")
     parser.add_argument("--snapshot", action="store_true", help="write the committed snapshot reports/<scale>/ (stale files removed first)")
     parser.add_argument("--paper", type=Path, help="the paper's table CSVs (default: $FLIX_PAPER_DIR, else flix/report/paper)")
     parser.add_argument("--wandb", action="store_true", help="also log the report to W&B (offline unless WANDB_MODE=online)")
     parser.add_argument("--wandb-project", help="default: the project of conf/logger/wandb.yaml")
     return parser.parse_args(argv)
+
+
+def scale_name(text: str) -> str:
+    """--scale: a plain name (it becomes a folder of the default paths)."""
+    if not re.fullmatch(r"\w+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a scale name (smoke, cpu, mini, paper)")
+    return text
 
 
 def remove_stale(out: Path, written: list[str]) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 
 from flix.io import atomic_write_text
+from flix.record import RunRecord
 from flix.report.appendix import Appendix
-from flix.report.collect import RunRecord
-from flix.report.tables import DASH, Cell, Table
+from flix.report.cells import Cell
+from flix.report.tables import DASH, Table
 
 SMOKE_NOTE = "smoke numbers are a pipeline check (tiny random model, a few steps), not results"
 MINI_NOTE = (
@@ -42,8 +43,8 @@ class Page:
     rendered: str
 
     def meta(self, runs: list[RunRecord]) -> list[tuple[str, str]]:
-        def values(key, short=False):
-            found = sorted({str(r.results.get(key)) for r in runs if r.results and r.results.get(key) is not None})
+        def values(field, short=False):  # e.g. `model`: the distinct values the finished runs record
+            found = sorted({str(getattr(r, field)) for r in runs if r.finished and getattr(r, field) is not None})
             return ", ".join(_short(v) if short else v for v in found) or "none"
 
         seeds = sorted({r.seed for r in runs if r.seed is not None})
@@ -59,7 +60,7 @@ class Page:
 
     def notes(self, runs: list[RunRecord]) -> list[str]:
         notes = [f"Smoke scale: {SMOKE_NOTE}."] if self.scale == "smoke" else []
-        if self.scale in ("smoke", "mini") or any(r.results and r.results.get("variant") == "mini" for r in runs):
+        if self.scale in ("smoke", "mini") or any(r.finished and r.variant == "mini" for r in runs):
             notes.append(MINI_NOTE)
         mixed = {name: found for name, found in _versions(runs).items() if len(found) > 1}
         if mixed:
@@ -75,14 +76,14 @@ def _versions(runs: list[RunRecord]) -> dict[str, list[str]]:
     """Each recorded package (and the device) -> the distinct values the runs recorded."""
     found: dict[str, set[str]] = {}
     for r in runs:
-        for name, value in ((r.results or {}).get("versions") or {}).items():
+        for name, value in r.versions.items():
             found.setdefault(name, set()).add(str(value))
     return {name: sorted(values) for name, values in found.items()}
 
 
 def _versions_text(runs: list[RunRecord]) -> str:
     text = ", ".join(f"{name} {' / '.join(values)}" for name, values in _versions(runs).items()) or "not recorded"
-    unrecorded = sum(1 for r in runs if r.results and not r.results.get("versions"))
+    unrecorded = sum(1 for r in runs if r.finished and not r.versions)
     return text + (f" ({unrecorded} run(s) made before versions were recorded)" if unrecorded and text != "not recorded" else "")
 
 

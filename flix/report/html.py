@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from flix.record import RunRecord
 from flix.report.appendix import Appendix
-from flix.report.collect import RunRecord
 from flix.report.formats import CELL_NOTE, Page, one_decimal, table_rows
 from flix.report.tables import Table
 

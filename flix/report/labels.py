@@ -14,6 +14,17 @@ METHOD_LABELS = {
     "flix": "FLix",
     "flix_shared": "FLix + shared parameters",
 }
+# method -> what it trains: (feature adapters, an always-on adapter), as conf/method/*.yaml
+# defines them (tests/test_report.py checks they agree). A run's record says the same for
+# itself (flix.record.RunRecord.adapters); this names the paper's methods for cells with
+# no run yet, and catches a record relabelled as another method.
+TRAINS = {
+    "single": (False, True),
+    "compute_matched": (False, True),
+    "param_matched": (False, True),
+    "flix": (True, False),
+    "flix_shared": (True, True),
+}
 # task -> column label
 TASK_LABELS = {
     "ner": "NER",

@@ -1,25 +1,24 @@
 """Tables 1-5: which runs and evaluation sets fill each cell, laid out as the paper's CSVs.
 
 The paper CSV gives the layout (row labels, column headers, Avg.); the specs here map
-each row and column to a Selection of runs and the evaluation sets averaged in it.
-Every cell keeps the runs it came from, so pages can state seeds, models and commits.
-Each table is built twice: in the paper's metric, and in the gold targets' NLL
-(`TABLE_nll`, nats per target token, lower is better; no paper numbers). Cells carry
-their uncertainty (`flix.report.uncertainty`) and paired differences: FLix rows against
-the LoRA baselines, ablation rows against their table's control row.
+each row and column to a `Source` (a Selection of runs and the evaluation sets averaged
+in it); `flix.report.cells` fills each cell from its runs. Each table is built twice: in
+the paper's metric, and in the gold targets' NLL (`TABLE_nll`, nats per target token,
+lower is better; no paper numbers). Marks are Holm-corrected per metric.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from flix.record import RunRecord
 from flix.report import uncertainty
-from flix.report.collect import DEFAULT_DROPOUT, PAPER_RANK, RunIndex, RunRecord, Selection, has_features
+from flix.report.cells import NLL, Cell, Footnotes, Source, average_cell, compare_rows, fill
+from flix.report.collect import PAPER_DROPOUT, PAPER_RANK, RunIndex, Selection
 from flix.report.labels import METHOD_LABELS, method_of, task_of
 
 AVG = "Avg."
@@ -38,7 +37,6 @@ TITLES = {
     "table4": "Table 4: FLix language-feature rank on the multilingual mixtures (test)",
     "table5": "Table 5: FLix with shared parameters, Study A mixture (test)",
 }
-NLL = "nll"  # the second metric: a table's `_nll` variant
 NLL_TITLE = " - gold target NLL (nats per target token, lower is better)"
 # Table 3's mixture: the paper's (in-language QA) when its dropout sweep was run, else
 # multilingual NER (the cpu-scale study's, whose p = 0.7 row is Table 2's FLix runs).
@@ -49,60 +47,6 @@ ZERO_SHOT_COLUMNS = {"Zero-shot Unseen Comb: ": "unseen_combination", "Zero-shot
 ZERO_SHOT_MIXTURES = {"semantic_parsing": "zeroshot_sp"}  # Table 1 scores these zero-shot columns on their own mixture
 MULTITASK_COLUMNS = {"Multitask Swahili": "multitask_sw", "Multitask Bengali": "multitask_bn"}
 TABLE5_ROWS = {"FLix": "flix", "+ shared parameters": "flix_shared", "Compute-matched LoRA": "compute_matched"}
-
-
-@dataclass(frozen=True)
-class Source:
-    """A cell's recipe: the runs, which of their evaluation sets (by task and zero-shot kind;
-    several are averaged, e.g. a multitask mixture's tasks) and the split."""
-
-    selection: Selection
-    task: str | None = None  # None: every task's sets
-    zero_shot: str | None = None  # None: the supervised sets
-    split: str = "test"
-    metric: str = "score"  # score: the paper's metric; nll: the gold target NLL
-
-    @property
-    def key(self) -> str:
-        """The results.json `eval_sets` key of this cell's number."""
-        return self.split if self.metric == "score" else f"{self.split}_{NLL}"
-
-    def set_names(self, run: RunRecord) -> list[str]:
-        """The run's evaluation sets (as its results.json records them) this cell averages."""
-        return [n for n, s in run.eval_sets.items() if s.get("zero_shot") == self.zero_shot and self.task in (None, s["task"])]
-
-    def describe_sets(self) -> str:
-        kind = f"{self.zero_shot} sets" if self.zero_shot else "supervised sets"
-        return f"its {self.task} {kind}" if self.task else f"its {kind}"
-
-
-@dataclass
-class Cell:
-    value: float | None
-    paper: float | None
-    runs: list[RunRecord] = field(default_factory=list)
-    notes: list[int] = field(default_factory=list)
-    # per-seed values and example resamples (test cells whose runs recorded per-example statistics)
-    evidence: uncertainty.Evidence | None = field(default=None, repr=False)
-    # paired differences from other rows' cells of the same column: "compute_matched" and
-    # "param_matched" on FLix rows, "control" on ablation rows
-    versus: dict[str, uncertainty.Difference] = field(default_factory=dict)
-
-    @property
-    def interval(self) -> tuple[float, float] | None:
-        if self.evidence is None:
-            return None
-        estimate = uncertainty.estimate(self.evidence)
-        return estimate.low, estimate.high
-
-    @property
-    def seed_noise(self) -> bool:
-        """Whether the interval has a seed part (2+ seeds) or covers test examples only."""
-        return self.evidence is not None and len(self.evidence.seeds) > 1
-
-    @property
-    def diff(self) -> float | None:
-        return None if self.value is None or self.paper is None else self.value - self.paper
 
 
 @dataclass
@@ -161,7 +105,7 @@ def table3_mixture(index: RunIndex) -> str:
     """The paper's Table 3 mixture if a FLix run of another dropout than the default exists
     on it; otherwise the first of TABLE3_MIXTURES that has such runs (else the paper's)."""
     for mixture in TABLE3_MIXTURES:
-        if any(r.method == "flix" and r.mixture == mixture and r.dropout is not None and r.dropout != DEFAULT_DROPOUT for r in index.runs):
+        if any(r.method == "flix" and r.mixture == mixture and r.dropout is not None and r.dropout != PAPER_DROPOUT for r in index.runs):
             return mixture
     return TABLE3_MIXTURES[0]
 
@@ -190,128 +134,6 @@ def read_paper(paper_dir: str | Path, name: str) -> pd.DataFrame:
     frame = pd.read_csv(Path(paper_dir) / PAPER_FILES[name], dtype=str)
     frame = frame.set_index(frame.columns[0])
     return frame.astype(float)
-
-
-def run_value(run: RunRecord, source: Source) -> float | None:
-    """One run's number for a cell: the mean of the sets' averages, None if any is absent."""
-    names = source.set_names(run)
-    values = [run.eval_sets[n].get(source.key) for n in names]
-    if not names or any(v is None for v in values):
-        return None
-    return float(np.mean(values))
-
-
-class Footnotes:
-    """Numbered, de-duplicated notes of one table."""
-
-    def __init__(self):
-        self.texts: list[str] = []
-
-    def add(self, text: str) -> int:
-        if text not in self.texts:
-            self.texts.append(text)
-        return self.texts.index(text) + 1
-
-
-def fill(source: Source, paper: float | None, index: RunIndex, notes: Footnotes) -> Cell:
-    """Average a cell over its finished runs (seeds); note what is missing or failed."""
-    finished, failed, conflict = index.select(source.selection)
-    scored = [(r, run_value(r, source)) for r in finished]
-    used = [(r, v) for r, v in scored if v is not None]
-    cell = Cell(float(np.mean([v for _, v in used])) if used else None, paper, [r for r, _ in used])
-    what = source.selection.describe()
-    try:
-        cell.evidence = cell_evidence(source, cell.runs)
-    except ValueError as err:  # e.g. seeds scored on different examples: no interval rather than a wrong one
-        cell.notes.append(notes.add(f"{what}: no interval ({err})"))
-    for run in failed:
-        seed = f"seed {run.seed}" if run.seed is not None else "a run"
-        cell.notes.append(notes.add(f"{what}, {seed}: run failed ({run.failure}) [{where(index, run)}]"))
-    for run, value in scored:
-        if value is None:
-            cell.notes.append(notes.add(f"{what}, seed {run.seed}: no {source.key} score for {source.describe_sets()} [{where(index, run)}]"))
-    if conflict:
-        cell.notes.append(notes.add(f"{what}: {conflict}"))
-    elif not finished and not failed:
-        cell.notes.append(notes.add(f"missing run: {what} under {index.root.name}/"))
-    return cell
-
-
-def where(index: RunIndex, run: RunRecord) -> str:
-    """A run's directory as pages show it: relative to the runs root, never a machine path."""
-    try:
-        return str(run.path.relative_to(index.root))
-    except ValueError:
-        return run.path.name
-
-
-def cell_evidence(source: Source, runs: list[RunRecord]) -> uncertainty.Evidence | None:
-    """A test cell's evidence from its runs' per-example records (None for validation
-    cells, or when a run predates them). Seeds and examples pair up across rows."""
-    stats_key = "test_stats" if source.metric == "score" else "test_example_nll"
-    if source.split != "test" or not runs or any(stats_key not in r.results for r in runs):
-        return None
-    sets = runs[0].eval_sets
-    groups = [[(sets[n]["task"], lang) for lang in sets[n]["langs"]] for n in source.set_names(runs[0])]
-    test_sets = [t for group in groups for t in group]
-    seeds = [r.seed for r in runs]
-    keys = seeds if None not in seeds and len(set(seeds)) == len(seeds) else list(range(len(runs)))
-    stats, ids = {}, None
-    for key, r in zip(keys, runs):
-        rows = {(task, lang): r.results[stats_key][task][lang] for task, lang in test_sets}
-        stats[key] = rows if source.metric == "score" else {t: [[v, 1.0] for v in values] for t, values in rows.items()}
-        recorded = {(task, lang): tuple(r.results["test_ids"][task][lang]) for task, lang in test_sets} if "test_ids" in r.results else None
-        if ids is not None and recorded != ids:
-            raise ValueError(f"seeds were scored on different test examples ({index_name(runs)})")
-        ids = recorded if ids is None else ids
-    scorer = uncertainty.score_from_stats if source.metric == "score" else uncertainty.mean_of_values
-    return uncertainty.evidence(stats, groups, ids, scorer)
-
-
-def index_name(runs: list[RunRecord]) -> str:
-    return ", ".join(sorted({r.path.name for r in runs}))
-
-
-BASELINES = ("compute_matched", "param_matched")
-
-
-def _pair(cell: Cell, other: Cell, key: str, notes: Footnotes, what: str) -> None:
-    if cell.evidence is None or other.evidence is None or cell is other:
-        return
-    try:
-        cell.versus[key] = uncertainty.difference(cell.evidence, other.evidence)
-    except ValueError as err:
-        cell.notes.append(notes.add(f"{what}: not compared ({err})"))
-
-
-def compare_rows(rows: list[tuple[str, list[Cell]]], methods: dict[str, str], notes: Footnotes, control: str | None = None) -> None:
-    """Paired differences, per column: FLix rows against each baseline row of the table,
-    and every other row against the `control` row (an ablation's own control)."""
-    for baseline in BASELINES:
-        base_row = next((cells for label, cells in rows if methods.get(label) == baseline), None)
-        if base_row is None:
-            continue
-        for label, cells in rows:
-            if has_features(methods[label]):
-                for cell, base in zip(cells, base_row):
-                    _pair(cell, base, baseline, notes, f"{label} vs {baseline}")
-    control_row = dict(rows).get(control) if control else None
-    if control_row is not None:
-        for label, cells in rows:
-            for cell, base in zip(cells, control_row):
-                _pair(cell, base, "control", notes, f"{label} vs {control}")
-
-
-def average_cell(cells: list[Cell], paper: float | None, columns: list[str], notes: Footnotes) -> Cell:
-    """Avg. of a row: the plain mean of its cells, a dash when any is missing."""
-    missing = [col for col, c in zip(columns, cells) if c.value is None]
-    runs = list({id(r): r for c in cells for r in c.runs}.values())
-    if missing:
-        return Cell(None, paper, runs, [notes.add(f"Avg. needs every column; missing: {', '.join(missing)}")])
-    cell = Cell(float(np.mean([c.value for c in cells])), paper, runs)
-    if all(c.evidence is not None for c in cells) and len({c.evidence.seeds for c in cells}) == 1:
-        cell.evidence = uncertainty.average([c.evidence for c in cells])
-    return cell
 
 
 def build(name: str, index: RunIndex, paper_dir: str | Path, metric: str = "score") -> Table:
@@ -353,12 +175,12 @@ def build_dropout_modes(index: RunIndex, metric: str = "score") -> Table:
     with the paper's independent p (the default dropout, the control) and with keep_one,
     beside compute-matched LoRA."""
     mixture = DROPOUT_MODES_MIXTURE
-    control = f"FLix, p = {DEFAULT_DROPOUT:g} independent"
+    control = f"FLix, p = {PAPER_DROPOUT:g} independent"
     rows = {
         METHOD_LABELS["compute_matched"]: Selection("compute_matched", mixture),
         "FLix, no dropout": Selection("flix", mixture, dropout=0.0),
         control: Selection("flix", mixture),
-        f"FLix, p = {DEFAULT_DROPOUT:g} keep-one": Selection("flix", mixture, dropout_mode="keep_one"),
+        f"FLix, p = {PAPER_DROPOUT:g} keep-one": Selection("flix", mixture, dropout_mode="keep_one"),
     }
     notes = Footnotes()
     built = [

@@ -1,26 +1,12 @@
-"""What a run records, and the arithmetic over it: results.json (a finished run) and
-failed.json (a failed one), both carrying the resolved config the report identifies
-runs by; set averages, the selection metric, the `single` merge, per-language tables.
-
-results.json keys: the run's identity (method, mixture, study, scale, seed, model,
-data_root (the data folder's name), variant), `eval_sets` ({name: task, langs,
-zero_shot, and the validation, test, validation_nll, test_nll averages}), `validation`
-and `test` ({task: {lang: score}}, the paper's metric) and `validation_nll` and
-`test_nll` ({task: {lang: mean target NLL}}) of the kept checkpoint; per test example,
-in the same order: `test_ids`, `test_stats` (`flix.metrics.example_stats`) and
-`test_example_nll`; `selection` (what picked the checkpoint: `by` and the validation
-`sets`), best_step, best_validation_average, best_validation_nll, history,
-train_loss, featureless_fraction, trainable_parameters, flix (the FLixConfig),
-train_seconds, time_seconds, commit, config_hash and config (data.root as the folder's
-name: records carry no machine's paths).
+"""Writing what a run records: the builders of results.json's parts (the pipeline's run
+and trainer call them), the writers of results.json and failed.json, and the arithmetic
+over scores (set averages, the selection metric, the `single` merge, per-language tables).
+The keys are described in flix/record/__init__.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -54,25 +40,69 @@ def git_commit(where: Path = Path(__file__).parent) -> str | None:
 # move while it does; results must name the code that made them.
 CODE_COMMIT = git_commit()
 
+# -- builders: the pipeline's run and trainer make results.json with these ---------------
 
-def identity(config: dict) -> dict:
-    """Who a run is, from its resolved config (results.json and failed.json `config`):
-    the keys the report selects runs by."""
 
-    def name(key):
-        value = config.get(key)
-        return value.get("name") if isinstance(value, dict) else value
-
-    rank, train = config.get("rank") or {}, config.get("train") or {}
+def head(*, method: str, mixture: str, study, scale: str, seed: int, model: str, data_root: str, variant: str) -> dict:
+    """results.json's first keys: who the run is (data_root: the data folder's name)."""
     return {
-        "method": name("method"),
-        "mixture": name("mixture"),
-        "scale": name("scale"),
-        "seed": config.get("seed"),
-        "dropout": config.get("dropout"),
-        "lang_rank": rank.get("lang"),  # None: the method's ranks for the mixture kind
-        "dropout_mode": train.get("dropout_mode") or "independent",
+        "method": method,
+        "mixture": mixture,
+        "study": study,
+        "scale": scale,
+        "seed": seed,
+        "model": model,
+        "data_root": data_root,
+        "variant": variant,
     }
+
+
+def example_entries(*, stats: dict, nll: dict, ids: dict) -> dict:
+    """results.json's per-test-example keys ({task: {lang: [one per example]}})."""
+    return {"test_stats": stats, "test_example_nll": nll, "test_ids": ids}
+
+
+def body(
+    *,
+    best_step: int,
+    best_validation_average: float,
+    best_validation_nll: float,
+    selection: dict,
+    validation: dict,
+    test: dict,
+    validation_nll: dict,
+    test_nll: dict,
+    per_example: dict,
+    history: list,
+    train_loss: list,
+    featureless_fraction: list,
+    trainable_parameters: int,
+    flix: dict,
+    train_seconds: float,
+) -> dict:
+    """One trained adapter's part of results.json (`per_example`: `example_entries`)."""
+    return {
+        "best_step": best_step,
+        "best_validation_average": best_validation_average,
+        "best_validation_nll": best_validation_nll,
+        "selection": selection,
+        "validation": validation,
+        "test": test,
+        "validation_nll": validation_nll,
+        "test_nll": test_nll,
+        **per_example,
+        "history": history,
+        "train_loss": train_loss,
+        "featureless_fraction": featureless_fraction,
+        "trainable_parameters": trainable_parameters,
+        "flix": flix,
+        "train_seconds": train_seconds,
+    }
+
+
+def tail(*, time_seconds: float, commit: str | None, versions: dict, config_hash: str, config: dict) -> dict:
+    """results.json's last keys: where the run came from (`config`: the resolved config)."""
+    return {"time_seconds": time_seconds, "commit": commit, "versions": versions, "config_hash": config_hash, "config": portable(config)}
 
 
 def set_averages(scores: dict[str, dict[str, float]], eval_sets: list[EvalSet]) -> dict[str, float]:
@@ -124,6 +154,11 @@ def per_language_table(scores: dict[str, dict[str, float]]) -> pd.DataFrame:
     return frame.sort_index()
 
 
+def split_tables(results: dict) -> dict[str, pd.DataFrame]:
+    """Each split's scores as a per-language table (tables/<split>.csv, W&B)."""
+    return {split: per_language_table(results[split]) for split in SPLITS}
+
+
 def merge_datasets(parts: list[dict]) -> dict:
     """One results body from the per-dataset bodies of the `single` method: scores merged,
     per-dataset training records keyed TASK.LANG, parameters and seconds summed."""
@@ -156,8 +191,8 @@ def portable(config: dict) -> dict:
 def write_results(run_dir: Path, mixture: Mixture, body: dict, head: dict, tail: dict) -> dict:
     """results.json (head, eval_sets, body, tail, in that key order) and tables/<split>.csv."""
     results = {**head, "eval_sets": eval_set_entries(mixture.eval_sets, body), **body, **tail}
-    for split in SPLITS:
-        atomic_write_text(run_dir / "tables" / f"{split}.csv", per_language_table(results[split]).to_csv(float_format="%.2f"))
+    for split, table in split_tables(results).items():
+        atomic_write_text(run_dir / "tables" / f"{split}.csv", table.to_csv(float_format="%.2f"))
     atomic_write_json(run_dir / RESULTS, results)
     return results
 
@@ -172,40 +207,15 @@ def summary_line(results: dict) -> str:
     return f"[flix] {results['method']} on {results['mixture']} ({results['scale']}): test {sets}; best step {results['best_step']}; {results['time_seconds']:.0f}s"
 
 
-# A run's record: what a report, a re-score or a reader needs, and nothing heavy (no
-# weights, no checkpoints). Committed under reports/<scale>/runs/ for real runs.
-RECORD = (RESULTS, FAILED, "train.log", "predictions", "tables", ".hydra/overrides.yaml")
-
-
-def copy_records(runs_root: Path, dest: Path) -> list[Path]:
-    """Copy the record of every run under `runs_root` (a folder with results.json or
-    failed.json) to the same relative folder under `dest`; returns the copied run folders."""
-    runs_root, dest = Path(runs_root), Path(dest)
-    runs = sorted({p.parent for name in (RESULTS, FAILED) for p in runs_root.rglob(name)})
-    for run_dir in runs:
-        target = dest / run_dir.relative_to(runs_root)
-        for name in RECORD:
-            source = run_dir / name
-            if source.is_dir():
-                shutil.copytree(source, target / name, dirs_exist_ok=True)
-            elif source.is_file():
-                (target / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(source, target / name)
-    return [dest / r.relative_to(runs_root) for r in runs]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="flix records",
-        description="Copy runs' records (results.json, failed.json, train.log, predictions/, tables/, the overrides; "
-        "no weights or checkpoints) to another folder, keeping their layout: e.g. "
-        "`flix records runs/cpu reports/cpu/runs`, then `flix report --runs reports/cpu/runs` renders from them alone.",
-    )
-    parser.add_argument("runs", type=Path, help="a runs root (e.g. runs/cpu) or one run directory")
-    parser.add_argument("dest", type=Path, help="where the records go (e.g. reports/cpu/runs)")
-    args = parser.parse_args(argv)
-    if not args.runs.is_dir():
-        parser.error(f"{args.runs}: no such directory")
-    copied = copy_records(args.runs, args.dest)
-    print(f"flix records: {len(copied)} run record(s) copied to {args.dest}", file=sys.stderr)
-    return 0 if copied else 1
+def summary_metrics(results: dict) -> dict:
+    """What a paper table reads from a run (a tracker's run summary): test and validation of
+    each evaluation set (a table column), their averages over the supervised sets, the
+    selected step and its validation average."""
+    out = {"best_step": results.get("best_step"), "best_validation_average": results.get("best_validation_average")}
+    for split in ("test", "validation"):
+        values = {name: entry.get(split) for name, entry in (results.get("eval_sets") or {}).items()}
+        out |= {f"{split}/{name}": v for name, v in values.items() if v is not None}
+        supervised = [v for name, v in values.items() if v is not None and not results["eval_sets"][name].get("zero_shot")]
+        if supervised:
+            out[f"{split}/average"] = sum(supervised) / len(supervised)
+    return out

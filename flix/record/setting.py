@@ -1,0 +1,58 @@
+"""What decides a run's results: its resolved config without what does not change them.
+The pipeline hashes it into the run directory's name (flix.pipeline.run_config
+`config_hash`); the report compares it across seeds (`setting`) and averages only runs
+of one setting. Both must agree, so both use `decisive`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from flix.data.mixtures import VARIANTS
+
+# Keys that do not change what a run computes: left out of its hash. (data.root stays in:
+# a subsample and the full release are different runs.) `run_name` holds the hash itself.
+# Runs made before a change to what is hashed keep their directories; studies do not
+# reuse them (they run again), the report still reads them.
+UNHASHED = ("hydra", "logger", "force", "wait", "study", "table", "run_name")
+UNHASHED_NESTED = (("train", "threads"), ("scale", "cpu_kernels"))  # how fast, not what (kernels: same to float rounding)
+
+
+def decisive(resolved: dict) -> dict:
+    """A resolved config without what does not change results (a copy): the UNHASHED
+    keys, the mixture's notes and its variant the run does not use; the data root as its
+    real path, symlinks resolved (the same data given two ways is one run)."""
+    container = copy.deepcopy(resolved)
+    for key in UNHASHED:
+        container.pop(key, None)
+    for section, key in UNHASHED_NESTED:
+        if isinstance(container.get(section), dict):
+            container[section].pop(key, None)
+    data, mixture = container.get("data"), container.get("mixture")
+    if isinstance(data, dict) and data.get("root"):
+        data["root"] = os.path.realpath(os.path.expanduser(str(data["root"])))
+    if isinstance(data, dict) and isinstance(mixture, dict):
+        for variant in VARIANTS:
+            if variant != data.get("variant"):
+                mixture.pop(variant, None)
+            elif isinstance(mixture.get(variant), dict):
+                mixture[variant].pop("notes", None)
+    return container
+
+
+def setting(resolved: dict) -> dict[str, str]:
+    """A recorded (resolved) config as flat key -> value, without the seed and what the
+    hash leaves out: runs of one setting differ only by seed (the report averages those)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = json.dumps(value, sort_keys=True)
+
+    walk("", {k: v for k, v in decisive(resolved).items() if k != "seed"})
+    return flat
