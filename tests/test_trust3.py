@@ -294,7 +294,7 @@ def edited_method(results):  # a compute_matched run relabelled as FLix, its FLi
 def test_report_names_and_skips_a_run_it_cannot_read_or_trust(tmp_path, edit, reason):
     from test_report import PAPER
 
-    from flix.report import render
+    from flix.report.render import render
 
     root = tmp_path / "smoke"
     good, bad = good_and_bad_runs(root, edit)
@@ -309,7 +309,7 @@ def test_report_skips_a_failed_typo_run(tmp_path):
     from test_report import PAPER, STUDY_A, config_of, write_run
 
     from flix.record import write_failure
-    from flix.report import render
+    from flix.report.render import render
 
     root = tmp_path / "smoke"
     write_run(root, ("flix", "study_a", 0, 0.7, None), STUDY_A)
@@ -431,13 +431,13 @@ def test_adapter_and_export_files_get_the_umask_modes(tmp_path, umask):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["seed=abc"], "seed='abc': must be a whole number"),  # before: a raw numpy TypeError after a run folder
-        (["dropout=abc"], "dropout='abc': must be a number in [0, 1)"),
+        (["seed=abc"], "seed=abc: Value 'abc' of type 'str' could not be converted to Integer"),  # before: a raw numpy TypeError after a run folder
+        (["dropout=abc"], "dropout=abc: Value 'abc' of type 'str' could not be converted to Float"),
         (["droput=0.5"], "droput=0.5: no such setting; did you mean dropout=0.5?"),  # before: Hydra's "+droput=0.5"
         (["train.lrr=1e-3"], "train.lrr=1e-3: no such setting; did you mean train.lr=1e-3?"),
         (["rank=0"], "rank=0: no such option; a language rank must be >= 1: rank=lang1, rank=lang2, or rank.lang=N"),
-        (["-m", "seed=0,abc", "dropout=0.3,2"], "seed='abc'"),  # every value of a sweep
-        (["-m", "seed=0,1", "dropout=0.3,2"], "dropout=2: must be a number in [0, 1)"),
+        (["-m", "seed=0,abc", "dropout=0.3,2"], "seed=abc: Value 'abc'"),  # every value of a sweep
+        (["-m", "seed=0,1", "dropout=0.3,2"], "dropout=2.0: must be a number >= 0.0 and < 1.0"),
     ],
 )
 def test_bad_settings_are_named_before_hydra_runs(args, message):

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from flix.data.mixtures import Mixture, load_mixture
+from flix.data.mixture_files import load_mixture
+from flix.data.mixtures import Mixture
+from flix.pipeline import schema
 from flix.record.setting import UNHASHED, decisive
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -32,6 +34,7 @@ def config_hash(cfg: DictConfig) -> str:
 # conf/train.yaml names run directories with ${config_hash:}; registered with this module,
 # which every entry point that composes the config imports for `compose` or `config_hash`.
 OmegaConf.register_new_resolver("config_hash", lambda *, _root_: config_hash(_root_), replace=True)
+schema.register()  # conf/train.yaml starts from the typed schema (flix.pipeline.schema)
 
 
 def compose(overrides: list[str], hydra: bool = False) -> DictConfig:
@@ -98,10 +101,21 @@ def override_problems(args: list[str]) -> list[str]:
     for line in lines:
         try:
             cfg = compose([f"{key}={value}" for key, value in line.items()])
-        except (HydraException, ValueError):  # Hydra says what is wrong when it runs
+        except (HydraException, ValueError) as err:  # a value of the wrong type (the schema's types)
+            problem = _composition_problem(err)
+            problems += [problem] if problem not in problems else []
             continue
         problems += [p for p in config_problems(cfg) if p not in problems]
     return problems
+
+
+def _composition_problem(err: Exception) -> str:
+    """One line from Hydra's error and its cause, e.g. `scale.steps=abc: Value 'abc' of
+    type 'str' could not be converted to Integer`."""
+    head = str(err).splitlines()[0] if str(err) else type(err).__name__
+    cause = err.__cause__ or err.__context__
+    detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
+    return f"{head.removeprefix('Error merging override ')}: {detail}" if detail else head
 
 
 _ABSENT = object()

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from flix import kernels
 from flix.base_models import enable_activation_checkpointing, load_model, model_kind
 from flix.data.mixtures import Mixture
 from flix.data.reader import read_dataset, resolve_root
@@ -104,6 +105,7 @@ class Trainer:
         self.main = self.process_rank == 0  # only the main process evaluates and writes
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
+        kernels.use(cfg.scale.get("cpu_kernels", False))  # opt-in: scale=cpu turns them on
         self.root = resolve_root(cfg.data.root)
         mixture.check(self.root)
         s = cfg.scale
