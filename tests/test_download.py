@@ -231,7 +231,7 @@ def sample_archive() -> bytes:
 
 
 def mixtures_cut_to(n: int):
-    from flix.data.mixtures import load_mixture_by_name, mixture_names
+    from flix.data.mixture_files import load_mixture_by_name, mixture_names
 
     return [load_mixture_by_name(name, "mini").restrict(n) for name in mixture_names()]
 

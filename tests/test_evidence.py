@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flix.base_models import load_model
-from flix.data.mixtures import load_mixture_by_name
+from flix.data.mixture_files import load_mixture_by_name
 from flix.data.reader import read_dataset
 from flix.data.sampling import eval_sample
 from flix.pipeline.batching import TextLimits, micro_batches, padding_fraction, target_nll, training_batch

@@ -13,7 +13,8 @@ from flix.data.formatting import (
     format_prompt,
     truncate_context,
 )
-from flix.data.mixtures import VARIANTS, load_mixture_by_name, mixture_names
+from flix.data.mixture_files import load_mixture_by_name, mixture_names
+from flix.data.mixtures import VARIANTS
 
 CUES = {
     "ner": "\nEntities:",

@@ -8,16 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from flix.data import reader
-from flix.data.mixtures import (
-    CONF_DIR,
-    KINDS,
-    VARIANTS,
-    Mixture,
-    MixtureError,
-    load_mixture,
-    load_mixture_by_name,
-    mixture_names,
-)
+from flix.data.mixture_files import CONF_DIR, load_mixture, load_mixture_by_name, mixture_names
+from flix.data.mixtures import KINDS, VARIANTS, Mixture, MixtureError
 from flix.pipeline.methods import METHODS, kind_ranks, load_method
 
 EXPECTED = {

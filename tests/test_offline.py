@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flix.data.mixtures import load_mixture_by_name
+from flix.data.mixture_files import load_mixture_by_name
 from flix.data.reader import dataset_path
-from flix.pipeline import offline
+from flix.pipeline import offline, offline_stage
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["scale.steps=2", "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=2", "train.threads=1"]
@@ -26,12 +26,12 @@ def test_parts_stay_within_the_limit_largest_first(tmp_path):
     for name, size in sizes.items():
         (tmp_path / name).write_bytes(b"x" * size)
         files.append(tmp_path / name)
-    parts = offline.pack_parts(files, tmp_path / "out", limit=60)
+    parts = offline_stage.pack_parts(files, tmp_path / "out", limit=60)
     contents = [json.loads((p / "PART.json").read_text())["files"] for p in parts]
     assert contents == [{"a": 50, "e": 10}, {"b": 40, "d": 20}, {"c": 30}]
     assert all(sum(c.values()) <= 60 for c in contents)
     with pytest.raises(SystemExit, match="over the"):
-        offline.pack_parts(files, tmp_path / "again", limit=45)
+        offline_stage.pack_parts(files, tmp_path / "again", limit=45)
 
 
 @pytest.fixture

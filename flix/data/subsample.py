@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from flix.data.mixtures import load_mixture_by_name, mixture_names
+from flix.data.mixture_files import load_mixture_by_name, mixture_names
 from flix.data.reader import SPLITS, DataError, UsageError, data_files, dataset_path, lang_of, resolve_root
 
 SCALE_DIR = Path(__file__).resolve().parents[2] / "conf" / "scale"
