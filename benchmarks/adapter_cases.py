@@ -38,9 +38,9 @@ def base_model(args):
     return model.float().requires_grad_(False).eval()
 
 
-def feature_space(num_features: int) -> dict[str, list[str]]:
+def adapter_features(num_features: int) -> dict[str, list[str]]:
     """D features: min(32, D // 2) tasks, the rest languages."""
-    return cases.feature_space(num_features, min(32, num_features // 2))
+    return cases.features_of_size(num_features, min(32, num_features // 2))
 
 
 def mixed_batches(features: dict[str, list[str]], batch: int, count: int, gen: torch.Generator) -> list[list[dict]]:

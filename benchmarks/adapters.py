@@ -35,8 +35,8 @@ import torch
 from benchmarks import options
 from benchmarks.adapter_cases import (
     TARGETS,
+    adapter_features,
     base_inference,
-    feature_space,
     flix_inference,
     flix_step,
     mixed_batches,
@@ -90,12 +90,12 @@ def bench_adapters(args, sizes: list[int]) -> int:
     # training: one step per call
     train: dict[tuple[str, int], Callable[[], None]] = {}
     train[("none", 0)] = none_step(args, ids)
-    smallest = feature_space(sizes[0])
+    smallest = adapter_features(sizes[0])
     cm = method_config("compute_matched", smallest, "joint", alpha=ALPHA, target_modules=TARGETS)
     train[("compute_matched", 1)] = flix_step(args, ids, cm, mixed_batches(smallest, args.batch, rounds, gen))
     for d in sizes:
         print(f"benchmarks: building flix D={d}", file=sys.stderr, flush=True)
-        features = feature_space(d)
+        features = adapter_features(d)
         config = method_config("flix", features, "joint", alpha=ALPHA, feature_dropout=DROPOUT, target_modules=TARGETS)
         train[("flix", d)] = flix_step(args, ids, config, mixed_batches(features, args.batch, rounds, gen))
     train[("peft_lora", 1)] = peft_step(args, ids)

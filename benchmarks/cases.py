@@ -24,7 +24,7 @@ DROPOUT = 0.7  # the FLix training cases' feature dropout
 Loss = Callable[[torch.nn.Module], torch.Tensor]
 
 
-def feature_space(num_features: int, tasks: int) -> dict[str, list[str]]:
+def features_of_size(num_features: int, tasks: int) -> dict[str, list[str]]:
     """D features: `tasks` tasks, the rest languages."""
     return {"task": [f"t{i}" for i in range(tasks)], "lang": [f"l{i}" for i in range(num_features - tasks)]}
 

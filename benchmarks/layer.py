@@ -21,7 +21,7 @@ import torch
 from benchmarks import options
 from benchmarks.attribute import attributed_ratio, own_time
 from benchmarks.cases import ALPHA
-from benchmarks.model_cases import TASKS, feature_space, mixed_features
+from benchmarks.model_cases import TASKS, gemma_features, mixed_features
 from benchmarks.timing import paired_ratio, stats, time_interleaved
 from flix.io import atomic_write_json
 from flix.layer import FLixLayer
@@ -38,7 +38,7 @@ def layer_case(d_in: int, d_out: int, x: torch.Tensor, grad: torch.Tensor, confi
         layer, params = base, []
     else:
         router = Router(config.space)
-        router.set(config.space.route(features or [{}] * x.shape[0]))
+        router.set(config.space.rows(features or [{}] * x.shape[0]))
         layer = FLixLayer(base, router, config.scaling, config.sparse_grad)
         with torch.no_grad():
             layer.flix_B.normal_(0, 0.02)
@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, args.tokens, args.d_in, generator=gen).requires_grad_()
     grad = torch.randn(args.batch, args.tokens, args.d_out, generator=gen)
     cases = {"frozen": layer_case(args.d_in, args.d_out, x, grad)}
-    cm = method_config("compute_matched", feature_space(sizes[0]), "joint", alpha=ALPHA)
+    cm = method_config("compute_matched", gemma_features(sizes[0]), "joint", alpha=ALPHA)
     cases["compute_matched"] = layer_case(args.d_in, args.d_out, x, grad, cm)
     for d in sizes:
-        space = feature_space(d)
+        space = gemma_features(d)
         config = method_config("flix", space, "joint", alpha=ALPHA)
         cases[f"flix D={d}"] = layer_case(args.d_in, args.d_out, x, grad, config, mixed_features(space, args.batch, 1, gen)[0])
     ms = time_interleaved(cases, args.warmup, args.repeats)

@@ -50,8 +50,8 @@ from benchmarks.model_cases import (
     bf16_enabled,
     count_flops,
     device_of,
-    feature_space,
     flix_step,
+    gemma_features,
     generation_cases,
     load,
     matmul_case,
@@ -136,7 +136,7 @@ def bench_model(args, sizes: list[int]) -> int:
     gen = torch.Generator().manual_seed(args.seed)
 
     train: dict[str, Callable[[], None]] = {"base": base_step(shared_copy(base), batch, autocast)}
-    cm = method_config("compute_matched", feature_space(sizes[0]), "joint", alpha=ALPHA)
+    cm = method_config("compute_matched", gemma_features(sizes[0]), "joint", alpha=ALPHA)
     train["compute_matched"] = flix_step(base, cm, batch, [[{}] * args.batch], autocast, device)
     train["peft_lora"] = peft_step(base, batch, autocast, device)
     skipped = {}
@@ -147,8 +147,8 @@ def bench_model(args, sizes: list[int]) -> int:
             print(f"benchmarks: skipping flix D={d}: {skipped[d]}", file=sys.stderr, flush=True)
             continue
         print(f"benchmarks: building flix D={d}", file=sys.stderr, flush=True)
-        config = method_config("flix", feature_space(d), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
-        train[f"flix D={d}"] = flix_step(base, config, batch, mixed_features(feature_space(d), args.batch, rounds, gen), autocast, device)
+        config = method_config("flix", gemma_features(d), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
+        train[f"flix D={d}"] = flix_step(base, config, batch, mixed_features(gemma_features(d), args.batch, rounds, gen), autocast, device)
     matmul, matmul_flops = matmul_case(device, bf16)
     train["matmul"] = matmul
     flops = {name: count_flops(train[name]) for name in ("base", "compute_matched", f"flix D={sizes[0]}") if name in train}

@@ -51,9 +51,9 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def feature_space(num_features: int) -> dict[str, list[str]]:
+def gemma_features(num_features: int) -> dict[str, list[str]]:
     """D features: 4 tasks, the rest languages."""
-    return cases.feature_space(num_features, TASKS)
+    return cases.features_of_size(num_features, TASKS)
 
 
 def mixed_features(features: dict[str, list[str]], batch: int, count: int, gen: torch.Generator) -> list[list[dict]]:
@@ -64,7 +64,7 @@ def mixed_features(features: dict[str, list[str]], batch: int, count: int, gen: 
 def bank_bytes(model: torch.nn.Module, num_features: int) -> int:
     """Bytes of FLix banks with D features (SparseAdamW keeps moments only for the
     rows that batches touch, a few hundred here)."""
-    rows = method_config("flix", feature_space(num_features), "joint").space.num_rows
+    rows = method_config("flix", gemma_features(num_features), "joint").space.num_rows
     widths = sum(sum(model.get_submodule(n).weight.shape) for n in find_target_modules(model, None))
     return rows * widths * 4
 
@@ -175,8 +175,8 @@ def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
     base, tokenizer = load(args)
     base.to(device)
     args.batch, args.seq, args.target = batch, prompt + target + 1, target + 1
-    config = method_config("flix", feature_space(64), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
-    routes = mixed_features(feature_space(64), batch, 1, torch.Generator().manual_seed(args.seed))
+    config = method_config("flix", gemma_features(64), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
+    routes = mixed_features(gemma_features(64), batch, 1, torch.Generator().manual_seed(args.seed))
     step = flix_step(base, config, train_batch(args, tokenizer, device), routes, autocast_for(device, bf16_enabled(args, device)), device)
     start = time.perf_counter()
     step()

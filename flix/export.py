@@ -24,7 +24,7 @@ MANIFEST = "manifest.json"
 
 def combination_rows(model, features: dict) -> torch.Tensor:
     """The bank rows one feature combination uses (unknown features use none)."""
-    rows = model.flix_config.space.route([features])[0]
+    rows = model.flix_config.space.rows([features])[0]
     rows = rows[rows != PAD]
     if len(rows) == 0:
         raise ValueError(f"features {features} activate no adapter rows: nothing to export")

@@ -98,20 +98,24 @@ class FeatureSpace:
             out.append({group: self.features[group][i] for group, i in values if i < len(self.features[group])})
         return out
 
-    def route(self, examples: list[dict], dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False) -> torch.Tensor:
+    def rows(
+        self, examples: list[dict], feature_dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False
+    ) -> torch.Tensor:
         """(batch, active_rank) bank rows for each example (one feature dict each)."""
-        return self.route_ids(self.feature_ids(examples), dropout, generator, keep_one)
+        return self.rows_from_ids(self.feature_ids(examples), feature_dropout, generator, keep_one)
 
-    def route_ids(self, ids: torch.Tensor, dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False) -> torch.Tensor:
+    def rows_from_ids(
+        self, ids: torch.Tensor, feature_dropout: float = 0.0, generator: torch.Generator | None = None, keep_one: bool = False
+    ) -> torch.Tensor:
         """(batch, active_rank) bank rows from (batch, groups) feature ids.
 
         Feature dropout (training only; the shared feature always stays): each group
-        feature of each example is turned off independently with probability `dropout`,
-        so with G groups an example keeps no feature at all with probability dropout**G
+        feature of each example is turned off independently with probability `feature_dropout`
+        (p), so with G groups an example keeps no feature at all with probability p**G
         (0.49 for the paper's 0.7 and two groups) and teaches nothing. With `keep_one`, an
         example whose draws would turn off every group keeps one group's feature, chosen
         uniformly: no example is left without one, and a single feature is then off with
-        probability dropout - dropout**G / G (0.455 for 0.7 and two groups).
+        probability p - p**G / G (0.455 for 0.7 and two groups).
         """
         groups = self.groups
         ids = torch.as_tensor(ids, dtype=torch.long).cpu()
@@ -121,14 +125,14 @@ class FeatureSpace:
         limits = torch.tensor([len(self._index[g]) for g in groups], dtype=torch.long)
         if n and ((ids < 0) | (ids > limits)).any():
             raise ValueError(f"feature ids out of range for the groups {groups} (each id < its number of features, or = it for none)")
-        if dropout > 0 and groups:
+        if feature_dropout > 0 and groups:
             # one draw per group in group order, so a seed gives the same routes as before keep_one existed
-            drop = torch.stack([torch.rand(n, generator=generator) < dropout for _ in groups], dim=1)
+            off = torch.stack([torch.rand(n, generator=generator) < feature_dropout for _ in groups], dim=1)
             if keep_one:
-                bare = drop.all(dim=1)
+                bare = off.all(dim=1)
                 kept = torch.randint(len(groups), (n,), generator=generator)
-                drop[bare, kept[bare]] = False
-            ids = torch.where(drop, limits, ids)
+                off[bare, kept[bare]] = False
+            ids = torch.where(off, limits, ids)
         parts = [self._shared.expand(n, -1)] + [self._tables[group][ids[:, g]] for g, group in enumerate(groups)]
         return torch.cat(parts, dim=1)
 

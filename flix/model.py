@@ -111,10 +111,10 @@ class FLixModel(nn.Module):
         drawn here (torch's global RNG) and the combinations are recorded."""
         space, config = self.flix_config.space, self.flix_config
         if not self.training:
-            return space.route_ids(ids)
+            return space.rows_from_ids(ids)
         if ids.shape[1]:  # a featureless space (plain LoRA) has no combinations
             self.seen.update(map(tuple, torch.unique(ids.cpu(), dim=0).tolist()))
-        return space.route_ids(ids, dropout=config.feature_dropout, keep_one=config.dropout_mode == "keep_one")
+        return space.rows_from_ids(ids, feature_dropout=config.feature_dropout, keep_one=config.dropout_mode == "keep_one")
 
     @contextmanager
     def route(self, features: list[dict]):

@@ -52,7 +52,7 @@ class Router:
                     f"model(..., {FEATURES_KEY}=[{{'task': ..., 'lang': ...}}, ...]) (FLixDataCollator puts them in a batch), "
                     "or call it inside `with model.route([...]):` (one dict per example)"
                 )
-            rows = self.space.route([{}])
+            rows = self.space.rows([{}])
         elif n % rows.shape[0]:
             raise RuntimeError(f"{rows.shape[0]} examples were routed but a layer saw a batch of {n}: route exactly one feature dict per input row")
         elif bool((rows == rows[:1]).all()):

@@ -94,7 +94,7 @@ def test_unseen_combination_needs_nothing_special():
     # (semantic_parsing, sw) never co-occur in MIXED, yet route like any other pair.
     model = flix_model()
     combo = {"task": "semantic_parsing", "lang": "sw"}
-    rows = model.flix_config.space.route([combo])[0].tolist()
+    rows = model.flix_config.space.rows([combo])[0].tolist()
     space = model.flix_config.space
     assert sorted(r for r in rows if r) == sorted(space.rows_of("task", "semantic_parsing") + space.rows_of("lang", "sw"))
 
@@ -171,13 +171,13 @@ def test_feature_dropout_rate_is_p():
     space = FeatureSpace(FEATURES, {"task": 4, "lang": 2})
     examples = [{"task": "ner", "lang": "sw"}] * 20000
     gen = torch.Generator().manual_seed(0)
-    rows = space.route(examples, dropout=0.7, generator=gen)
+    rows = space.rows(examples, feature_dropout=0.7, generator=gen)
     task_off = (rows[:, :4] == 0).all(1).float()
     lang_off = (rows[:, 4:] == 0).all(1).float()
     assert abs(task_off.mean().item() - 0.7) < 0.02 and abs(lang_off.mean().item() - 0.7) < 0.02
     # independent per feature: P(both off) = p^2
     assert abs((task_off * lang_off).mean().item() - 0.49) < 0.02
-    assert (space.route(examples[:100], dropout=0.0) != 0).all()
+    assert (space.rows(examples[:100], feature_dropout=0.0) != 0).all()
 
 
 def test_keep_one_dropout_never_drops_everything():
@@ -188,14 +188,14 @@ def test_keep_one_dropout_never_drops_everything():
 
     space = FeatureSpace(FEATURES, {"task": 4, "lang": 2})
     examples = [{"task": "ner", "lang": "sw"}] * 20000
-    rows = space.route(examples, dropout=0.7, generator=torch.Generator().manual_seed(0), keep_one=True)
+    rows = space.rows(examples, feature_dropout=0.7, generator=torch.Generator().manual_seed(0), keep_one=True)
     assert not featureless(rows).any()
     task_off = (rows[:, :4] == 0).all(1).float().mean().item()
     lang_off = (rows[:, 4:] == 0).all(1).float().mean().item()
     assert abs(task_off - 0.455) < 0.02 and abs(lang_off - 0.455) < 0.02
-    again = space.route(examples, dropout=0.7, generator=torch.Generator().manual_seed(0), keep_one=True)
+    again = space.rows(examples, feature_dropout=0.7, generator=torch.Generator().manual_seed(0), keep_one=True)
     assert torch.equal(rows, again)
-    independent = space.route(examples, dropout=0.7, generator=torch.Generator().manual_seed(0))
+    independent = space.rows(examples, feature_dropout=0.7, generator=torch.Generator().manual_seed(0))
     assert abs(featureless(independent).float().mean().item() - 0.49) < 0.02
     # keep_one only turns features back on: wherever it differs, independent had dropped everything
     changed = (rows != independent).any(1)
@@ -365,7 +365,7 @@ def test_layer_gradients_equal_plain_autograd(kind, sparse):
     layer = FLixLayer(base, router, scaling=1.5, sparse_grad=sparse).double()
     with torch.no_grad():
         layer.flix_B.normal_()[0].zero_()
-    rows = space.route(MIXED, dropout=0.5, generator=torch.Generator().manual_seed(3))
+    rows = space.rows(MIXED, feature_dropout=0.5, generator=torch.Generator().manual_seed(3))
     assert (rows == 0).any(), "some features should be dropped"
     router.set(rows)
     x = torch.randn(len(MIXED), 4, 7, dtype=torch.float64, requires_grad=True)

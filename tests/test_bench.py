@@ -263,15 +263,15 @@ def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, capsys):
     compute in bf16, while the banks stay float32 and still learn; the report says so."""
     from types import SimpleNamespace
 
-    from benchmarks.model_cases import autocast_for, bf16_enabled, feature_space, flix_step, load, mixed_features, train_batch
+    from benchmarks.model_cases import autocast_for, bf16_enabled, flix_step, gemma_features, load, mixed_features, train_batch
     from flix.pipeline.methods import method_config
 
     cpu = torch.device("cpu")
     assert bf16_enabled(SimpleNamespace(bf16="true"), cpu) and not bf16_enabled(SimpleNamespace(bf16="auto"), cpu)
     args = SimpleNamespace(model="tiny", batch=4, seq=10, target=3, seed=0)
     base, tokenizer = load(args)
-    config = method_config("flix", feature_space(8), "joint", alpha=16.0, feature_dropout=0.0)
-    routes = mixed_features(feature_space(8), args.batch, 1, torch.Generator().manual_seed(0))
+    config = method_config("flix", gemma_features(8), "joint", alpha=16.0, feature_dropout=0.0)
+    routes = mixed_features(gemma_features(8), args.batch, 1, torch.Generator().manual_seed(0))
     step = flix_step(base, config, train_batch(args, tokenizer, cpu), routes, autocast_for(cpu, True), cpu)
     layers = {}
 
@@ -304,13 +304,13 @@ def test_attribution_counts_the_adapters_own_work_only():
     these widths, is most of the step)."""
     from benchmarks.attribute import own_time
     from benchmarks.layer import layer_case
-    from benchmarks.model_cases import feature_space, mixed_features
+    from benchmarks.model_cases import gemma_features, mixed_features
     from flix.pipeline.methods import method_config
 
     x = torch.randn(4, 128, 512).requires_grad_()
     grad = torch.randn(4, 128, 512)
     assert [own for _, own in own_time(layer_case(512, 512, x, grad), 2)] == [0.0, 0.0]
-    space = feature_space(8)
+    space = gemma_features(8)
     config = method_config("flix", space, "joint", alpha=16.0)
     step = layer_case(512, 512, x, grad, config, mixed_features(space, 4, 1, torch.Generator().manual_seed(0))[0])
     for ms, own in own_time(step, 2):

@@ -114,7 +114,7 @@ def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
         if uniform
         else [{"task": "ner", "lang": "sw"}, {"task": "qa", "lang": "yo"}, {"task": "qa", "lang": "bn"}]
     )
-    rows = space.route(batch)
+    rows = space.rows(batch)
     router.set(rows)
     assert kernels._lowrank_usable(torch.empty(1, 48), torch.empty(1, rows.shape[1], 48), torch.empty(1, rows.shape[1], 32))
     x = torch.randn(3, 40, 48, requires_grad=True)
