@@ -28,7 +28,7 @@ from flix.pipeline.checkpoint import STATE, load_checkpoint, save_checkpoint
 from flix.pipeline.checks import ConfigError, check_run
 from flix.pipeline.run_config import load_mixture_for
 from flix.pipeline.trainer import Trainer
-from flix.report import render
+from flix.report.render import render
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -38,7 +38,7 @@ def train_cmd(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "flix.pipeline.run",
+        "flix.train",
         "logger=none",
         "mixture=multitask_sw",
         f"data.root={data_root}",

@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from test_report import PAPER, RUNS, STUDY_A, config_of, write_run
 
 from flix.record import read_failure, read_results, write_failure
-from flix.report import render
 from flix.report.collect import PAPER_DROPOUT, collect
 from flix.report.labels import TRAINS
+from flix.report.render import render
 
 REPO = Path(__file__).resolve().parents[1]
 BELOW_THE_PIPELINE = [*(REPO / "flix" / "record").glob("*.py"), *(REPO / "flix" / "report").glob("*.py")]
@@ -49,12 +49,12 @@ def test_report_renders_from_records_alone_without_conf_or_torch(tmp_path):
         write_run(runs, key, bases)
     render(runs, tmp_path / "here", "smoke", PAPER)
     code = tmp_path / "code"
-    shutil.copytree(REPO / "flix", code / "flix", ignore=shutil.ignore_patterns("__pycache__", "bench"))
+    shutil.copytree(REPO / "flix", code / "flix", ignore=shutil.ignore_patterns("__pycache__"))
     assert not (code / "conf").exists()
     script = (
         "import sys, flix\n"
         f"assert flix.__file__.startswith({str(code)!r}), flix.__file__\n"
-        "from flix.report import render\n"
+        "from flix.report.render import render\n"
         f"render({str(runs)!r}, {str(tmp_path / 'there')!r}, 'smoke', {str(code / 'flix' / 'report' / 'paper')!r})\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'hydra', 'flix.pipeline'))))\n"
     )

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flix.data.mixtures import load_mixture_by_name
+from flix.data.mixture_files import load_mixture_by_name
 from flix.record import write_failure, write_results
-from flix.report import log_to_wandb, render
 from flix.report.cli import main
+from flix.report.render import render
 from flix.report.tables import PAPER_FILES
+from flix.report.wandb_log import log_to_wandb
 
 PAPER = Path(__file__).resolve().parents[1] / "flix" / "report" / "paper"  # shipped with the package
 SMOKE_NOTE = "smoke numbers are a pipeline check (tiny random model, a few steps), not results"

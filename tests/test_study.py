@@ -95,7 +95,7 @@ def test_parallel_launcher_runs_a_sweep(runs_env, data_root):
     cmd = [
         sys.executable,
         "-m",
-        "flix.pipeline.run",
+        "flix.train",
         "-m",
         "logger=none",
         "mixture=multitask_sw",

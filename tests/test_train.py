@@ -123,7 +123,7 @@ def _train_cmd(run_dir: Path, data_root: Path, steps: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "flix.pipeline.run",
+        "flix.train",
         "logger=none",
         "mixture=multitask_sw",
         f"data.root={data_root}",
@@ -184,7 +184,7 @@ def test_a_plain_sweep_summarises_fails_when_a_run_failed_and_logs_each_run(tmp_
     cmd = [
         sys.executable,
         "-m",
-        "flix.pipeline.run",
+        "flix.train",
         "-m",
         "logger=none",
         "mixture=multitask_sw",
@@ -248,7 +248,7 @@ LAUNCHERS = {
         "--mixed_precision=no",
         "--dynamo_backend=no",
         "-m",
-        "flix.pipeline.run",
+        "flix.train",
     ],
 }
 

@@ -97,7 +97,8 @@ def test_a_run_made_without_wandb_is_logged_when_reused_with_it(compose, tmp_pat
 
 
 def test_each_rendered_table_is_logged_in_its_training_runs_group(compose, tmp_path):
-    from flix.report import log_to_wandb, render
+    from flix.report.render import render
+    from flix.report.wandb_log import log_to_wandb
 
     runs = tmp_path / "runs"
     run(compose("mixture=multitask_sw", "logger=wandb", "table=table2"), runs / "one")

@@ -8,9 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-from flix import export
-from flix.export import MANIFEST, export_all
-
 
 def parse_features(text: str) -> dict:
     """task=ner,lang=sw -> {"task": "ner", "lang": "sw"}."""
@@ -21,14 +18,15 @@ def parse_features(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flix export", description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="flix export", description=__doc__)
     parser.add_argument("adapter", type=Path, help="a FLix adapter folder (save_pretrained; a run's best_adapter/)")
     parser.add_argument("out", type=Path, help="folder for one peft adapter per combination and manifest.json")
     parser.add_argument("--model", required=True, help="the base model: a conf/model name (tiny, gemma3_270m), a hub id or a local folder")
     parser.add_argument("--features", type=parse_features, action="append", help="a combination to export (repeatable); default: every trained one")
     args = parser.parse_args(argv)
-    from flix.base_models import load_model
+    from flix.base_models import load_model  # torch and transformers load here, not for --help
     from flix.config import CONFIG_NAME
+    from flix.export import MANIFEST, export_all
     from flix.model import FLixModel
 
     if not (args.adapter / CONFIG_NAME).is_file():

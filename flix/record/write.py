@@ -9,9 +9,12 @@ from __future__ import annotations
 import subprocess
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from flix.data.mixtures import EvalSet, Mixture
 from flix.io import atomic_write_json, atomic_write_text
@@ -149,6 +152,8 @@ def eval_set_entries(eval_sets: list[EvalSet], body: dict) -> dict:
 
 def per_language_table(scores: dict[str, dict[str, float]]) -> pd.DataFrame:
     """Rows languages, columns tasks."""
+    import pandas as pd  # here, not at import: command lines start without it
+
     frame = pd.DataFrame(scores)
     frame.index.name = "language"
     return frame.sort_index()

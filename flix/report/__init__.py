@@ -1,6 +1,2 @@
-"""The report stage: paper Tables 1-5, per-language appendices and Figure 2 from finished runs."""
-
-from flix.report.render import ReportError, render
-from flix.report.wandb_log import log_to_wandb
-
-__all__ = ["ReportError", "log_to_wandb", "render"]
+"""The report stage: paper Tables 1-5, per-language appendices and Figure 2 from finished
+runs (`flix.report.render.render`; `flix report` is flix.report.cli)."""

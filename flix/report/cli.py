@@ -19,8 +19,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from flix.report.render import ReportError, infer_scale, render, summary_line
-
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = "outputs/reports"  # git-ignored
 PAPER = Path(__file__).resolve().parent / "paper"  # the paper's Tables 1-5 as CSV (its README says from where)
@@ -65,6 +63,8 @@ def shown(path: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
+    from flix.report.render import ReportError, infer_scale, render, summary_line  # pandas and matplotlib: not for --help
+
     try:
         scale = args.scale or (infer_scale(args.runs) if args.runs and args.runs.is_dir() else "smoke")
         runs = args.runs or Path(shown(REPO / os.environ.get("FLIX_RUNS", "runs") / scale))
