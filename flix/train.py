@@ -13,7 +13,28 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from flix.pipeline.run_config import override_problems  # also registers the config_hash resolver
+from flix.pipeline.run_config import CONF, GROUPS, choices, override_problems  # also registers the config_hash resolver
+
+
+def usage() -> str:
+    """--help without composing (Hydra's own help composes every group: seconds): the groups
+    and their options from conf/, and conf/train.yaml's own settings."""
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml"), resolve=False)  # as written: ${...} stays
+    settings = OmegaConf.create({key: value for key, value in own.items() if key not in ("defaults", "hydra")})
+    return "\n".join(
+        [
+            "usage: python -m flix.train [group=option ...] [key=value ...]   (-m key=a,b: a sweep)",
+            "  --cfg job prints the composed config; --hydra-help lists Hydra's own options.",
+            "",
+            "== Configuration groups (conf/) ==",
+            *[f"{group}: {', '.join(choices(group))}" for group in GROUPS],
+            "",
+            "== Settings (conf/train.yaml; scale.*, model.*, data.*, ... come with the groups) ==",
+            OmegaConf.to_yaml(settings).rstrip(),
+        ]
+    )
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -24,6 +45,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print(usage())
+        sys.exit(0)
     if problems := override_problems(sys.argv[1:]):  # before Hydra, whose message can be a traceback
         print("flix.train: error: " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(2)

@@ -79,6 +79,8 @@ def override_problems(args: list[str]) -> list[str]:
     except HydraException:  # a syntax error: Hydra's own message says where
         return []
     overrides = [o for o in overrides if not o.key_or_group.startswith("hydra")]
+    if not overrides:  # --help, or the defaults: nothing to check, and no composing (seconds)
+        return []
     # each override's values, one per value of a sweep
     options = {
         o.input_line.partition("=")[0]: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
