@@ -56,8 +56,8 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("page,tokens", COMMANDS, ids=[" ".join(t)[:60] for _, t in COMMANDS])
 def test_documented_commands_exist(page, tokens, capsys):
-    """make targets dry-run; flix options appear in the command's --help; flix.pipeline.run
-    overrides compose; anything else (`. .venv/bin/activate`) is listed here."""
+    """make targets dry-run; flix options (`flix X` or `python -m flix X`) appear in the
+    command's --help; python -m flix.train overrides compose; anything else (`. .venv/bin/activate`) is listed here."""
     if tokens[0] == "make":
         out = subprocess.run(["make", "-n", *tokens[1:]], cwd=REPO, capture_output=True, text=True)
         assert out.returncode == 0, f"{page}: {' '.join(tokens)}: {out.stderr}"
@@ -66,10 +66,10 @@ def test_documented_commands_exist(page, tokens, capsys):
 
         overrides = [t.split(",")[0] for t in tokens[3:] if t not in ("-m", "--help")]  # a sweep: its first values
         compose(overrides)
-    elif tokens[0] == "flix" or tokens[:3] == ["python", "-m", "flix", "offline"]:
+    elif tokens[0] == "flix" or tokens[:3] == ["python", "-m", "flix"]:
         from flix.cli import main
 
-        args = tokens[1:] if tokens[0] == "flix" else ["offline", *tokens[3:]]
+        args = tokens[1:] if tokens[0] == "flix" else tokens[3:]
         with pytest.raises(SystemExit) as done:
             main([*args, "--help"])
         usage = capsys.readouterr().out
