@@ -23,6 +23,7 @@ from benchmarks.attribute import attributed_ratio, own_time
 from benchmarks.cases import ALPHA
 from benchmarks.model_cases import TASKS, gemma_features, mixed_features
 from benchmarks.timing import paired_ratio, stats, time_interleaved
+from flix import kernels
 from flix.io import atomic_write_json
 from flix.layer import FLixLayer
 from flix.pipeline.methods import method_config
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = options.feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
     torch.set_num_threads(args.threads)
+    kernels.use(True)  # the compiled CPU kernels, as scale=cpu runs use them (the snapshots were measured so)
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, args.tokens, args.d_in, generator=gen).requires_grad_()

@@ -64,6 +64,7 @@ from benchmarks.model_cases import (
 )
 from benchmarks.model_report import check_targets, format_report, rescore, run_config
 from benchmarks.timing import stats, time_interleaved
+from flix import kernels
 from flix.io import atomic_write_json
 from flix.pipeline.memory import peak_memory_gib
 from flix.pipeline.methods import method_config
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--target must be smaller than --seq")
     sizes = options.feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
     torch.set_num_threads(args.threads)
+    kernels.use(True)  # the compiled CPU kernels, as scale=cpu runs use them (the snapshots were measured so)
     with warnings.catch_warnings():  # peft touches a deprecated transformers property
         warnings.simplefilter("ignore", FutureWarning)
         if args.probe_memory:

