@@ -134,3 +134,10 @@ def test_the_package_never_imports_the_benchmarks():
 def test_no_module_is_longer_than_a_reader_holds(module):
     lines = len(MODULES[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{MODULES[module]}: {lines} lines; split it by job (at most {MAX_LINES})"
+
+
+def test_the_schema_allows_the_library_s_dropout_modes():
+    from flix.config import DROPOUT_MODES
+    from flix.pipeline import schema
+
+    assert schema.DROPOUT_MODES == DROPOUT_MODES

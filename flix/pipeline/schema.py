@@ -17,8 +17,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-SELECT_BY = ("metric", "nll")
-SAMPLING = ("proportional", "temperature")
+from flix.data.sampling import STRATEGIES
+from flix.record import SELECT_BY
+
+# flix.config.DROPOUT_MODES, repeated so that composing a config loads no torch (a test
+# checks the two agree).
 DROPOUT_MODES = ("independent", "keep_one")
 
 
@@ -65,7 +68,7 @@ class TrainConfig:
     alpha: float = above(0.0)
     max_grad_norm: float = above(0.0)
     select_by: str = one_of(SELECT_BY)
-    sampling: str = one_of(SAMPLING)
+    sampling: str = one_of(STRATEGIES)
     cap: int = at_least(1)
     temperature: float = above(0.0)
     bf16: Any = "auto"  # auto | true | false (a union OmegaConf cannot type)
