@@ -76,7 +76,9 @@ def test_micro_batches_accumulate_to_the_full_batch(compose, tmp_path):
         states[micro] = trainer.model.adapter_state_dict()
     assert losses[2] == pytest.approx(losses[8], rel=1e-5)
     for name, value in states[8].items():
-        torch.testing.assert_close(states[2][name], value, rtol=1e-4, atol=1e-5)  # Adam turns float noise in tiny gradients into ~1e-6
+        # Adam divides by sqrt(v): float-order noise in a near-zero gradient becomes ~1e-6, and
+        # up to ~2e-5 on the repository's sample with torch's ops (1 of 576 values seen there)
+        torch.testing.assert_close(states[2][name], value, rtol=1e-4, atol=5e-5)
     assert any(v.abs().sum() > 0 for k, v in states[8].items() if "flix_B" in k)  # it did learn
 
 
