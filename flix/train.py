@@ -8,6 +8,7 @@ transformers load only when a run starts, so `--help` and override errors are im
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
@@ -37,6 +38,14 @@ def usage() -> str:
     )
 
 
+def stop_once(_signum, _frame) -> None:
+    """The first Ctrl-C stops the run; later ones are ignored while it exits. A terminal's Ctrl-C
+    reaches the whole process group and `flix study` forwards it too, so a run gets two: the
+    second would otherwise land in torch's exit hooks as a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from flix.pipeline.run import hydra_job
@@ -51,6 +60,7 @@ if __name__ == "__main__":
     if problems := override_problems(sys.argv[1:]):  # before Hydra, whose message can be a traceback
         print("flix.train: error: " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(2)
+    signal.signal(signal.SIGINT, stop_once)
     try:
         main()
     except KeyboardInterrupt:  # the run's files are whole (atomic writes): a line, not a traceback

@@ -176,6 +176,7 @@ def run_child(cmd: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # further Ctrl-Cs while the study exits: no traceback
         print(f"[flix study] stopped by {signal.Signals(received[0]).name}; the sweep ended (exit {code}); rerun to go on", file=sys.stderr)
         raise SystemExit(128 + received[0])
     return code
