@@ -168,8 +168,9 @@ def test_seeds_run_every_sweep_once_per_seed(runs_env):
 
 
 def test_the_hash_keys_runs_by_what_they_compute(data_root, monkeypatch):
-    """The same data as a relative and an absolute path is one run; mixture notes and the
-    variant a run does not use change nothing; the data, the method and the seed do."""
+    """The same data as a relative and an absolute path is one run; mixture notes, the
+    variant a run does not use and how fast or how spread out it runs change nothing; the
+    data, the method, the seed and a quantized base do."""
     from flix.pipeline.run_config import compose, config_hash
 
     monkeypatch.chdir(data_root.parent)
@@ -179,7 +180,9 @@ def test_the_hash_keys_runs_by_what_they_compute(data_root, monkeypatch):
         config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", "mixture.mini.notes=edited", "mixture.official.train.ner=[xx]"]))
         == base
     )
-    for other in ("mixture.mini.train.ner=[yo]", "method=compute_matched", "seed=1", "data.root=/elsewhere"):
+    for how_not_what in ("train.threads=1", "scale.cpu_kernels=true", "train.parallel=fsdp", "model.quantize=none"):
+        assert config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", how_not_what])) == base, how_not_what
+    for other in ("mixture.mini.train.ner=[yo]", "method=compute_matched", "seed=1", "data.root=/elsewhere", "model.quantize=nf4"):
         assert config_hash(compose([f"data.root={data_root}", "mixture=multitask_sw", other])) != base, other
 
 

@@ -74,6 +74,7 @@ class TrainConfig:
     bf16: Any = "auto"  # auto | true | false (a union OmegaConf cannot type)
     gradient_checkpointing: bool = False
     threads: Optional[int] = at_least(1, nullable=True)
+    parallel: str = one_of(("ddp", "fsdp"), default="ddp")  # several processes: replicate (ddp) or shard (fsdp) the base
 
 
 @dataclass

@@ -17,7 +17,11 @@ from flix.data.mixtures import VARIANTS
 # Runs made before a change to what is hashed keep their directories; studies do not
 # reuse them (they run again), the report still reads them.
 UNHASHED = ("hydra", "logger", "force", "wait", "study", "table", "run_name")
-UNHASHED_NESTED = (("train", "threads"), ("scale", "cpu_kernels"))  # how fast, not what (kernels: same to float rounding)
+# How fast or how spread out, not what: kernels and FSDP compute the same to float rounding.
+UNHASHED_NESTED = (("train", "threads"), ("scale", "cpu_kernels"), ("train", "parallel"))
+# Keys added after runs were recorded, left out at the value every older run had, so
+# that those runs keep their hash (a quantized base is another run; a float one is not).
+HASHED_UNLESS = {("model", "quantize"): "none"}
 
 
 def decisive(resolved: dict) -> dict:
@@ -29,6 +33,9 @@ def decisive(resolved: dict) -> dict:
         container.pop(key, None)
     for section, key in UNHASHED_NESTED:
         if isinstance(container.get(section), dict):
+            container[section].pop(key, None)
+    for (section, key), neutral in HASHED_UNLESS.items():
+        if isinstance(container.get(section), dict) and container[section].get(key, neutral) == neutral:
             container[section].pop(key, None)
     data, mixture = container.get("data"), container.get("mixture")
     if isinstance(data, dict) and data.get("root"):
