@@ -8,7 +8,8 @@
 `flix bench adapters|model|layer ...` runs the same from a checkout; `flix bench run` (the
 expected time of one training run) is part of the package (flix/pipeline/estimate.py).
 
-What they share: cases.py (ranks, feature spaces, routes, training steps), timing.py
+Each NAME.py holds a benchmark's options and docs and parses them before NAME_run.py (the
+work) loads torch, so `--help` answers at once. What they share: cases.py (ranks, feature spaces, routes, training steps), timing.py
 (interleaved rounds, paired ratios, verdicts), attribute.py (the adapters' own time within
 a profiled step) and options.py (the options every benchmark takes). The benchmarks import
 flix; nothing in flix imports them.

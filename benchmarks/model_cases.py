@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cases
+from benchmarks import cases, options
 from benchmarks.cases import ALPHA, DROPOUT
 from flix import kernels
 from flix.model import get_flix_model
@@ -25,7 +25,7 @@ from flix.pipeline.methods import method_config
 from flix.targets import default_target_modules, find_target_modules
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = 4
+TASKS = options.GEMMA_TASKS
 
 
 def load(args):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# Tasks in benchmarks.model_cases' Gemma feature spaces (a count D needs as many languages).
+GEMMA_TASKS = 4
+
 
 def at_least(minimum: int):
     """An argparse type: an int >= minimum, else a usage error that names the option."""

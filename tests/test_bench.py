@@ -303,7 +303,7 @@ def test_attribution_counts_the_adapters_own_work_only():
     its rank-6 work and optimizer without the frozen matmul inside its node (which, at
     these widths, is most of the step)."""
     from benchmarks.attribute import own_time
-    from benchmarks.layer import layer_case
+    from benchmarks.layer_run import layer_case
     from benchmarks.model_cases import gemma_features, mixed_features
     from flix.pipeline.methods import method_config
 

@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.startup import COMMANDS  # every command line, the benchmarks' too
+
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "pandas")
-COMMANDS = [
-    ["-m", "flix.train", "--help"],
-    ["-m", "flix", "--help"],
-    *[["-m", "flix", name, "--help"] for name in ("study", "report", "records", "data", "score", "offline", "export", "bench")],
-    ["-m", "flix", "bench", "run", "--help"],
-]
 
 
 def imported(args: list[str]) -> set[str]:
