@@ -143,8 +143,13 @@ class FLixModel(nn.Module):
 
     # -- parameters -------------------------------------------------------------
 
+    def banks(self) -> dict[str, nn.Parameter]:
+        """The bank parameters by adapter key (sharded DTensors under FSDP)."""
+        return {f"{name}.{p}": getattr(layer, p) for name, layer in self.flix_layers().items() for p in ("flix_A", "flix_B")}
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{p}": getattr(layer, p).detach() for name, layer in self.flix_layers().items() for p in ("flix_A", "flix_B")}
+        """The full banks. Sharded banks (FSDP2 DTensors) are gathered: every process must call this."""
+        return {key: _full(p.detach()) for key, p in self.banks().items()}
 
     def state_dict(self, *args, **kwargs):
         """The FLix banks only: the base model is frozen and loads from its own weights,
@@ -175,8 +180,11 @@ class FLixModel(nn.Module):
 
         from flix.io import atomic_dir
 
+        tensors = {k: v.contiguous() for k, v in self.adapter_state_dict().items()}  # sharded: gathered by every process
+        if _sharded_elsewhere(self):  # the gathered banks are written once, by process 0
+            torch.distributed.barrier()
+            return Path(directory)
         with atomic_dir(directory) as tmp:
-            tensors = {k: v.contiguous() for k, v in self.adapter_state_dict().items()}
             save_file(tensors, str(tmp / WEIGHTS_NAME))
             meta = {
                 "config": self.flix_config.to_dict(),
@@ -185,6 +193,8 @@ class FLixModel(nn.Module):
             }
             # key order matters: the order of groups fixes the bank row layout
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        if _is_sharded(self):
+            torch.distributed.barrier()  # the others read it only once it is complete
         return Path(directory)
 
     @classmethod
@@ -215,8 +225,9 @@ class FLixModel(nn.Module):
         return flix_model
 
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Copy saved bank weights into this model (same feature space and modules)."""
-        expected = self.adapter_state_dict()
+        """Copy saved bank weights into this model (same feature space and modules); sharded
+        banks take their own rows of the full tensors (every process passes them all)."""
+        expected = self.banks()
         if set(tensors) != set(expected):
             missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
             raise ValueError(f"{source} does not fit this model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -234,7 +245,13 @@ class FLixModel(nn.Module):
                 )
         with torch.no_grad():
             for key, value in tensors.items():
-                expected[key].copy_(value)
+                target = expected[key]
+                if hasattr(target, "full_tensor"):  # a DTensor: this process's shard of the full bank
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None).to_local()
+                    target = target.to_local()
+                target.copy_(value)
 
     def export_peft(self, features: dict, directory: str | Path) -> Path:
         """Write one feature combination as a standard peft LoRA adapter (flix.export)."""
@@ -247,6 +264,19 @@ class FLixModel(nn.Module):
         from flix.export import merge_and_unload
 
         return merge_and_unload(self, features)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _is_sharded(model: FLixModel) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.banks().values())
+
+
+def _sharded_elsewhere(model: FLixModel) -> bool:
+    """Sharded, and this is not process 0 (which writes the gathered banks)."""
+    return _is_sharded(model) and torch.distributed.get_rank() != 0
 
 
 def get_flix_model(model: nn.Module, config: FLixConfig) -> FLixModel:

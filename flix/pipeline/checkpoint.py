@@ -1,6 +1,10 @@
 """Resumable training state: adapter, optimizer, schedule, every RNG and the trainer's
 own counters, in one state.pt written atomically and loaded with weights_only=True
-(tensors and plain containers only, so a crafted file cannot run code)."""
+(tensors and plain containers only, so a crafted file cannot run code).
+
+Sharded (train.parallel=fsdp, `banks` given): every process calls both functions; the
+file holds the full banks and a full optimizer state, written once by process 0, and
+each process takes its own rows back when it loads (on any number of processes)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import numpy as np
 import torch
 
 from flix.io import atomic_dir
+from flix.pipeline import sharding
 
 STATE = "state.pt"
 
@@ -42,13 +47,19 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> None:
-    """`state`: the trainer's counters and history (plain values)."""
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, banks: list | None = None) -> None:
+    """`state`: the trainer's counters and history (plain values); `banks`: the sharded
+    banks and their local rows (flix.pipeline.sharding.shard), None unsharded."""
+    adapter = model.adapter_state_dict()  # sharded: gathered by every process
+    optimizer_state = optimizer.state_dict() if banks is None else sharding.full_optimizer_state(optimizer, banks)
+    if banks is not None and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # process 0 writes
+        return
     buffer = io.BytesIO()  # serialised first: a full disk then fails as an OSError naming the path
     torch.save(
         {
-            "adapter": model.adapter_state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "adapter": adapter,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             **state,
@@ -59,9 +70,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict) -> Non
         f.write(buffer.getbuffer())
         f.flush()
         os.fsync(f.fileno())
+    if banks is not None:
+        torch.distributed.barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, banks: list | None = None) -> dict:
     """Restore model, optimizer, schedule and RNGs from path/state.pt; returns the whole
     checkpoint (the trainer takes its counters from it)."""
     file = path / STATE
@@ -75,7 +88,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated or corrupted on disk
         raise RuntimeError(f"{file}: unreadable checkpoint ({type(err).__name__}: {err}). Delete {path} to restart the run from step 0.") from None
     model.load_adapter_state_dict(ckpt["adapter"], source=str(file))
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if banks is None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    else:
+        sharding.load_optimizer_state(optimizer, banks, ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"])
     return ckpt

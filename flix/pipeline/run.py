@@ -39,9 +39,11 @@ from flix.record import CODE_COMMIT, FAILED, RESULTS
 
 def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
     """Train, select and test one adapter; returns its part of results.json ({} off the main process)."""
-    trainer = Trainer(cfg, mixture, run_dir)
+    trainer = Trainer(cfg, mixture, run_dir, distributed.setup())  # setup() is idempotent: run() started the group
     state = trainer.fit(tracker)
     if not trainer.main:
+        if trainer.sharded:  # a sharded model's forwards need every process
+            trainer.test()
         return {}
     test, per_example = trainer.test()
     config = trainer.model.flix_config

@@ -26,7 +26,7 @@ from flix.io import atomic_write_text
 from flix.metrics import example_stats
 from flix.model import WEIGHTS_NAME, get_flix_model
 from flix.optim import SparseAdamW, clip_grad_norm_
-from flix.pipeline import distributed
+from flix.pipeline import distributed, sharding
 from flix.pipeline.batching import TextLimits, loss_sum, micro_batches, padding_fraction, training_batch
 from flix.pipeline.checkpoint import STATE, load_checkpoint, save_checkpoint
 from flix.pipeline.evaluate import Evaluation, evaluate
@@ -99,10 +99,13 @@ def use_bf16(setting, device: torch.device) -> bool:
 class Trainer:
     """Trains one adapter on one mixture into one directory."""
 
-    def __init__(self, cfg: DictConfig, mixture: Mixture, run_dir: Path):
+    def __init__(self, cfg: DictConfig, mixture: Mixture, run_dir: Path, rank_world: tuple[int, int] | None = None):
+        """rank_world: (rank, world size) from the caller's distributed.setup(), else set up here."""
         self.cfg, self.mixture, self.run_dir = cfg, mixture, run_dir
-        self.process_rank, self.world_size = distributed.setup()
-        self.main = self.process_rank == 0  # only the main process evaluates and writes
+        self.process_rank, self.world_size = rank_world or distributed.setup()
+        self.main = self.process_rank == 0  # only the main process writes (and, unsharded, evaluates)
+        # fsdp: the model is split over the processes (flix.pipeline.sharding), so all of them run every forward
+        self.sharded = cfg.train.get("parallel", "ddp") == "fsdp" and self.world_size > 1
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
         kernels.use(cfg.scale.get("cpu_kernels", False))  # opt-in: scale=cpu turns them on
@@ -117,7 +120,8 @@ class Trainer:
         self.sampler = MixtureSampler(
             self.train_data, s.batch_size, seed=cfg.seed, strategy=cfg.train.sampling, cap=cfg.train.cap, temperature=cfg.train.temperature
         )
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.banks = sharding.shard(self.model) if self.sharded else None  # (sharded bank, its local rows)
+        params = [local for _, local in self.banks] if self.sharded else [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s.warmup_steps, s.steps))
         self.ckpt_dir = run_dir / "checkpoints" / "latest"
@@ -152,13 +156,16 @@ class Trainer:
             loss_total += loss.item()
         loss_total = distributed.sum_scalar(loss_total)
         params = self.optimizer.param_groups[0]["params"]
-        distributed.sum_gradients(params)
+        if self.sharded:  # FSDP2 summed the gradients into each process's rows
+            sharding.sparse_local_grads(self.banks)
+        else:
+            distributed.sum_gradients(params)
         if not math.isfinite(loss_total):
             raise NonFiniteLoss(
                 f"loss is {loss_total} at step {step + 1}; the last good checkpoint is kept at {self.ckpt_dir}. "
                 "Lower train.lr, check the data, or use float32 (model.dtype=float32)."
             )
-        clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+        (sharding.clip_grad_norm_ if self.sharded else clip_grad_norm_)(params, self.cfg.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -188,7 +195,7 @@ class Trainer:
             "train_seconds": 0.0,
         }
         if (self.ckpt_dir / STATE).exists():
-            state.update({k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler).items() if k in state})
+            state.update({k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, self.banks).items() if k in state})
             say(f"[flix] resuming {self.run_dir} from step {state['step']}")
         else:
             torch.manual_seed(self.cfg.seed)
@@ -204,7 +211,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             tracker.log({"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/featureless_fraction": bare}, step=step)
-            if self.main and is_validation_step(step, s):
+            if (self.main or self.sharded) and is_validation_step(step, s):
                 result, average, nll = self.validate()
                 state["history"].append({"step": step, "validation_average": average, "validation_nll": nll, "loss": loss})
                 tracker.log(
@@ -221,16 +228,17 @@ class Trainer:
                     state["best_score"], state["best_nll"], select_by
                 ):
                     state.update(best_score=average, best_nll=nll, best_step=step, best_validation=result.scores, best_validation_nll=result.nll)
-                    self.model.save_pretrained(self.run_dir / "best_adapter")
+                    self.model.save_pretrained(self.run_dir / "best_adapter")  # sharded: every process gathers, the main one writes
                     self._write_predictions("validation", self.validation, result)
                 message = (
                     f"[flix] step {step}: validation average {average:.2f}, target NLL {nll:.3f} "
                     f"(kept: step {state['best_step']}, {state['best_score']:.2f}, NLL {state['best_nll']:.3f})"
                 )
-                bar.write(message)
-                log.info(message)
-            if self.main and (step % s.checkpoint_every == 0 or step == s.steps):
-                save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, state)
+                if self.main:
+                    bar.write(message)
+                    log.info(message)
+            if (self.main or self.sharded) and (step % s.checkpoint_every == 0 or step == s.steps):
+                save_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, state, self.banks)
         bar.close()
         distributed.barrier()
         return state
@@ -258,6 +266,8 @@ class Trainer:
         self.model.load_adapter_state_dict(load_file(str(path)), source=str(path))
 
     def _write_predictions(self, split: str, data: dict, result: Evaluation) -> None:
+        if not self.main:
+            return
         for (task, lang), examples in data.items():
             rows = zip(examples, result.predictions[(task, lang)], result.example_nll[task][lang])
             lines = [json.dumps({"id": ex.id, "target": ex.target, "prediction": p, "nll": nll}, ensure_ascii=False) for ex, p, nll in rows]

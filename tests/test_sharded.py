@@ -1,0 +1,176 @@
+"""train.parallel=fsdp: the base and the banks sharded over 2 CPU processes (gloo, FSDP2)
+compute what one process computes on the same global batch, save the full banks once,
+and resume on every process from a sharded run's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3  # the checkpoint is taken after step 2
+OVERRIDES = [
+    "logger=none",
+    "mixture=multitask_sw",
+    "method=flix",
+    "dropout=0.0",  # feature dropout draws per process: off, so both sides route alike
+    "scale.steps=3",
+    "scale.warmup_steps=1",
+    "scale.batch_size=8",
+    "scale.micro_batch_size=2",
+    "scale.eval_examples=2",
+    "scale.test_examples=2",
+    "train.threads=1",
+    "train.lr=0.01",  # big enough that every step moves the banks visibly
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _trainer(data_root: str, out: Path, parallel: str, rank_world: tuple[int, int]):
+    from flix.pipeline.run_config import compose, load_mixture_for
+    from flix.pipeline.trainer import Trainer
+
+    cfg = compose([f"data.root={data_root}", *OVERRIDES, f"train.parallel={parallel}"])
+    return Trainer(cfg, load_mixture_for(cfg), out, rank_world)
+
+
+def _run(trainer, out: Path, resume: Path | None) -> dict:
+    """Steps 1-2, a checkpoint, step 3 (or: resume from `resume`, step 3); the banks after each."""
+    from flix.pipeline.checkpoint import load_checkpoint, save_checkpoint
+
+    result = {"loss": [], "banks": []}
+    banks = lambda: {k: v.clone() for k, v in trainer.model.adapter_state_dict().items()}  # noqa: E731  (unsharded: views of the banks)
+    if resume is None:
+        for step in range(2):
+            result["loss"].append(trainer.train_step(step)[0])
+        result["banks"].append(banks())
+        save_checkpoint(out / "ckpt", trainer.model, trainer.optimizer, trainer.scheduler, {"step": 2}, trainer.banks)
+    else:
+        assert load_checkpoint(resume, trainer.model, trainer.optimizer, trainer.scheduler, trainer.banks)["step"] == 2
+        result["banks"].append(banks())
+    result["loss"].append(trainer.train_step(2)[0])
+    result["banks"].append(banks())
+    trainer.model.save_pretrained(out / "adapter")
+    return result
+
+
+def _worker(rank: int, world: int, port: int, data_root: str, out: str, resume: str | None) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer = _trainer(data_root, Path(out), "fsdp", (rank, world))
+        assert trainer.sharded and all(type(p).__name__ == "DTensor" for p, _ in trainer.banks)
+        held = sum(local.numel() for _, local in trainer.banks)
+        result = _run(trainer, Path(out), Path(resume) if resume else None)
+        result["held"], result["total"] = held, sum(p.numel() for p, _ in trainer.banks)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(data_root, out: Path, resume: Path | None = None) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(data_root), str(out), str(resume) if resume else None), nprocs=2)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _assert_banks(got: dict, want: dict, atol: float) -> None:
+    assert set(got) == set(want) and got
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=atol, msg=key)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("sharded")
+
+
+@pytest.fixture(scope="module")
+def one(base, data_root):
+    """One process, unsharded (the default path, world 1)."""
+    torch.set_num_threads(1)
+    return _run(_trainer(str(data_root), base / "one", "ddp", (0, 1)), base / "one", None)
+
+
+@pytest.fixture(scope="module")
+def two(base, data_root):
+    """2 processes, train.parallel=fsdp."""
+    return _spawn(data_root, base / "two")
+
+
+def test_fsdp_equals_one_process(one, two):
+    for rank in two:  # every process reports the global loss and gathers the full banks
+        assert rank["loss"] == pytest.approx(one["loss"], rel=1e-4)
+        for got, want in zip(rank["banks"], one["banks"]):
+            _assert_banks(got, want, atol=1e-5)
+    moved = [k for k, v in one["banks"][1].items() if not torch.equal(v, one["banks"][0][k])]
+    assert moved  # step 3 changed the banks: the comparison is not of untouched weights
+    # each process holds about half of every bank (rows split like torch.chunk)
+    assert all(0.4 * r["total"] <= r["held"] <= 0.6 * r["total"] for r in two)
+    assert two[0]["held"] + two[1]["held"] == two[0]["total"]
+
+
+def test_fsdp_saves_the_full_adapter_once(base, one, two):
+    _assert_banks(load_file(str(base / "two" / "adapter" / "flix_adapter.safetensors")), one["banks"][1], atol=1e-5)
+    config = lambda d: {k: v for k, v in json.loads((d / "adapter" / "flix_config.json").read_text()).items()}  # noqa: E731
+    assert config(base / "two") == config(base / "one")
+    saved = torch.load(base / "two" / "ckpt" / "state.pt", weights_only=True)
+    _assert_banks(saved["adapter"], one["banks"][0], atol=1e-5)  # full banks, not one process's rows
+    # the optimizer state is the one-process layout: a moment row for every bank row trained so far
+    reference = torch.load(base / "one" / "ckpt" / "state.pt", weights_only=True)["optimizer"]["state"]
+    for index, state in saved["optimizer"]["state"].items():
+        assert state["slot"].shape == reference[index]["slot"].shape
+        assert torch.equal(state["slot"] >= 0, reference[index]["slot"] >= 0)
+        assert state["step"] == reference[index]["step"] == 2
+
+
+def test_fsdp_checkpoint_resumes_on_two_processes(base, two, data_root):
+    resumed = _spawn(data_root, base / "resumed", resume=base / "two" / "ckpt")
+    for rank in resumed:
+        _assert_banks(rank["banks"][0], two[0]["banks"][0], atol=0)  # restored exactly, re-sharded on every process
+        assert rank["loss"] == pytest.approx(two[0]["loss"][2:], rel=1e-5)
+        _assert_banks(rank["banks"][1], two[0]["banks"][1], atol=1e-6)  # and the next step (optimizer moments) matches too
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(base, one, two, data_root):
+    """The checkpoint does not depend on the number of processes."""
+    trainer = _trainer(str(data_root), base / "single", "ddp", (0, 1))
+    result = _run(trainer, base / "single", resume=base / "two" / "ckpt")
+    _assert_banks(result["banks"][1], one["banks"][1], atol=1e-5)
+
+
+def test_fsdp_pipeline_run_completes(tmp_path, data_root):
+    """`torchrun --nproc_per_node 2 -m flix.train train.parallel=fsdp`: the recipe runs end to end
+    (validation, best adapter, test on every process; results written once)."""
+    from conftest import FAST
+
+    args = [*FAST, "model=tiny", "scale=smoke", "mixture=multitask_sw", "dropout=0.0", f"data.root={data_root}", "train.parallel=fsdp"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flix.train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, *args, f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["train"]["parallel"] == "fsdp" and len(results["train_loss"]) == 4
+    assert all(0 < loss < 20 for loss in results["train_loss"])
+    banks = load_file(str(tmp_path / "best_adapter" / "flix_adapter.safetensors"))
+    assert banks and all(v.shape[0] > 2 for v in banks.values())  # full banks, not a shard
+    state = torch.load(tmp_path / "checkpoints" / "latest" / "state.pt", weights_only=True)
+    assert state["step"] == 4 and set(state["adapter"]) == set(banks)
+    if results["best_step"] == 4:  # the kept adapter is the last step's: the same full banks
+        assert all(torch.equal(v, state["adapter"][k]) for k, v in banks.items())
