@@ -50,9 +50,23 @@ def _trainer(data_root: str, out: Path, parallel: str, rank_world: tuple[int, in
 
 def _run(trainer, out: Path, resume: Path | None) -> dict:
     """Steps 1-2, a checkpoint, step 3 (or: resume from `resume`, step 3); the banks after each."""
+    from flix.pipeline import sharding
+    from flix.pipeline import trainer as trainer_module
+
+    result = {"loss": [], "banks": [], "grad_norm": []}
+    originals = {m: m.clip_grad_norm_ for m in (trainer_module, sharding)}
+    for module, original in originals.items():  # record the global gradient norm before clipping (sums, not means)
+        module.clip_grad_norm_ = lambda params, max_norm, original=original: result["grad_norm"].append(float(original(params, max_norm))) or 0
+    try:
+        return _steps(trainer, out, resume, result)
+    finally:
+        for module, original in originals.items():
+            module.clip_grad_norm_ = original
+
+
+def _steps(trainer, out: Path, resume: Path | None, result: dict) -> dict:
     from flix.pipeline.checkpoint import load_checkpoint, save_checkpoint
 
-    result = {"loss": [], "banks": []}
     banks = lambda: {k: v.clone() for k, v in trainer.model.adapter_state_dict().items()}  # noqa: E731  (unsharded: views of the banks)
     if resume is None:
         for step in range(2):
@@ -117,6 +131,7 @@ def two(base, data_root):
 def test_fsdp_equals_one_process(one, two):
     for rank in two:  # every process reports the global loss and gathers the full banks
         assert rank["loss"] == pytest.approx(one["loss"], rel=1e-4)
+        assert rank["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)  # gradients summed over processes, not averaged
         for got, want in zip(rank["banks"], one["banks"]):
             _assert_banks(got, want, atol=1e-5)
     moved = [k for k, v in one["banks"][1].items() if not torch.equal(v, one["banks"][0][k])]

@@ -116,11 +116,13 @@ class Trainer:
         self.train_data = read_split(self.root, mixture.train_datasets, "train", None)
         self.validation = read_split(self.root, mixture.validation_datasets, "validation", s.eval_examples)
         self.model, self.tokenizer, self.seq2seq = build_model(cfg, mixture)
-        self.model.to(self.device)
+        # fsdp: fully_shard moves each unit's shards (never the whole base) to the device
+        self.banks = sharding.shard(self.model) if self.sharded else None  # (sharded bank, its local rows)
+        if not self.sharded:
+            self.model.to(self.device)
         self.sampler = MixtureSampler(
             self.train_data, s.batch_size, seed=cfg.seed, strategy=cfg.train.sampling, cap=cfg.train.cap, temperature=cfg.train.temperature
         )
-        self.banks = sharding.shard(self.model) if self.sharded else None  # (sharded bank, its local rows)
         params = [local for _, local in self.banks] if self.sharded else [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s.warmup_steps, s.steps))
@@ -195,7 +197,9 @@ class Trainer:
             "train_seconds": 0.0,
         }
         if (self.ckpt_dir / STATE).exists():
-            state.update({k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, self.banks).items() if k in state})
+            state.update(
+                {k: v for k, v in load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler, self.banks).items() if k in state}
+            )
             say(f"[flix] resuming {self.run_dir} from step {state['step']}")
         else:
             torch.manual_seed(self.cfg.seed)
