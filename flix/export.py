@@ -5,6 +5,11 @@ as a standard peft LoRA adapter, every trained combination at once with a manife
 A combination's update is a LoRA whose rank is the sum of its features' ranks (the
 active rank, 6 for the paper's FLix): its A rows and B rows concatenated along the rank
 axis, with lora_alpha chosen so that peft's alpha / r equals FLix's alpha / active_rank.
+
+Over a quantized base (`model.quantize=nf4|int8`) the banks are float32 and export as
+they are: peft loads the adapter over the same quantized base (its bnb LoRA layers). Merging
+is refused there: W0 + update would have to be re-quantized, which rounds the update
+away in part; the adapter (save_pretrained) loads onto the float base, which merges.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from torch import nn
 
 from flix.features import PAD
 from flix.io import atomic_dir, atomic_write_text
-from flix.layer import is_conv1d
+from flix.layer import is_conv1d, is_quantized
 
 MANIFEST = "manifest.json"
 
@@ -98,8 +103,16 @@ def export_all(model, directory: str | Path, combinations: list[dict] | None = N
 def merge_and_unload(model, features: dict) -> nn.Module:
     """The base model with one combination merged into its weights, FLix layers
     removed: W0 + scale * A_rows^T B_rows. It computes what FLix computes for that
-    combination; the FLixModel is not usable afterwards."""
+    combination; the FLixModel is not usable afterwards. Refused over a quantized base."""
     rows = combination_rows(model, features)
+    quantized = [name for name, layer in model.flix_layers().items() if is_quantized(layer.base_layer)]
+    if quantized:  # checked before anything changes: the model stays usable
+        raise ValueError(
+            f"cannot merge into a quantized base: {len(quantized)} adapted layers (e.g. {quantized[0]}) hold 4/8-bit bitsandbytes weights, "
+            "and re-quantizing W0 + update would round the update away in part. Save the adapter (save_pretrained), load it onto the base "
+            "in float (model.quantize=none: FLixModel.from_pretrained) and merge there, or serve a peft adapter (export_peft, `flix export`) "
+            "over the quantized base"
+        )
     scaling = model.flix_config.scaling
     model.route_hook.remove()
     for name, layer in model.flix_layers().items():

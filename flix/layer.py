@@ -1,5 +1,7 @@
 """The FLix layer: a frozen Linear/Conv1D plus per-feature low-rank banks, and the one
-autograd node that computes it.
+autograd node that computes it. Over a bitsandbytes 4-bit or 8-bit Linear (a quantized
+base, `flix.base_models.quantize`) the base's own forward computes x W0 + bias and the
+node only the low-rank update; banks are float32 there whatever the base stores.
 
 For input x of example e with bank rows R_e (its active features' rows, from the router):
 y = x W0 (+ bias) + scaling * (x A[R_e]^T) B[R_e]. Row 0 of each bank is zero padding
@@ -9,6 +11,7 @@ y = x W0 (+ bias) + scaling * (x A[R_e]^T) B[R_e]. Row 0 of each bank is zero pa
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -18,7 +21,7 @@ from flix.features import PAD
 
 
 def _in_out(base: nn.Module) -> tuple[int, int]:
-    if isinstance(base, nn.Linear):
+    if isinstance(base, nn.Linear):  # bitsandbytes' Linear4bit and Linear8bitLt too
         return base.in_features, base.out_features
     if is_conv1d(base):  # GPT-2 style: weight is (in, out)
         return base.weight.shape[0], base.weight.shape[1]
@@ -29,8 +32,20 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A bitsandbytes Linear4bit or Linear8bitLt. No module is one unless bitsandbytes
+    was imported, so this never imports it."""
+    bnb_nn = getattr(sys.modules.get("bitsandbytes"), "nn", None)
+    return bnb_nn is not None and isinstance(module, (bnb_nn.Linear4bit, bnb_nn.Linear8bitLt))
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """What FLix can wrap: nn.Linear (bitsandbytes' quantized ones included) and Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 class FLixLayer(nn.Module):
-    """A frozen Linear/Conv1D plus per-feature low-rank banks."""
+    """A frozen Linear/Conv1D (or bitsandbytes 4/8-bit Linear) plus per-feature low-rank banks."""
 
     def __init__(self, base_layer: nn.Module, router, scaling: float, sparse_grad: bool):
         super().__init__()
@@ -39,10 +54,12 @@ class FLixLayer(nn.Module):
         self.router = router
         self.scaling = scaling
         self.sparse_grad = sparse_grad
+        self.quantized = is_quantized(base_layer)
         rows = router.space.num_rows
         w = base_layer.weight
-        self.flix_A = nn.Parameter(torch.empty(rows, self.in_features, dtype=w.dtype, device=w.device))
-        self.flix_B = nn.Parameter(torch.zeros(rows, self.out_features, dtype=w.dtype, device=w.device))
+        dtype = torch.float32 if self.quantized else w.dtype  # packed uint8/int8 storage is no dtype for banks
+        self.flix_A = nn.Parameter(torch.empty(rows, self.in_features, dtype=dtype, device=w.device))
+        self.flix_B = nn.Parameter(torch.zeros(rows, self.out_features, dtype=dtype, device=w.device))
         self.reset_parameters()
 
     @property
@@ -63,14 +80,24 @@ class FLixLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.router.rows_for(x.shape[0], x.device)  # (g, r): g = batch, or 1 when uniform
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        weight = self.base_layer.weight
-        weight = weight.t() if isinstance(self.base_layer, nn.Linear) else weight  # (d_in, d_out) either way
+        weight, bias = self._frozen()
         flat = x.reshape(-1, self.in_features).to(dtype).contiguous()
         if torch.is_grad_enabled():
-            out = _FLixLinear.apply(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
+            out = _FLixLinear.apply(flat, weight, bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
         else:  # generation and evaluation: the same arithmetic without an autograd node's overhead
-            out = _flix_forward(flat, weight, self.base_layer.bias, self.flix_A, self.flix_B, rows, self.scaling)[0]
-        return out.view(*x.shape[:-1], self.out_features)
+            out = _flix_forward(flat, weight, bias, self.flix_A, self.flix_B, rows, self.scaling)[0]
+        out = out.view(*x.shape[:-1], self.out_features)
+        if self.quantized:  # bitsandbytes' dequantizing matmul (and its autograd) as it is
+            base = self.base_layer(x)
+            out = base + out.to(base.dtype)
+        return out
+
+    def _frozen(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The frozen (d_in, d_out) weight and bias the node multiplies by; none over a quantized base."""
+        if self.quantized:
+            return None, None
+        weight = self.base_layer.weight
+        return (weight.t() if isinstance(self.base_layer, nn.Linear) else weight), self.base_layer.bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rows={self.flix_A.shape[0]}, scaling={self.scaling:g}"
@@ -85,7 +112,8 @@ class _FLixLinear(torch.autograd.Function):
     the update and onto the adapter's input gradient (no extra pass over either), the
     rank-r part runs in a compiled kernel on CPU in float32 (`flix.kernels`), and the
     bank gradients come out as one sparse tensor over the rows the batch used
-    (dense with sparse=False). The frozen weight gets no gradient.
+    (dense with sparse=False). The frozen weight gets no gradient; with weight None
+    (a quantized base, whose layer computes its own part) the node is the update alone.
     x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows).
     """
 
@@ -105,7 +133,7 @@ class _FLixLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(x.dtype).contiguous()
             grad_x, grad_a, grad_b = kernels.lowrank_backward(grad, x, a, b, h, ctx.scaling, need_x)
-            if need_x:
+            if need_x and weight is not None:
                 torch.addmm(grad_x, grad, weight.to(x.dtype).t(), out=grad_x)  # as in forward
             grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse), _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
@@ -122,7 +150,7 @@ def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
         # inside the GEMM, which is compute-bound) instead of a read-modify-write pass
         # over the output afterwards. In place via out=, which FLOP counters see (addmm_
         # they do not).
-        out = torch.addmm(update, x, weight.to(x.dtype), out=update)
+        out = update if weight is None else torch.addmm(update, x, weight.to(x.dtype), out=update)
         if bias is not None:
             out.add_(bias.to(x.dtype))
     return out, a, b, h

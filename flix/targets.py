@@ -1,5 +1,6 @@
 """Which modules of a base model FLix adapts: names given as suffixes or a regex, or by
-default the model family's attention and MLP projections.
+default the model family's attention and MLP projections. A quantized base's
+bitsandbytes Linear4bit / Linear8bitLt layers are nn.Linear subclasses and count alike.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import re
 
 from torch import nn
 
-from flix.layer import is_conv1d
+from flix.layer import is_adaptable
 
 # Projection names per family; default_target_modules keeps those the model has.
 _LLAMA_STYLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,14 +31,10 @@ def _matches(name: str, target_modules: list[str] | str) -> bool:
 
 
 def find_target_modules(model: nn.Module, target_modules: list[str] | str | None) -> list[str]:
-    """Full names of the Linear/Conv1D modules to adapt."""
+    """Full names of the Linear/Conv1D modules (4/8-bit ones included) to adapt."""
     if target_modules is None:
         target_modules = default_target_modules(model)
-    names = [
-        name
-        for name, module in model.named_modules()
-        if name and _matches(name, target_modules) and (isinstance(module, nn.Linear) or is_conv1d(module))
-    ]
+    names = [name for name, module in model.named_modules() if name and _matches(name, target_modules) and is_adaptable(module)]
     if not names:
         raise ValueError(
             f"target_modules={target_modules!r} matched no nn.Linear/Conv1D in {type(model).__name__}; "
@@ -48,7 +45,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str | None
 
 def default_target_modules(model: nn.Module) -> list[str]:
     """Leaf names of the attention and MLP projections, the modules adapters wrap."""
-    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_projection(module)}
+    leaves = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if is_adaptable(module)}
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = _FAMILIES.get(model_type)
     found = [name for name in family if name in leaves] if family else _scan_blocks(model)
@@ -59,10 +56,6 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return found
 
 
-def _is_projection(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
 def _scan_blocks(model: nn.Module) -> list[str]:
     """Unknown families: every Linear/Conv1D inside an attention or MLP block."""
     found: list[str] = []
@@ -70,6 +63,6 @@ def _scan_blocks(model: nn.Module) -> list[str]:
         *parents, leaf = name.split(".")
         inside_block = any(hint in part.lower() for part in parents for hint in _BLOCK_HINTS)
         excluded = leaf == "lm_head" or "embed" in name.lower()
-        if _is_projection(module) and inside_block and not excluded and leaf not in found:
+        if is_adaptable(module) and inside_block and not excluded and leaf not in found:
             found.append(leaf)
     return found

