@@ -170,16 +170,20 @@ def test_fsdp_checkpoint_resumes_in_one_process(base, one, two, data_root):
     _assert_banks(result["banks"][1], one["banks"][1], atol=1e-5)
 
 
-def test_fsdp_pipeline_run_completes(tmp_path, data_root):
-    """`torchrun --nproc_per_node 2 -m flix.train train.parallel=fsdp`: the recipe runs end to end
-    (validation, best adapter, test on every process; results written once)."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_fsdp_pipeline_run_completes(launcher, tmp_path, data_root):
+    """`torchrun --nproc_per_node 2 -m flix.train ... train.parallel=fsdp` (and accelerate launch):
+    the recipe runs end to end (validation, best adapter, test on every process; results written once)."""
     from conftest import FAST
+    from test_train import LAUNCHERS  # the README's two launchers, as the ddp test runs them
 
     args = [*FAST, "model=tiny", "scale=smoke", "mixture=multitask_sw", "dropout=0.0", f"data.root={data_root}", "train.parallel=fsdp"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flix.train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launch, *args, f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, *LAUNCHERS[launcher], *args, f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("trainable parameters") == 2  # both processes built the model
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["train"]["parallel"] == "fsdp" and len(results["train_loss"]) == 4
     assert all(0 < loss < 20 for loss in results["train_loss"])
