@@ -193,3 +193,16 @@ def test_fsdp_pipeline_run_completes(launcher, tmp_path, data_root):
     assert state["step"] == 4 and set(state["adapter"]) == set(banks)
     if results["best_step"] == 4:  # the kept adapter is the last step's: the same full banks
         assert all(torch.equal(v, state["adapter"][k]) for k, v in banks.items())
+
+
+def test_fsdp_refuses_a_quantized_base():
+    """bitsandbytes' packed weights are not FSDP2 parameters: refused before any sharding."""
+    from flix import FLixConfig, get_flix_model
+    from flix.base_models import load_model
+    from flix.pipeline import sharding
+
+    base, _ = load_model({"name": "tiny", "kind": "causal", "dtype": "float32", "seed": 0})
+    model = get_flix_model(base, FLixConfig(features={"task": ["a"]}, ranks={"task": 2}))
+    next(iter(model.flix_layers().values())).quantized = True  # as FLixLayer marks a bitsandbytes base layer
+    with pytest.raises(ValueError, match="quantized"):
+        sharding.shard(model)

@@ -33,6 +33,8 @@ def shard(model) -> list[tuple[nn.Parameter, torch.Tensor]]:
 
     base = model.base_model
     layers = [m for m in base.modules() if isinstance(m, FLixLayer)]
+    if any(getattr(layer, "quantized", False) for layer in layers):
+        raise ValueError("train.parallel=fsdp shards floating-point weights, not a quantized base: use model.quantize=none or train.parallel=ddp")
     for layer in layers:
         if layer.flix_A.shape[0] < dist.get_world_size():
             raise ValueError(f"train.parallel=fsdp: banks of {layer.flix_A.shape[0]} rows cannot be split over {dist.get_world_size()} processes")
