@@ -46,6 +46,10 @@ bench:  ## speed benchmarks (benchmarks/); prints tables and writes reports/benc
 	$(PY) -m benchmarks.layer --out reports/bench/layer-cpu.json  # one projection on the CPU, tight ratios
 	$(PY) -m benchmarks.startup --out reports/bench/startup.json  # every command line's --help, target < 2 s
 
+.PHONY: bench-quantized
+bench-quantized:  ## base memory in float32 vs nf4 vs int8 (tiny and Gemma 3 270M; minutes, so not in bench): docs/quantized.md
+	$(PY) -m benchmarks.quantized_memory --out reports/bench/quantized-memory.json
+
 MIXTURE ?= study_a
 bench-run:  ## expected time of one $(SCALE) run of $(MIXTURE) on this machine, measured
 	$(PY) -m flix bench run scale=$(SCALE) mixture=$(MIXTURE) logger=none $(ARGS) --out reports/bench/run-$(SCALE)-$(MIXTURE).json
