@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
             "train.threads=1",
         ]
     )
-    trainer = Trainer(cfg, load_mixture_for(cfg), Path("/tmp/flix-sharded-memory"), rank_world)
+    trainer = Trainer.from_config(cfg, load_mixture_for(cfg), Path("/tmp/flix-sharded-memory"), rank_world)
 
     def held(t: torch.Tensor) -> int:
         t = t.to_local() if hasattr(t, "to_local") else t

@@ -103,3 +103,14 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
         for g in grads:
             g.mul_(factor)  # a scalar multiply is the same for sparse and dense
     return total
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then linear decay to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.1, 1.0 - 0.9 * (step - warmup) / max(1, total - warmup))
+
+    return factor

@@ -71,7 +71,7 @@ def test_micro_batches_accumulate_to_the_full_batch(compose, tmp_path):
     states, losses = {}, {}
     for micro in (8, 2):
         cfg = compose("mixture=multitask_sw", "dropout=0.0", "scale.batch_size=8", f"scale.micro_batch_size={micro}")
-        trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path / str(micro))
+        trainer = Trainer.from_config(cfg, load_mixture_for(cfg), tmp_path / str(micro))
         losses[micro] = [trainer.train_step(step)[0] for step in range(3)]
         states[micro] = trainer.model.adapter_state_dict()
     assert losses[2] == pytest.approx(losses[8], rel=1e-5)
@@ -83,7 +83,7 @@ def test_micro_batches_accumulate_to_the_full_batch(compose, tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    from flix.pipeline.trainer import lr_lambda
+    from flix.optim import lr_lambda
 
     factor = lr_lambda(warmup=4, total=20)
     values = [factor(step) for step in range(21)]

@@ -83,7 +83,7 @@ class _Exploit:
 @pytest.fixture
 def trainer(compose, tmp_path):
     cfg = compose("mixture=multitask_sw")
-    return Trainer(cfg, load_mixture_for(cfg), tmp_path)
+    return Trainer.from_config(cfg, load_mixture_for(cfg), tmp_path)
 
 
 def test_crafted_checkpoint_is_refused_and_runs_nothing(trainer, tmp_path):

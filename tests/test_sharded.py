@@ -45,7 +45,7 @@ def _trainer(data_root: str, out: Path, parallel: str, rank_world: tuple[int, in
     from flix.pipeline.trainer import Trainer
 
     cfg = compose([f"data.root={data_root}", *OVERRIDES, f"train.parallel={parallel}"])
-    return Trainer(cfg, load_mixture_for(cfg), out, rank_world)
+    return Trainer.from_config(cfg, load_mixture_for(cfg), out, rank_world)
 
 
 def _run(trainer, out: Path, resume: Path | None) -> dict:

@@ -119,6 +119,32 @@ def test_rerun_of_a_finished_run_does_nothing(compose, tmp_path):
     assert (tmp_path / "results.json").stat().st_mtime == mtime
 
 
+def test_a_run_resolves_the_data_root_and_checks_its_files_once(compose, tmp_path, monkeypatch):
+    """The root is decided once, by check_run, and handed down: the trainer neither reads
+    `data.root` nor checks the mixture's files again, and the process group is set up once."""
+    from flix.data import mixtures, reader
+    from flix.pipeline import distributed
+    from flix.pipeline import run as run_module
+
+    calls = {"resolve": 0, "check": 0, "setup": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(reader, "resolve_root", counted("resolve", reader.resolve_root))
+    monkeypatch.setattr(mixtures.Mixture, "check", counted("check", mixtures.Mixture.check))
+    monkeypatch.setattr(run_module.distributed, "setup", counted("setup", distributed.setup))
+    results = run(compose("method=single", "mixture=multitask_sw"), tmp_path)  # two adapters, two trainers
+    assert set(results["best_step"]) == {"ner.sw", "qa_in_lang.sw"}
+    assert calls["check"] == 1 and calls["setup"] == 1
+    # check_run's own, Mixture.check's and the listing of what exists there; none per trainer or file
+    assert calls["resolve"] == 3, calls
+
+
 def _train_cmd(run_dir: Path, data_root: Path, steps: int) -> list[str]:
     return [
         sys.executable,
@@ -225,7 +251,7 @@ def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
         "scale.eval_examples=2",
         "scale.steps=2",
     )
-    trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path)
+    trainer = Trainer.from_config(cfg, load_mixture_for(cfg), tmp_path)
     before = {k: v.clone() for k, v in trainer.model.adapter_state_dict().items()}
     losses = [trainer.train_step(step)[0] for step in range(2)]
     assert all(0 < loss < 20 for loss in losses)
@@ -294,7 +320,7 @@ def test_bf16_autocast_trains_and_generates(compose, tmp_path):
     losses, dtypes = {}, {}
     for bf16 in (False, True):
         cfg = compose("mixture=multitask_sw", "dropout=0.0", f"train.bf16={str(bf16).lower()}")
-        trainer = Trainer(cfg, load_mixture_for(cfg), tmp_path / str(bf16))
+        trainer = Trainer.from_config(cfg, load_mixture_for(cfg), tmp_path / str(bf16))
         seen = dtypes[bf16] = set()
         layer = next(iter(trainer.model.flix_layers().values()))
         layer.register_forward_hook(lambda module, args, out, seen=seen: seen.add(out.dtype))

@@ -217,11 +217,15 @@ def iter_file(
 
 
 def iter_dataset(root: str | Path | None, task: str, split: str, lang: str, limit: int | None = None) -> Iterator[Example]:
-    """Lazily read one task/split/language file."""
-    base = resolve_root(root)
-    path = dataset_path(base, task, split, lang)
+    """Lazily read one task/split/language file (root: a data root; None: FLIX_DATA_ROOT)."""
+    return iter_resolved(resolve_root(root), task, split, lang, limit)
+
+
+def iter_resolved(root: Path, task: str, split: str, lang: str, limit: int | None = None) -> Iterator[Example]:
+    """iter_dataset under a root resolve_root already returned (a run resolves it once)."""
+    path = dataset_path(root, task, split, lang)
     if not path.is_file():
-        raise _missing_file_error(base, task, split, path)
+        raise _missing_file_error(root, task, split, path)
     return iter_file(path, task, lang, limit)
 
 

@@ -48,9 +48,10 @@ def _has_line(path: Path) -> bool:
         return any(line.strip() for line in f)
 
 
-def check_run(cfg: DictConfig, mixture: Mixture) -> None:
-    """Raise ConfigError listing every problem found (files are checked only once the
-    settings are sound)."""
+def check_run(cfg: DictConfig, mixture: Mixture) -> Path:
+    """The run's data root, resolved once (cfg.data.root, else FLIX_DATA_ROOT) and holding
+    every file the mixture reads; else ConfigError listing every problem found (files are
+    checked only once the settings are sound)."""
     problems = config_problems(cfg)
     if not problems:
         root = reader.resolve_root(cfg.data.root)
@@ -58,3 +59,4 @@ def check_run(cfg: DictConfig, mixture: Mixture) -> None:
         problems = data_problems(mixture, root)
     if problems:
         raise ConfigError("bad run configuration:\n  " + "\n  ".join(problems))
+    return root

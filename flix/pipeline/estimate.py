@@ -88,7 +88,7 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
     started = time.perf_counter()
     mixture = load_mixture_for(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, mixture, Path(tmp))
+        trainer = Trainer.from_config(cfg, mixture, Path(tmp))
     startup = time.perf_counter() - started
     cuda = trainer.device.type == "cuda"
 

@@ -16,6 +16,7 @@ from typing import Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from flix.config import FLixConfig
+from flix.data.mixtures import Mixture
 from flix.features import FeatureSpace
 
 METHODS = tuple(sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "conf" / "method").glob("*.yaml")))
@@ -70,6 +71,21 @@ def method_config(
         return FLixConfig(**common)
     # sparse bank gradients: flix.pipeline.run's SparseAdamW updates only the rows a batch used
     return FLixConfig(features=features, ranks=ranks, feature_dropout=feature_dropout, dropout_mode=dropout_mode, sparse_grad=True, **common)
+
+
+def adapter_config(cfg: DictConfig, mixture: Mixture) -> FLixConfig:
+    """The FLixConfig of the run's method (conf/method) for this mixture, with the run's
+    dropout, alpha and language rank."""
+    return method_config(
+        cfg.method,
+        mixture.features(),
+        mixture.kind,
+        alpha=cfg.train.alpha,
+        feature_dropout=cfg.dropout,
+        dropout_mode=cfg.train.dropout_mode,
+        lang_rank=cfg.rank.lang,
+        target_modules=OmegaConf.to_container(cfg.model.target_modules) if cfg.model.get("target_modules") else None,
+    )
 
 
 def _plain(method: Mapping) -> dict:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flix import record
 from flix.data.mixtures import MixtureError
-from flix.data.reader import DataError, resolve_root
+from flix.data.reader import DataError
 from flix.io import atomic_write_text, recover_tree
 from flix.lock import RunLocked, run_lock
 from flix.pipeline import distributed
@@ -37,9 +37,9 @@ from flix.pipeline.versions import versions
 from flix.record import CODE_COMMIT, FAILED, RESULTS
 
 
-def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
+def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker, root: Path, rank_world: tuple[int, int]) -> dict:
     """Train, select and test one adapter; returns its part of results.json ({} off the main process)."""
-    trainer = Trainer(cfg, mixture, run_dir, distributed.setup())  # setup() is idempotent: run() started the group
+    trainer = Trainer.from_config(cfg, mixture, run_dir, rank_world, root)
     state = trainer.fit(tracker)
     if not trainer.main:
         if trainer.sharded:  # a sharded model's forwards need every process
@@ -69,16 +69,17 @@ def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker) -> dict:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole run; returns results (also written to run_dir/results.json)."""
     mixture = load_mixture_for(cfg)
-    check_run(cfg, mixture)  # before any model loads or file is written
-    process_rank, _ = distributed.setup()
-    if process_rank != 0:  # other data-parallel processes only train; the main one holds the lock
-        return _train(cfg, mixture, run_dir, process_rank)
+    root = check_run(cfg, mixture)  # before any model loads or file is written; the data root, resolved once
+    rank_world = distributed.setup()
+    if rank_world[0] != 0:  # other data-parallel processes only train; the main one holds the lock
+        return _train(cfg, mixture, run_dir, root, rank_world)
     with run_lock(run_dir, wait=bool(cfg.get("wait"))):
         recover_tree(run_dir)  # a crash's newest complete checkpoint back in place, temp files gone
-        return _train(cfg, mixture, run_dir, process_rank)
+        return _train(cfg, mixture, run_dir, root, rank_world)
 
 
-def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
+def _train(cfg: DictConfig, mixture, run_dir: Path, root: Path, rank_world: tuple[int, int]) -> dict:
+    process_rank = rank_world[0]
     if cfg.get("force") and process_rank == 0 and run_dir.exists():
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         (run_dir / RESULTS).unlink(missing_ok=True)
@@ -103,7 +104,7 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
     jobs = [(m, run_dir / "datasets" / m.name.split("/")[-1]) for m in mixture.per_dataset()] if cfg.method.per_dataset else [(mixture, run_dir)]
     if process_rank != 0:
         for part, part_dir in jobs:
-            train_one(cfg, part, part_dir, NullTracker())
+            train_one(cfg, part, part_dir, NullTracker(), root, rank_world)
         return {}
     resolved = OmegaConf.to_container(cfg, resolve=True)
     tracker = _tracker(cfg, mixture, run_dir)
@@ -113,7 +114,9 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
         # The single baseline trains one adapter per dataset into one W&B run: each logs
         # under its dataset's name, its steps following the previous one's.
         parts = [
-            train_one(cfg, part, part_dir, tracker if len(jobs) == 1 else ScopedTracker(tracker, part_dir.name, i * cfg.scale.steps))
+            train_one(
+                cfg, part, part_dir, tracker if len(jobs) == 1 else ScopedTracker(tracker, part_dir.name, i * cfg.scale.steps), root, rank_world
+            )
             for i, (part, part_dir) in enumerate(jobs)
         ]
         body = record.merge_datasets(parts) if cfg.method.per_dataset else parts[0]
@@ -124,7 +127,7 @@ def _train(cfg: DictConfig, mixture, run_dir: Path, process_rank: int) -> dict:
             scale=cfg.scale.name,
             seed=cfg.seed,
             model=cfg.model.name,
-            data_root=resolve_root(cfg.data.root).resolve().name,
+            data_root=root.resolve().name,
             variant=cfg.data.variant,
         )
         tail = record.tail(

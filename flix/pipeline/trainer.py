@@ -18,19 +18,21 @@ from tqdm.auto import tqdm
 
 from flix import kernels
 from flix.base_models import enable_activation_checkpointing, load_model, model_kind
+from flix.config import FLixConfig
 from flix.data.mixtures import Mixture
-from flix.data.reader import read_dataset, resolve_root
+from flix.data.reader import iter_resolved, resolve_root
 from flix.data.sampling import MixtureSampler, eval_sample
 from flix.features import featureless
 from flix.io import atomic_write_text
 from flix.metrics import example_stats
 from flix.model import WEIGHTS_NAME, get_flix_model
-from flix.optim import SparseAdamW, clip_grad_norm_
+from flix.optim import SparseAdamW, clip_grad_norm_, lr_lambda
 from flix.pipeline import distributed, sharding
 from flix.pipeline.batching import TextLimits, loss_sum, micro_batches, padding_fraction, training_batch
 from flix.pipeline.checkpoint import STATE, load_checkpoint, save_checkpoint
 from flix.pipeline.evaluate import Evaluation, evaluate
-from flix.pipeline.methods import method_config
+from flix.pipeline.methods import adapter_config
+from flix.pipeline.schema import ScaleConfig, TrainConfig
 from flix.pipeline.tracking import log, say
 from flix.record import example_entries, selection_key, selection_metric
 
@@ -40,49 +42,27 @@ class NonFiniteLoss(RuntimeError):
 
 
 def read_split(root: Path, datasets: list[tuple[str, str]], split: str, limit: int | None = None) -> dict:
-    """{(task, lang): examples} of one split; with `limit`, each file's fixed random sample
-    of that many examples (`eval_sample`: the same for every run)."""
-    return {(task, lang): eval_sample(read_dataset(root, task, split, lang), limit, task, split, lang) for task, lang in datasets}
+    """{(task, lang): examples} of one split under a resolved data root; with `limit`, each
+    file's fixed random sample of that many examples (`eval_sample`: the same for every run)."""
+    return {(task, lang): eval_sample(list(iter_resolved(root, task, split, lang)), limit, task, split, lang) for task, lang in datasets}
 
 
-def build_model(cfg: DictConfig, mixture: Mixture):
-    """The base model with the adapter of cfg.method for this mixture; (model, tokenizer, seq2seq)."""
-    base, tokenizer = load_model(OmegaConf.to_container(cfg.model, resolve=True))
-    method = cfg.method.name
-    config = method_config(
-        cfg.method,
-        mixture.features(),
-        mixture.kind,
-        alpha=cfg.train.alpha,
-        feature_dropout=cfg.dropout,
-        dropout_mode=cfg.train.dropout_mode,
-        lang_rank=cfg.rank.lang,
-        target_modules=OmegaConf.to_container(cfg.model.target_modules) if cfg.model.get("target_modules") else None,
-    )
-    torch.manual_seed(cfg.seed)  # adapter init
-    model = get_flix_model(base, config)
-    space = config.space
+def build_model(model: DictConfig, adapter: FLixConfig, method: str, seed: int, gradient_checkpointing: bool):
+    """The base model of `model` (conf/model) with `adapter`; (model, tokenizer, seq2seq)."""
+    base, tokenizer = load_model(OmegaConf.to_container(model, resolve=True))
+    torch.manual_seed(seed)  # adapter init
+    flix_model = get_flix_model(base, adapter)
+    space = adapter.space
     say(
         f"[flix] {method}: active rank {space.active_rank}, rank over all features {space.total_rank} "
-        f"(shared {config.shared_rank}, groups {config.ranks}), {model.num_trainable_parameters():,} trainable parameters"
+        f"(shared {adapter.shared_rank}, groups {adapter.ranks}), {flix_model.num_trainable_parameters():,} trainable parameters"
     )
-    if cfg.train.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    return model, tokenizer, model_kind(base) == "seq2seq"
+    if gradient_checkpointing:
+        enable_activation_checkpointing(flix_model)
+    return flix_model, tokenizer, model_kind(base) == "seq2seq"
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up, then linear decay to 10% of the peak."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.1, 1.0 - 0.9 * (step - warmup) / max(1, total - warmup))
-
-    return factor
-
-
-def is_validation_step(step: int, scale: DictConfig) -> bool:
+def is_validation_step(step: int, scale: ScaleConfig) -> bool:
     """Validation runs every scale.eval_every steps and after the last step."""
     return step % scale.eval_every == 0 or step == scale.steps
 
@@ -99,35 +79,70 @@ def use_bf16(setting, device: torch.device) -> bool:
 class Trainer:
     """Trains one adapter on one mixture into one directory."""
 
-    def __init__(self, cfg: DictConfig, mixture: Mixture, run_dir: Path, rank_world: tuple[int, int] | None = None):
-        """rank_world: (rank, world size) from the caller's distributed.setup(), else set up here."""
-        self.cfg, self.mixture, self.run_dir = cfg, mixture, run_dir
-        self.process_rank, self.world_size = rank_world or distributed.setup()
+    def __init__(
+        self,
+        mixture: Mixture,
+        run_dir: Path,
+        *,
+        scale: ScaleConfig,
+        train: TrainConfig,
+        seed: int,
+        model: DictConfig,
+        adapter: FLixConfig,
+        method: str,
+        root: Path,
+        rank_world: tuple[int, int],
+    ):
+        """Each part of the run config it uses (`from_config` hands them out): the budget
+        (`scale`), the optimisation (`train`), the seed, the base model's section
+        (conf/model), the adapter and its method's name; `root`: the data root, resolved
+        and checked against the mixture (flix.pipeline.checks.check_run); `rank_world`:
+        (rank, world size) from distributed.setup()."""
+        self.mixture, self.run_dir, self.scale, self.train, self.seed, self.root = mixture, run_dir, scale, train, seed, root
+        self.process_rank, self.world_size = rank_world
         self.main = self.process_rank == 0  # only the main process writes (and, unsharded, evaluates)
         # fsdp: the model is split over the processes (flix.pipeline.sharding), so all of them run every forward
-        self.sharded = cfg.train.get("parallel", "ddp") == "fsdp" and self.world_size > 1
+        self.sharded = train.parallel == "fsdp" and self.world_size > 1
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-        self.bf16 = use_bf16(cfg.train.bf16, self.device)
-        kernels.use(cfg.scale.get("cpu_kernels", False))  # opt-in: scale=cpu turns them on
-        self.root = resolve_root(cfg.data.root)
-        mixture.check(self.root)
-        s = cfg.scale
+        self.bf16 = use_bf16(train.bf16, self.device)
+        kernels.use(scale.cpu_kernels)  # opt-in: scale=cpu turns them on
+        s = scale
         self.limits = TextLimits(s.max_prompt_tokens, s.max_target_tokens, s.max_context_chars)
-        self.train_data = read_split(self.root, mixture.train_datasets, "train", None)
-        self.validation = read_split(self.root, mixture.validation_datasets, "validation", s.eval_examples)
-        self.model, self.tokenizer, self.seq2seq = build_model(cfg, mixture)
+        self.train_data = read_split(root, mixture.train_datasets, "train", None)
+        self.validation = read_split(root, mixture.validation_datasets, "validation", s.eval_examples)
+        self.model, self.tokenizer, self.seq2seq = build_model(model, adapter, method, seed, train.gradient_checkpointing)
         # fsdp: fully_shard moves each unit's shards (never the whole base) to the device
         self.banks = sharding.shard(self.model) if self.sharded else None  # (sharded bank, its local rows)
         if not self.sharded:
             self.model.to(self.device)
-        self.sampler = MixtureSampler(
-            self.train_data, s.batch_size, seed=cfg.seed, strategy=cfg.train.sampling, cap=cfg.train.cap, temperature=cfg.train.temperature
-        )
+        self.sampler = MixtureSampler(self.train_data, s.batch_size, seed=seed, strategy=train.sampling, cap=train.cap, temperature=train.temperature)
         params = [local for _, local in self.banks] if self.sharded else [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = SparseAdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = SparseAdamW(params, lr=train.lr, weight_decay=train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s.warmup_steps, s.steps))
         self.ckpt_dir = run_dir / "checkpoints" / "latest"
         self.sort_micro_batches = True  # micro-batches of length-sorted examples (flix.pipeline.batching.micro_batches)
+
+    @classmethod
+    def from_config(
+        cls, cfg: DictConfig, mixture: Mixture, run_dir: Path, rank_world: tuple[int, int] | None = None, root: Path | None = None
+    ) -> Trainer:
+        """A trainer for the run config `cfg`, given each section it uses; `root` (from
+        check_run) skips resolving and checking the data root again."""
+        if root is None:
+            root = resolve_root(cfg.data.root)
+            mixture.check(root)
+        return cls(
+            mixture,
+            run_dir,
+            scale=cfg.scale,
+            train=cfg.train,
+            seed=cfg.seed,
+            model=cfg.model,
+            adapter=adapter_config(cfg, mixture),
+            method=cfg.method.name,
+            root=root,
+            rank_world=rank_world or distributed.setup(),
+        )
 
     def autocast(self):
         """bf16 autocast for training and generation, as `train.bf16` says."""
@@ -138,7 +153,7 @@ class Trainer:
         the loss and the fraction of this process's examples that feature dropout left
         with no adapter at all (they teach nothing this step)."""
         examples = self.sampler.batch(step, self.process_rank, self.world_size)
-        micro = self.cfg.scale.micro_batch_size
+        micro = self.scale.micro_batch_size
         if self.sort_micro_batches:
             chunks = micro_batches(examples, micro, self.tokenizer, self.limits, self.seq2seq)
         else:  # the sampler's order (flix bench run times both)
@@ -167,7 +182,7 @@ class Trainer:
                 f"loss is {loss_total} at step {step + 1}; the last good checkpoint is kept at {self.ckpt_dir}. "
                 "Lower train.lr, check the data, or use float32 (model.dtype=float32)."
             )
-        (sharding.clip_grad_norm_ if self.sharded else clip_grad_norm_)(params, self.cfg.train.max_grad_norm)
+        (sharding.clip_grad_norm_ if self.sharded else clip_grad_norm_)(params, self.train.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -177,13 +192,13 @@ class Trainer:
         """Both metrics on the validation sets, and their averages over the mixture's selection sets."""
         with self.autocast():
             result = evaluate(
-                self.model, self.tokenizer, self.validation, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="validation"
+                self.model, self.tokenizer, self.validation, self.limits, self.scale.eval_batch_size, self.seq2seq, self.device, desc="validation"
             )
         sets = self.mixture.selection_sets
         return result, selection_metric(result.scores, sets), selection_metric(result.nll, sets)
 
     def fit(self, tracker) -> dict:
-        s = self.cfg.scale
+        s = self.scale
         state = {
             "step": 0,
             "best_step": None,
@@ -202,7 +217,7 @@ class Trainer:
             )
             say(f"[flix] resuming {self.run_dir} from step {state['step']}")
         else:
-            torch.manual_seed(self.cfg.seed)
+            torch.manual_seed(self.seed)
         bar = tqdm(total=s.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True, disable=not self.main)
         while state["step"] < s.steps:
             started = time.perf_counter()
@@ -227,7 +242,7 @@ class Trainer:
                     },
                     step=step,
                 )
-                select_by = self.cfg.train.select_by
+                select_by = self.train.select_by
                 if state["best_step"] is None or selection_key(average, nll, select_by) > selection_key(
                     state["best_score"], state["best_nll"], select_by
                 ):
@@ -252,9 +267,9 @@ class Trainer:
         statistics (`flix.metrics.example_stats`: what the report's intervals resample);
         writes its predictions."""
         self._load_best()
-        data = read_split(self.root, self.mixture.eval_datasets, "test", self.cfg.scale.test_examples)
+        data = read_split(self.root, self.mixture.eval_datasets, "test", self.scale.test_examples)
         with self.autocast():
-            result = evaluate(self.model, self.tokenizer, data, self.limits, self.cfg.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
+            result = evaluate(self.model, self.tokenizer, data, self.limits, self.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
         self._write_predictions("test", data, result)
         stats: dict[str, dict[str, list]] = {}
         ids: dict[str, dict[str, list[str]]] = {}
