@@ -22,7 +22,7 @@ COMMANDS = [
     ["-m", "flix", "--help"],
     *[["-m", "flix", name, "--help"] for name in ("study", "report", "records", "data", "score", "offline", "export", "bench")],
     ["-m", "flix", "bench", "run", "--help"],
-    *[["-m", f"benchmarks.{name}", "--help"] for name in ("adapters", "model", "layer", "sharded_memory")],
+    *[["-m", f"benchmarks.{name}", "--help"] for name in ("adapters", "model", "layer", "sharded_memory", "quantized_memory")],
 ]
 
 
