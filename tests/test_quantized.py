@@ -10,6 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from test_adapters import FEATURES, MIXED, randomise_b  # the same features, examples and trained-looking B
 
 from flix import FLixConfig, FLixModel, get_flix_model
 from flix.base_models import load_model
@@ -28,13 +29,6 @@ METHODS = ["nf4", "int8"]
 MODEL_TOL = {"nf4": {"rtol": 1e-5, "atol": 1e-5}, "int8": {"rtol": 0.0, "atol": 5e-3}}
 EXACT = {"rtol": 1e-5, "atol": 1e-5}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FEATURES = {"task": ["ner", "qa_in_lang", "semantic_parsing"], "lang": ["sw", "yo", "ha", "bn"]}
-MIXED = [
-    {"task": "ner", "lang": "sw"},
-    {"task": "qa_in_lang", "lang": "yo"},
-    {"task": "semantic_parsing", "lang": "bn"},
-    {"task": "ner", "lang": "ha"},
-]
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +46,6 @@ def tiny(quantize: str, name: str = "tiny"):
 
 def tokens(n: int, length: int = 9, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 250, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def randomise_b(model: FLixModel, seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.flix_layers().values():
-            layer.flix_B.copy_(torch.randn(layer.flix_B.shape, generator=gen) * 0.2)
-            layer.flix_B[0].zero_()
 
 
 def flix_model(quantize: str, name: str = "tiny") -> FLixModel:
