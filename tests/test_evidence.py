@@ -6,6 +6,7 @@ that pad less."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,15 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     nll = cells[(cells.table == "table2_nll") & (cells.column == "Multilingual NER") & (cells.row == "FLix")].iloc[0]
     assert nll.seeds == 2 and nll.ci_low < nll.ours < nll.ci_high and nll.interval_covers == "seeds and examples"
     assert not pd.isna(nll.diff_vs_compute_matched) and copy_records(runs, tmp_path / "again")  # a second copy works too
+
+    # the runs table: each run's cost from its record, the same from the records as from the runs
+    table = tmp_path / "from_records" / "runs.csv"
+    assert table.read_text() == (tmp_path / "from_runs" / "runs.csv").read_text()
+    rows, results = pd.read_csv(table), [json.loads(p.read_text()) for p in sorted(records.rglob("results.json"))]
+    assert sorted(rows.run) == ["Compute-matched"] * 2 + ["FLix, p = 0.7"] * 2 and sorted(rows.seed) == [0, 0, 1, 1]
+    assert rows.seconds.sum() == pytest.approx(sum(r["time_seconds"] for r in results), abs=1e-3)
+    assert (rows[rows.run == "Compute-matched"].featureless == 0).all() and rows.resumed.isna().all()
+    examples = sum(len(ids) for r in results for langs in r["test_ids"].values() for ids in langs.values())
+    assert sum(int(text.split("/")[1]) for text in rows.empty_test) == examples
+    hours = rows.seconds.sum() / 3600 * os.cpu_count()
+    assert f"{hours:.2f} core-hours (wall time x {os.cpu_count()} cores)" in (tmp_path / "from_records" / "runs.md").read_text()

@@ -17,6 +17,7 @@ import torch
 from flix import metrics
 from flix.pipeline.run import run
 from flix.pipeline.run_config import load_mixture_for
+from flix.report.runs import resumed_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,6 +186,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, data_root):
     resumed = json.loads((killed / "results.json").read_text())
     for key in ("best_step", "validation", "test", "history", "best_validation_average"):
         assert resumed[key] == full[key], key
+    assert resumed_steps(killed) == [stopped_at] and resumed_steps(tmp_path / "full") == []  # what the runs table says
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ folder's name: records carry no machine's paths). failed.json: error, traceback,
 """
 
 from flix.record.cli import RECORD, copy_records, main
-from flix.record.read import READ_ERRORS, Adapters, RunRecord, SetRecord, identity, is_flix_results, read_failure, read_results
+from flix.record.read import READ_ERRORS, Adapters, RunRecord, SetRecord, Training, identity, is_flix_results, read_failure, read_results
 from flix.record.setting import UNHASHED, decisive, setting
 from flix.record.write import (
     CODE_COMMIT,
@@ -62,6 +62,7 @@ __all__ = [
     "Adapters",
     "RunRecord",
     "SetRecord",
+    "Training",
     "body",
     "copy_records",
     "decisive",

@@ -49,6 +49,18 @@ class Adapters:
         return bool(self.features), bool(self.shared_rank)
 
 
+@dataclass(frozen=True)
+class Training:
+    """What a finished run's training cost and did (results.json; None where not recorded):
+    the report's runs table."""
+
+    seconds: float | None  # the whole run's wall time: training, validation, test
+    train_seconds: float | None  # the training steps alone
+    best_step: object  # the kept step; {dataset: step} for one adapter per dataset
+    featureless: float | None  # mean fraction of training examples that had no adapter
+    last_loss: float | None  # the last step's training loss (mean over adapters)
+
+
 @dataclass
 class RunRecord:
     """One run directory: who the run is, and either its results or why it failed."""
@@ -78,6 +90,7 @@ class RunRecord:
     variant: str | None = None
     commit: str | None = None
     versions: dict = field(default_factory=dict)
+    training: Training | None = None
 
     def score(self, split: str, task: str, lang: str) -> float | None:
         """One language's score on `split` (the paper's metric; None: not scored)."""
@@ -143,7 +156,31 @@ def read_results(path: Path) -> RunRecord | None:
         variant=results.get("variant"),
         commit=results.get("commit"),
         versions=results.get("versions") or {},
+        training=_training(results),
     )
+
+
+def _training(results: dict) -> Training:
+    def per_adapter(key):  # a merged record (one adapter per dataset) keeps a value per dataset
+        value = results.get(key)
+        return list(value.values()) if isinstance(value, dict) else [value]
+
+    def number(value):
+        return float(value) if _finite(value) else None
+
+    last = [number(losses[-1]) for losses in per_adapter("train_loss") if isinstance(losses, list) and losses]
+    fractions = [number(f) for fs in per_adapter("featureless_fraction") if isinstance(fs, list) for f in fs]
+    return Training(
+        seconds=number(results.get("time_seconds")),
+        train_seconds=number(results.get("train_seconds")),
+        best_step=results.get("best_step"),
+        featureless=_mean(fractions),
+        last_loss=_mean(last),
+    )
+
+
+def _mean(values: list) -> float | None:
+    return None if not values or None in values else sum(values) / len(values)
 
 
 def _set_record(entry: dict) -> SetRecord:

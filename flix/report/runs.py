@@ -1,0 +1,135 @@
+"""runs.md and runs.csv: what every finished run cost and how it trained (wall time, training
+time, kept step, featureless examples, last training loss, empty test predictions), and the
+whole set's wall time and core-hours. From the records alone, like the tables."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from flix.io import atomic_write_text
+from flix.record import RunRecord
+from flix.report.collect import has_features
+from flix.report.formats import Page, md_header, md_table
+from flix.report.labels import METHOD_LABELS
+from flix.report.tables import DASH
+
+COLUMNS = {
+    "run": "run",
+    "seed": "seed",
+    "commit": "code",
+    "seconds": "wall time, s",
+    "train_seconds": "of which training, s",
+    "best_step": "kept step",
+    "featureless": "featureless examples",
+    "last_loss": "last training loss",
+    "empty_test": "empty test predictions",
+    "resumed": "resumed at step",
+    "folder": "record",
+}
+
+
+def setting_label(run: RunRecord) -> str:
+    """How the report names a run's setting: "FLix, p = 0.7 keep_one, language rank 1"."""
+    label = METHOD_LABELS.get(run.method or "", run.method or "unknown method")
+    if run.features if run.features is not None else has_features(run.method or "flix"):
+        mode = "" if run.dropout_mode == "independent" else f" {run.dropout_mode}"
+        label += f", p = {run.dropout:g}{mode}" if run.dropout is not None else ""
+    return label + ("" if run.lang_rank is None else f", language rank {run.lang_rank}")
+
+
+def empty_predictions(run_dir: Path, split: str = "test") -> tuple[int, int] | None:
+    """(empty outputs, examples) over the run's recorded predictions; None if none recorded."""
+    files = sorted((run_dir / "predictions" / split).glob("*.jsonl"))
+    if not files:
+        return None
+    outputs = [json.loads(line)["prediction"] for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sum(not text.strip() for text in outputs), len(outputs)
+
+
+def resumed_steps(run_dir: Path) -> list[int]:
+    """The steps a run resumed from, in order, from its log (flix.pipeline.trainer says so)."""
+    log = run_dir / "train.log"
+    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+    return [int(step) for step in re.findall(r"\[flix\] resuming .* from step (\d+)", text)]
+
+
+def cores(device: str | None) -> int | None:
+    """The CPU cores a run held, from its recorded device ("cpu (x86_64, 2 cores)")."""
+    found = re.fullmatch(r"cpu \(.*?(\d+) cores\)", device or "")
+    return int(found.group(1)) if found else None
+
+
+def runs_frame(runs: list[RunRecord]) -> pd.DataFrame:
+    """One row per finished run, in the report's method order, then setting, then seed."""
+    order = list(METHOD_LABELS)
+    rows = []
+    for run in sorted(runs, key=lambda r: (order.index(r.method) if r.method in order else len(order), setting_label(r), r.seed or 0)):
+        training, empty = run.training, empty_predictions(run.path)
+        best = training and training.best_step
+        rows.append(
+            {
+                "run": setting_label(run),
+                "seed": run.seed,
+                "commit": (run.commit or "")[:7] or None,
+                "seconds": training and training.seconds,
+                "train_seconds": training and training.train_seconds,
+                "best_step": " ".join(f"{k}:{v}" for k, v in best.items()) if isinstance(best, dict) else best,
+                "featureless": training and training.featureless,
+                "last_loss": training and training.last_loss,
+                "empty_test": None if empty is None else f"{empty[0]}/{empty[1]}",
+                "resumed": " ".join(map(str, resumed_steps(run.path))) or None,
+                "folder": f"{run.path.parent.name}/{run.path.name}",
+                "device": run.versions.get("device"),
+            }
+        )
+    return pd.DataFrame(rows, columns=[*COLUMNS, "device"])
+
+
+def totals(frame: pd.DataFrame) -> list[str]:
+    """The set's wall time, and its core-hours on each CPU device (wall time x the device's cores)."""
+    known = frame.dropna(subset=["seconds"])
+    lines = [
+        f"{len(frame)} runs; wall time {known['seconds'].sum():.0f} s ({known['seconds'].sum() / 3600:.2f} h) over the {len(known)} that record it."
+    ]
+    for device, group in known.groupby(known["device"].fillna("device not recorded")):
+        n = cores(device)
+        hours = group["seconds"].sum() / 3600
+        held = f"{hours * n:.2f} core-hours (wall time x {n} cores)" if n else f"{hours:.2f} h"
+        lines.append(f"On {device}: {len(group)} runs, {held}.")
+    return lines
+
+
+def _cell(key: str, value) -> str:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return DASH
+    if key in ("seconds", "train_seconds"):
+        return f"{value:.0f}"
+    if key == "featureless":
+        return f"{100 * value:.1f}%"
+    if key == "last_loss":
+        return f"{value:.2f}"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def runs_md(runs: list[RunRecord], page: Page) -> str:
+    frame = runs_frame(runs)
+    rows = [[_cell(key, record[key]) for key in COLUMNS] for record in frame.to_dict("records")]
+    note = (
+        "Wall time: the whole run (training, validation, test); a resumed run's counts only its "
+        "last process, its training time every step it kept. Featureless: the mean fraction of training examples whose features were all "
+        "dropped. Empty: test examples whose greedy output was empty, from `predictions/test/`."
+    )
+    body = md_table(list(COLUMNS.values()), rows) + "\n" + "\n".join(totals(frame)) + f"\n\n{note}\n"
+    return md_header("Runs: cost and training", page, runs) + "\n" + body
+
+
+def write_runs(runs: list[RunRecord], page: Page, out_dir: Path) -> list[Path]:
+    frame = runs_frame(runs)
+    return [
+        atomic_write_text(out_dir / "runs.md", runs_md(runs, page)),
+        atomic_write_text(out_dir / "runs.csv", frame.to_csv(index=False, float_format="%.4f")),
+    ]
