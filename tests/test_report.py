@@ -306,3 +306,19 @@ def test_intervals_significance_and_cells_csv(tmp_path):
     keep_one = modes.loc[("FLix, p = 0.7 keep-one", "Test")]  # an ablation row against its own control
     assert keep_one.diff_vs_control == pytest.approx(keep_one.ours - flix.ours) and keep_one.p_vs_control < 0.05
     assert pd.isna(modes.loc[("FLix, no dropout", "Test"), "ours"]) and (out / "dropout_modes.md").exists()
+
+
+def test_table3_on_another_mixture_says_whose_figures_stand_beside_it(report, tmp_path):
+    """Without in-language QA dropout runs, Table 3 falls back to NER; the paper's figures
+    beside it are still its QA ones, and the caption must say so."""
+    root = tmp_path / "runs"
+    for dropout, base in ((0.7, 56.0), (0.0, 52.0)):
+        write_run(root, ("flix", "multilingual_ner", 0, dropout, None), {"ner": base})
+    render(root, tmp_path / "out", "smoke", PAPER)
+    title = (tmp_path / "out" / "table3.md").read_text().splitlines()[0]
+    assert title == (
+        "# Table 3: FLix feature dropout on multilingual_ner "
+        "(the paper's figures beside ours are on multilingual_qa_in_lang, the paper's Table 3 mixture)"
+    )
+    assert float(cells(tmp_path / "out", "table3").loc["0.0", "Test"]) == pytest.approx(52.0)
+    assert "figures beside ours" not in (report[0] / "table3.md").read_text()  # on the paper's own mixture: no such words

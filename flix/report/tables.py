@@ -147,6 +147,8 @@ def build(name: str, index: RunIndex, paper_dir: str | Path, metric: str = "scor
     if name == "table3":
         mixture = table3_mixture(index)
         recipe, title = (lambda row, col: _table3(row, col, mixture)), title.format(mixture=mixture)
+        if mixture != TABLE3_MIXTURES[0]:  # the paper ran its sweep on another task: say so beside its figures
+            title += f" (the paper's figures beside ours are on {TABLE3_MIXTURES[0]}, the paper's Table 3 mixture)"
     for label in map(str, paper.index):
         try:
             sources = [replace(recipe(label, col), metric=metric) for col in cols]
