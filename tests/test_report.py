@@ -185,6 +185,9 @@ def test_appendix_html_and_figure(report):
     for name in PAPER_FILES:
         assert f'id="{name}"' in page
     assert SMOKE_NOTE in page and "data:image/png;base64," in page and "appendix" in page
+    runs_section = page.split('id="runs"')[1].split('id="appendix"')[0]
+    assert all(runs_section.count(f"<td>{key[1]}/{'_'.join(map(str, key))}</td>") == 1 for key in RUNS)  # each run once, by its record
+    assert f"{len(RUNS)} runs; wall time" in page and f"{len(RUNS)} runs; wall time" in (out / "runs.md").read_text()
     assert (out / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in (out / "figure2.svg").read_text()[:500]
     figure = pd.read_csv(out / "figure2.csv", dtype=str, keep_default_na=False).set_index(["task", "method"])

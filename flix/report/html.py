@@ -1,5 +1,5 @@
 """The one self-contained HTML page: every table with its provenance, Figure 2 (inline
-PNG) and the appendix tables."""
+PNG), the runs table and the appendix tables."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pandas as pd
 from flix.record import RunRecord
 from flix.report.appendix import Appendix
 from flix.report.formats import CELL_NOTE, Page, one_decimal, table_rows
+from flix.report.runs import NOTE as RUNS_NOTE
+from flix.report.runs import runs_table
 from flix.report.tables import Table
 
 _CSS = """
@@ -77,6 +79,8 @@ def html_page(
             f'<img alt="Figure 2" style="max-width:100%" src="data:image/png;base64,{data}">',
             html_table(header, rows),
         ]
+    header, rows, total = runs_table(all_runs)
+    parts += ['<h2 id="runs">Runs: cost and training</h2>', html_table(header, rows), *(f"<p>{_h(line)}</p>" for line in [*total, RUNS_NOTE])]
     if appendices:
         parts.append('<h2 id="appendix">Appendix: per-language scores</h2>')
     for appendix in appendices:

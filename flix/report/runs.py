@@ -115,15 +115,24 @@ def _cell(key: str, value) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def runs_md(runs: list[RunRecord], page: Page) -> str:
+NOTE = (
+    "Wall time: the whole run (training, validation, test); a resumed run's counts only its "
+    "last process, its training time every step it kept. Featureless: the mean fraction of "
+    "training examples whose features were all dropped. Empty: test examples whose greedy "
+    "output was empty, from `predictions/test/`."
+)
+
+
+def runs_table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, total lines) as pages print them."""
     frame = runs_frame(runs)
     rows = [[_cell(key, record[key]) for key in COLUMNS] for record in frame.to_dict("records")]
-    note = (
-        "Wall time: the whole run (training, validation, test); a resumed run's counts only its "
-        "last process, its training time every step it kept. Featureless: the mean fraction of training examples whose features were all "
-        "dropped. Empty: test examples whose greedy output was empty, from `predictions/test/`."
-    )
-    body = md_table(list(COLUMNS.values()), rows) + "\n" + "\n".join(totals(frame)) + f"\n\n{note}\n"
+    return list(COLUMNS.values()), rows, totals(frame)
+
+
+def runs_md(runs: list[RunRecord], page: Page) -> str:
+    header, rows, total = runs_table(runs)
+    body = md_table(header, rows) + "\n" + "\n".join(total) + f"\n\n{NOTE}\n"
     return md_header("Runs: cost and training", page, runs) + "\n" + body
 
 
