@@ -325,3 +325,17 @@ def test_table3_on_another_mixture_says_whose_figures_stand_beside_it(report, tm
     )
     assert float(cells(tmp_path / "out", "table3").loc["0.0", "Test"]) == pytest.approx(52.0)
     assert "figures beside ours" not in (report[0] / "table3.md").read_text()  # on the paper's own mixture: no such words
+
+
+def test_empty_predictions_counts_blank_outputs_and_a_damaged_file_leaves_a_dash(tmp_path):
+    from flix.report.runs import empty_predictions
+
+    folder = tmp_path / "predictions" / "test"
+    assert empty_predictions(tmp_path) is None  # nothing recorded
+    folder.mkdir(parents=True)
+    lines = [{"id": "a", "target": "", "prediction": " "}, {"id": "b", "target": "PER: x", "prediction": "PER: x"}]
+    (folder / "ner.sw.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (folder / "ner.yo.jsonl").write_text(json.dumps({"id": "c", "target": "", "prediction": ""}) + "\n")
+    assert empty_predictions(tmp_path) == (2, 3)
+    (folder / "ner.yo.jsonl").write_text('{"id": "c", "target": ""')  # cut short
+    assert empty_predictions(tmp_path) is None

@@ -42,12 +42,14 @@ def setting_label(run: RunRecord) -> str:
 
 
 def empty_predictions(run_dir: Path, split: str = "test") -> tuple[int, int] | None:
-    """(empty outputs, examples) over the run's recorded predictions; None if none recorded."""
+    """(empty outputs, examples) over the run's recorded predictions; None if none recorded
+    or if they cannot be read (a damaged record leaves a dash, not a failed report)."""
     files = sorted((run_dir / "predictions" / split).glob("*.jsonl"))
-    if not files:
+    try:
+        outputs = [json.loads(line)["prediction"] for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return (sum(not text.strip() for text in outputs), len(outputs)) if outputs else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    outputs = [json.loads(line)["prediction"] for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return sum(not text.strip() for text in outputs), len(outputs)
 
 
 def resumed_steps(run_dir: Path) -> list[int]:
