@@ -5,6 +5,7 @@ checkpoint's scores, failed runs end failed, and reused runs get logged too."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ def wandb_records(path: Path) -> list:
         if left < 7 or kind == 0:  # block trailer / padding
             pos += left
             continue
+        if pos + 7 + length > len(data):  # still being written
+            break
         buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
@@ -40,12 +43,23 @@ def wandb_records(path: Path) -> list:
     return records
 
 
+def finished_records(path: Path, timeout: float = 120.0) -> list:
+    """The file's records once W&B's service has written its exit record: on a loaded machine
+    the service can still be writing after `finish()` returns (seen in CI: no records yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def offline_runs(run_dir: Path) -> list[dict]:
     """Each offline W&B run under run_dir as {run, summary, exit_code}."""
     out = []
     for file in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
         info = {"summary": {}, "exit_code": None}
-        for record in wandb_records(file):
+        for record in finished_records(file):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 info["run"] = record.run
