@@ -143,3 +143,19 @@ def test_groups_average_like_the_tables_and_rows_average_cells():
     assert est.mean == pytest.approx(expected) and est.low <= est.mean <= est.high
     both = average([evidence(stats, groups[:1], n=200), evidence(stats, groups[1:], n=200)])
     assert both.mean == pytest.approx(expected)
+
+
+def test_holm_counts_a_comparison_shown_twice_once():
+    """The same two sets of runs compared in two tables (or either way round) are one
+    hypothesis: two hypotheses here, not three."""
+    a, b, c = (evidence(runs({SETS[0]: coin(p, 80, i)}), [SETS[:1]], n=400) for i, p in enumerate((0.9, 0.45, 0.4)))
+    ab, ba, cb = difference(a, b), difference(b, a), difference(c, b)
+    ab.about = ba.about = frozenset({"a", "b"})
+    cb.about = frozenset({"c", "b"})
+    holm([ab, ba, cb])
+    p_ab = max(ab.p_value, ba.p_value)
+    low, high = sorted([p_ab, cb.p_value])
+    first, second = min(1.0, 2 * low), max(min(1.0, 2 * low), min(1.0, high))
+    expected = {p_ab: first, cb.p_value: second} if p_ab <= cb.p_value else {cb.p_value: first, p_ab: second}
+    assert ab.p_holm == ba.p_holm == pytest.approx(expected[p_ab])
+    assert cb.p_holm == pytest.approx(expected[cb.p_value])

@@ -162,9 +162,17 @@ def _pair(cell: Cell, other: Cell, key: str, notes: Footnotes, what: str) -> Non
     if cell.evidence is None or other.evidence is None or cell is other:
         return
     try:
-        cell.versus[key] = uncertainty.difference(cell.evidence, other.evidence)
+        difference = uncertainty.difference(cell.evidence, other.evidence)
     except ValueError as err:
         cell.notes.append(notes.add(f"{what}: not compared ({err})"))
+        return
+    difference.about = frozenset({_compared(cell), _compared(other)})
+    cell.versus[key] = difference
+
+
+def _compared(cell: Cell) -> tuple:
+    """What one side of a comparison is: its runs and the test examples it is scored on."""
+    return tuple(sorted(str(r.path) for r in cell.runs)), cell.evidence.examples
 
 
 def compare_rows(rows: list[tuple[str, list[Cell]]], methods: dict[str, str], notes: Footnotes, control: str | None = None) -> None:

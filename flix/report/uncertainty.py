@@ -93,6 +93,7 @@ class Difference:
     seeds: tuple[int, ...]  # the paired seeds
     per_seed: tuple[float, ...]  # a - b for each paired seed
     p_holm: float | None = None  # Holm-corrected over the report's comparisons (set by `holm`)
+    about: frozenset | None = None  # what is compared, either way round (set by the report): one hypothesis
 
     @property
     def significant(self) -> bool:
@@ -195,9 +196,15 @@ def difference(a: Evidence, b: Evidence) -> Difference:
 
 
 def holm(differences: Sequence[Difference]) -> None:
-    """Set each difference's Holm-corrected p-value (step-down, over all of them)."""
-    order = sorted(range(len(differences)), key=lambda i: differences[i].p_value)
+    """Set each difference's Holm-corrected p-value (step-down). A comparison shown twice
+    (the same `about`, e.g. in Table 3 and in the dropout-modes table, or either way round)
+    is one hypothesis: counted once, at the larger of its p-values, and given one p_holm."""
+    groups: dict = {}
+    for d in differences:
+        groups.setdefault(d.about if d.about is not None else id(d), []).append(d)
+    hypotheses = sorted(groups.values(), key=lambda group: max(d.p_value for d in group))
     running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(differences) - rank) * differences[i].p_value))
-        differences[i].p_holm = running
+    for rank, group in enumerate(hypotheses):
+        running = max(running, min(1.0, (len(hypotheses) - rank) * max(d.p_value for d in group)))
+        for d in group:
+            d.p_holm = running
