@@ -50,7 +50,12 @@ def html_meta(page: Page, runs: list[RunRecord]) -> str:
 
 
 def html_page(
-    page: Page, all_runs: list[RunRecord], tables: list[Table], figure: tuple[pd.DataFrame, Path] | None, appendices: list[Appendix]
+    page: Page,
+    all_runs: list[RunRecord],
+    tables: list[Table],
+    figure: tuple[pd.DataFrame, Path] | None,
+    appendices: list[Appendix],
+    runs: pd.DataFrame,  # flix.report.runs.runs_frame(all_runs)
 ) -> str:
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>FLix report ({_h(page.scale)})</title>",
@@ -79,7 +84,7 @@ def html_page(
             f'<img alt="Figure 2" style="max-width:100%" src="data:image/png;base64,{data}">',
             html_table(header, rows),
         ]
-    header, rows, total = runs_table(all_runs)
+    header, rows, total = runs_table(runs)
     parts += ['<h2 id="runs">Runs: cost and training</h2>', html_table(header, rows), *(f"<p>{_h(line)}</p>" for line in [*total, RUNS_NOTE])]
     if appendices:
         parts.append('<h2 id="appendix">Appendix: per-language scores</h2>')

@@ -11,7 +11,7 @@ from flix.report.appendix import build_appendices
 from flix.report.collect import collect
 from flix.report.formats import Page, cells_csv, write_appendix, write_table
 from flix.report.html import html_page
-from flix.report.runs import write_runs
+from flix.report.runs import runs_frame, write_runs
 from flix.report.tables import build_all
 
 
@@ -50,8 +50,9 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
     files += [p for a in appendices for p in write_appendix(a, page, out_dir)]
     pictures = figure.plot(frame, out_dir, scale)
     files += pictures + [figure.write_csv(frame, out_dir)]
-    files += write_runs(index.finished, page, out_dir)
-    files.append(atomic_write_text(out_dir / "index.html", html_page(page, index.finished, tables, (frame, pictures[0]), appendices)))
+    runs = runs_frame(index.finished)  # reads every run's predictions and log: once
+    files += write_runs(runs, index.finished, page, out_dir)
+    files.append(atomic_write_text(out_dir / "index.html", html_page(page, index.finished, tables, (frame, pictures[0]), appendices, runs)))
     filled = int(frame["change"].notna().sum())
     return {
         "scale": scale,

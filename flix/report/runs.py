@@ -125,22 +125,17 @@ NOTE = (
 )
 
 
-def runs_table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]], list[str]]:
-    """(header, rows, total lines) as pages print them."""
-    frame = runs_frame(runs)
+def runs_table(frame: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, total lines) of `runs_frame` as pages print them."""
     rows = [[_cell(key, record[key]) for key in COLUMNS] for record in frame.to_dict("records")]
     return list(COLUMNS.values()), rows, totals(frame)
 
 
-def runs_md(runs: list[RunRecord], page: Page) -> str:
-    header, rows, total = runs_table(runs)
-    body = md_table(header, rows) + "\n" + "\n".join(total) + f"\n\n{NOTE}\n"
-    return md_header("Runs: cost and training", page, runs) + "\n" + body
-
-
-def write_runs(runs: list[RunRecord], page: Page, out_dir: Path) -> list[Path]:
-    frame = runs_frame(runs)
+def write_runs(frame: pd.DataFrame, runs: list[RunRecord], page: Page, out_dir: Path) -> list[Path]:
+    """runs.md and runs.csv of `runs_frame(runs)` (read once by the caller, shared with index.html)."""
+    header, rows, total = runs_table(frame)
+    md = md_header("Runs: cost and training", page, runs) + "\n" + md_table(header, rows) + "\n" + "\n".join(total) + f"\n\n{NOTE}\n"
     return [
-        atomic_write_text(out_dir / "runs.md", runs_md(runs, page)),
+        atomic_write_text(out_dir / "runs.md", md),
         atomic_write_text(out_dir / "runs.csv", frame.to_csv(index=False, float_format="%.4f")),
     ]
