@@ -160,6 +160,12 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     assert (rows[rows.run == "Compute-matched"].featureless == 0).all() and rows.resumed.isna().all()
     examples = sum(len(ids) for r in results for langs in r["test_ids"].values() for ids in langs.values())
     assert sum(int(text.split("/")[1]) for text in rows.empty_test) == examples
+    # each run's test score and NLL are its record's, and a table cell is their mean over seeds
+    for _, row in rows.iterrows():
+        (entry,) = json.loads((records / row.folder / "results.json").read_text())["eval_sets"].values()
+        assert row.test == pytest.approx(entry["test"], abs=1e-4) and row.test_nll == pytest.approx(entry["test_nll"], abs=1e-4)
+    flix_cell = cells[(cells.table == "table2") & (cells.column == "Multilingual NER") & (cells.row == "FLix")].iloc[0]
+    assert flix_cell.ours == pytest.approx(rows[rows.run == "FLix, p = 0.7"].test.mean(), abs=1e-3)
     hours = rows.seconds.sum() / 3600 * os.cpu_count()
     assert f"{hours:.2f} core-hours (wall time x {os.cpu_count()} cores)" in (tmp_path / "from_records" / "runs.md").read_text()
 

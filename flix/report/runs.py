@@ -1,6 +1,7 @@
-"""runs.md and runs.csv: what every finished run cost and how it trained (wall time, training
-time, kept step, featureless examples, last training loss, empty test predictions), and the
-whole set's wall time and core-hours. From the records alone, like the tables."""
+"""runs.md and runs.csv: what every finished run cost, how it trained and what it scored
+(wall time, training time, kept step, test score and NLL, featureless examples, last training
+loss, empty test predictions), and the whole set's wall time and core-hours. From the records
+alone, like the tables."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ COLUMNS = {
     "seconds": "wall time, s",
     "train_seconds": "of which training, s",
     "best_step": "kept step",
+    "test": "test, paper's metric",
+    "test_nll": "test target NLL",
     "featureless": "featureless examples",
     "last_loss": "last training loss",
     "empty_test": "empty test predictions",
@@ -33,10 +36,10 @@ COLUMNS = {
 
 
 def setting_label(run: RunRecord) -> str:
-    """How the report names a run's setting: "FLix, p = 0.7 keep_one, language rank 1"."""
+    """How the report names a run's setting: "FLix, p = 0.7 keep-one, language rank 1"."""
     label = METHOD_LABELS.get(run.method or "", run.method or "unknown method")
     if run.features if run.features is not None else has_features(run.method or "flix"):
-        mode = "" if run.dropout_mode == "independent" else f" {run.dropout_mode}"
+        mode = "" if run.dropout_mode == "independent" else f" {run.dropout_mode.replace('_', '-')}"
         label += f", p = {run.dropout:g}{mode}" if run.dropout is not None else ""
     return label + ("" if run.lang_rank is None else f", language rank {run.lang_rank}")
 
@@ -65,6 +68,13 @@ def cores(device: str | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def test_average(run: RunRecord, nll: bool = False) -> float | None:
+    """The kept checkpoint's test score (or NLL), averaged over the run's evaluation sets as
+    selection averages validation; None if any set lacks it."""
+    values = [s.average("test", nll) for s in run.eval_sets.values()]
+    return sum(values) / len(values) if values and None not in values else None
+
+
 def runs_frame(runs: list[RunRecord]) -> pd.DataFrame:
     """One row per finished run, in the report's method order, then setting, then seed."""
     order = list(METHOD_LABELS)
@@ -80,6 +90,8 @@ def runs_frame(runs: list[RunRecord]) -> pd.DataFrame:
                 "seconds": training and training.seconds,
                 "train_seconds": training and training.train_seconds,
                 "best_step": " ".join(f"{k}:{v}" for k, v in best.items()) if isinstance(best, dict) else best,
+                "test": test_average(run),
+                "test_nll": test_average(run, nll=True),
                 "featureless": training and training.featureless,
                 "last_loss": training and training.last_loss,
                 "empty_test": None if empty is None else f"{empty[0]}/{empty[1]}",
@@ -112,16 +124,19 @@ def _cell(key: str, value) -> str:
         return f"{value:.0f}"
     if key == "featureless":
         return f"{100 * value:.1f}%"
-    if key == "last_loss":
+    if key in ("last_loss", "test_nll"):
         return f"{value:.2f}"
+    if key == "test":
+        return f"{value:.1f}"
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 NOTE = (
     "Wall time: the whole run (training, validation, test); a resumed run's counts only its "
-    "last process, its training time every step it kept. Featureless: the mean fraction of "
-    "training examples whose features were all dropped. Empty: test examples whose greedy "
-    "output was empty, from `predictions/test/`."
+    "last process, its training time every step it kept. Test: the kept checkpoint's score and "
+    "gold target NLL, averaged over the run's evaluation sets; a table cell is the mean of its "
+    "runs' over seeds. Featureless: the mean fraction of training examples whose features were "
+    "all dropped. Empty: test examples whose greedy output was empty, from `predictions/test/`."
 )
 
 
