@@ -76,6 +76,16 @@ def test_paired_difference_sees_a_consistent_gain_and_not_noise():
     assert not noise.significant and noise.p_value > 0.05
 
 
+def test_a_difference_read_the_other_way_round_is_its_mirror():
+    """Table 2 shows FLix - compute-matched and the dropout-modes table compute-matched -
+    FLix: the same comparison must give the same p and the mirrored interval."""
+    a = evidence(runs({SETS[0]: coin(0.5, 60, 1)}, {SETS[0]: coin(0.6, 60, 2)}, {SETS[0]: coin(0.4, 60, 3)}), [SETS[:1]], n=1000)
+    b = evidence(runs({SETS[0]: coin(0.45, 60, 4)}, {SETS[0]: coin(0.5, 60, 5)}, {SETS[0]: coin(0.5, 60, 6)}), [SETS[:1]], n=1000)
+    ab, ba = difference(a, b), difference(b, a)
+    assert ba.diff == pytest.approx(-ab.diff) and ba.per_seed == pytest.approx([-d for d in ab.per_seed])
+    assert (ba.low, ba.high) == pytest.approx((-ab.high, -ab.low)) and ba.p_value == ab.p_value
+
+
 def test_p_value_floor_reads_p_at_most_one_over_n():
     base = {SETS[0]: [0] * 60, SETS[1]: [0] * 60}
     perfect = {SETS[0]: [1] * 60, SETS[1]: [1] * 60}

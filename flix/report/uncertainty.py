@@ -189,7 +189,10 @@ def difference(a: Evidence, b: Evidence) -> Difference:
     ia, ib = [a.seeds.index(s) for s in seeds], [b.seeds.index(s) for s in seeds]
     per_seed = a.values[ia] - b.values[ib]
     n = len(a.resampled)
-    delta = (a.resampled[:, ia] - b.resampled[:, ib]).mean(axis=1) + seed_noise(per_seed, n)
+    # the t draws turn with the sign of the first per-seed difference, so b - a is exactly
+    # the mirror of a - b: one comparison, one interval and p, whichever way a table shows it
+    turn = next((float(np.sign(d)) for d in per_seed if d != 0), 1.0)
+    delta = (a.resampled[:, ia] - b.resampled[:, ib]).mean(axis=1) + turn * seed_noise(per_seed, n)
     crossing = min(int(np.sum(delta <= 0)), int(np.sum(delta >= 0)))
     p_value = min(1.0, max(2 * crossing, 1) / n)
     return Difference(float(np.mean(per_seed)), *interval(delta), p_value, crossing == 0, tuple(seeds), tuple(map(float, per_seed)))
