@@ -205,3 +205,11 @@ def test_a_committed_record_counts_as_done_and_is_not_trained_again(own_study, r
     assert study.main([name, "--logger", "none", "--no-report", *FAST]) == 0
     assert "1 run(s) restored from their committed records" in capsys.readouterr().out
     assert (planned.run_dir / "results.json").read_text() == recorded and not (planned.run_dir / "checkpoints").exists()
+
+    # a study run from another checkout (a worktree pinned to older code) restores from --records
+    shutil.rmtree(runs)
+    shutil.move(tmp_path / "reports" / "smoke" / "runs", tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert study.main([name, "--logger", "none", "--no-report", "--records", str(tmp_path / "elsewhere"), *FAST]) == 0
+    assert f"1 run(s) restored from their committed records under {tmp_path / 'elsewhere'}" in capsys.readouterr().out
+    assert (planned.run_dir / "results.json").read_text() == recorded

@@ -95,8 +95,9 @@ def expand(sweep: dict) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(swept, combo)] for combo in itertools.product(*swept.values())]
 
 
-def plan(study: dict, common: list[str]) -> list[PlannedRun]:
-    """Every run of the study with the directory it writes to (composed, not run)."""
+def plan(study: dict, common: list[str], records: Path | None = None) -> list[PlannedRun]:
+    """Every run of the study with the directory it writes to (composed, not run) and where
+    its committed record would be (under `records`; default reports/<scale>/runs)."""
     from flix.pipeline.run_config import compose
 
     runs = []
@@ -104,7 +105,8 @@ def plan(study: dict, common: list[str]) -> list[PlannedRun]:
         for overrides in expand(sweep):
             cfg = compose([*common, *overrides], hydra=True)
             run_dir = REPO / cfg.hydra.sweep.dir / cfg.hydra.sweep.subdir  # sweeps run with cwd=REPO
-            runs.append(PlannedRun(overrides, run_dir, cfg, RECORDS / str(cfg.scale.name) / "runs" / cfg.hydra.sweep.subdir))
+            root = records if records is not None else RECORDS / str(cfg.scale.name) / "runs"
+            runs.append(PlannedRun(overrides, run_dir, cfg, root / cfg.hydra.sweep.subdir))
     return runs
 
 
@@ -195,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once with --launcher parallel")
     parser.add_argument("--no-report", action="store_true", help="do not render the report afterwards")
     parser.add_argument("--snapshot", action="store_true", help="render into the committed reports/<scale>/ (default: outputs/reports/<scale>)")
+    parser.add_argument(
+        "--records",
+        type=Path,
+        help="committed run records to restore (default reports/<scale>/runs here; e.g. the main checkout's when the study runs from a worktree pinned to older code)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
 
@@ -207,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"scale={args.scale}", f"logger={args.logger}", f"study={Path(args.study).stem}", *args.overrides] + (
         ["force=true"] if args.force else []
     )
-    runs = plan(study, common)
+    if args.records is not None and not args.records.is_dir():
+        parser.error(f"--records {args.records}: no such directory (a folder like reports/{args.scale}/runs)")
+    runs = plan(study, common, args.records)
     if not args.force and (restored := restore_records(runs)):
-        print(f"[flix study] {restored} run(s) restored from their committed records under {RECORDS.name}/{args.scale}/runs")
+        where = args.records or Path(RECORDS.name) / args.scale / "runs"
+        print(f"[flix study] {restored} run(s) restored from their committed records under {where}")
     print(f"[flix study] {args.study} at scale {args.scale}: {len(runs)} runs, {counts(runs)}" + (" (forced again)" if args.force else ""))
     if found := problems(runs):
         for message in found:
