@@ -13,6 +13,7 @@ import pytest
 from flix.data.mixture_files import load_mixture_by_name
 from flix.record import write_failure, write_results
 from flix.report.cli import main
+from flix.report.figure import plot
 from flix.report.render import render
 from flix.report.tables import PAPER_FILES
 from flix.report.wandb_log import log_to_wandb
@@ -174,7 +175,7 @@ def test_missing_and_failed_runs_are_dashes_with_notes(report):
     assert summary["failed"] == 1
 
 
-def test_appendix_html_and_figure(report):
+def test_appendix_html_and_figure(report, tmp_path):
     out, summary = report
     appendix = pd.read_csv(out / "appendix_multilingual_ner.csv", dtype=str, keep_default_na=False)
     assert {"Single test", "Compute-matched validation", "FLix test"} <= set(appendix.columns)
@@ -190,6 +191,9 @@ def test_appendix_html_and_figure(report):
     assert f"{len(RUNS)} runs; wall time" in page and f"{len(RUNS)} runs; wall time" in (out / "runs.md").read_text()
     assert (out / "figure2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<svg" in (out / "figure2.svg").read_text()[:500]
+    frame = pd.read_csv(out / "figure2.csv", na_values=["–"], keep_default_na=False)  # the same figure drawn again: the same bytes
+    again = [path.read_bytes() for path in plot(frame, tmp_path / "again", "smoke")]
+    assert again == [(out / "figure2.png").read_bytes(), (out / "figure2.svg").read_bytes()]
     figure = pd.read_csv(out / "figure2.csv", dtype=str, keep_default_na=False).set_index(["task", "method"])
     assert float(figure.loc[("NER", "FLix"), "change"]) == pytest.approx(STUDY_A["ner"] + 1 - 56.0)
     assert figure.loc[("NER", "Param-matched"), "change"] == "–"

@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from flix.io import atomic_write_bytes, atomic_write_text
@@ -128,7 +129,8 @@ def plot(frame: pd.DataFrame, out_dir: str | Path, scale: str) -> list[Path]:
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     out = Path(out_dir)
     svg = io.StringIO()
-    fig.savefig(svg, format="svg")
+    with rc_context({"svg.hashsalt": "flix-figure2"}):  # fixed clip-path ids and no date: a re-render of the same runs is byte-identical
+        fig.savefig(svg, format="svg", metadata={"Date": None})
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=130)
     return [atomic_write_bytes(out / "figure2.png", png.getvalue()), atomic_write_text(out / "figure2.svg", svg.getvalue())]
