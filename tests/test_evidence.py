@@ -162,7 +162,10 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     assert sum(int(text.split("/")[1]) for text in rows.empty_test) == examples
     # each run's test score and NLL are its record's, and a table cell is their mean over seeds
     for _, row in rows.iterrows():
-        (entry,) = json.loads((records / row.folder / "results.json").read_text())["eval_sets"].values()
+        result = json.loads((records / row.folder / "results.json").read_text())
+        (entry,) = result["eval_sets"].values()
+        shown = "; ".join(f"{h['step']}: {h['validation_average']:.1f} / {h['validation_nll']:.2f}" for h in result["history"])
+        assert row.validations == shown and str(result["best_step"]) + ":" in shown
         assert row.test == pytest.approx(entry["test"], abs=1e-4) and row.test_nll == pytest.approx(entry["test_nll"], abs=1e-4)
     flix_cell = cells[(cells.table == "table2") & (cells.column == "Multilingual NER") & (cells.row == "FLix")].iloc[0]
     assert flix_cell.ours == pytest.approx(rows[rows.run == "FLix, p = 0.7"].test.mean(), abs=1e-3)

@@ -59,6 +59,7 @@ class Training:
     best_step: object  # the kept step; {dataset: step} for one adapter per dataset
     featureless: float | None  # mean fraction of training examples that had no adapter
     last_loss: float | None  # the last step's training loss (mean over adapters)
+    validations: tuple = ()  # (step, average score, NLL) at each validation (None: not recorded)
 
 
 @dataclass
@@ -176,6 +177,11 @@ def _training(results: dict) -> Training:
         best_step=results.get("best_step"),
         featureless=_mean(fractions),
         last_loss=_mean(last),
+        validations=tuple(
+            (h["step"], number(h.get("validation_average")), number(h.get("validation_nll")))
+            for h in (results.get("history") if isinstance(results.get("history"), list) else [])
+            if isinstance(h, dict) and isinstance(h.get("step"), int)
+        ),
     )
 
 

@@ -25,6 +25,7 @@ COLUMNS = {
     "seconds": "wall time, s",
     "train_seconds": "of which training, s",
     "best_step": "kept step",
+    "validations": "validation by step (score / NLL)",
     "test": "test, paper's metric",
     "test_nll": "test target NLL",
     "featureless": "featureless examples",
@@ -75,6 +76,17 @@ def test_average(run: RunRecord, nll: bool = False) -> float | None:
     return sum(values) / len(values) if values and None not in values else None
 
 
+def validations(training) -> str | None:
+    """'24: 6.8 / 1.05; 48: 6.2 / 0.68': every validation, so a reader sees what selection chose between."""
+    if not training or not training.validations:
+        return None
+
+    def number(value, digits):
+        return DASH if value is None else f"{value:.{digits}f}"
+
+    return "; ".join(f"{step}: {number(score, 1)} / {number(nll, 2)}" for step, score, nll in training.validations)
+
+
 def runs_frame(runs: list[RunRecord]) -> pd.DataFrame:
     """One row per finished run, in the report's method order, then setting, then seed."""
     order = list(METHOD_LABELS)
@@ -90,6 +102,7 @@ def runs_frame(runs: list[RunRecord]) -> pd.DataFrame:
                 "seconds": training and training.seconds,
                 "train_seconds": training and training.train_seconds,
                 "best_step": " ".join(f"{k}:{v}" for k, v in best.items()) if isinstance(best, dict) else best,
+                "validations": validations(training),
                 "test": test_average(run),
                 "test_nll": test_average(run, nll=True),
                 "featureless": training and training.featureless,
@@ -133,7 +146,9 @@ def _cell(key: str, value) -> str:
 
 NOTE = (
     "Wall time: the whole run (training, validation, test); a resumed run's counts only its "
-    "last process, its training time every step it kept. Test: the kept checkpoint's score and "
+    "last process, its training time every step it kept. Validation: the average score and gold "
+    "target NLL at each validation; the kept step is the best of them (by score, ties by lower "
+    "NLL; by NLL under `train.select_by=nll`). Test: the kept checkpoint's score and "
     "gold target NLL, averaged over the run's evaluation sets; a table cell is the mean of its "
     "runs' over seeds. Featureless: the mean fraction of training examples whose features were "
     "all dropped. Empty: test examples whose greedy output was empty, from `predictions/test/`."
