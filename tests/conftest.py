@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,11 @@ FAST = [
 ]
 
 
+def train_cmd(run_dir: Path, data_root: Path, *overrides: str) -> list[str]:
+    """`python -m flix.train` on the two-task mixture into run_dir: FAST, then overrides (the last value of a key wins)."""
+    return [sys.executable, "-m", "flix.train", *FAST, "mixture=multitask_sw", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *overrides]
+
+
 @pytest.fixture
 def compose(data_root):
     """Compose the real conf/train.yaml with overrides, as `python -m flix.train` does."""
@@ -93,7 +99,5 @@ def kernels_off_after_each_module():
     """The compiled kernels are a process-wide switch (flix.kernels.use): a test module or
     benchmark that turns them on must not decide which ops the next module takes."""
     yield
-    import sys
-
     if "flix.kernels" in sys.modules:
         sys.modules["flix.kernels"].use(False)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_cmd
 from test_report import PAPER, write_run
 
 from flix.io import COMPLETE, atomic_dir, atomic_write_text, recover, recover_tree
@@ -34,25 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def train_cmd(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flix.train",
-        "logger=none",
-        "mixture=multitask_sw",
-        f"data.root={data_root}",
-        "scale.steps=24",
-        "scale.eval_every=6",
-        "scale.checkpoint_every=1",
-        "scale.eval_examples=3",
-        "scale.test_examples=3",
-        "scale.batch_size=4",
-        "scale.micro_batch_size=2",
-        "train.threads=1",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+def faults_cmd(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
+    """A run long enough to kill at random moments, checkpointing every step."""
+    return train_cmd(run_dir, data_root, "scale.steps=24", "scale.eval_every=6", "scale.checkpoint_every=1", *extra)
 
 
 def leftovers(run_dir: Path) -> list[Path]:
@@ -180,12 +165,12 @@ def test_kills_at_random_moments_lose_nothing(tmp_path, data_root):
     complete checkpoint is ever lost, no temp is left, and the results equal an
     uninterrupted run's."""
     full = tmp_path / "full"
-    subprocess.run(train_cmd(full, data_root), check=True, env=ENV, capture_output=True, cwd=REPO)
+    subprocess.run(faults_cmd(full, data_root), check=True, env=ENV, capture_output=True, cwd=REPO)
     run_dir = tmp_path / "killed"
     rng = random.Random(0)
     newest, kills, deadline = 0, 0, time.time() + 150
     while kills < 5 and time.time() < deadline and not (run_dir / "results.json").exists():
-        proc = subprocess.Popen(train_cmd(run_dir, data_root), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        proc = subprocess.Popen(faults_cmd(run_dir, data_root), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
         time.sleep(rng.uniform(3.0, 9.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -195,7 +180,7 @@ def test_kills_at_random_moments_lose_nothing(tmp_path, data_root):
         newest = step
         if (run_dir / "results.json").exists():
             json.loads((run_dir / "results.json").read_text())  # whole, never half-written
-    subprocess.run(train_cmd(run_dir, data_root), check=True, env=ENV, capture_output=True, cwd=REPO)
+    subprocess.run(faults_cmd(run_dir, data_root), check=True, env=ENV, capture_output=True, cwd=REPO)
     assert leftovers(run_dir) == []
     a, b = (json.loads((d / "results.json").read_text()) for d in (full, run_dir))
     for key in ("best_step", "validation", "test", "history", "train_loss"):
@@ -208,7 +193,7 @@ def test_kills_at_random_moments_lose_nothing(tmp_path, data_root):
 def test_second_process_on_a_running_run_exits_naming_the_holder(tmp_path, data_root):
     run_dir = tmp_path / "run"
     with run_lock(run_dir):
-        out = subprocess.run(train_cmd(run_dir, data_root), env=ENV, capture_output=True, text=True, cwd=REPO)
+        out = subprocess.run(faults_cmd(run_dir, data_root), env=ENV, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 1
     assert f"is being run by pid {os.getpid()}" in out.stderr and "Traceback" not in out.stderr
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "failed.json").exists()
@@ -217,7 +202,7 @@ def test_second_process_on_a_running_run_exits_naming_the_holder(tmp_path, data_
 def test_two_processes_on_one_run_do_the_work_once(tmp_path, data_root):
     run_dir = tmp_path / "run"
     procs = [
-        subprocess.Popen(train_cmd(run_dir, data_root), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        subprocess.Popen(faults_cmd(run_dir, data_root), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
         for _ in range(2)
     ]
     outs = [(p.communicate()[1], p.returncode) for p in procs]
@@ -358,7 +343,7 @@ def test_an_empty_test_file_fails_before_training(compose, data_root, tmp_path):
 
 def test_usage_errors_exit_2_without_a_traceback(tmp_path, data_root):
     run_dir = tmp_path / "run"
-    out = subprocess.run(train_cmd(run_dir, data_root, "scale.steps=0"), env=ENV, capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(faults_cmd(run_dir, data_root, "scale.steps=0"), env=ENV, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2
     assert "scale.steps=0: must be an integer >= 1" in out.stderr and "Traceback" not in out.stderr
     assert not run_dir.exists()  # refused before Hydra: no run folder, no failed.json to show up in reports

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import train_cmd
 
 from flix import metrics
 from flix.pipeline.run import run
@@ -147,23 +148,7 @@ def test_a_run_resolves_the_data_root_and_checks_its_files_once(compose, tmp_pat
 
 
 def _train_cmd(run_dir: Path, data_root: Path, steps: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "flix.train",
-        "logger=none",
-        "mixture=multitask_sw",
-        f"data.root={data_root}",
-        f"scale.steps={steps}",
-        "scale.eval_every=4",
-        "scale.checkpoint_every=4",
-        "scale.eval_examples=3",
-        "scale.test_examples=3",
-        "scale.batch_size=4",
-        "scale.micro_batch_size=2",
-        "train.threads=1",
-        f"hydra.run.dir={run_dir}",
-    ]
+    return train_cmd(run_dir, data_root, f"scale.steps={steps}", "scale.eval_every=4", "scale.checkpoint_every=4")
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, data_root):
