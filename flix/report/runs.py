@@ -80,11 +80,7 @@ def validations(training) -> str | None:
     """'24: 6.8 / 1.05; 48: 6.2 / 0.68': every validation, so a reader sees what selection chose between."""
     if not training or not training.validations:
         return None
-
-    def number(value, digits):
-        return DASH if value is None else f"{value:.{digits}f}"
-
-    return "; ".join(f"{step}: {number(score, 1)} / {number(nll, 2)}" for step, score, nll in training.validations)
+    return "; ".join(f"{step}: {_cell('test', score)} / {_cell('test_nll', nll)}" for step, score, nll in training.validations)
 
 
 def runs_frame(runs: list[RunRecord]) -> pd.DataFrame:
