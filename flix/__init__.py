@@ -5,7 +5,7 @@ uses the sum of its active features' adapters.
 """
 
 __version__ = "0.1.0"
-__all__ = ["FLixConfig", "FLixDataCollator", "FLixModel", "get_flix_model"]
+__all__ = ["FLixConfig", "FLixDataCollator", "FLixModel", "get_flix_model", "lm_loss"]
 
 
 def __getattr__(name):
@@ -18,6 +18,10 @@ def __getattr__(name):
         from flix.config import FLixConfig
 
         return FLixConfig
+    if name == "lm_loss":
+        from flix.loss import lm_loss
+
+        return lm_loss
     if name in __all__:
         from flix import model
 

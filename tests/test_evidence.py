@@ -17,7 +17,7 @@ from flix.base_models import load_model
 from flix.data.mixture_files import load_mixture_by_name
 from flix.data.reader import read_dataset
 from flix.data.sampling import eval_sample
-from flix.pipeline.batching import TextLimits, micro_batches, padding_fraction, target_nll, training_batch
+from flix.pipeline.batching import IGNORE, TextLimits, micro_batches, padding_fraction, target_nll, training_batch
 from flix.pipeline.run import run
 from flix.record import selection_key
 
@@ -48,6 +48,7 @@ def test_target_nll_is_each_examples_mean_token_cross_entropy_whatever_the_batch
     for ex, value in zip(examples, batched):
         alone = training_batch([ex], tokenizer, LIMITS, seq2seq=False, train=False)
         ids, labels = alone["input_ids"], alone["labels"][0]
+        labels = labels[labels != IGNORE]
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0]
         n = len(labels)
@@ -71,12 +72,13 @@ def test_micro_batches_are_length_sorted_same_examples_and_pad_less(data_root):
     assert sum(b["num_targets"] for b in sorted_batches) == sum(b["num_targets"] for b in plain)
 
 
-def test_selection_breaks_ties_by_nll_and_can_select_on_nll():
-    assert selection_key(0.0, 2.0, "metric") > selection_key(0.0, 3.0, "metric")  # all-zero validations
-    assert selection_key(5.0, 9.0, "metric") > selection_key(4.0, 1.0, "metric")  # the paper's metric first
-    assert selection_key(4.0, 1.0, "nll") > selection_key(5.0, 9.0, "nll")
+def test_selection_breaks_ties_by_nll_and_can_select_on_nll_or_the_last_step():
+    assert selection_key(0.0, 2.0, 8, "metric") > selection_key(0.0, 3.0, 16, "metric")  # all-zero validations
+    assert selection_key(5.0, 9.0, 8, "metric") > selection_key(4.0, 1.0, 16, "metric")  # the paper's metric first
+    assert selection_key(4.0, 1.0, 8, "nll") > selection_key(5.0, 9.0, 16, "nll")
+    assert selection_key(None, 9.0, 16, "final") > selection_key(None, 1.0, 8, "final")  # no selection: the last step
     with pytest.raises(ValueError, match="train.select_by"):
-        selection_key(1.0, 1.0, "loss")
+        selection_key(1.0, 1.0, 8, "loss")
 
 
 def test_zero_shot_mixture_selects_on_supervised_sets_of_its_task():

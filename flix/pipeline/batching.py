@@ -1,8 +1,8 @@
 """Examples -> model tensors, for training (loss on target tokens) and generation.
 
 Causal models see `prompt + target + eos`, left-padded so that every target ends at
-the last position; the loss covers target tokens only, and logits are computed only
-for the last `target_len + 1` positions (most of a step's vocabulary projection).
+the last position; the loss covers target tokens only, and the output layer runs only at
+the positions that predict one (`flix.loss.lm_loss`).
 Seq2seq models take the prompt as encoder input and the target as labels.
 A step's micro-batches hold its examples sorted by length (`micro_batches`), so each
 pads to examples of about its own length; `target_nll` scores gold targets per example.
@@ -13,12 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from flix.data import Example
 from flix.data.formatting import format_prompt
-
-IGNORE = -100
+from flix.loss import IGNORE, lm_loss
 
 
 @dataclass
@@ -92,93 +90,44 @@ def padding_fraction(batches: list[dict]) -> float:
 
 
 def training_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool, train: bool = True) -> dict:
-    """Tensors for one teacher-forced micro-batch; `num_targets` counts the target tokens.
-    `train=False` formats prompts as evaluation does (QA contexts never centred on the answer)."""
+    """Tensors for one teacher-forced micro-batch, labels in Hugging Face's convention
+    (causal: aligned with input_ids, IGNORE outside the targets); `num_targets` counts the
+    target tokens. `train=False` formats prompts as evaluation does (QA contexts never
+    centred on the answer)."""
     source = _sources(examples, tokenizer, limits, train=train, seq2seq=seq2seq)
     target = _targets(examples, tokenizer, limits)
     if seq2seq:
         input_ids, attention_mask = _left_pad(source, tokenizer.pad_token_id)
         labels = _right_pad(target, IGNORE)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_targets": int((labels != IGNORE).sum())}
-    input_ids, attention_mask = _left_pad([s + t for s, t in zip(source, target)], tokenizer.pad_token_id)
-    target_len = max(len(t) for t in target)
-    labels = torch.full((len(examples), target_len), IGNORE, dtype=torch.long)
-    for i, t in enumerate(target):
-        labels[i, target_len - len(t) :] = torch.tensor(t)
+    else:
+        input_ids, attention_mask = _left_pad([s + t for s, t in zip(source, target)], tokenizer.pad_token_id)
+        labels = torch.full_like(input_ids, IGNORE)
+        for i, t in enumerate(target):
+            labels[i, labels.shape[1] - len(t) :] = torch.tensor(t)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_targets": int((labels != IGNORE).sum())}
 
 
-def _logits_and_labels(model, batch: dict, seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the target positions and the labels they predict (IGNORE elsewhere)."""
-    labels = batch["labels"]
-    if seq2seq:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
-    else:
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=position_ids(batch["attention_mask"]),
-            logits_to_keep=labels.shape[1] + 1,
-        ).logits
-        # position t predicts token t + 1: the last kept position predicts nothing
-        labels = F.pad(labels, (0, 1), value=IGNORE)
-    return logits, labels
+def _token_losses(model, batch: dict, seq2seq: bool) -> torch.Tensor:
+    """Each target token's cross-entropy (`flix.loss.lm_loss`: the output layer at target
+    positions only), row-major."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not seq2seq:
+        inputs["position_ids"] = position_ids(batch["attention_mask"])
+    return lm_loss(model, batch["labels"], reduction="none", **inputs)
 
 
 def loss_sum(model, batch: dict, seq2seq: bool) -> torch.Tensor:
     """Summed cross-entropy over the batch's target tokens."""
-    logits, labels = _logits_and_labels(model, batch, seq2seq)
-    return cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return _token_losses(model, batch, seq2seq).sum()
 
 
 @torch.no_grad()
 def target_nll(model, batch: dict, seq2seq: bool) -> list[float]:
     """Per example: the gold target's teacher-forced negative log-likelihood, in mean nats
     per target token (EOS included). One forward pass, no generation."""
-    logits, labels = _logits_and_labels(model, batch, seq2seq)
-    keep = labels != IGNORE
-    token_nll = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device)
-    for row in range(len(labels)):  # one example's float32 logits at a time: the vocabulary is large
-        lse = torch.logsumexp(logits[row].float(), dim=-1)
-        token_nll[row] = lse - logits[row].float().gather(1, labels[row].clamp(min=0).unsqueeze(1)).squeeze(1)
-    per_example = (token_nll * keep).sum(1) / keep.sum(1).clamp(min=1)
-    return per_example.tolist()
-
-
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum"),
-    in the memory of the logits alone (see `_CrossEntropySum`)."""
-    return _CrossEntropySum.apply(logits, labels)
-
-
-class _CrossEntropySum(torch.autograd.Function):
-    """Cross-entropy whose backward turns the saved float32 logits into their own
-    gradient in place. The logits over a 262k vocabulary are the largest tensors of a
-    step (1 GiB for 16 x 65 positions): torch's cross-entropy keeps its log-softmax
-    beside them and allocates a third copy for the gradient."""
-
-    CHUNK = 64  # rows per pass: bounds the temporaries to CHUNK x vocabulary
-
-    @staticmethod
-    def forward(ctx, logits, labels):
-        logits = logits.float()
-        keep = labels != IGNORE
-        safe = labels.clamp(min=0).unsqueeze(1)
-        lse = torch.cat([torch.logsumexp(part, dim=-1) for part in logits.split(_CrossEntropySum.CHUNK)])
-        loss = ((lse - logits.gather(1, safe).squeeze(1)) * keep).sum()
-        ctx.save_for_backward(logits, lse, safe, keep)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, lse, safe, keep = ctx.saved_tensors
-        scale = (keep * grad_loss).unsqueeze(1)
-        for rows in torch.arange(len(logits)).split(_CrossEntropySum.CHUNK):
-            part = logits[rows[0] : rows[-1] + 1]
-            part.sub_(lse[rows, None]).exp_()  # softmax
-            part.scatter_add_(1, safe[rows], torch.full_like(safe[rows], -1, dtype=part.dtype))
-            part.mul_(scale[rows])
-        return logits, None
+    losses = _token_losses(model, batch, seq2seq)
+    counts = (batch["labels"] != IGNORE).sum(1)
+    return [float(part.mean()) if len(part) else 0.0 for part in losses.split(counts.tolist())]
 
 
 def generation_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool) -> dict:
