@@ -67,16 +67,29 @@ class Evaluation:
 
 
 def evaluate(
-    model, tokenizer, datasets: dict[Dataset, list[Example]], limits: TextLimits, batch_size: int, seq2seq: bool, device, desc: str = "eval"
+    model,
+    tokenizer,
+    datasets: dict[Dataset, list[Example]],
+    limits: TextLimits,
+    batch_size: int,
+    seq2seq: bool,
+    device,
+    desc: str = "eval",
+    generate: dict[Dataset, list[Example]] | None = None,
 ) -> Evaluation:
-    """Both metrics and the predictions for every dataset."""
+    """The gold targets' NLL on every dataset, and greedy predictions scored with the
+    paper's metric on `generate` (its examples per dataset; the same as `datasets` when
+    not given; {} for none: a validation by NLL alone)."""
+    generate = datasets if generate is None else generate
     was_training = model.training
     model.eval()
     result = Evaluation()
     for (task, lang), examples in tqdm(datasets.items(), desc=desc, unit="dataset", leave=False):
-        preds = predict(model, tokenizer, examples, limits, batch_size, seq2seq, device)
-        result.predictions[(task, lang)] = preds
-        result.scores.setdefault(task, {})[lang] = score(task, [ex.target for ex in examples], preds)
+        if (task, lang) in generate:
+            prompted = generate[(task, lang)]
+            preds = predict(model, tokenizer, prompted, limits, batch_size, seq2seq, device)
+            result.predictions[(task, lang)] = preds
+            result.scores.setdefault(task, {})[lang] = score(task, [ex.target for ex in prompted], preds)
         nll = example_nll(model, tokenizer, examples, limits, batch_size, seq2seq, device)
         result.example_nll.setdefault(task, {})[lang] = nll
         result.nll.setdefault(task, {})[lang] = float(np.mean(nll))

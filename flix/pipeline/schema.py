@@ -49,13 +49,17 @@ class ScaleConfig:
     eval_every: int = at_least(1)
     checkpoint_every: int = at_least(1)
     eval_examples: Optional[int] = at_least(1, nullable=True)  # per validation dataset (null: all)
-    test_examples: Optional[int] = at_least(1, nullable=True)  # per test dataset (null: all)
+    test_examples: Optional[int] = at_least(1, nullable=True)  # per test dataset (null: all): greedy outputs
+    test_nll_examples: Optional[int] = at_least(1, nullable=True, default=None)  # target NLL on a larger sample (null: test_examples)
     eval_batch_size: int = at_least(1)
     max_langs_per_task: Optional[int] = at_least(1, nullable=True)
     max_prompt_tokens: int = at_least(1)
     max_target_tokens: int = at_least(1)
     max_context_chars: Optional[int] = at_least(1, nullable=True)
     cpu_kernels: bool = False
+    # which validation keeps the checkpoint (train.select_by follows it): metric (the paper's
+    # rule; validations generate) | nll (validations by target NLL alone) | final (the last step)
+    select_by: str = one_of(SELECT_BY, default="metric")
 
 
 @dataclass

@@ -81,7 +81,11 @@ def load_study(name: str) -> dict:
 
 
 def with_seeds(study: dict, seeds: list[int]) -> dict:
-    """Every sweep once per seed (a `seed` sweep key): the report averages over seeds."""
+    """Every sweep once per seed (a `seed` sweep key): the report averages over seeds. A
+    study with `order: seed` runs every sweep of one seed before the next seed, so that a
+    study stopped part-way has as many seeds of every condition (paired comparisons stay balanced)."""
+    if study.get("order") == "seed":
+        return {**study, "sweeps": [{**sweep, "seed": [seed]} for seed in seeds for sweep in study["sweeps"]]}
     return {**study, "sweeps": [{**sweep, "seed": list(seeds)} for sweep in study["sweeps"]]}
 
 

@@ -188,21 +188,32 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, bare / len(examples)
 
-    def validate(self) -> tuple[Evaluation, float, float]:
-        """Both metrics on the validation sets, and their averages over the mixture's selection sets."""
+    def validate(self) -> tuple[Evaluation, float | None, float]:
+        """The validation sets' target NLL and (when selection reads it) the paper's metric,
+        and their averages over the mixture's selection sets (None: no metric, no generation)."""
+        generate = None if self.train.select_by == "metric" else {}  # selection by NLL or at the last step: no generation
         with self.autocast():
             result = evaluate(
-                self.model, self.tokenizer, self.validation, self.limits, self.scale.eval_batch_size, self.seq2seq, self.device, desc="validation"
+                self.model,
+                self.tokenizer,
+                self.validation,
+                self.limits,
+                self.scale.eval_batch_size,
+                self.seq2seq,
+                self.device,
+                desc="validation",
+                generate=generate,
             )
         sets = self.mixture.selection_sets
-        return result, selection_metric(result.scores, sets), selection_metric(result.nll, sets)
+        average = selection_metric(result.scores, sets) if result.scores else None
+        return result, average, selection_metric(result.nll, sets)
 
     def fit(self, tracker) -> dict:
         s = self.scale
         state = {
             "step": 0,
             "best_step": None,
-            "best_score": -math.inf,  # the kept checkpoint's average validation metric
+            "best_score": None,  # the kept checkpoint's average validation metric (None: not generated)
             "best_nll": math.inf,  # and its average validation target NLL
             "best_validation": {},
             "best_validation_nll": {},
@@ -235,24 +246,22 @@ class Trainer:
                 state["history"].append({"step": step, "validation_average": average, "validation_nll": nll, "loss": loss})
                 tracker.log(
                     {
-                        "validation/average": average,
+                        **({} if average is None else {"validation/average": average}),
                         "validation/nll": nll,
                         **{f"validation/{task}/{lang}": v for task, langs in result.scores.items() for lang, v in langs.items()},
                         **{f"validation_nll/{task}/{lang}": v for task, langs in result.nll.items() for lang, v in langs.items()},
                     },
                     step=step,
                 )
-                select_by = self.train.select_by
-                if state["best_step"] is None or selection_key(average, nll, select_by) > selection_key(
-                    state["best_score"], state["best_nll"], select_by
+                if state["best_step"] is None or selection_key(average, nll, step, self.train.select_by) > selection_key(
+                    state["best_score"], state["best_nll"], state["best_step"], self.train.select_by
                 ):
                     state.update(best_score=average, best_nll=nll, best_step=step, best_validation=result.scores, best_validation_nll=result.nll)
                     self.model.save_pretrained(self.run_dir / "best_adapter")  # sharded: every process gathers, the main one writes
                     self._write_predictions("validation", self.validation, result)
-                message = (
-                    f"[flix] step {step}: validation average {average:.2f}, target NLL {nll:.3f} "
-                    f"(kept: step {state['best_step']}, {state['best_score']:.2f}, NLL {state['best_nll']:.3f})"
-                )
+                metric = "" if average is None else f"validation average {average:.2f}, "
+                kept = "" if state["best_score"] is None else f"{state['best_score']:.2f}, "
+                message = f"[flix] step {step}: {metric}target NLL {nll:.3f} (kept: step {state['best_step']}, {kept}NLL {state['best_nll']:.3f})"
                 if self.main:
                     bar.write(message)
                     log.info(message)
@@ -267,16 +276,23 @@ class Trainer:
         statistics (`flix.metrics.example_stats`: what the report's intervals resample);
         writes its predictions."""
         self._load_best()
-        data = read_split(self.root, self.mixture.eval_datasets, "test", self.scale.test_examples)
+        s = self.scale
+        data = read_split(self.root, self.mixture.eval_datasets, "test", s.test_nll_examples or s.test_examples)
+        # greedy outputs on a fixed sample of that sample (all of it when test_nll_examples is null)
+        prompted = {(task, lang): eval_sample(examples, s.test_examples, task, "test", lang) for (task, lang), examples in data.items()}
         with self.autocast():
-            result = evaluate(self.model, self.tokenizer, data, self.limits, self.scale.eval_batch_size, self.seq2seq, self.device, desc="test")
-        self._write_predictions("test", data, result)
+            result = evaluate(
+                self.model, self.tokenizer, data, self.limits, s.eval_batch_size, self.seq2seq, self.device, desc="test", generate=prompted
+            )
+        self._write_predictions("test", data, result, prompted)
         stats: dict[str, dict[str, list]] = {}
         ids: dict[str, dict[str, list[str]]] = {}
-        for (task, lang), examples in data.items():
+        nll_ids: dict[str, dict[str, list[str]]] = {}
+        for (task, lang), examples in prompted.items():
             stats.setdefault(task, {})[lang] = example_stats(task, [ex.target for ex in examples], result.predictions[(task, lang)])
             ids.setdefault(task, {})[lang] = [ex.id for ex in examples]
-        return result, example_entries(stats=stats, nll=result.example_nll, ids=ids)
+            nll_ids.setdefault(task, {})[lang] = [ex.id for ex in data[(task, lang)]]
+        return result, example_entries(stats=stats, nll=result.example_nll, ids=ids, nll_ids=nll_ids)
 
     def _load_best(self) -> None:
         from safetensors.torch import load_file
@@ -284,10 +300,15 @@ class Trainer:
         path = self.run_dir / "best_adapter" / WEIGHTS_NAME
         self.model.load_adapter_state_dict(load_file(str(path)), source=str(path))
 
-    def _write_predictions(self, split: str, data: dict, result: Evaluation) -> None:
+    def _write_predictions(self, split: str, data: dict, result: Evaluation, prompted: dict | None = None) -> None:
+        """predictions/<split>/<task>.<lang>.jsonl: every scored example's target NLL, and its
+        greedy output where one was generated (`prompted`; else null)."""
         if not self.main:
             return
         for (task, lang), examples in data.items():
-            rows = zip(examples, result.predictions[(task, lang)], result.example_nll[task][lang])
-            lines = [json.dumps({"id": ex.id, "target": ex.target, "prediction": p, "nll": nll}, ensure_ascii=False) for ex, p, nll in rows]
+            outputs = dict(zip((ex.id for ex in (prompted or data)[(task, lang)]), result.predictions.get((task, lang), [])))
+            rows = zip(examples, result.example_nll[task][lang])
+            lines = [
+                json.dumps({"id": ex.id, "target": ex.target, "prediction": outputs.get(ex.id), "nll": nll}, ensure_ascii=False) for ex, nll in rows
+            ]
             atomic_write_text(self.run_dir / "predictions" / split / f"{task}.{lang}.jsonl", "\n".join(lines) + "\n")

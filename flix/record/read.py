@@ -85,7 +85,8 @@ class RunRecord:
     # per test example, {task: {lang: [one per example, in one order]}}; None: not recorded
     test_ids: dict | None = field(default=None, repr=False)
     test_stats: dict | None = field(default=None, repr=False)  # flix.metrics.example_stats
-    test_example_nll: dict | None = field(default=None, repr=False)
+    test_example_nll: dict | None = field(default=None, repr=False)  # one per test_nll_ids
+    test_nll_ids: dict | None = field(default=None, repr=False)  # records before it: test_ids
     model: str | None = None
     data_root: str | None = None
     variant: str | None = None
@@ -151,7 +152,8 @@ def read_results(path: Path) -> RunRecord | None:
         adapters=adapters,
         eval_sets={name: _set_record(entry) for name, entry in results["eval_sets"].items()},
         scores={key: results[key] for key in SCORE_KEYS if key in results},
-        **{key: results.get(key) for key in EXAMPLE_KEYS},
+        **{key: results.get(key) for key in EXAMPLE_KEYS if key != "test_nll_ids"},
+        test_nll_ids=results.get("test_nll_ids") or results.get("test_ids"),
         model=results.get("model"),
         data_root=results.get("data_root"),
         variant=results.get("variant"),

@@ -21,7 +21,7 @@ UNHASHED = ("hydra", "logger", "force", "wait", "study", "table", "run_name")
 UNHASHED_NESTED = (("train", "threads"), ("scale", "cpu_kernels"), ("train", "parallel"))
 # Keys added after runs were recorded, left out at the value every older run had, so
 # that those runs keep their hash (a quantized base is another run; a float one is not).
-HASHED_UNLESS = {("model", "quantize"): "none"}
+HASHED_UNLESS = {("model", "quantize"): "none", ("scale", "test_nll_examples"): None, ("scale", "select_by"): "metric"}
 
 
 def decisive(resolved: dict) -> dict:

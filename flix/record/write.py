@@ -23,7 +23,8 @@ RESULTS = "results.json"
 FAILED = "failed.json"
 SPLITS = ("validation", "test")
 SCORE_KEYS = ("validation", "test", "validation_nll", "test_nll")  # {task: {lang: value}}
-EXAMPLE_KEYS = ("test_ids", "test_stats", "test_example_nll")  # {task: {lang: [one entry per test example]}}
+# {task: {lang: [one entry per test example]}}: test_stats per test_ids, test_example_nll per test_nll_ids
+EXAMPLE_KEYS = ("test_ids", "test_stats", "test_nll_ids", "test_example_nll")
 
 
 def git_commit(where: Path = Path(__file__).parent) -> str | None:
@@ -60,9 +61,10 @@ def head(*, method: str, mixture: str, study, scale: str, seed: int, model: str,
     }
 
 
-def example_entries(*, stats: dict, nll: dict, ids: dict) -> dict:
-    """results.json's per-test-example keys ({task: {lang: [one per example]}})."""
-    return {"test_stats": stats, "test_example_nll": nll, "test_ids": ids}
+def example_entries(*, stats: dict, nll: dict, ids: dict, nll_ids: dict) -> dict:
+    """results.json's per-test-example keys ({task: {lang: [one per example]}}): the greedy
+    outputs' statistics on the examples `ids`, the target NLL on the examples `nll_ids`."""
+    return {"test_stats": stats, "test_example_nll": nll, "test_ids": ids, "test_nll_ids": nll_ids}
 
 
 def body(
@@ -124,15 +126,18 @@ def selection_metric(scores: dict[str, dict[str, float]], selection_sets: list[E
     return float(np.mean(list(set_averages(scores, selection_sets).values())))
 
 
-SELECT_BY = ("metric", "nll")
+SELECT_BY = ("metric", "nll", "final")
 
 
-def selection_key(average: float, nll: float, select_by: str) -> tuple[float, ...]:
+def selection_key(average: float | None, nll: float, step: int, select_by: str) -> tuple[float, ...]:
     """How validations rank (larger is better; a tie keeps the earlier step). `metric`:
     the paper's average validation metric, ties (all-zero validations included) broken by
-    the lower average target NLL; `nll` (train.select_by=nll): the lower NLL alone."""
+    the lower average target NLL; `nll` (train.select_by=nll): the lower NLL alone;
+    `final`: the last step (no selection)."""
     if select_by not in SELECT_BY:
         raise ValueError(f"train.select_by={select_by!r}: use one of {', '.join(SELECT_BY)}")
+    if select_by == "final":
+        return (step,)
     return (-nll,) if select_by == "nll" else (average, -nll)
 
 

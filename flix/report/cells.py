@@ -143,7 +143,8 @@ def cell_evidence(source: Source, runs: list[RunRecord]) -> uncertainty.Evidence
     for key, r, values in zip(keys, runs, per_example):
         rows = {(task, lang): values[task][lang] for task, lang in test_sets}
         stats[key] = rows if source.metric == "score" else {t: [[v, 1.0] for v in nll] for t, nll in rows.items()}
-        recorded = {(task, lang): tuple(r.test_ids[task][lang]) for task, lang in test_sets} if r.test_ids is not None else None
+        scored = r.test_ids if source.metric == "score" else r.test_nll_ids
+        recorded = {(task, lang): tuple(scored[task][lang]) for task, lang in test_sets} if scored is not None else None
         if ids is not None and recorded != ids:
             raise ValueError(f"seeds were scored on different test examples ({index_name(runs)})")
         ids = recorded if ids is None else ids

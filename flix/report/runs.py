@@ -51,6 +51,7 @@ def empty_predictions(run_dir: Path, split: str = "test") -> tuple[int, int] | N
     files = sorted((run_dir / "predictions" / split).glob("*.jsonl"))
     try:
         outputs = [json.loads(line)["prediction"] for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        outputs = [text for text in outputs if text is not None]  # null: scored by NLL only, not generated
         return (sum(not text.strip() for text in outputs), len(outputs)) if outputs else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
