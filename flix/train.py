@@ -57,7 +57,10 @@ if __name__ == "__main__":
     if sys.argv[1:] in (["--help"], ["-h"]):
         print(usage())
         sys.exit(0)
-    if problems := override_problems(sys.argv[1:]):  # before Hydra, whose message can be a traceback
+    # Before Hydra, whose message can be a traceback, and which makes the run folder that a
+    # refused run would leave behind. --cfg, --info and the like only print: no data needed.
+    runs = all(arg in ("-m", "--multirun") for arg in sys.argv[1:] if arg.startswith("-"))
+    if problems := override_problems(sys.argv[1:], data=runs):
         print("flix.train: error: " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(2)
     signal.signal(signal.SIGINT, stop_once)

@@ -175,6 +175,19 @@ def test_missing_and_failed_runs_are_dashes_with_notes(report):
     assert summary["failed"] == 1
 
 
+def test_a_failed_run_beside_a_finished_one_of_its_seed_is_not_noted(tmp_path):
+    root = tmp_path / "smoke"
+    write_run(root, ("flix", "study_a", 0, 0.7, None), STUDY_A)
+    config = config_of("flix", "study_a", 0, 0.7, None) | {"data": {"root": "/tmp/nowhere"}}  # an earlier attempt, refused
+    write_failure(root / "study_a" / "flix-at-another-root", ValueError("data root /tmp/nowhere is not a directory"), config)
+    write_failure(root / "study_a" / "flix-seed1", RuntimeError("killed"), config_of("flix", "study_a", 1, 0.7, None))
+    render(root, tmp_path / "out", "smoke", PAPER)
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert float(cells(tmp_path / "out", "table1").loc["FLix", "NER"]) == pytest.approx(STUDY_A["ner"])
+    assert "seed 0: run failed" not in md and "/tmp/nowhere" not in md  # before: footnoted beside the good seed-0 run
+    assert "flix on study_a (dropout 0.7, the paper's ranks), seed 1: run failed (RuntimeError: killed)" in md  # a seed with no result still is
+
+
 def test_appendix_html_and_figure(report, tmp_path):
     out, summary = report
     appendix = pd.read_csv(out / "appendix_multilingual_ner.csv", dtype=str, keep_default_na=False)

@@ -468,6 +468,46 @@ def test_a_bad_setting_writes_no_run_folder(tmp_path, bad):
     assert not run_dir.exists()  # before: a run folder with a failed.json, a "run failed" footnote in reports
 
 
+@pytest.mark.parametrize(
+    "args, data_root, message",
+    [
+        (["scale=smoke", "mixture=multilingual_ner", "data.root=/nonexistent"], None, "data root /nonexistent (the given root) is not a directory"),
+        (["scale=cpu"], "", "FLIX_DATA_ROOT is not set"),  # the cpu scale has no default data
+    ],
+)
+def test_a_bad_data_root_leaves_no_run_folder(tmp_path, args, data_root, message):
+    env = {k: v for k, v in os.environ.items() if k not in ("FLIX_DATA_ROOT", "FLIX_RUNS")}  # runs/ under cwd, as for a user
+    if data_root is not None:
+        env["FLIX_DATA_ROOT"] = data_root
+    done = subprocess.run(
+        [sys.executable, "-m", "flix.train", "logger=none", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stderr.startswith("flix.train: error: ") and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert list(tmp_path.iterdir()) == []  # before: runs/smoke/multilingual_ner/flix-.../failed.json, footnoted in every report
+
+
+def test_a_run_refused_inside_hydra_removes_only_the_folder_hydra_made(tmp_path, monkeypatch):
+    from flix.pipeline.run import remove_unstarted
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLIX_RUNS", raising=False)
+    run_dir = tmp_path / "runs" / "smoke" / "study_a" / "flix-x"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "train.log").write_text("")
+    kept = tmp_path / "runs" / "smoke" / "study_a" / "flix-y"
+    (kept / ".hydra").mkdir(parents=True)
+    (kept / ".lock").write_text("")  # a run that started once: not ours to remove
+    remove_unstarted(kept)
+    remove_unstarted(run_dir)
+    assert not run_dir.exists() and (kept / ".lock").exists()
+    remove_unstarted(run_dir.parent / "nothing")  # no folder: nothing to do
+    shutil.rmtree(kept)
+    (run_dir / ".hydra").mkdir(parents=True)
+    remove_unstarted(run_dir)
+    assert list(tmp_path.iterdir()) == []  # the empty folders above it, up to and with runs/
+
+
 # -- flix score: formats it cannot read are named --------------------------------------------------
 
 

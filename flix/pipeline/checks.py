@@ -16,6 +16,9 @@ class ConfigError(ValueError):
     """A setting or input file that cannot work; the message names it and what to do."""
 
 
+PROBLEMS = "bad run configuration:\n  "  # ConfigError's head, then one problem a line
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """Values outside the ranges the schema declares (flix.pipeline.schema; types were
     checked when the config was composed), and what the schema cannot say."""
@@ -58,5 +61,5 @@ def check_run(cfg: DictConfig, mixture: Mixture) -> Path:
         mixture.check(root)  # missing files, with what exists
         problems = data_problems(mixture, root)
     if problems:
-        raise ConfigError("bad run configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError(PROBLEMS + "\n  ".join(problems))
     return root

@@ -11,6 +11,7 @@ The recipe is here; its parts live in flix.pipeline.run_config (composing, the h
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -66,10 +67,17 @@ def train_one(cfg: DictConfig, mixture, run_dir: Path, tracker, root: Path, rank
     )
 
 
+class NotStarted(ValueError):
+    """A run refused by its checks, before it trained or wrote anything of its own."""
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """The whole run; returns results (also written to run_dir/results.json)."""
-    mixture = load_mixture_for(cfg)
-    root = check_run(cfg, mixture)  # before any model loads or file is written; the data root, resolved once
+    try:
+        mixture = load_mixture_for(cfg)
+        root = check_run(cfg, mixture)  # before any model loads or file is written; the data root, resolved once
+    except (ConfigError, MixtureError, DataError) as err:
+        raise NotStarted(str(err)) from err
     rank_world = distributed.setup()
     if rank_world[0] != 0:  # other data-parallel processes only train; the main one holds the lock
         return _train(cfg, mixture, run_dir, root, rank_world)
@@ -189,6 +197,26 @@ def _wandb_id(run_dir: Path) -> str:
     return run_id
 
 
+HYDRA_FILES = {".hydra", "train.log"}  # what Hydra writes into a run folder before the run starts
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a run that never started, and the empty folders
+    Hydra made above it under the runs root (FLIX_RUNS); a folder holding anything else (an
+    earlier run's files) stays."""
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - HYDRA_FILES:
+        return
+    shutil.rmtree(run_dir)
+    top = Path(os.environ.get("FLIX_RUNS") or "runs").resolve().parent  # the runs root goes too, if empty
+    for parent in run_dir.resolve().parents:
+        if parent == top or top not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
+
+
 def hydra_job(cfg: DictConfig) -> float | None:
     """One Hydra job (`python -m flix.train`, flix/train.py): run, and turn failures into a
     failed.json and an exit code (a sweep goes on past a failed run)."""
@@ -198,6 +226,13 @@ def hydra_job(cfg: DictConfig) -> float | None:
     try:
         try:
             results = run(cfg, run_dir)
+        except NotStarted as err:
+            if multirun:  # a sweep counts its failed runs by their failed.json (flix.pipeline.sweep): one below
+                raise err.__cause__ from None
+            # a failed.json is for runs that started: leave nothing (flix.train checks first; this is a second line)
+            remove_unstarted(run_dir)
+            say(f"flix.train: error: {err}")
+            sys.exit(2)
         except torch.OutOfMemoryError as err:
             raise RuntimeError(
                 f"out of memory: lower scale.micro_batch_size (now {cfg.scale.micro_batch_size}; the effective batch "

@@ -62,12 +62,14 @@ def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def override_problems(args: list[str]) -> list[str]:
+def override_problems(args: list[str], data: bool = False) -> list[str]:
     """What cannot work, found from the command line before Hydra runs (which would write a
     run folder and a failed.json for each, or print a traceback): group options that do not
     exist (`rank=1`, `mixture=study_b`), named with the choices and, for the paper's names,
     where that thing lives; keys that do not exist (`droput=0.5`, with the key meant); and
-    the values flix.pipeline.checks refuses (`seed=abc`, `dropout=abc`), for every value of a sweep."""
+    the values flix.pipeline.checks refuses (`seed=abc`, `dropout=abc`), for every value of a sweep.
+    data=True also checks what a run checks before it starts (flix.pipeline.checks.check_run:
+    the data root and every file the mixture reads), the defaults' too."""
     problems = _group_problems(args)
     if problems:
         return problems
@@ -79,7 +81,7 @@ def override_problems(args: list[str]) -> list[str]:
     except HydraException:  # a syntax error: Hydra's own message says where
         return []
     overrides = [o for o in overrides if not o.key_or_group.startswith("hydra")]
-    if not overrides:  # --help, or the defaults: nothing to check, and no composing (seconds)
+    if not overrides and not data:  # --help, or the defaults: nothing to check, and no composing (seconds)
         return []
     # each override's values, one per value of a sweep
     options = {
@@ -107,8 +109,22 @@ def override_problems(args: list[str]) -> list[str]:
             problem = _composition_problem(err)
             problems += [problem] if problem not in problems else []
             continue
-        problems += [p for p in config_problems(cfg) if p not in problems]
+        found = config_problems(cfg) or (_start_problems(cfg) if data else [])
+        problems += [p for p in found if p not in problems]
     return problems
+
+
+def _start_problems(cfg: DictConfig) -> list[str]:
+    """What flix.pipeline.checks.check_run refuses for a run of cfg, one line each."""
+    from flix.data.mixtures import MixtureError
+    from flix.data.reader import DataError
+    from flix.pipeline.checks import PROBLEMS, ConfigError, check_run
+
+    try:
+        check_run(cfg, load_mixture_for(cfg))
+    except (ConfigError, MixtureError, DataError) as err:
+        return str(err).removeprefix(PROBLEMS).strip().split("\n  ")
+    return []
 
 
 def _composition_problem(err: Exception) -> str:

@@ -65,10 +65,12 @@ class RunIndex:
 
     def select(self, selection: Selection) -> Selected:
         """The runs matching `selection`, ordered by seed; finished runs of different
-        settings are never averaged: they come back as a conflict, with none finished."""
+        settings are never averaged: they come back as a conflict, with none finished. A
+        failed run of a seed that a finished run fills is left out: the cell has that seed
+        (e.g. an earlier attempt at another data root), so no note of it stands beside it."""
         matching = sorted((r for r in self.runs if selection.matches(r)), key=lambda r: (r.seed is None, r.seed or 0, str(r.path)))
         finished = [r for r in matching if r.finished]
-        failed = [r for r in matching if not r.finished]
+        failed = [r for r in matching if not r.finished and r.seed not in {f.seed for f in finished}]
         conflict = conflict_of(finished)
         return Selected([], failed, conflict) if conflict else Selected(finished, failed, None)
 
