@@ -209,7 +209,6 @@ def cells_csv(tables: list[Table]) -> str:
                         f"diff_ci_high_vs_{key}": vs and vs.high,
                         f"diff_per_seed_vs_{key}": vs and " ".join(f"{seed}:{d:.4f}" for seed, d in zip(vs.seeds, vs.per_seed)),
                         f"p_vs_{key}": vs and vs.p_value,
-                        f"p_floor_vs_{key}": vs and vs.at_floor,
                         f"p_holm_vs_{key}": vs and vs.p_holm,
                     }
                 records.append(record)

@@ -16,16 +16,20 @@ Two sources of noise, combined in every replicate:
 With 2 or 3 seeds the t part makes intervals wide; that is what 2 or 3 seeds can say
 (tests/test_uncertainty.py checks the coverage by simulation).
 
-A paired difference a - b uses the seeds both have (seed s of a against seed s of b)
-and the same example resamples; its seed part is the spread of the per-seed
-differences. The p-value is two-sided: twice the smaller share of replicates on either
-side of 0, never printed below 1 / n (`p <= 1/n` at that floor). Marks in the pages are
+A paired difference a - b uses the seeds both have (seed s of a against seed s of b):
+d = the mean of the per-seed differences d_s, with the variance of the seed spread,
+var(d_s) / k, plus the example part, the variance of the seed-averaged difference over
+the example resamples. Its interval and two-sided p come from the t distribution with
+k - 1 degrees of freedom (the normal with one seed): analytic, so p-values are exact at
+the decision line and no random draw is shared between comparisons
+(docs/study-ner-nll.md fixed this analysis before its study ran). Marks in the pages are
 Holm-corrected over every comparison of the report (`holm`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -88,8 +92,7 @@ class Difference:
     diff: float  # a - b, mean over the paired seeds
     low: float
     high: float
-    p_value: float  # two-sided, uncorrected; at least 1 / replicates
-    at_floor: bool  # no replicate on the other side of 0: p <= 1 / replicates
+    p_value: float  # two-sided, uncorrected
     seeds: tuple[int, ...]  # the paired seeds
     per_seed: tuple[float, ...]  # a - b for each paired seed
     p_holm: float | None = None  # Holm-corrected over the report's comparisons (set by `holm`)
@@ -104,8 +107,8 @@ class Difference:
     def significant_holm(self) -> bool:
         return self.p_holm is not None and self.p_holm < ALPHA
 
-    def p_text(self, replicates: int = REPLICATES) -> str:
-        return f"p <= {1 / replicates:.4f}" if self.at_floor else f"p = {self.p_value:.4f}"
+    def p_text(self) -> str:
+        return f"p = {self.p_value:.4f}" if self.p_value >= 1e-4 else "p < 0.0001"
 
 
 def _generator(*key: object) -> np.random.Generator:
@@ -188,14 +191,46 @@ def difference(a: Evidence, b: Evidence) -> Difference:
         raise ValueError("scored on different test examples (ids differ); regenerate the runs on the same samples")
     ia, ib = [a.seeds.index(s) for s in seeds], [b.seeds.index(s) for s in seeds]
     per_seed = a.values[ia] - b.values[ib]
-    n = len(a.resampled)
-    # the t draws turn with the sign of the first per-seed difference, so b - a is exactly
-    # the mirror of a - b: one comparison, one interval and p, whichever way a table shows it
-    turn = next((float(np.sign(d)) for d in per_seed if d != 0), 1.0)
-    delta = (a.resampled[:, ia] - b.resampled[:, ib]).mean(axis=1) + turn * seed_noise(per_seed, n)
-    crossing = min(int(np.sum(delta <= 0)), int(np.sum(delta >= 0)))
-    p_value = min(1.0, max(2 * crossing, 1) / n)
-    return Difference(float(np.mean(per_seed)), *interval(delta), p_value, crossing == 0, tuple(seeds), tuple(map(float, per_seed)))
+    k = len(seeds)
+    examples = (a.resampled[:, ia] - b.resampled[:, ib]).mean(axis=1)  # the seed-averaged difference, examples resampled
+    variance = float(np.var(examples, ddof=1)) + (float(np.var(per_seed, ddof=1)) / k if k > 1 else 0.0)
+    diff, se, df = float(np.mean(per_seed)), math.sqrt(variance), k - 1 if k > 1 else math.inf
+    half = t_quantile(1 - ALPHA / 2, df) * se
+    p_value = t_two_sided_p(diff / se, df) if se > 0 else float(diff == 0)
+    return Difference(diff, diff - half, diff + half, p_value, tuple(seeds), tuple(map(float, per_seed)))
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with integer df (math.inf: the normal); exact finite
+    series (Abramowitz and Stegun 26.7.3-4), no sampling."""
+    t = abs(t)
+    if math.isinf(df):
+        return math.erfc(t / math.sqrt(2))
+    df = int(df)
+    theta = math.atan(t / math.sqrt(df))
+    c2, total, term = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2:  # odd
+        for j in range(3, df, 2):  # 1 + (2/3) c^2 + (2*4)/(3*5) c^4 + ...
+            term *= (j - 1) / j * c2
+            total += term
+        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+    else:
+        for j in range(2, df, 2):  # 1 + (1/2) c^2 + (1*3)/(2*4) c^4 + ...
+            term *= (j - 1) / j * c2
+            total += term
+        inside = math.sin(theta) * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def t_quantile(q: float, df: float) -> float:
+    """The q quantile (q > 0.5) of Student's t: bisection on t_two_sided_p."""
+    low, high = 0.0, 1.0
+    while t_two_sided_p(high, df) > 2 * (1 - q):
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_two_sided_p(mid, df) > 2 * (1 - q) else (low, mid)
+    return (low + high) / 2
 
 
 def holm(differences: Sequence[Difference]) -> None:
