@@ -54,6 +54,25 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
     assert torch.equal(namespace["out"], namespace["peft_out"]), "the exported adapters generate what FLix generates"
 
 
+def test_readme_lean_loss_trainer_equals_the_models_own_loss(tmp_path, monkeypatch):
+    import torch
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (trainer_block,) = [b for b in blocks if "FLixDataCollator" in b]
+    (lean_block,) = [b for b in blocks if "LeanTrainer" in b]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(trainer_block, str(README), "exec"), namespace)
+    exec(compile(lean_block, str(README), "exec"), namespace)
+    model, collator = namespace["model"], namespace["collator"]
+    model.eval()  # no feature dropout: both losses see the same adapters
+    batch = collator([namespace["data"][0], namespace["data"][1]])
+    args = namespace["TrainingArguments"]("lean-out", report_to=[], use_cpu=True)
+    lean = namespace["LeanTrainer"](model=model, args=args, data_collator=collator)
+    with torch.no_grad():
+        assert lean.compute_loss(model, dict(batch)).item() == pytest.approx(model(**batch).loss.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("page,tokens", COMMANDS, ids=[" ".join(t)[:60] for _, t in COMMANDS])
 def test_documented_commands_exist(page, tokens, capsys):
     """make targets dry-run; flix options (`flix X` or `python -m flix X`) appear in the
@@ -85,6 +104,14 @@ def test_links_point_at_files():
         for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.relative_to(REPO)}: broken link {target}"
+
+
+def test_the_code_names_only_documents_that_exist():
+    """A docstring's pointer to a repository document (docs/x.md, DESIGN.md) leads somewhere;
+    lower-case names are files the code writes (runs.md)."""
+    for path in sorted((REPO / "flix").rglob("*.py")):
+        for name in re.findall(r"[\w./-]*/[\w.-]+\.md\b|\b[A-Z][A-Z_]+\.md\b", path.read_text()):
+            assert (REPO / name).exists(), f"{path.relative_to(REPO)}: {name} is not in the repository"  # before: DESIGN.md §5
 
 
 def test_first_run_works_from_a_clone_with_nothing_beside_it(tmp_path):
