@@ -201,6 +201,23 @@ def test_bad_download_is_removed(server, archive, tmp_path):
     assert list(dest.iterdir()) == []
 
 
+def test_a_failed_download_leaves_no_folder_and_names_the_commands_flag(server, tmp_path, capsys):
+    unreachable = server.url.replace(NAME, "missing.tgz")  # HTTP 404: not a byte arrives
+    dest = tmp_path / "data"
+    assert cli.main(["download", "--dest", str(dest), "--url", unreachable, "-q"]) == 1
+    assert "or pass --url a mirror" in capsys.readouterr().err
+    assert not dest.exists()  # before: an empty data/.flix-download
+    (tmp_path / "mine").mkdir()  # a folder of the user's stays, without our work folder
+    assert cli.main(["download", "--dest", str(tmp_path / "mine"), "--url", unreachable, "-q"]) == 1
+    assert list((tmp_path / "mine").iterdir()) == []
+    capsys.readouterr()
+    argv = ["mini", "--source", unreachable, "--download-dir", str(tmp_path / "dl"), "--dest", str(tmp_path / "small"), "-q"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "or pass --source a mirror" in err and "--url" not in err  # before: --url, which flix data mini does not have
+    assert not (tmp_path / "dl").exists() and not (tmp_path / "small").exists()
+
+
 def test_cli_prints_root_last(archive, tmp_path, capsys):
     local = tmp_path / NAME
     local.write_bytes(archive)

@@ -79,7 +79,7 @@ def run_mini(args: argparse.Namespace) -> int:
     if source is not None and source.is_dir():
         root = dl.find_data_root(source) or resolve_root(source)  # resolve_root names what is wrong
     else:
-        root = dl.download(args.source, args.download_dir, progress=not args.quiet)
+        root = dl.download(args.source, args.download_dir, progress=not args.quiet, option="--source")
     counts = scale_copy(root, args.dest, args.scale, args.seed, progress=not args.quiet)
     print(f"wrote {sum(counts.values()):,} examples in {len(counts)} files ({args.scale} scale's shape, seed {args.seed}) to {args.dest}")
     print(f"Use it with: export FLIX_DATA_ROOT={args.dest}  (or data.root={args.dest})")

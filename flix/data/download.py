@@ -28,7 +28,9 @@ CHUNK = 1 << 20
 TIMEOUT_S = 60
 WORKDIR = ".flix-download"  # in dest: the archive while it downloads; removed once unpacked
 OWNER = "made-by-flix"  # in WORKDIR: says the folder (and so what is in it) is ours to remove
-MIRROR = "Check the URL and your connection, or pass --url a mirror or a local copy of the archive."
+# what to do when the archive cannot be had; {option}: the command's flag for another source
+# (`flix data download --url`, `flix data mini --source`)
+MIRROR = "Check the URL and your connection, or pass {option} a mirror or a local copy of the archive."
 
 
 def default_dest() -> Path:
@@ -83,8 +85,9 @@ def _already_complete(err: urllib.error.HTTPError, offset: int) -> bool:
     return err.code == 416 and match is not None and int(match.group(1)) == offset
 
 
-def fetch(url: str, target: Path, progress: bool = True) -> Path:
-    """Download `url` to `target`, resuming `target.part`; restarts if Range is ignored."""
+def fetch(url: str, target: Path, progress: bool = True, option: str = "--url") -> Path:
+    """Download `url` to `target`, resuming `target.part`; restarts if Range is ignored.
+    `option` names the flag that gives another source, in the errors."""
     part = target.with_name(target.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
     try:
@@ -92,9 +95,9 @@ def fetch(url: str, target: Path, progress: bool = True) -> Path:
     except urllib.error.HTTPError as err:
         if offset and _already_complete(err, offset):
             return part.replace(target)
-        raise DataError(f"Download of {url} failed: HTTP {err.code} {err.reason}. {MIRROR}") from None
+        raise DataError(f"Download of {url} failed: HTTP {err.code} {err.reason}. {MIRROR.format(option=option)}") from None
     except (urllib.error.URLError, OSError) as err:
-        raise DataError(f"Cannot reach {url}: {err}. {MIRROR}") from None
+        raise DataError(f"Cannot reach {url}: {err}. {MIRROR.format(option=option)}") from None
     with response:
         start = _resume_offset(response, offset)
         length = response.headers.get("Content-Length")
@@ -154,6 +157,7 @@ def download(
     sha256: str | None = None,
     progress: bool = True,
     max_extract_gb: float = MAX_EXTRACT_GB,
+    option: str = "--url",
 ) -> Path:
     """Make XTREME-UP available under `dest`; returns its data root (holding `ner/`, ...).
 
@@ -161,7 +165,8 @@ def download(
     place; anything else is fetched with urllib into dest/.flix-download/ (a folder of
     its own: no file of the user's in `dest` is read, replaced or deleted) and removed
     once unpacked. An archive over the extraction limit is kept there, for a run with a
-    larger `max_extract_gb`.
+    larger `max_extract_gb`. A download that fails before any byte arrives leaves no
+    folder (a partial one stays, to resume). `option`: the caller's flag for another source.
     """
     dest = Path(dest).expanduser() if dest else default_dest()
     present = find_data_root(dest)
@@ -169,13 +174,21 @@ def download(
         return present
     source = local_path(url)
     if source is not None and not source.is_file():
-        raise UsageError(f"Archive {source} does not exist. {MIRROR}")
+        raise UsageError(f"Archive {source} does not exist. {MIRROR.format(option=option)}")
     if not max_extract_gb > 0:
         raise UsageError(f"--max-extract-gb must be positive, got {max_extract_gb:g}.")
+    made_dest = not dest.exists()
     work = workdir(dest)
     archive = source or work / archive_name(url)
     if source is None and not archive.exists():
-        fetch(url, archive, progress)
+        try:
+            fetch(url, archive, progress, option)
+        except BaseException:  # Ctrl-C too
+            if not any(p.name != OWNER for p in work.iterdir()):  # no .part to resume: leave no folder
+                shutil.rmtree(work)
+                if made_dest and not any(dest.iterdir()):
+                    dest.rmdir()
+            raise
     if progress:
         print(f"Checking and unpacking {archive} ...", file=sys.stderr)
     keep = source is None  # a sound download stays for the next run, whatever stops this one
