@@ -25,7 +25,7 @@ def locked() -> dict[str, str]:
 
 def test_the_lock_pins_what_flix_depends_on():
     pins = {name.lower() for name in locked()}
-    assert {"torch", "transformers", "peft", "hydra-core", "omegaconf", "wandb", "ruff", "pytest", "gguf"} <= pins
+    assert {"torch", "transformers", "peft", "hydra-core", "omegaconf", "wandb", "ruff", "pytest", "gguf", "trl"} <= pins
 
 
 @pytest.mark.parametrize("name, version", sorted(locked().items()))
