@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,6 +143,30 @@ def recover_tree(root: str | Path) -> None:
             recover(leftover.with_name(match.group(1)))
         elif leftover.name.endswith(TMP_SUFFIX):
             leftover.unlink(missing_ok=True)
+
+
+def open_regular(path: str | Path):
+    """`path` opened for reading if it is a regular file and not a symlink; else OSError
+    naming it (a record's link to /etc/hostname, /dev/zero or a FIFO is not read, and a
+    FIFO is not waited on: O_NONBLOCK)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(err.errno, f"{path} is a symlink; records are regular files") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file (a device, FIFO or folder); records are regular files")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular_text(path: str | Path, errors: str = "strict") -> str:
+    """A regular file's text (UTF-8); OSError for anything else (`open_regular`)."""
+    with open_regular(path) as f:
+        return f.read().decode("utf-8", errors=errors)
 
 
 def cache_dir() -> Path:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flix.io import read_regular_text
+from flix.record.check import check_results
 from flix.record.setting import setting
 from flix.record.write import EXAMPLE_KEYS, FAILED, SCORE_KEYS
 
@@ -123,22 +125,23 @@ def identity(config: dict) -> dict:
 
 
 def is_flix_results(results) -> bool:
-    """Whether a results.json is a flix run's (others under a runs root are left out)."""
-    return isinstance(results, dict) and "method" in results and "eval_sets" in results
+    """Whether a results.json is a flix run's (others under a runs root are left out): one
+    with a method or evaluation sets is, and must then be whole (flix.record.check)."""
+    return isinstance(results, dict) and ("method" in results or "eval_sets" in results)
 
 
 def read_results(path: Path) -> RunRecord | None:
     """A finished run; None for a results.json that is not a flix run's. ValueError if the
-    file cannot be trusted: scores that are not finite numbers, or a `method` that its
-    config contradicts."""
-    results = json.loads(path.read_text())
+    file cannot be trusted: not a regular file, or not what flix.record.check says a record
+    must be (types, ranges, plain names, averages, its run's folder)."""
+    results = json.loads(read_regular_text(path))
     if not isinstance(results, dict):
         raise ValueError("not a JSON object")
     config = results.get("config") or {}
     known = identity(config)
     if not is_flix_results(results):
         return None
-    _check_scores(results)
+    check_results(results, path.parent)
     flix = results.get("flix")
     adapters = Adapters(flix.get("features"), flix.get("shared_rank")) if isinstance(flix, dict) else None
     if known["features"] is None and adapters is not None:  # a record whose config does not say: what it trained
@@ -196,24 +199,6 @@ def _set_record(entry: dict) -> SetRecord:
     return SetRecord(entry["task"], list(entry.get("langs") or []), entry.get("zero_shot"), **averages)
 
 
-def _check_scores(results: dict) -> None:
-    for split in ("validation", "test"):
-        scores = results.get(split)
-        if not isinstance(scores, dict) or not all(isinstance(langs, dict) for langs in scores.values()):
-            raise ValueError(f"{split} is not a {{task: {{language: score}}}} object")
-        for task, langs in scores.items():
-            for lang, score in langs.items():
-                if not _finite(score):
-                    raise ValueError(f"{split} score of {task}/{lang} is {score!r}, not a finite number")
-    sets = results["eval_sets"]
-    if not isinstance(sets, dict) or not all(isinstance(s, dict) and isinstance(s.get("task"), str) for s in sets.values()):
-        raise ValueError("eval_sets is not a {name: {task: ..., ...}} object")
-    for name, entry in sets.items():
-        for key, value in entry.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"eval_sets {name} {key} is {value!r}, not a finite number")
-
-
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -221,7 +206,7 @@ def _finite(value) -> bool:
 def read_failure(path: Path) -> RunRecord:
     """A failed run, never a crash on odd files: without a config it matches no cell."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_regular_text(path))
     except (OSError, ValueError) as error:
         data = {"error": f"unreadable {FAILED} ({error})"}
     data = data if isinstance(data, dict) else {"error": str(data)}

@@ -246,8 +246,14 @@ _TEX = {
 }
 
 
+def one_line(text) -> str:
+    """Recorded text as one line: TeX ends a % comment at a line break, so a newline in a
+    record's field would make the rest of it a live line (\\input{...})."""
+    return " ".join(str(text).splitlines())
+
+
 def tex(text: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
+    return "".join(_TEX.get(ch, ch) for ch in one_line(text))
 
 
 def table_tex(table: Table, page: Page) -> str:
@@ -255,9 +261,9 @@ def table_tex(table: Table, page: Page) -> str:
     meta = page.meta(table.runs)
     notes = page.notes(table.runs)
     lines = [
-        f"% {table.title}",
-        *(f"% {k}: {v}" for k, v in meta),
-        *(f"% NOTE: {n}" for n in notes),
+        f"% {one_line(table.title)}",
+        *(f"% {one_line(k)}: {one_line(v)}" for k, v in meta),
+        *(f"% NOTE: {one_line(n)}" for n in notes),
         "% needs \\usepackage{booktabs}",
         r"\begin{table}[ht]",
         r"\centering",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from flix.io import atomic_write_text
+from flix.io import atomic_write_text, read_regular_text
 from flix.record import RunRecord
 from flix.report.collect import has_features
 from flix.report.formats import Page, md_header, md_table
@@ -47,10 +47,11 @@ def setting_label(run: RunRecord) -> str:
 
 def empty_predictions(run_dir: Path, split: str = "test") -> tuple[int, int] | None:
     """(empty outputs, examples) over the run's recorded predictions; None if none recorded
-    or if they cannot be read (a damaged record leaves a dash, not a failed report)."""
+    or if they cannot be read (a damaged record leaves a dash, not a failed report; a link
+    to /dev/zero or a FIFO is not read: regular files only)."""
     files = sorted((run_dir / "predictions" / split).glob("*.jsonl"))
     try:
-        outputs = [json.loads(line)["prediction"] for path in files for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        outputs = [json.loads(line)["prediction"] for path in files for line in read_regular_text(path).splitlines() if line.strip()]
         outputs = [text for text in outputs if text is not None]  # null: scored by NLL only, not generated
         return (sum(not text.strip() for text in outputs), len(outputs)) if outputs else None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -59,8 +60,10 @@ def empty_predictions(run_dir: Path, split: str = "test") -> tuple[int, int] | N
 
 def resumed_steps(run_dir: Path) -> list[int]:
     """The steps a run resumed from, in order, from its log (flix.pipeline.trainer says so)."""
-    log = run_dir / "train.log"
-    text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
+    try:
+        text = read_regular_text(run_dir / "train.log", errors="replace")
+    except OSError:  # none, or a link, device or FIFO: not read
+        text = ""
     return [int(step) for step in re.findall(r"\[flix\] resuming .* from step (\d+)", text)]
 
 
