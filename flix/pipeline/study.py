@@ -51,7 +51,8 @@ class PlannedRun:
         results = self.run_dir / RESULTS
         if results.exists():
             try:
-                read_run(results)
+                if read_run(results) is None:
+                    raise ValueError("not a flix run's record (no method, no eval_sets)")
                 return "done", "complete"
             except READ_ERRORS as err:
                 damage = f"{results} cannot be read ({type(err).__name__}: {err}); --force trains it again"
@@ -116,20 +117,33 @@ def plan(study: dict, common: list[str], records: Path | None = None) -> list[Pl
 
 def restore_records(runs: list[PlannedRun]) -> int:
     """Put the committed record of each run not done into its run directory, so that the
-    sweep finds it complete and does not train it again; returns how many."""
+    sweep finds it complete and does not train it again; returns how many. A record is
+    restored only if it is the planned run's (flix.record.setting `same_run`: its config
+    decides the same results, its hash names the run's folder); else one line says why and
+    the run trains again."""
+    import json
+
+    from flix.io import read_regular_text
     from flix.record import READ_ERRORS, RESULTS, copy_records
+    from flix.record.setting import same_run
     from flix.report.collect import read_run
 
     restored = 0
     for r in runs:
-        if r.record is None or r.status == "done" or r.status == "running" or not (r.record / RESULTS).is_file():
+        if r.record is None or r.status == "done" or r.status == "running" or not os.path.lexists(r.record / RESULTS):
             continue
         try:
-            read_run(r.record / RESULTS)
-        except READ_ERRORS:
-            continue  # a damaged record: the run trains again
-        copy_records(r.record, r.run_dir)
-        restored += 1
+            if read_run(r.record / RESULTS) is None:
+                raise ValueError("not a flix run's record")
+            recorded = json.loads(read_regular_text(r.record / RESULTS))
+            planned = OmegaConf.to_container(r.cfg, resolve=False)
+            planned.pop("hydra", None)
+            same_run(recorded["config"], OmegaConf.to_container(OmegaConf.create(planned), resolve=True), recorded.get("config_hash"), r.run_dir.name)
+        except READ_ERRORS as err:
+            print(f"[flix study] {r.record / RESULTS} not restored ({err}); the run trains again", file=sys.stderr)
+            continue
+        if copy_records(r.record, r.run_dir, say=lambda line: print(f"[flix study] {line}; the run trains again", file=sys.stderr)):
+            restored += 1
     return restored
 
 

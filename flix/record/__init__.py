@@ -17,7 +17,9 @@ train_seconds, time_seconds, commit, versions, config_hash and config (data.root
 folder's name: records carry no machine's paths). failed.json: error, traceback, config.
 """
 
-from flix.record.cli import RECORD, copy_records, main
+from flix.record.check import check_results
+from flix.record.cli import main
+from flix.record.copy import RECORD, copy_records
 from flix.record.read import READ_ERRORS, Adapters, RunRecord, SetRecord, Training, identity, is_flix_results, read_failure, read_results
 from flix.record.setting import UNHASHED, decisive, setting
 from flix.record.write import (
@@ -64,6 +66,7 @@ __all__ = [
     "SetRecord",
     "Training",
     "body",
+    "check_results",
     "copy_records",
     "decisive",
     "eval_set_entries",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 from flix.data.mixtures import VARIANTS
 
@@ -63,3 +64,38 @@ def setting(resolved: dict) -> dict[str, str]:
 
     walk("", {k: v for k, v in decisive(resolved).items() if k != "seed"})
     return flat
+
+
+def as_recorded(resolved: dict) -> dict:
+    """`decisive` with the data root by its folder's name, as records keep it
+    (flix.record.write `portable`): a record compares with a planned run through this."""
+    data = resolved.get("data")
+    if isinstance(data, dict) and data.get("root"):
+        resolved = {**resolved, "data": {**data, "root": Path(str(data["root"])).name}}
+    container = decisive(resolved)
+    if isinstance(container.get("data"), dict) and container["data"].get("root"):
+        container["data"]["root"] = Path(container["data"]["root"]).name
+    return container
+
+
+def same_run(recorded: dict, planned: dict, recorded_hash: str | None, run_name: str) -> None:
+    """ValueError unless a record (its config and config_hash) is the planned run's
+    (`planned`: its resolved config; `run_name`: its folder's name, ending in its hash):
+    an edited record (another dropout, more steps) or one of another run never stands in."""
+    if not isinstance(recorded, dict):
+        raise ValueError("its config is not an object")
+    if not recorded_hash or not run_name.endswith(f"-{recorded_hash}"):
+        raise ValueError(f"its config_hash {recorded_hash!r} is not the hash of run {run_name}")
+    flat = [dict(_flat(as_recorded(c))) for c in (recorded, planned)]
+    differ = sorted(k for k in flat[0].keys() | flat[1].keys() if flat[0].get(k) != flat[1].get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {flat[0].get(k, 'absent')} recorded, {flat[1].get(k, 'absent')} planned" for k in differ[:3])
+        raise ValueError(f"its config is not run {run_name}'s ({shown}{' ...' if len(differ) > 3 else ''})")
+
+
+def _flat(value, prefix: str = ""):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _flat(inner, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], json.dumps(value, sort_keys=True)
