@@ -45,13 +45,34 @@ def scale_name(text: str) -> str:
     return text
 
 
-def remove_stale(out: Path, written: list[str]) -> None:
-    """After a successful render: remove what earlier renders left in the snapshot (a
-    table no longer made would stay and mislead); its README, written by hand, stays."""
-    keep = {Path(p).name for p in written} | {"README.md"}
+MANIFEST = ".rendered"  # what the last render wrote into its folder: the only files --snapshot may remove
+# what renders wrote before the manifest (a folder without one): the report's own names
+RENDERED = re.compile(r"(table\d\w*|dropout_modes\w*|appendix_[\w.-]+|cells|runs|figure2|index)\.(md|tex|csv|png|svg|html)")
+
+
+def rendered_before(out: Path) -> set[str] | None:
+    """The names the last render wrote into out (its manifest); None if it has none."""
+    try:
+        return set((out / MANIFEST).read_text(encoding="utf-8").split())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_stale(out: Path, written: list[str], before: set[str] | None) -> None:
+    """After a successful render: remove what an earlier render wrote and this one did not
+    (a table no longer made would stay and mislead). Only files a render wrote: the
+    folder's README and anything of the user's (a thesis.tex) stay."""
+    keep = {Path(p).name for p in written} | {"README.md", MANIFEST}
     for path in out.iterdir():
-        if path.is_file() and path.name not in keep:
+        ours = path.name in before if before is not None else bool(RENDERED.fullmatch(path.name))
+        if ours and path.name not in keep and path.is_file() and not path.is_symlink():
             path.unlink()
+
+
+def write_manifest(out: Path, written: list[str]) -> None:
+    from flix.io import atomic_write_text
+
+    atomic_write_text(out / MANIFEST, "".join(f"{name}\n" for name in sorted({Path(p).name for p in written})))
 
 
 def shown(path: str | Path) -> str:
@@ -70,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = args.runs or Path(shown(REPO / os.environ.get("FLIX_RUNS", "runs") / scale))
         out = args.out or Path(shown((SNAPSHOTS if args.snapshot else REPO / os.environ.get("FLIX_REPORTS", DEFAULT_OUT)) / scale))
         paper = args.paper or Path(os.environ.get("FLIX_PAPER_DIR") or PAPER)
+        before = rendered_before(out)
         summary = render(runs, out, scale, paper)
         if args.snapshot:
-            remove_stale(out, summary["files"])
+            remove_stale(out, summary["files"], before)
+        write_manifest(out, summary["files"])
     except ReportError as error:
         print(f"flix report: {error}", file=sys.stderr)
         return 2

@@ -58,6 +58,7 @@ class RunIndex:
     runs: list[RunRecord] = field(default_factory=list)
     skipped: list[RunRecord] = field(default_factory=list)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # records that cannot be read or trusted, and why
+    duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (a copy left out, the record kept)
 
     @property
     def finished(self) -> list[RunRecord]:
@@ -121,6 +122,7 @@ def run_files(root: Path, name: str) -> list[Path]:
     does (it finds a run through its path), each real folder once."""
     found, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # temp copies (flix records), .hydra: no runs
         real = os.path.realpath(folder)
         if real in seen:  # a link loop, or a second path to the same runs
             dirs.clear()
@@ -135,7 +137,8 @@ def collect(root: str | Path, scale: str | None = None) -> RunIndex:
     """Every run under `root` (any depth, through symlinked folders). A directory with
     results.json counts as finished even if an older failed.json is still there (the rerun
     succeeded). A record that cannot be read or trusted, whatever is wrong with it, is
-    named in `unreadable` and skipped: the rest renders."""
+    named in `unreadable` and skipped: the rest renders. Copies of one run count once
+    (`duplicates`)."""
     root = Path(root)
     runs, unreadable = [], []
     done = set()
@@ -152,7 +155,25 @@ def collect(root: str | Path, scale: str | None = None) -> RunIndex:
                 runs.append(read_failure(path))
         except READ_ERRORS as error:  # e.g. the failure of seed=abc
             unreadable.append((path, f"{type(error).__name__}: {error}"))
+    runs, duplicates = once(runs)
     if scale is None:
-        return RunIndex(root, runs, unreadable=unreadable)
+        return RunIndex(root, runs, unreadable=unreadable, duplicates=duplicates)
     keep = [r for r in runs if r.scale in (None, scale)]
-    return RunIndex(root, keep, [r for r in runs if r.scale not in (None, scale)], unreadable)
+    return RunIndex(root, keep, [r for r in runs if r.scale not in (None, scale)], unreadable, duplicates)
+
+
+def once(runs: list[RunRecord]) -> tuple[list[RunRecord], list[tuple[Path, Path]]]:
+    """Each finished run once: copies of one run (the same setting and seed, e.g. a records
+    folder inside the runs root) would count as more seeds. The first path is kept; the
+    others come back as (copy, kept) for a warning."""
+    kept: dict[tuple, RunRecord] = {}
+    out, duplicates = [], []
+    for run in runs:
+        key = (run.method, run.mixture, run.seed, tuple(sorted(run.setting.items())))
+        if run.finished and key in kept:
+            duplicates.append((run.path, kept[key].path))
+            continue
+        if run.finished:
+            kept[key] = run
+        out.append(run)
+    return out, duplicates

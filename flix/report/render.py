@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,14 +48,24 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
     tables = build_all(index, paper_dir)
     appendices = build_appendices(index)
     frame = figure.figure_data(*tables[:2])  # Tables 1 and 2
-    files = [p for t in tables for p in write_table(t, page, out_dir)]
-    files.append(atomic_write_text(out_dir / "cells.csv", cells_csv(tables)))
-    files += [p for a in appendices for p in write_appendix(a, page, out_dir)]
-    pictures = figure.plot(frame, out_dir, scale)
-    files += pictures + [figure.write_csv(frame, out_dir)]
     runs = runs_frame(index.finished)  # reads every run's predictions and log: once
-    files += write_runs(runs, index.finished, page, out_dir)
-    files.append(atomic_write_text(out_dir / "index.html", html_page(page, index.finished, tables, (frame, pictures[0]), appendices, runs)))
+    # Every file is written into a hidden temp folder first, then moved in: a render killed
+    # or out of space leaves the last report whole, not old and new files mixed.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".render.", suffix=".tmp"))
+    try:
+        files = [p for t in tables for p in write_table(t, page, tmp)]
+        files.append(atomic_write_text(tmp / "cells.csv", cells_csv(tables)))
+        files += [p for a in appendices for p in write_appendix(a, page, tmp)]
+        pictures = figure.plot(frame, tmp, scale)
+        files += pictures + [figure.write_csv(frame, tmp)]
+        files += write_runs(runs, index.finished, page, tmp)
+        files.append(atomic_write_text(tmp / "index.html", html_page(page, index.finished, tables, (frame, pictures[0]), appendices, runs)))
+        for path in files:
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = [out_dir / path.name for path in files]
     filled = int(frame["change"].notna().sum())
     return {
         "scale": scale,
@@ -62,6 +75,7 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
         "failed": sum(r.failure is not None for r in index.runs),
         "skipped_other_scales": len(index.skipped),
         "unreadable": [f"{path}: {reason}" for path, reason in index.unreadable],
+        "duplicates": [f"{copy}: a copy of {kept} (the same setting and seed), counted once" for copy, kept in index.duplicates],
         "tables": {t.name: dict(zip(("filled", "missing"), t.counts())) for t in tables},
         "figure2": {"filled": filled, "missing": len(frame) - filled},
         "appendices": [a.mixture for a in appendices],
@@ -76,4 +90,6 @@ def summary_line(summary: dict) -> str:
     skipped = f", {summary['skipped_other_scales']} of other scales skipped" if summary["skipped_other_scales"] else ""
     unreadable = summary.get("unreadable") or []
     broken = f", {len(unreadable)} unreadable results.json skipped ({unreadable[0]})" if unreadable else ""
-    return f"report ({summary['scale']}, {summary['runs']} runs, {summary['failed']} failed{skipped}{broken}): {cells}"
+    copies = summary.get("duplicates") or []
+    twice = f", {len(copies)} copies of runs counted once ({copies[0]})" if copies else ""
+    return f"report ({summary['scale']}, {summary['runs']} runs, {summary['failed']} failed{skipped}{broken}{twice}): {cells}"
