@@ -104,12 +104,16 @@ class Mixture:
         return needed
 
     def check(self, root: str | Path | None) -> None:
-        """Fail before training if any file is missing, listing all of them and what exists."""
+        """Fail before training if any file is missing, listing all of them and what exists,
+        or cannot be read (a folder or a dangling link in its place, a line not UTF-8)."""
         base = reader.resolve_root(root)
         have = reader.available(base)
         missing = [(task, split, lang) for task, split, lang in self.required_files() if lang not in have.get(task, {}).get(split, [])]
         if missing:
             raise reader.DataError(_missing_message(self, base, missing, have))
+        paths = dict.fromkeys(reader.dataset_path(base, *needed) for needed in self.required_files())
+        if problems := [p for path in paths if (p := reader.file_problem(path))]:
+            raise reader.DataError("Data files that cannot be read:\n  " + "\n  ".join(problems))
 
     def restrict(self, max_langs_per_task: int) -> Mixture:
         """A smaller mixture (first n languages per task and per eval set), still valid.

@@ -110,6 +110,22 @@ def data_files(root: str | Path | None) -> list[tuple[str, str, str, Path]]:
     return found
 
 
+def file_problem(path: Path) -> str | None:
+    """What makes a data file unreadable, found before training (the reader would find it
+    only when it reaches the file, after training for a test file): not a file (a folder,
+    a dangling link), or a line that is not UTF-8. None if it reads."""
+    if not path.is_file():
+        what = "a dangling link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
+        return f"{path}: {what}, not a data file; put the jsonl file there"
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"{path}:{line}: not UTF-8 (byte {data[err.start]:#04x}); re-encode the file as UTF-8"
+    return None
+
+
 def available(root: str | Path | None) -> dict[str, dict[str, list[str]]]:
     """{task: {split: sorted languages}} of the files under `root`."""
     out: dict[str, dict[str, list[str]]] = {}

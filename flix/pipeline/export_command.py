@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     from flix.export import MANIFEST, export_all
     from flix.model import FLixModel
 
+    if args.out.exists() and not args.out.is_dir():  # before the model loads: export_all would fail writing
+        print(f"flix export: error: {args.out} is a file, not a folder: pass a folder for the adapters (new or existing)", file=sys.stderr)
+        return 2
     if not (args.adapter / CONFIG_NAME).is_file():
         print(f"flix export: error: {args.adapter / CONFIG_NAME} not found: pass a FLix adapter folder", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -109,9 +110,25 @@ def override_problems(args: list[str], data: bool = False) -> list[str]:
             problem = _composition_problem(err)
             problems += [problem] if problem not in problems else []
             continue
-        found = config_problems(cfg) or (_start_problems(cfg) if data else [])
+        found = (config_problems(cfg) + quantize_problems(cfg)) or (_start_problems(cfg) if data else [])
         problems += [p for p in found if p not in problems]
     return problems
+
+
+def quantize_problems(cfg: DictConfig) -> list[str]:
+    """A quantized base that cannot run, found from the command line (flix.base_models.quantize
+    and flix.pipeline.sharding say the same, but only once Hydra has made the run folder):
+    bitsandbytes not installed, or FSDP, which shards floating-point weights."""
+    method = cfg.model.get("quantize", "none")
+    if method == "none":
+        return []
+    if cfg.train.get("parallel") == "fsdp":
+        return [
+            f"model.quantize={method} with train.parallel=fsdp: FSDP shards floating-point weights, not a quantized base; use model.quantize=none or train.parallel=ddp"
+        ]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return [f'model.quantize={method} needs bitsandbytes, which is not installed: pip install -e ".[quant]", or use model.quantize=none']
+    return []
 
 
 def _start_problems(cfg: DictConfig) -> list[str]:
