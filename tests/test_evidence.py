@@ -129,6 +129,7 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
 
     from flix.pipeline import study
     from flix.record import copy_records, main
+    from flix.report import preregistered
     from flix.report.render import render
 
     monkeypatch.setenv("FLIX_RUNS", str(tmp_path / "runs"))
@@ -136,7 +137,11 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     folder = tmp_path / "experiments"
     folder.mkdir()
     monkeypatch.setattr(study, "EXPERIMENTS", folder)
-    (folder / "pair.yaml").write_text(json.dumps({"sweeps": [{"method": ["compute_matched", "flix"], "mixture": ["multilingual_ner"]}]}))
+    monkeypatch.setattr(preregistered, "EXPERIMENTS", folder)
+    family = [{"name": "flix_vs_lora", "a": {"method": "flix", "dropout": 0.7}, "b": {"method": "compute_matched"}}]
+    design = {"registered": "2026-12-06", "scale": "smoke", "primary": "test target NLL", "alpha": 0.05, "smallest_effect": 0.1, "family": family}
+    sweeps = [{"method": ["compute_matched", "flix"], "mixture": ["multilingual_ner"]}]
+    (folder / "pair.yaml").write_text(json.dumps({"design": design, "order": "seed", "sweeps": sweeps}))
     fast = ["scale.steps=2", "scale.eval_every=2", "scale.eval_examples=2", "scale.test_examples=3", "train.threads=1"]
     assert study.main(["pair", "--seeds", "0,1", "--logger", "none", "--no-report", *fast]) == 0
     runs = tmp_path / "runs" / "smoke"
@@ -147,7 +152,22 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     assert not list(records.rglob("*.safetensors")) and not list(records.rglob("checkpoints"))
     assert len(list(records.rglob("results.json"))) == 4 and list(records.rglob("train.log")) and list(records.rglob("overrides.yaml"))
     render(records, tmp_path / "from_records", "smoke", paper)
-    assert (tmp_path / "from_records" / "cells.csv").read_text() == (tmp_path / "from_runs" / "cells.csv").read_text()
+    for name in ("cells.csv", "preregistered.csv", "curves.csv", "curves.svg"):
+        assert (tmp_path / "from_records" / name).read_text() == (tmp_path / "from_runs" / name).read_text(), name
+    # the pre-registered question: paired by seed on the test NLL sample, Holm over the family alone
+    (question,) = pd.read_csv(tmp_path / "from_records" / "preregistered.csv").itertuples()
+    by_run = {
+        (r["method"], r["seed"]): r["eval_sets"]["ner"]["test_nll"] for r in map(json.loads, map(Path.read_text, records.rglob("results.json")))
+    }
+    expected = [by_run[("flix", s)] - by_run[("compute_matched", s)] for s in (0, 1)]
+    assert question.diff == pytest.approx(sum(expected) / 2, abs=1e-4) and question.seeds == "0 1"
+    assert question.p_holm == pytest.approx(question.p, abs=1e-4)  # a family of one: Holm changes nothing
+    established = question.p_holm < 0.05
+    small = -0.1 < question.ci_low and question.ci_high < 0.1
+    expected_verdict = ", ".join(["established"] * established + ["ruled out as larger than 0.1"] * small) or "not settled"
+    assert question.verdict == expected_verdict
+    curves = pd.read_csv(tmp_path / "from_records" / "curves.csv")
+    assert len(curves) == 4 and set(curves.step) == {2} and curves.validation_nll.gt(0).all()  # 4 runs, one validation each
     cells = pd.read_csv(tmp_path / "from_records" / "cells.csv")
     nll = cells[(cells.table == "table2_nll") & (cells.column == "Multilingual NER") & (cells.row == "FLix")].iloc[0]
     assert nll.seeds == 2 and nll.ci_low < nll.ours < nll.ci_high and nll.interval_covers == "seeds and examples"
@@ -184,3 +204,21 @@ def test_the_committed_cpu_report_is_what_its_committed_records_render(tmp_path)
     render(committed / "runs", tmp_path, "cpu", Path(__file__).resolve().parents[1] / "flix" / "report" / "paper")
     for name in ("cells.csv", "runs.csv"):
         assert (tmp_path / name).read_text() == (committed / name).read_text(), name
+
+
+def test_length_bucketed_generation_returns_each_examples_own_output_in_order(data_root):
+    """predict() batches prompts by length; each output is the one the example gets alone
+    (on the causal model, whose greedy outputs left padding leaves unchanged here; the tiny
+    T5's outputs on the repository's sample differ between some batches and alone)."""
+    name = "tiny"
+    from flix import FLixConfig, get_flix_model
+    from flix.pipeline.evaluate import predict
+
+    base, tokenizer = load_model({"name": name})
+    model = get_flix_model(base, FLixConfig(features={"task": ["ner", "qa_in_lang"], "lang": ["sw"]}, ranks={"task": 2, "lang": 2}))
+    model.eval()
+    examples = read_dataset(data_root, "ner", "validation", "sw", limit=5) + read_dataset(data_root, "qa_in_lang", "validation", "sw", limit=3)
+    seq2seq = name == "tiny_seq2seq"
+    together = predict(model, tokenizer, examples, LIMITS, 4, seq2seq, "cpu")
+    alone = [predict(model, tokenizer, [ex], LIMITS, 1, seq2seq, "cpu")[0] for ex in examples]
+    assert together == alone and len(set(alone)) > 1

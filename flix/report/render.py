@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from flix.io import atomic_write_text
-from flix.report import figure
+from flix.report import figure, preregistered
 from flix.report.appendix import build_appendices
 from flix.report.collect import collect
 from flix.report.formats import Page, cells_csv, write_appendix, write_table
@@ -60,6 +60,9 @@ def render(runs_dir: str | Path, out_dir: str | Path, scale: str | None, paper_d
         pictures = figure.plot(frame, tmp, scale)
         files += pictures + [figure.write_csv(frame, tmp)]
         files += write_runs(runs, index.finished, page, tmp)
+        design = preregistered.load_design(scale)  # a pre-registered study of this scale: its own questions and curves
+        if design is not None:
+            files += preregistered.write(design, index.finished, tmp, page.meta(index.finished))
         files.append(atomic_write_text(tmp / "index.html", html_page(page, index.finished, tables, (frame, pictures[0]), appendices, runs)))
         for path in files:
             os.replace(path, out_dir / path.name)
