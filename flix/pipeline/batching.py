@@ -130,7 +130,12 @@ def target_nll(model, batch: dict, seq2seq: bool) -> list[float]:
     return [float(part.mean()) if len(part) else 0.0 for part in losses.split(counts.tolist())]
 
 
+def prompt_tokens(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool) -> list[list[int]]:
+    """Each example's prompt as generation sees it (evaluation formatting, cut to the budget)."""
+    return _sources(examples, tokenizer, limits, train=False, seq2seq=seq2seq)
+
+
 def generation_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool) -> dict:
-    source = _sources(examples, tokenizer, limits, train=False, seq2seq=seq2seq)
+    source = prompt_tokens(examples, tokenizer, limits, seq2seq)
     input_ids, attention_mask = _left_pad(source, tokenizer.pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -13,19 +13,23 @@ from tqdm.auto import tqdm
 from flix.data import Example
 from flix.data.formatting import TARGET_MAX_TOKENS
 from flix.metrics import score
-from flix.pipeline.batching import TextLimits, generation_batch, micro_batches, target_nll, training_batch
+from flix.pipeline.batching import TextLimits, generation_batch, micro_batches, prompt_tokens, target_nll, training_batch
 
 Dataset = tuple[str, str]  # (task, lang)
 
 
 @torch.no_grad()
 def predict(model, tokenizer, examples: list[Example], limits: TextLimits, batch_size: int, seq2seq: bool, device) -> list[str]:
-    """Greedy outputs for one dataset's examples; each batch routes its examples' own
-    features (an unseen language falls back to the task feature by itself)."""
+    """Greedy outputs for one dataset's examples, in their order; each batch routes its
+    examples' own features (an unseen language falls back to the task feature by itself).
+    Batches hold prompts of similar length (longest first), so few positions are padding."""
     max_new = min(TARGET_MAX_TOKENS.get(examples[0].task, limits.max_target_tokens), limits.max_target_tokens) + 1
-    outputs = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    lengths = [len(ids) for ids in prompt_tokens(examples, tokenizer, limits, seq2seq)]
+    order = sorted(range(len(examples)), key=lambda i: -lengths[i])
+    outputs: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        positions = order[start : start + batch_size]
+        chunk = [examples[i] for i in positions]
         batch = {k: v.to(device) for k, v in generation_batch(chunk, tokenizer, limits, seq2seq).items()}
         with model.route([ex.features for ex in chunk]):
             generated = model.generate(
@@ -37,8 +41,8 @@ def predict(model, tokenizer, examples: list[Example], limits: TextLimits, batch
                 eos_token_id=tokenizer.eos_token_id,
             )
         new_tokens = generated if seq2seq else generated[:, batch["input_ids"].shape[1] :]
-        outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return outputs
+        outputs.update(zip(positions, (text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))))
+    return [outputs[i] for i in range(len(examples))]
 
 
 @torch.no_grad()
