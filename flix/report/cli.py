@@ -47,7 +47,7 @@ def scale_name(text: str) -> str:
 
 MANIFEST = ".rendered"  # what the last render wrote into its folder: the only files --snapshot may remove
 # what renders wrote before the manifest (a folder without one): the report's own names
-RENDERED = re.compile(r"(table\d\w*|dropout_modes\w*|appendix_[\w.-]+|cells|runs|figure2|index)\.(md|tex|csv|png|svg|html)")
+RENDERED = re.compile(r"(table\d\w*|dropout_modes\w*|appendix_[\w.-]+|cells|runs|figure2|index|preregistered|curves)\.(md|tex|csv|png|svg|html)")
 
 
 def rendered_before(out: Path) -> set[str] | None:
