@@ -166,7 +166,8 @@ def plot_curves(data: pd.DataFrame, out_dir: Path, title: str) -> list[Path]:
         ax = fig.add_subplot()
         for name, part in data.groupby("condition", sort=True):
             stats = part.groupby("step")["validation_nll"].agg(["mean", "min", "max", "count"])
-            line = ax.plot(stats.index, stats["mean"], marker="o", label=f"{name} ({part['seed'].nunique()} seeds)")[0]
+            seeds = part["seed"].nunique()
+            line = ax.plot(stats.index, stats["mean"], marker="o", label=f"{name} ({seeds} seed{'' if seeds == 1 else 's'})")[0]
             ax.fill_between(stats.index, stats["min"], stats["max"], color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("training step")
         ax.set_ylabel("validation target NLL (nats per token)")
