@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.attribute import attributed_ratio, own_time
-from benchmarks.cases import ALPHA
-from benchmarks.model_cases import gemma_features, mixed_features
+from benchmarks.cases import ALPHA, mixed_routes
+from benchmarks.model_cases import gemma_features
 from benchmarks.timing import paired_ratio, stats, time_interleaved
 from flix import kernels
 from flix.io import atomic_write_json
@@ -54,7 +54,7 @@ def run(args, sizes: list[int]) -> int:
     for d in sizes:
         space = gemma_features(d)
         config = method_config("flix", space, "joint", alpha=ALPHA)
-        cases[f"flix D={d}"] = layer_case(args.d_in, args.d_out, x, grad, config, mixed_features(space, args.batch, 1, gen)[0])
+        cases[f"flix D={d}"] = layer_case(args.d_in, args.d_out, x, grad, config, mixed_routes(space, args.batch, 1, gen)[0])
     ms = time_interleaved(cases, args.warmup, args.repeats)
     # The estimate `benchmarks.model` relies on, checked here against the tight wall-time ratio.
     attributed = {name: own_time(step, args.attribute) for name, step in cases.items() if name != "frozen" and args.attribute}

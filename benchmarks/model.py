@@ -1,24 +1,30 @@
 """`python -m benchmarks.model`: FLix on a real pretrained model against the frozen base and LoRA.
 
-Training rows time one optimizer step on a mixed batch (--batch examples of --seq
-tokens, the loss on the last --target tokens through the training loss
-`flix.pipeline.batching.loss_sum`, example i routed to task i mod 4 and a random language, so
-a batch has at least 4 feature combinations):
+Training rows time one optimizer step per real micro-batch: the micro-batches a --scale
+run of --mixture trains on (its sampler, its length-sorted micro-batches and tensors:
+`flix.pipeline.batching`, as `Trainer.train_step` builds them; each round the next one,
+the same for every case), example i routed to task i mod 4 and a random language, so a
+batch has at least 4 feature combinations:
 
     base              the frozen model alone: forward + backward to its input embeddings
     compute_matched   one always-on rank-6 adapter, SparseAdamW
-    peft_lora         peft LoRA rank 6 on the same projections, torch AdamW
+    peft_lora         peft LoRA rank 6 on the same projections, torch AdamW, with the
+                      model's own `labels=` loss (full-vocabulary logits): a user's step
     flix D=...        task rank 4 + language rank 2, feature dropout 0.7, D features
+
+All but peft_lora take the training loss (`flix.pipeline.batching.loss_sum`: the output
+layer at labelled positions only). Each step's useful arithmetic (real tokens through the
+blocks, real targets through the output layer, forward + input-gradient backward:
+`flix.pipeline.estimate.useful_flops`, from the model's shapes) is put against a square
+matmul timed in the same rounds (2048 float32 on a CPU: sgemm), per round.
 
 Generation rows time greedy decoding of --new-tokens tokens for --gen-batch prompts of
 --gen-seq tokens, each prompt its own feature combination: `base` (no adapters),
 `peft_adapter_names` (one peft LoRA per combination) and `flix` (routing).
 
 All cases share one copy of the base weights and run in interleaved rounds (each in a
-shuffled order); each row is a median. A large matmul timed in the same rounds gives the
-machine's practical peak, against which the steps' achieved FLOP/s (counted by torch's
-FlopCounterMode) are put. Then a few profiled steps of each FLix-layer case split its
-time into the adapters' own work and the frozen rest (`benchmarks.attribute`, CPU only).
+shuffled order); each row is a median. Then a few profiled steps of each FLix-layer case
+split its time into the adapters' own work and the frozen rest (`benchmarks.attribute`, CPU only).
 A fresh process measures the peak memory of one micro-batch at a scale's worst-case
 sizes (--memory-scale). On CUDA the cases run under bf16 autocast (adapters and
 optimizer state stay float32), as training does; `--bf16 true` runs that path on the
@@ -48,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     positive = options.at_least(1)
     parser.add_argument("--model", default="gemma3_270m", help="a conf/model option (default gemma3_270m)")
-    parser.add_argument("--batch", type=positive, default=8, help="training examples per step (default 8)")
-    parser.add_argument("--seq", type=positive, default=120, help="tokens per training example (default 120)")
-    parser.add_argument("--target", type=positive, default=24, help="loss positions at the end of each example (default 24)")
+    parser.add_argument("--scale", default="cpu", help="the scale whose micro-batches are timed (conf/scale; default cpu)")
+    parser.add_argument("--mixture", default="multilingual_ner", help="the mixture they come from (conf/mixture; default multilingual_ner)")
+    parser.add_argument("--data-root", help="XTREME-UP data root (default: the scale's data.root, e.g. FLIX_DATA_ROOT)")
     parser.add_argument("--gen-batch", type=positive, default=16, help="prompts per generation batch, one combination each (default 16)")
     parser.add_argument("--gen-seq", type=positive, default=64, help="tokens per prompt (default 64)")
     parser.add_argument("--new-tokens", type=positive, default=16, help="greedy tokens per prompt (default 16)")
@@ -80,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes: list[int] = []
     if not args.rescore:  # a saved report is only checked again: nothing runs
-        if args.target >= args.seq:
-            parser.error("--target must be smaller than --seq")
         sizes = options.feature_counts(parser, args.features, 2 * TASKS, f"{TASKS} tasks and at least as many languages")
     from benchmarks.model_run import run  # torch and the models load only now
 

@@ -1,7 +1,7 @@
-"""The cases `benchmarks.model` times: model loading, batches and routes, one training
-step of the base / FLix / peft LoRA (`benchmarks.cases`' steps with the training loss),
-generation, a matmul for the practical peak, FLOP counting and the one-micro-batch
-memory probe (run in a fresh process)."""
+"""The cases `benchmarks.model` times: model loading, a scale's real micro-batches and
+routes, one training step of the base / FLix (`benchmarks.cases`' steps with the training
+loss) and of peft LoRA with the model's own loss, generation, a matmul for the practical
+peak and the one-micro-batch memory probe (run in a fresh process)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import torch
 
 from benchmarks import cases, options
 from benchmarks.cases import ALPHA, DROPOUT
-from flix import kernels
+from flix.loss import IGNORE
 from flix.model import get_flix_model
-from flix.pipeline.batching import loss_sum
+from flix.pipeline.batching import TextLimits, loss_sum, position_ids
+from flix.pipeline.estimate import step_micro_batches
 from flix.pipeline.memory import peak_memory_gib
 from flix.pipeline.methods import method_config
 from flix.targets import default_target_modules, find_target_modules
@@ -56,11 +57,6 @@ def gemma_features(num_features: int) -> dict[str, list[str]]:
     return cases.features_of_size(num_features, TASKS)
 
 
-def mixed_features(features: dict[str, list[str]], batch: int, count: int, gen: torch.Generator) -> list[list[dict]]:
-    """`count` batches; example i has task i mod 4 and a random language."""
-    return cases.mixed_routes(features, batch, count, gen)
-
-
 def bank_bytes(model: torch.nn.Module, num_features: int) -> int:
     """Bytes of FLix banks with D features (SparseAdamW keeps moments only for the
     rows that batches touch, a few hundred here)."""
@@ -80,36 +76,92 @@ def available_bytes(device: torch.device) -> int:
 # --- the cases ------------------------------------------------------------------------------
 
 
-def train_batch(args, tokenizer, device) -> dict:
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(10, min(tokenizer.vocab_size, 50_000), (args.batch, args.seq), generator=gen)
-    labels = ids[:, -args.target :].clone()
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    return {k: v.to(device) for k, v in batch.items()}
+def real_micro_batches(args, tokenizer, count: int, device) -> list[dict]:
+    """The first `count` micro-batches that a `--scale` run of `--mixture` trains on, as
+    `Trainer.train_step` builds them (its sampler and seed, length-sorted micro-batches),
+    on `device`. Causal models (the cases' losses are)."""
+    from omegaconf import OmegaConf
+
+    from flix.data.reader import resolve_root
+    from flix.data.sampling import MixtureSampler
+    from flix.pipeline.run_config import compose, load_mixture_for
+    from flix.pipeline.trainer import read_split
+
+    overrides = [f"scale={args.scale}", f"mixture={args.mixture}", f"model={args.model}"]
+    cfg = compose(overrides + ([f"data.root={args.data_root}"] if args.data_root else []))
+    mixture, root = load_mixture_for(cfg), resolve_root(OmegaConf.select(cfg, "data.root"))
+    mixture.check(root)
+    s, t = cfg.scale, cfg.train
+    # as Trainer builds it
+    sampler = MixtureSampler(
+        read_split(root, mixture.train_datasets, "train"), s.batch_size, seed=cfg.seed, strategy=t.sampling, cap=t.cap, temperature=t.temperature
+    )
+    limits = TextLimits(s.max_prompt_tokens, s.max_target_tokens, s.max_context_chars)
+    batches: list[dict] = []
+    step = 0
+    while len(batches) < count:
+        batches += step_micro_batches(sampler, step, s.micro_batch_size, tokenizer, limits, seq2seq=False)
+        step += 1
+    return [{k: v.to(device) for k, v in b.items() if k != "num_targets"} for b in batches[:count]]
 
 
-def training_loss(batch: dict, autocast) -> cases.Loss:
-    """The training loss (`flix.pipeline.batching.loss_sum`) of `batch`, under `autocast`."""
+def full_length_batch(rows: int, seq: int, target: int, tokenizer, device) -> dict:
+    """`rows` examples of `seq` tokens, the last `target` labelled: a scale's worst case (the memory probe)."""
+    ids = torch.randint(10, min(tokenizer.vocab_size, 50_000), (rows, seq), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -target:] = ids[:, -target:]
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+
+
+def cycling(batches: list[dict]) -> Callable[[], dict]:
+    """The next of `batches` at each call: every case of a round (each called once) gets the same one."""
+    it = itertools.count()
+    return lambda: batches[next(it) % len(batches)]
+
+
+def training_loss(batches: list[dict], autocast) -> cases.Loss:
+    """The training loss (`flix.pipeline.batching.loss_sum`: the output layer at target
+    positions only) of the next batch, under `autocast`."""
+    batch = cycling(batches)
 
     def loss(model):
         with autocast():
-            return loss_sum(model, batch, seq2seq=False)
+            return loss_sum(model, batch(), seq2seq=False)
 
     return loss
 
 
-def base_step(model, batch, autocast) -> Callable[[], None]:
-    return cases.frozen_step(model, training_loss(batch, autocast))
+def own_loss(batches: list[dict], autocast) -> cases.Loss:
+    """The loss a user's step would take: the model's own `labels=` loss (full-vocabulary
+    logits at every position, kept for backward)."""
+    batch = cycling(batches)
+
+    def loss(model):
+        b = batch()
+        with autocast():
+            return model(**b, position_ids=position_ids(b["attention_mask"])).loss
+
+    return loss
 
 
-def flix_step(base, config, batch, routes, autocast, device) -> Callable[[], None]:
+def routes_for(features: dict[str, list[str]], batches: list[dict], gen: torch.Generator) -> list[list[dict]]:
+    """One route per example of each batch: task i mod 4 and a random language."""
+    return [cases.mixed_routes(features, len(b["input_ids"]), 1, gen)[0] for b in batches]
+
+
+def base_step(model, batches, autocast) -> Callable[[], None]:
+    return cases.frozen_step(model, training_loss(batches, autocast))
+
+
+def flix_step(base, config, batches, routes, autocast, device) -> Callable[[], None]:
     model = get_flix_model(shared_copy(base), config).to(device).train()
-    return cases.flix_step(model, training_loss(batch, autocast), routes)
+    return cases.flix_step(model, training_loss(batches, autocast), routes)
 
 
-def peft_step(base, batch, autocast, device) -> Callable[[], None]:
+def peft_step(base, batches, autocast, device) -> Callable[[], None]:
+    """peft LoRA on the same projections with the model's own loss: the step a user would write."""
     model = cases.lora(shared_copy(base), default_target_modules(base)).to(device).train()
-    return cases.lora_step(model, training_loss(batch, autocast))
+    return cases.lora_step(model, own_loss(batches, autocast))
 
 
 def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Callable[[], None]]:
@@ -146,24 +198,6 @@ def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Calla
     return {"base": generate(shared_copy(base).eval()), "peft_adapter_names": generate(peft, adapter_names=names), "flix": flix_generate}
 
 
-def matmul_case(device: torch.device, bf16: bool) -> tuple[Callable[[], None], float]:
-    """A large square matmul, the practical peak of this device's matrix unit."""
-    n = 8192 if device.type == "cuda" else 2048
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
-    return (lambda: torch.mm(a, b)), 2 * n**3
-
-
-def count_flops(step: Callable[[], None]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    # the compiled CPU kernel is invisible to FLOP counters: count the same arithmetic as torch ops
-    with FlopCounterMode(display=False) as counter, kernels.disabled():
-        step()
-    return counter.get_total_flops()
-
-
 # --- the memory probe (a fresh process, so that its peak is one micro-batch's) ----------------
 
 
@@ -174,14 +208,14 @@ def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
     device = device_of(args)
     base, tokenizer = load(args)
     base.to(device)
-    args.batch, args.seq, args.target = batch, prompt + target + 1, target + 1
+    batches = [full_length_batch(batch, prompt + target + 1, target + 1, tokenizer, device)]
     config = method_config("flix", gemma_features(64), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
-    routes = mixed_features(gemma_features(64), batch, 1, torch.Generator().manual_seed(args.seed))
-    step = flix_step(base, config, train_batch(args, tokenizer, device), routes, autocast_for(device, bf16_enabled(args, device)), device)
+    routes = routes_for(gemma_features(64), batches, torch.Generator().manual_seed(args.seed))
+    step = flix_step(base, config, batches, routes, autocast_for(device, bf16_enabled(args, device)), device)
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
-    return {"micro_batch": batch, "tokens": args.seq, "peak_gib": peak_memory_gib(device), "seconds": seconds, "device": device.type}
+    return {"micro_batch": batch, "tokens": prompt + target + 1, "peak_gib": peak_memory_gib(device), "seconds": seconds, "device": device.type}
 
 
 def measure_micro_batch_memory(args) -> dict | None:

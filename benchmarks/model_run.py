@@ -21,24 +21,25 @@ from benchmarks.model_cases import (
     bank_bytes,
     base_step,
     bf16_enabled,
-    count_flops,
     device_of,
     flix_step,
     gemma_features,
     generation_cases,
     load,
-    matmul_case,
     measure_micro_batch_memory,
-    mixed_features,
     peft_step,
     probe_memory,
+    real_micro_batches,
+    routes_for,
     shared_copy,
-    train_batch,
 )
 from benchmarks.model_report import check_targets, format_report, rescore, run_config
 from benchmarks.timing import stats, time_interleaved
 from flix import kernels
 from flix.io import atomic_write_json
+from flix.loss import IGNORE
+from flix.pipeline.batching import padding_fraction
+from flix.pipeline.estimate import matmul_case, useful_flops
 from flix.pipeline.memory import peak_memory_gib
 from flix.pipeline.methods import method_config
 
@@ -62,14 +63,15 @@ def bench_model(args, sizes: list[int]) -> int:
     autocast = autocast_for(device, bf16)
     base, tokenizer = load(args)
     base.to(device)
-    batch = train_batch(args, tokenizer, device)
-    rounds = args.warmup + args.repeats + 1
+    batches = real_micro_batches(args, tokenizer, args.warmup + args.repeats, device)  # round r takes batches[r]
+    timed = batches[args.warmup :]
+    useful = [useful_flops(base, b, seq2seq=False) for b in timed]
     gen = torch.Generator().manual_seed(args.seed)
 
-    train: dict[str, Callable[[], None]] = {"base": base_step(shared_copy(base), batch, autocast)}
+    train: dict[str, Callable[[], None]] = {"base": base_step(shared_copy(base), batches, autocast)}
     cm = method_config("compute_matched", gemma_features(sizes[0]), "joint", alpha=ALPHA)
-    train["compute_matched"] = flix_step(base, cm, batch, [[{}] * args.batch], autocast, device)
-    train["peft_lora"] = peft_step(base, batch, autocast, device)
+    train["compute_matched"] = flix_step(base, cm, batches, [[{}] * len(b["input_ids"]) for b in batches], autocast, device)
+    train["peft_lora"] = peft_step(base, batches, autocast, device)
     skipped = {}
     for d in sizes:
         need, have = bank_bytes(base, d), available_bytes(device)
@@ -79,21 +81,20 @@ def bench_model(args, sizes: list[int]) -> int:
             continue
         print(f"benchmarks: building flix D={d}", file=sys.stderr, flush=True)
         config = method_config("flix", gemma_features(d), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
-        train[f"flix D={d}"] = flix_step(base, config, batch, mixed_features(gemma_features(d), args.batch, rounds, gen), autocast, device)
+        train[f"flix D={d}"] = flix_step(base, config, batches, routes_for(gemma_features(d), batches, gen), autocast, device)
     matmul, matmul_flops = matmul_case(device, bf16)
     train["matmul"] = matmul
-    flops = {name: count_flops(train[name]) for name in ("base", "compute_matched", f"flix D={sizes[0]}") if name in train}
     ms = time_interleaved(train, args.warmup, args.repeats, device)
-    peak_flops = matmul_flops / (stats("ms", ms["matmul"])["ms"] / 1e3)
+    matmul_row = {"gflop": matmul_flops / 1e9, **stats("ms", ms["matmul"])}
     rows = []
     for name, times in ms.items():
         if name == "matmul":
             continue
         row = {"case": name, **stats("ms_per_step", times)}
-        if name in flops:
-            row["gflop"] = flops[name] / 1e9
-            row["tflop_per_s"] = flops[name] / (row["ms_per_step"] / 1e3) / 1e12
-            row["fraction_of_peak"] = flops[name] / (row["ms_per_step"] / 1e3) / peak_flops
+        # per round: the round's batch's useful arithmetic over its time, and over the matmul's rate in that round
+        rates = [flops / t * 1e3 for flops, t in zip(useful, times)]
+        row["useful_gflop_per_s"] = statistics.median(rates) / 1e9
+        row["of_matmul"] = statistics.median(rate * t / 1e3 / matmul_flops for rate, t in zip(rates, ms["matmul"]))
         if (name == "compute_matched" or name.startswith("flix D=")) and args.attribute and device.type == "cpu":
             measured = own_time(train[name], args.attribute)  # after the timed rounds: the profiler slows steps
             row["own_ms"] = statistics.median(own for _, own in measured)
@@ -113,7 +114,8 @@ def bench_model(args, sizes: list[int]) -> int:
         "training": rows,
         "generation": generation,
         "skipped": {f"flix D={d}": why for d, why in skipped.items()},
-        "matmul_peak_tflop_per_s": peak_flops / 1e12,
+        "matmul": matmul_row,
+        "batches": batch_summary(args, timed, useful),
         "micro_batch_memory": memory,
         "peak_memory_gib": peak_memory_gib(device),
         "config": run_config(args, sizes, device, bf16),
@@ -124,3 +126,20 @@ def bench_model(args, sizes: list[int]) -> int:
     print(format_report(report))
     print(f"\nwrote {out}")
     return 0
+
+
+def batch_summary(args, batches: list[dict], useful: list[int]) -> dict:
+    """What the timed rounds computed on: their real micro-batches, how much of them is real,
+    and each one's useful arithmetic (round by round)."""
+    positions = sum(b["attention_mask"].numel() for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    return {
+        "scale": args.scale,
+        "mixture": args.mixture,
+        "rows": [len(b["input_ids"]) for b in batches],
+        "positions": positions,
+        "real_positions": real,
+        "real_share": 1.0 - padding_fraction(batches),
+        "real_targets": sum(int((b["labels"] != IGNORE).sum()) for b in batches),
+        "useful_gflop": [f / 1e9 for f in useful],
+    }

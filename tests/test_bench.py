@@ -94,18 +94,57 @@ def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys)
     assert budget["steps"] == len(results["train_loss"]) == 5
     assert budget["validations"] == len(results["history"]) == 3  # steps 2, 4 and the last
     assert budget["validation_batches"] == {"ner": 2, "qa_in_lang": 2}  # 4 examples each, batches of 2
-    assert budget["test_batches"] == {"ner": 3, "qa_in_lang": 3}  # 5 examples each
+    assert budget["test_nll_batches"] == budget["test_generation_batches"] == {"ner": 3, "qa_in_lang": 3}  # 5 examples each
+    assert budget["select_by"] == "metric"  # this scale's default: validation generates too
 
     m, e = report["measured"], report["expected"]
-    assert len(m["step_times_s"]) == 2 and m["step_s"] > 0 and set(m["generation_batch_s"]) == {"ner", "qa_in_lang"}
+    assert len(m["step_times_s"]) == 2 and m["step_s"] > 0 and set(m["generation_batch_s"]) == set(m["nll_batch_s"]) == {"ner", "qa_in_lang"}
     assert e["train_s"] == pytest.approx(5 * m["step_s"])
-    assert e["validation_pass_s"] == pytest.approx(sum(2 * t for t in m["generation_batch_s"].values()))
+    per_batch = {task: m["nll_batch_s"][task] + m["generation_batch_s"][task] for task in m["nll_batch_s"]}
+    assert e["validation_pass_s"] == pytest.approx(sum(2 * t for t in per_batch.values()))
+    assert e["test_s"] == pytest.approx(sum(3 * t for t in per_batch.values()))
     assert e["total_s"] == pytest.approx(e["startup_s"] + e["train_s"] + 3 * e["validation_pass_s"] + e["test_s"])
     assert report["command"].startswith("flix bench run data.root=") and report["bf16"] is False
     padding, speed = m["padding_fraction"], m["tokens_per_s"]
     assert 0.0 <= padding["sorted"] <= padding["unsorted"] < 1.0 and speed["sorted"] > 0 and speed["unsorted"] > 0
+    assert len(m["useful_gflop_per_step"]) == 2 and m["useful_gflop_per_s"] > 0 and m["matmul_gflop_per_s"] > 0
     printed = capsys.readouterr().out
-    assert "expected time per run" in printed and "length-sorted micro-batches" in printed
+    assert "expected time per run" in printed and "length-sorted micro-batches" in printed and "GFLOP/s" in printed
+
+    # by NLL, validation generates nothing; the test scores target NLL on more examples than it generates for
+    assert estimate.main([*overrides, "train.select_by=nll", "scale.test_nll_examples=7", "--steps", "1", "--warmup", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    budget, m, e = report["budget"], report["measured"], report["expected"]
+    assert budget["test_nll_batches"] == {"ner": 4, "qa_in_lang": 4} and budget["test_generation_batches"] == {"ner": 3, "qa_in_lang": 3}
+    assert e["validation_pass_s"] == pytest.approx(sum(2 * t for t in m["nll_batch_s"].values()))
+    assert e["test_s"] == pytest.approx(sum(4 * m["nll_batch_s"][t] + 3 * m["generation_batch_s"][t] for t in m["nll_batch_s"]))
+    assert "validation (target NLL alone)" in capsys.readouterr().out
+
+
+def test_useful_flops_count_real_tokens_and_targets_from_the_models_shapes():
+    """Useful arithmetic of a known batch: 4 FLOPs per block weight per real token and 4
+    per output-layer weight per real target (forward and input gradient), whatever the
+    padding; a FLix model of the base counts what the base does."""
+    from flix.base_models import load_model
+    from flix.loss import IGNORE
+    from flix.model import get_flix_model
+    from flix.pipeline.methods import method_config
+
+    base, _ = load_model({"name": "tiny"})
+    config = base.config
+    d, vocab, inner, layers = config.hidden_size, config.vocab_size, config.intermediate_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * inner  # q, k, v, o, gate, up, down
+    assert estimate.linear_weights(base, skip=base.get_output_embeddings()) == layers * per_layer
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # 8 real positions of 10
+    labels = torch.full((2, 5), IGNORE)
+    labels[0, 4] = labels[1, 3:] = 7  # 3 real targets
+    batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": mask, "labels": labels}
+    expected = 4 * (8 * layers * per_layer + 3 * d * vocab)
+    assert estimate.useful_flops(base, batch, seq2seq=False) == expected
+    flix = get_flix_model(base, method_config("flix", {"task": ["t0"], "lang": ["l0"]}, "joint"))
+    assert estimate.useful_flops(flix, batch, seq2seq=False) == expected
+    assert estimate.useful_flops(base, {**batch, "attention_mask": torch.ones(2, 5)}, seq2seq=False) == expected + 4 * 2 * layers * per_layer
 
 
 def test_bench_names_its_benchmarks_and_options(capsys):
@@ -130,10 +169,10 @@ def test_flix_bench_runs_the_checkouts_benchmarks_in_a_child_process(tmp_path, c
     assert error.count("\n") == 1 and "benchmarks/" in error and "checkout" in error
 
 
-def test_bench_model_writes_every_row(tmp_path, capsys):
-    """`flix bench model` end to end on the tiny model: every training and generation case,
-    FLOP counts against a measured matmul peak, the micro-batch memory probe in a fresh
-    process, and a verdict for every target."""
+def test_bench_model_writes_every_row(tmp_path, data_root, capsys):
+    """`flix bench model` end to end on the tiny model: every training and generation case
+    on real smoke micro-batches, their useful arithmetic against a matmul timed in the same
+    rounds, the micro-batch memory probe in a fresh process, and a verdict for every target."""
     out = tmp_path / "model.json"
     argv = [
         "--model",
@@ -141,15 +180,15 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
         "--out",
         str(out),
         "--repeats",
-        "1",
+        "2",
         "--warmup",
         "0",
-        "--batch",
-        "4",
-        "--seq",
-        "10",
-        "--target",
-        "3",
+        "--scale",
+        "smoke",
+        "--mixture",
+        "multitask_sw",
+        "--data-root",
+        str(data_root),
         "--features",
         "8,16",
         "--gen-batch",
@@ -167,9 +206,10 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert [r["case"] for r in report["training"]] == ["base", "compute_matched", "peft_lora", "flix D=8", "flix D=16"]
     assert [r["case"] for r in report["generation"]] == ["base", "peft_adapter_names", "flix"]
-    base, flix = report["training"][0], report["training"][3]
-    assert 0 < base["gflop"] < flix["gflop"]  # the adapters add arithmetic, a little
-    assert 0 < base["fraction_of_peak"] and report["matmul_peak_tflop_per_s"] > 0
+    batches = report["batches"]
+    assert batches["rows"] == [8, 8] and batches["real_positions"] < batches["positions"]  # smoke: 8 examples a step, padded
+    assert batches["real_share"] == pytest.approx(batches["real_positions"] / batches["positions"])
+    assert all(r["useful_gflop_per_s"] > 0 and r["of_matmul"] > 0 for r in report["training"]) and report["matmul"]["ms"] > 0
     attributed = {r["case"] for r in report["training"] if "own_ms" in r}
     assert attributed == {"compute_matched", "flix D=8", "flix D=16"}  # the FLix-layer cases, not base or peft
     assert all(r["own_ms"] > 0 and r["attributed_vs_base"][0] > 1 for r in report["training"] if "own_ms" in r)
@@ -185,17 +225,49 @@ def test_bench_model_writes_every_row(tmp_path, capsys):
         "generate_speedup_vs_peft",
         "generate_vs_base",
         "micro_batch_memory",
+        "useful_vs_matmul",
+        "computed_vs_real",
+        "speedup_vs_peft",
     }
+    assert report["targets"]["computed_vs_real"]["value"] == pytest.approx(1 / batches["real_share"])
     assert all(isinstance(t["pass"], bool) and math.isfinite(t["value"]) for t in report["targets"].values())
     assert all(t["interval"][0] <= t["value"] <= t["interval"][1] for t in report["targets"].values())
     printed = capsys.readouterr().out
     verdicts = [line.split()[0] for line in printed.splitlines() if line.split() and line.split()[0] in ("PASS", "MISS", "NOISE")]
-    assert len(verdicts) == 9
+    assert len(verdicts) == 12 and "FLix (D=8) / peft LoRA with the model's own loss" in printed
     rechecked = tmp_path / "rechecked.json"
     assert model.main(["--rescore", str(out), "--out", str(rechecked)]) == 0, "a saved report is checked again without running"
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "MISS", "NOISE"))] == verdicts
     assert json.loads(rechecked.read_text()) == report
     assert model.main(["--rescore", str(tmp_path / "missing.json")]) == 2
+    old = {k: v for k, v in report.items() if k != "batches"}  # written before the real micro-batches
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert model.main(["--rescore", str(tmp_path / "old.json")]) == 2 and "run it again" in capsys.readouterr().err
+
+
+def test_bench_times_the_micro_batches_a_run_trains_on(tmp_path, data_root):
+    """benchmarks.model's micro-batches are the trainer's first steps' (its sampler, its
+    length-sorted micro-batches), and `flix bench run` counts the step that
+    `Trainer.train_step` computed on."""
+    from types import SimpleNamespace
+
+    from benchmarks.model_cases import real_micro_batches
+    from flix.pipeline.batching import padding_fraction
+    from flix.pipeline.run_config import compose, load_mixture_for
+    from flix.pipeline.trainer import Trainer
+
+    cfg = compose(["scale=smoke", "mixture=multitask_sw", f"data.root={data_root}", "logger=none"])
+    trainer = Trainer.from_config(cfg, load_mixture_for(cfg), tmp_path)
+    s = cfg.scale
+    steps = [estimate.step_micro_batches(trainer.sampler, i, s.micro_batch_size, trainer.tokenizer, trainer.limits, False) for i in range(3)]
+    trainer.train_step(1)
+    assert trainer.last_padding == pytest.approx(padding_fraction(steps[1])) and trainer.last_padding > 0
+    assert trainer.last_tokens == sum(int(b["attention_mask"].sum()) for b in steps[1])
+    args = SimpleNamespace(scale="smoke", mixture="multitask_sw", model="tiny", data_root=str(data_root))
+    ours = real_micro_batches(args, trainer.tokenizer, 3, torch.device("cpu"))
+    theirs = [b for step in steps for b in step]  # smoke: one micro-batch a step
+    assert len(ours) == len(theirs) == 3
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in ("input_ids", "attention_mask", "labels"))
 
 
 def test_attributed_quotient_spans_both_intervals():
@@ -258,21 +330,20 @@ def test_bench_layer_prints_paired_ratios(tmp_path, capsys):
         layer.main(["--features", "4"])
 
 
-def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, capsys):
+def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, data_root, capsys):
     """`--bf16 true` runs the cases as they run on a GPU (bf16 autocast): the FLix layers
     compute in bf16, while the banks stay float32 and still learn; the report says so."""
     from types import SimpleNamespace
 
-    from benchmarks.model_cases import autocast_for, bf16_enabled, flix_step, gemma_features, load, mixed_features, train_batch
+    from benchmarks.model_cases import autocast_for, bf16_enabled, flix_step, full_length_batch, gemma_features, load, routes_for
     from flix.pipeline.methods import method_config
 
     cpu = torch.device("cpu")
     assert bf16_enabled(SimpleNamespace(bf16="true"), cpu) and not bf16_enabled(SimpleNamespace(bf16="auto"), cpu)
-    args = SimpleNamespace(model="tiny", batch=4, seq=10, target=3, seed=0)
-    base, tokenizer = load(args)
+    base, tokenizer = load(SimpleNamespace(model="tiny"))
     config = method_config("flix", gemma_features(8), "joint", alpha=16.0, feature_dropout=0.0)
-    routes = mixed_features(gemma_features(8), args.batch, 1, torch.Generator().manual_seed(0))
-    step = flix_step(base, config, train_batch(args, tokenizer, cpu), routes, autocast_for(cpu, True), cpu)
+    batches = [full_length_batch(4, 10, 3, tokenizer, cpu)]
+    step = flix_step(base, config, batches, routes_for(gemma_features(8), batches, torch.Generator().manual_seed(0)), autocast_for(cpu, True), cpu)
     layers = {}
 
     def record(module, inputs, out) -> None:  # a forward hook that returns nothing keeps the output
@@ -289,8 +360,8 @@ def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, capsys):
     assert all(layer.flix_B.abs().sum() > 0 for layer in layers)  # B starts at zero: the step updated it
 
     out = tmp_path / "model.json"
-    argv = ["--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--batch", "4", "--seq", "10"]
-    argv += ["--target", "3", "--features", "8", "--gen-batch", "4", "--gen-seq", "6", "--new-tokens", "2", "--memory-scale", "none"]
+    argv = ["--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--scale", "smoke", "--mixture", "multitask_sw"]
+    argv += ["--data-root", str(data_root), "--features", "8", "--gen-batch", "4", "--gen-seq", "6", "--new-tokens", "2", "--memory-scale", "none"]
     assert model.main([*argv, "--threads", "1", "--bf16", "true"]) == 0
     assert json.loads(out.read_text())["config"]["autocast"] == "bf16"
     assert "autocast bf16" in capsys.readouterr().out
@@ -307,8 +378,9 @@ def test_attribution_counts_the_adapters_own_work_only():
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.attribute import ADAPTER_NODES, FROZEN_MATMULS, adapters_own_ms, own_time
+    from benchmarks.cases import mixed_routes
     from benchmarks.layer_run import layer_case
-    from benchmarks.model_cases import gemma_features, mixed_features
+    from benchmarks.model_cases import gemma_features
     from flix.pipeline.methods import method_config
 
     x = torch.randn(4, 128, 512).requires_grad_()
@@ -316,7 +388,7 @@ def test_attribution_counts_the_adapters_own_work_only():
     assert [own for _, own in own_time(layer_case(512, 512, x, grad), 2)] == [0.0, 0.0]
     space = gemma_features(8)
     config = method_config("flix", space, "joint", alpha=16.0)
-    step = layer_case(512, 512, x, grad, config, mixed_features(space, 4, 1, torch.Generator().manual_seed(0))[0])
+    step = layer_case(512, 512, x, grad, config, mixed_routes(space, 4, 1, torch.Generator().manual_seed(0))[0])
     assert all(0 < own < ms for ms, own in own_time(step, 2))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()

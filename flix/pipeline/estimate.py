@@ -2,15 +2,21 @@
 
     flix bench run scale=mini mixture=study_a     # any `python -m flix.train` overrides
 
-Builds the run as `python -m flix.train` does, times a few optimizer steps and one
-generation batch per task (validation split, after an untimed warm-up), and extrapolates
-to the scale's budget (each step is also timed with its micro-batches in the sampler's
-order, for the padding fraction and tokens per second that length sorting saves):
+Builds the run as `python -m flix.train` does, times a few optimizer steps on the scale's
+real data (the trainer's own step: its sampler, length-sorted micro-batches and loss) and,
+per task, one target-NLL batch and one generation batch (validation split, after an
+untimed warm-up), and extrapolates to the scale's budget:
 
     total = start-up + steps x step + validations x validation pass + test pass
 
-The untrained adapter is timed; it tends to stop generating later than a trained one, so
-the evaluation figures lean long. Nothing is written to a run directory.
+A validation pass is target NLL alone unless `train.select_by=metric` (then generation
+too); the test is target NLL on `scale.test_nll_examples` (or `test_examples`) and greedy
+outputs on `scale.test_examples`. Each step is also timed with its micro-batches in the
+sampler's order, for the padding that length sorting saves, and put against a square
+matmul timed between the steps (`matmul_case`): useful GFLOP/s counts only what the step
+cannot avoid (`useful_flops`). The untrained adapter is timed; it tends to stop
+generating later than a trained one, so the generation figures lean long. Nothing is
+written to a run directory.
 """
 
 from __future__ import annotations
@@ -22,11 +28,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+    from torch import nn
+
+MATMUL_REPEATS = 3  # square matmuls timed after each step: the peak is their median
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,11 +82,78 @@ def batches_per_task(data: dict, batch_size: int) -> dict[str, int]:
     return counts
 
 
+def linear_weights(module: nn.Module, skip: nn.Module | None = None) -> int:
+    """Weights of the linear layers under `module` (in x out each, so quantized ones count
+    what they compute), less `skip` (the output layer)."""
+    from flix.layer import is_adaptable, is_conv1d
+
+    return sum(m.weight.numel() if is_conv1d(m) else m.in_features * m.out_features for m in module.modules() if is_adaptable(m) and m is not skip)
+
+
+def useful_flops(model: nn.Module, batch: dict, seq2seq: bool) -> int:
+    """The arithmetic a training step on `batch` cannot avoid: each real token through the
+    blocks' linear layers and each real target through the output layer, forward and the
+    input-gradient backward of the frozen weights (2 + 2 FLOPs per weight). Padding,
+    attention scores and the adapters are not counted; seq2seq models count the encoder's
+    weights per real prompt token and the decoder's per real target. `model`: the frozen
+    model, or a FLix model of it (a peft model's LoRA layers would count as blocks)."""
+    from flix.loss import IGNORE
+
+    head = model.get_output_embeddings()
+    targets = int((batch["labels"] != IGNORE).sum())
+    blocks = linear_weights(model, skip=head)
+    if seq2seq:  # the encoder sees the prompt's real tokens, the decoder the targets
+        encoder = linear_weights(model.get_encoder())
+        return 4 * (encoder * int(batch["attention_mask"].sum()) + (blocks - encoder) * targets + head.weight.numel() * targets)
+    return 4 * (blocks * int(batch["attention_mask"].sum()) + head.weight.numel() * targets)
+
+
+def matmul_name(device, bf16: bool) -> str:
+    """What `matmul_case` multiplies: 2048 square float32 on a CPU (sgemm), 8192 on CUDA, bf16 when training computes in it."""
+    return f"{8192 if device.type == 'cuda' else 2048} square, {'bf16' if bf16 else 'float32'}"
+
+
+def matmul_case(device, bf16: bool) -> tuple[Callable[[], object], int]:
+    """A square matmul (`matmul_name`) and its FLOPs: this device's practical peak."""
+    import torch
+
+    n = int(matmul_name(device, bf16).split()[0])
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(device, torch.bfloat16 if bf16 else torch.float32) for _ in range(2))
+    return (lambda: torch.mm(a, b)), 2 * n**3
+
+
+def matmul_seconds(case: Callable[[], object], device, repeats: int) -> list[float]:
+    """`repeats` timings of `case`, each after the device is idle."""
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        case()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def step_micro_batches(sampler, step: int, micro_batch_size: int, tokenizer, limits, seq2seq: bool) -> list[dict]:
+    """The tensors `Trainer.train_step(step)` computes on: length-sorted micro-batches of
+    its sampler's batch (one process)."""
+    from flix.pipeline.batching import micro_batches, training_batch
+
+    chunks = micro_batches(sampler.batch(step), micro_batch_size, tokenizer, limits, seq2seq)
+    return [training_batch(chunk, tokenizer, limits, seq2seq) for chunk in chunks]
+
+
 def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
     import torch  # here, not at the top: `flix bench run --help` stays quick
     from tqdm.auto import tqdm
 
-    from flix.pipeline.evaluate import predict
+    from flix.data.sampling import eval_sample
+    from flix.pipeline.evaluate import example_nll, predict
     from flix.pipeline.memory import peak_memory_gib
     from flix.pipeline.run_config import load_mixture_for
     from flix.pipeline.trainer import Trainer, is_validation_step, read_split
@@ -100,8 +177,11 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
         return time.perf_counter() - begin
 
     # Each step twice, interleaved: micro-batches of length-sorted examples (what runs do)
-    # and in the sampler's order (before), for the padding they save.
+    # and in the sampler's order (before), for the padding they save; a few square
+    # matmuls after each, the peak its useful arithmetic is put against.
+    matmul, matmul_flops = matmul_case(trainer.device, trainer.bf16)
     step_times, padding, tokens_per_s = [], {True: [], False: []}, {True: [], False: []}
+    useful, matmul_s = [], []
     for i in tqdm(range(warmup + steps), desc="bench: train steps (sorted, unsorted)", unit="step"):
         for sort in (True, False):
             trainer.sort_micro_batches = sort
@@ -111,25 +191,45 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
             if i >= warmup:
                 padding[sort].append(trainer.last_padding)
                 tokens_per_s[sort].append(trainer.last_tokens / seconds)
+        if i >= warmup:
+            useful.append(
+                sum(
+                    useful_flops(trainer.model, b, trainer.seq2seq)
+                    for b in step_micro_batches(trainer.sampler, i, s.micro_batch_size, trainer.tokenizer, trainer.limits, trainer.seq2seq)
+                )
+            )
+            matmul_s += matmul_seconds(matmul, trainer.device, MATMUL_REPEATS)
     trainer.sort_micro_batches = True
     step_s = statistics.median(step_times[warmup:])
+    useful_rate = statistics.median(f / t for f, t in zip(useful, step_times[warmup:]))
+    peak = matmul_flops / statistics.median(matmul_s)
 
     def generate(examples):
         with trainer.autocast():
             predict(trainer.model, trainer.tokenizer, examples, trainer.limits, len(examples), trainer.seq2seq, trainer.device)
 
-    first = {}  # each task's first validation dataset
+    def nll(examples):
+        with trainer.autocast():
+            example_nll(trainer.model, trainer.tokenizer, examples, trainer.limits, len(examples), trainer.seq2seq, trainer.device)
+
+    first = {}  # each task's first validation dataset: one batch of each kind per task
     for (task, _), examples in trainer.validation.items():
         first.setdefault(task, examples[: s.eval_batch_size])
     generate(next(iter(first.values()))[:2])  # warm-up: first-call costs are not per batch
+    nll(next(iter(first.values()))[:2])
+    nll_s = {task: timed(nll, examples) for task, examples in tqdm(first.items(), desc="bench: target NLL", unit="task")}
     batch_s = {task: timed(generate, examples) for task, examples in tqdm(first.items(), desc="bench: generation", unit="task")}
 
-    test = read_split(trainer.root, mixture.eval_datasets, "test", s.test_examples)
+    # as Trainer.validate and Trainer.test evaluate: NLL on every example, generation where the run generates
+    generates = cfg.train.select_by == "metric"
+    test = read_split(trainer.root, mixture.eval_datasets, "test", s.test_nll_examples or s.test_examples)
+    prompted = {key: eval_sample(examples, s.test_examples, key[0], "test", key[1]) for key, examples in test.items()}
     validation_batches = batches_per_task(trainer.validation, s.eval_batch_size)
-    test_batches = batches_per_task(test, s.eval_batch_size)
+    test_nll_batches = batches_per_task(test, s.eval_batch_size)
+    test_generation_batches = batches_per_task(prompted, s.eval_batch_size)
     validations = sum(is_validation_step(step, s) for step in range(1, s.steps + 1))
-    validation_pass = sum(n * batch_s[task] for task, n in validation_batches.items())
-    test_pass = sum(n * batch_s[task] for task, n in test_batches.items())
+    validation_pass = sum(n * (nll_s[task] + (batch_s[task] if generates else 0.0)) for task, n in validation_batches.items())
+    test_pass = sum(n * nll_s[task] for task, n in test_nll_batches.items()) + sum(n * batch_s[task] for task, n in test_generation_batches.items())
     expected = {
         "startup_s": startup,
         "train_s": s.steps * step_s,
@@ -151,6 +251,11 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
             "step_s": step_s,
             "step_times_s": step_times,
             "warmup_steps": warmup,
+            "useful_gflop_per_step": [f / 1e9 for f in useful],
+            "useful_gflop_per_s": useful_rate / 1e9,
+            "matmul_gflop_per_s": peak / 1e9,
+            "matmul": f"{matmul_name(trainer.device, trainer.bf16)}, median of {len(matmul_s)} between the steps",
+            "nll_batch_s": nll_s,
             "generation_batch_s": batch_s,
             "generation_batch_examples": {task: len(examples) for task, examples in first.items()},
             "peak_memory_gib": peak_memory_gib(trainer.device),
@@ -162,8 +267,10 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
             "batch_size": s.batch_size,
             "micro_batch_size": s.micro_batch_size,
             "validations": validations,
+            "select_by": cfg.train.select_by,
             "validation_batches": validation_batches,
-            "test_batches": test_batches,
+            "test_nll_batches": test_nll_batches,
+            "test_generation_batches": test_generation_batches,
         },
         "expected": expected,
         "versions": versions(),
@@ -184,20 +291,27 @@ def duration(seconds: float) -> str:
 def format_report(r: dict) -> str:
     m, b, e = r["measured"], r["budget"], r["expected"]
     memory = "resident memory" if r["device"].startswith("cpu") else "GPU memory"
-    generation = ", ".join(f"{task} {duration(t)} ({m['generation_batch_examples'][task]} examples)" for task, t in m["generation_batch_s"].items())
+    generation = ", ".join(f"{task} {duration(t)}" for task, t in m["generation_batch_s"].items())
+    nll = ", ".join(f"{task} {duration(t)}" for task, t in m["nll_batch_s"].items())
+    examples = ", ".join(f"{task} {n}" for task, n in m["generation_batch_examples"].items())
+    real = 1.0 - m["padding_fraction"]["sorted"]
+    validation = "target NLL" + (" and generation" if b["select_by"] == "metric" else " alone")
     return "\n".join(
         [
             f"flix bench run: {r['scale']} / {r['mixture']} / {r['method']} / {r['model']} on {r['device']}, "
             f"{r['threads']} threads, bf16 {'on' if r['bf16'] else 'off'}",
             f"  measured  start-up {duration(m['startup_s'])}; step of {b['batch_size']} examples {duration(m['step_s'])} "
-            f"(median of {len(m['step_times_s']) - m['warmup_steps']}); one generation batch: {generation}; "
-            f"peak {memory} {m['peak_memory_gib']:.1f} GiB",
-            f"  padding   {m['padding_fraction']['unsorted']:.1%} of a step's input positions in the sampler's order, "
-            f"{m['padding_fraction']['sorted']:.1%} in length-sorted micro-batches (what runs use); real tokens per second "
+            f"(median of {len(m['step_times_s']) - m['warmup_steps']}); one batch of target NLL: {nll}; of generation: {generation} "
+            f"(examples: {examples}); peak {memory} {m['peak_memory_gib']:.1f} GiB",
+            f"  arithmetic useful {m['useful_gflop_per_s']:.1f} GFLOP/s ({statistics.mean(m['useful_gflop_per_step']):.3g} GFLOP a step: "
+            f"real tokens and targets, forward and input gradient), {m['useful_gflop_per_s'] / m['matmul_gflop_per_s']:.0%} of "
+            f"{m['matmul_gflop_per_s']:.1f} GFLOP/s, a matmul timed here ({m['matmul']})",
+            f"  padding   real positions are {real:.1%} of those computed ({1 / real:.2f}x computed per real) in length-sorted "
+            f"micro-batches (what runs use), {1.0 - m['padding_fraction']['unsorted']:.1%} in the sampler's order; real tokens per second "
             f"{m['tokens_per_s']['unsorted']:.0f} -> {m['tokens_per_s']['sorted']:.0f}",
             f"  expected  train {b['steps']} x {duration(m['step_s'])} = {duration(e['train_s'])}; "
-            f"validation {b['validations']} x {duration(e['validation_pass_s'])} = {duration(e['validation_s'])}; "
-            f"test {duration(e['test_s'])}",
+            f"validation ({validation}) {b['validations']} x {duration(e['validation_pass_s'])} = {duration(e['validation_s'])}; "
+            f"test (target NLL and generation) {duration(e['test_s'])}",
             f"  expected time per run: {duration(e['total_s'])}",
         ]
     )
