@@ -12,6 +12,7 @@ COMMANDS = {
     "data": ("flix.data.cli", "read, check, download and subsample XTREME-UP data"),
     "bench": ("flix.pipeline.bench_command", "expected time of one run here (run); a checkout's speed benchmarks (adapters, model, layer)"),
     "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
+    "sync": ("flix.pipeline.sync", "upload offline W&B runs (a whole study's) with one wandb sync"),
     "records": ("flix.record", "copy runs' records (results, predictions, logs; no weights) to another folder"),
     "offline": ("flix.pipeline.offline", "stage parts for a GPU machine without network, and run there"),
     "export": ("flix.pipeline.export_command", "write a FLix adapter as peft LoRA adapters, one per trained feature combination"),

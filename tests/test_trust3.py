@@ -41,6 +41,7 @@ def load_kernel_in_child(timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", LOAD_KERNEL], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_killed_kernel_build_does_not_block_later_runs(kernel_cache):
     # what a build killed by SIGKILL leaves: torch's marker and our lock file, no live owner
     (kernel_cache / "lock").write_text("")
@@ -60,6 +61,7 @@ def test_kernel_build_held_too_long_falls_back_with_one_message(kernel_cache, mo
         kernels.kernel.cache_clear()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [0.5, 0.0], ids=["truncated", "empty"])
 def test_damaged_kernel_library_is_rebuilt(kernel_cache, keep):
     library = kernel_cache / f"{kernel_cache.name}.so"
@@ -543,6 +545,7 @@ def study_cmd(one_run_study, *args) -> list[str]:
     return [sys.executable, "-m", "flix", "study", name, "--no-report", *args]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_study_prints_lines_not_tracebacks(one_run_study):
     import signal
     import time
@@ -571,6 +574,7 @@ def test_ctrl_c_during_a_study_prints_lines_not_tracebacks(one_run_study):
     assert "flix.train: stopped by Ctrl-C" in out and "[flix study] stopped by SIGINT" in out
 
 
+@pytest.mark.slow
 def test_wandb_study_prints_no_banners(one_run_study, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -579,3 +583,5 @@ def test_wandb_study_prints_no_banners(one_run_study, monkeypatch, tmp_path):
     lines = (done.stdout + done.stderr).splitlines()
     assert not [line for line in lines if line.startswith("wandb:")], lines  # before: a dozen lines a run
     assert list(one_run_study[1].run_dir.glob("wandb/offline-run-*"))  # and the run is still logged
+    (said,) = [line for line in lines if line.startswith("[flix] W&B logs offline to ")]  # but says so, once
+    assert str(one_run_study[1].run_dir.name) in said and "`flix sync` uploads it and every other offline run under" in said

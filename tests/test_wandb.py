@@ -5,6 +5,9 @@ checkpoint's scores, failed runs end failed, and reused runs get logged too."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,8 @@ from flix.pipeline.run import LOGGED, run
 
 pytest.importorskip("wandb")
 
-PAPER = Path(__file__).resolve().parents[1] / "flix" / "report" / "paper"  # shipped with the package
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "flix" / "report" / "paper"  # shipped with the package
 
 
 def wandb_records(path: Path) -> list:
@@ -93,6 +97,28 @@ def test_a_run_is_named_grouped_tagged_and_summarised_like_the_paper(compose, tm
     assert logged["exit_code"] == 0 and (tmp_path / LOGGED).exists()
 
 
+def test_online_without_an_api_key_is_one_line_before_the_run_starts(compose, tmp_path, monkeypatch, data_root):
+    from flix.pipeline.tracking import wandb_key_problems
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`, no W&B settings file
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("FLIX_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cmd = [sys.executable, "-m", "flix.train", "scale=smoke", "mixture=multitask_sw", f"data.root={data_root}", "logger=wandb"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr  # before: 15 s, then a 38-line traceback
+    assert "no API key is configured: run `wandb login`" in done.stderr and "logger=none" in done.stderr
+    assert not (tmp_path / "runs").exists()  # no run folder, no failed.json
+    assert wandb_key_problems(compose("logger=none").logger) == []
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_key_problems(compose("logger=wandb").logger) == []  # offline needs no key
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key is found, never sent anywhere here
+    assert wandb_key_problems(compose("logger=wandb").logger) == []
+
+
 def test_a_failed_run_ends_failed(compose, tmp_path):
     with pytest.raises(RuntimeError, match="last good checkpoint"):
         run(compose("mixture=multitask_sw", "logger=wandb", "train.lr=1e30", "train.max_grad_norm=1e30", "scale.steps=30"), tmp_path)
@@ -100,6 +126,7 @@ def test_a_failed_run_ends_failed(compose, tmp_path):
     assert logged["exit_code"] == 1 and not (tmp_path / LOGGED).exists()
 
 
+@pytest.mark.slow
 def test_a_run_made_without_wandb_is_logged_when_reused_with_it(compose, tmp_path):
     results = run(compose("mixture=multitask_sw", "logger=none"), tmp_path)
     assert offline_runs(tmp_path) == []
@@ -110,6 +137,7 @@ def test_a_run_made_without_wandb_is_logged_when_reused_with_it(compose, tmp_pat
     assert len(offline_runs(tmp_path)) == 1  # logged once
 
 
+@pytest.mark.slow
 def test_each_rendered_table_is_logged_in_its_training_runs_group(compose, tmp_path):
     from flix.report.render import render
     from flix.report.wandb_log import log_to_wandb
@@ -126,3 +154,30 @@ def test_each_rendered_table_is_logged_in_its_training_runs_group(compose, tmp_p
     logged = {group: {"/".join(key.split("/")[:2]) for key in r["summary"]} for group, r in reports.items()}
     assert "report/table2" in logged["smoke/table2"] and "report/table1" not in logged["smoke/table2"], "a table beside its runs"
     assert {"report/table1", "report/table2", "report/figure2"} <= logged["smoke/report"], "the whole render, once"
+
+
+def test_flix_sync_finds_every_offline_run_of_a_study_and_its_report(compose, tmp_path, monkeypatch, capsys):
+    from flix.pipeline.sync import main as sync
+    from flix.pipeline.sync import offline_runs
+    from flix.report.render import render
+    from flix.report.wandb_log import log_to_wandb
+
+    runs = tmp_path / "runs" / "smoke"
+    run(compose("mixture=multitask_sw", "logger=wandb"), runs / "multitask_sw" / "one")
+    summary = render(runs, tmp_path / "out", "smoke", PAPER)
+    reports = log_to_wandb(tmp_path / "out", "smoke", "flix-test", wandb_dir=runs, files=[Path(p) for p in summary["files"]])
+    found = offline_runs(tmp_path / "runs")
+    assert set(found) == {*(runs / "multitask_sw" / "one").glob("wandb/offline-run-*"), *reports} and len(found) == 1 + len(reports)
+    monkeypatch.setenv("FLIX_RUNS", str(tmp_path / "runs"))
+    assert sync(["--dry-run"]) == 0  # the default: the runs root
+    out = capsys.readouterr().out
+    assert f"flix sync: {len(found)} offline W&B run(s)" in out and f"wandb sync {' '.join(map(str, found))}" in out
+    (found[0] / f"run-{found[0].name.rsplit('-', 1)[-1]}.wandb.synced").write_text("")  # what wandb sync leaves once uploaded
+    assert offline_runs(tmp_path / "runs") == found[1:]
+    # no key (a fresh process: wandb keeps what it read in this one): one line, nothing tried
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE")}
+    env |= {"HOME": str(tmp_path), "NETRC": str(tmp_path / "netrc")}
+    done = subprocess.run([sys.executable, "-m", "flix", "sync"], env=env, capture_output=True, text=True, timeout=120)
+    assert (
+        done.returncode == 2 and done.stderr.strip() == "flix sync: error: no W&B API key configured: run `wandb login` (or set WANDB_API_KEY) first"
+    )

@@ -53,13 +53,15 @@ def _has_line(path: Path) -> bool:
 
 def check_run(cfg: DictConfig, mixture: Mixture) -> Path:
     """The run's data root, resolved once (cfg.data.root, else FLIX_DATA_ROOT) and holding
-    every file the mixture reads; else ConfigError listing every problem found (files are
-    checked only once the settings are sound)."""
+    every file the mixture reads; else ConfigError listing every problem found (files, and
+    an API key for online W&B, are checked only once the settings are sound)."""
+    from flix.pipeline.tracking import wandb_key_problems
+
     problems = config_problems(cfg)
     if not problems:
         root = reader.resolve_root(cfg.data.root)
         mixture.check(root)  # missing files, with what exists
-        problems = data_problems(mixture, root)
+        problems = data_problems(mixture, root) + wandb_key_problems(cfg.logger)
     if problems:
         raise ConfigError(PROBLEMS + "\n  ".join(problems))
     return root

@@ -1,8 +1,10 @@
 """Experiment tracking: W&B (offline by default) or nothing.
 
 Each run opens and finishes its own W&B run, so multirun sweeps never mix runs.
-Offline files land under the run directory; `wandb sync RUN_DIR/wandb/offline-run-*`
-uploads them later. WANDB_MODE=online (with a key) uploads live.
+Offline files land under the run directory, and the run says where in one line; `flix
+sync` (flix.pipeline.sync) uploads every offline run under runs/ later. WANDB_MODE=online
+uploads live, and needs an API key: a run without one is refused before it starts
+(flix.pipeline.checks).
 """
 
 from __future__ import annotations
@@ -45,6 +47,28 @@ class NullTracker:
         pass
 
 
+OFFLINE_MODES = ("offline", "dryrun", "disabled")  # WANDB_MODE values that never contact a server
+
+
+def wandb_mode(logger) -> str:
+    """The mode a W&B run takes: WANDB_MODE, else conf/logger/wandb.yaml's (offline)."""
+    return os.environ.get("WANDB_MODE") or str(logger.get("mode") or "offline")
+
+
+def wandb_key_problems(logger) -> list[str]:
+    """An online W&B logger with no API key (WANDB_API_KEY, `wandb login`'s netrc entry),
+    which wandb.init would refuse only once the run had started: found from this machine's
+    settings, without contacting a server."""
+    from flix.pipeline.sync import has_wandb_key
+
+    if logger.name != "wandb" or wandb_mode(logger) in OFFLINE_MODES or has_wandb_key():
+        return []
+    return [
+        f"W&B logs online (WANDB_MODE={wandb_mode(logger)}) but no API key is configured: run `wandb login` (or set WANDB_API_KEY), "
+        "or pass logger=none; without WANDB_MODE, runs log offline and `flix sync` uploads them later"
+    ]
+
+
 class WandbTracker(NullTracker):
     records = True
 
@@ -52,7 +76,7 @@ class WandbTracker(NullTracker):
         import wandb
 
         self._wandb = wandb
-        mode = os.environ.get("WANDB_MODE", mode)
+        mode = os.environ.get("WANDB_MODE") or mode
         self.run = wandb.init(
             project=project,
             group=group,
@@ -70,6 +94,8 @@ class WandbTracker(NullTracker):
         )
         # the dashboard's summary shows the selected checkpoint, not the last validation
         self.run.define_metric("validation/average", summary="max")
+        if mode in ("offline", "dryrun"):  # say so once, and how the files reach the server
+            say(offline_line(Path(self.run.dir).parent, run_dir))
 
     @property
     def id(self) -> str:
@@ -91,6 +117,25 @@ class WandbTracker(NullTracker):
 
     def finish(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
+
+
+def offline_line(offline: Path, run_dir: Path) -> str:
+    """Where an offline run's files are, and the one command that uploads them: `flix sync`
+    takes every offline run under the runs root (a whole study's, its report's too)."""
+    from flix.pipeline.sync import runs_root
+
+    root = runs_root()
+    under = root.resolve() in run_dir.resolve().parents
+    command = f"`flix sync` uploads it and every other offline run under {root}/ (a whole study)" if under else f"`flix sync {run_dir}` uploads it"
+    return f"[flix] W&B logs offline to {_shown(offline)}; {command}, after `wandb login`"
+
+
+def _shown(path: Path) -> Path:
+    """A path relative to the current folder where it is under it (as the user typed runs/)."""
+    try:
+        return path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 class ScopedTracker(NullTracker):
