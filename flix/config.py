@@ -14,7 +14,8 @@ DROPOUT_MODES = ("independent", "keep_one")
 
 @dataclass
 class FLixConfig:
-    """Everything that defines a FLix adapter (DESIGN.md §5).
+    """Everything that defines a FLix adapter (README.md, "FLix in your own code"; its place
+    among the parts: docs/ARCHITECTURE.md).
 
     features:        group -> feature values seen in the training mixture.
     ranks:           group -> rank of each of its features.
