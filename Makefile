@@ -9,7 +9,7 @@ export FLIX_DATA_ROOT ?= $(abspath $(firstword $(wildcard ../shared/data/xtreme_
 export FLIX_RUNS ?= runs
 export FLIX_REPORTS ?= outputs/reports
 
-.PHONY: setup test bench bench-run
+.PHONY: setup test test-all bench bench-run
 
 TORCH ?= torch==2.13.0
 setup:  ## create .venv: CPU torch, then exactly requirements.lock, then flix itself (test, Gemma and quantization extras)
@@ -29,7 +29,9 @@ lock:  ## refresh requirements.lock from a fresh environment of pyproject.toml's
 	.lock-venv/bin/pip freeze --exclude-editable | sed 's/+cpu$$//' >> .lock.tmp
 	mv .lock.tmp requirements.lock && rm -rf .lock-venv
 
-test:  ## the whole test suite on local data
+test:  ## the fast tests (minutes): every part, one smoke run end to end; not the ones marked slow
+	$(PY) -m pytest -q -m "not slow"
+test-all:  ## the whole suite (CI): also the slow tests (real Gemma, torchrun, long fault and study runs)
 	$(PY) -m pytest -q
 
 .PHONY: lint format

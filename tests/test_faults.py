@@ -160,6 +160,7 @@ def test_recover_tree_removes_killed_writes_only(tmp_path):
     assert (tmp_path / "checkpoints" / "latest" / "step").read_text() == "5"
 
 
+@pytest.mark.slow
 def test_kills_at_random_moments_lose_nothing(tmp_path, data_root):
     """SIGKILL a run at random moments (bounded: 5 kills or 150 s), then let it finish: no
     complete checkpoint is ever lost, no temp is left, and the results equal an
@@ -190,6 +191,7 @@ def test_kills_at_random_moments_lose_nothing(tmp_path, data_root):
 # -- one process per run ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_process_on_a_running_run_exits_naming_the_holder(tmp_path, data_root):
     run_dir = tmp_path / "run"
     with run_lock(run_dir):
@@ -199,6 +201,7 @@ def test_second_process_on_a_running_run_exits_naming_the_holder(tmp_path, data_
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "failed.json").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_run_do_the_work_once(tmp_path, data_root):
     run_dir = tmp_path / "run"
     procs = [
@@ -265,6 +268,7 @@ def _alive_with(env_value: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 def test_sigterm_to_a_study_stops_its_sweep_too(tmp_path, data_root):
     study = tmp_path / "long.yaml"

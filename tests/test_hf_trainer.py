@@ -259,6 +259,7 @@ torch.save({{"before": before, "after": banks(model)}}, {out!r} + f"/rank{{rank}
 """
 
 
+@pytest.mark.slow
 def test_trainer_under_torchrun_ddp_keeps_the_ranks_equal(tmp_path):
     """Two CPU processes (gloo): the id tensor in the batch survives DDP, both ranks end
     with the same banks, trained rows moved and never-seen ones did not."""

@@ -50,6 +50,7 @@ def probe_wheel(tmp_path) -> Path:
     return wheels
 
 
+@pytest.mark.slow
 def test_stage_install_run_pack_and_resume(tmp_path, data_root, probe_wheel):
     # data: just the files the study reads, as a user's subset would be
     data = tmp_path / "data"

@@ -114,6 +114,7 @@ def test_the_code_names_only_documents_that_exist():
             assert (REPO / name).exists(), f"{path.relative_to(REPO)}: {name} is not in the repository"  # before: DESIGN.md §5
 
 
+@pytest.mark.slow
 def test_first_run_works_from_a_clone_with_nothing_beside_it(tmp_path):
     """The README's first run, as written, with FLIX_DATA_ROOT unset: the smoke scale reads
     the sample in tests/data/."""

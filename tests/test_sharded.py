@@ -128,6 +128,7 @@ def two(base, data_root):
     return _spawn(data_root, base / "two")
 
 
+@pytest.mark.slow
 def test_fsdp_equals_one_process(one, two):
     for rank in two:  # every process reports the global loss and gathers the full banks
         assert rank["loss"] == pytest.approx(one["loss"], rel=1e-4)
@@ -141,6 +142,7 @@ def test_fsdp_equals_one_process(one, two):
     assert two[0]["held"] + two[1]["held"] == two[0]["total"]
 
 
+@pytest.mark.slow
 def test_fsdp_saves_the_full_adapter_once(base, one, two):
     _assert_banks(load_file(str(base / "two" / "adapter" / "flix_adapter.safetensors")), one["banks"][1], atol=1e-5)
     config = lambda d: {k: v for k, v in json.loads((d / "adapter" / "flix_config.json").read_text()).items()}  # noqa: E731
@@ -155,6 +157,7 @@ def test_fsdp_saves_the_full_adapter_once(base, one, two):
         assert state["step"] == reference[index]["step"] == 2
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_on_two_processes(base, two, data_root):
     resumed = _spawn(data_root, base / "resumed", resume=base / "two" / "ckpt")
     for rank in resumed:
@@ -163,6 +166,7 @@ def test_fsdp_checkpoint_resumes_on_two_processes(base, two, data_root):
         _assert_banks(rank["banks"][1], two[0]["banks"][1], atol=1e-6)  # and the next step (optimizer moments) matches too
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_in_one_process(base, one, two, data_root):
     """The checkpoint does not depend on the number of processes."""
     trainer = _trainer(str(data_root), base / "single", "ddp", (0, 1))
@@ -170,6 +174,7 @@ def test_fsdp_checkpoint_resumes_in_one_process(base, one, two, data_root):
     _assert_banks(result["banks"][1], one["banks"][1], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_fsdp_pipeline_run_completes(launcher, tmp_path, data_root):
     """`torchrun --nproc_per_node 2 -m flix.train ... train.parallel=fsdp` (and accelerate launch):

@@ -91,6 +91,7 @@ def test_failed_run_does_not_stop_the_study_and_completed_runs_are_skipped(own_s
     assert (done.run_dir / "results.json").stat().st_mtime > mtime  # FORCE runs it again
 
 
+@pytest.mark.slow
 def test_parallel_launcher_runs_a_sweep(runs_env, data_root):
     cmd = [
         sys.executable,
@@ -119,6 +120,7 @@ def test_slurm_launcher_config_composes():
 PAPER = REPO / "flix" / "report" / "paper"  # shipped with the package
 
 
+@pytest.mark.slow
 def test_make_studies_render_all_five_tables(runs_env):
     """`make study-a`, `make study-b` and `make ablations` at smoke scale fill every
     row and column of the paper's Tables 1-5 (about two minutes on 2 cores)."""

@@ -151,6 +151,7 @@ def _train_cmd(run_dir: Path, data_root: Path, steps: int) -> list[str]:
     return train_cmd(run_dir, data_root, f"scale.steps={steps}", "scale.eval_every=4", "scale.checkpoint_every=4")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, data_root):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     steps = 40
@@ -266,6 +267,7 @@ LAUNCHERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_data_parallel_equals_one_process(launcher, tmp_path, data_root):
     """2 CPU processes (gloo) give the losses of one process on the same global batch."""
