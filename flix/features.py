@@ -11,6 +11,7 @@ whatever the number of features.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -140,3 +141,9 @@ class FeatureSpace:
 def featureless(rows: torch.Tensor) -> torch.Tensor:
     """Which routed examples use no bank row at all (every feature dropped or unknown)."""
     return (rows == PAD).all(dim=1)
+
+
+def dropout_key(seed: int, step: int, position: int) -> int:
+    """The seed of one training example's feature-dropout draw: its run seed, step and
+    position in the global batch (63 bits of a hash, so keys of nearby steps are unrelated)."""
+    return int.from_bytes(hashlib.sha256(f"dropout/{seed}/{step}/{position}".encode()).digest()[:8], "little") >> 1

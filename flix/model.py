@@ -106,26 +106,37 @@ class FLixModel(nn.Module):
     def flix_layers(self) -> dict[str, FLixLayer]:
         return {name: self.base_model.get_submodule(name) for name in self.adapted_modules}
 
-    def rows_for(self, ids: torch.Tensor) -> torch.Tensor:
+    def rows_for(self, ids: torch.Tensor, dropout_keys: list[int] | None = None) -> torch.Tensor:
         """Bank rows for (batch, groups) feature ids; in training mode feature dropout is
-        drawn here (torch's global RNG) and the combinations are recorded."""
+        drawn here and the combinations are recorded. The draw comes from torch's global
+        RNG, or with `dropout_keys` (one integer per example) from each example's own
+        generator seeded by its key: the same example draws the same mask however the
+        batch is split over processes or micro-batches."""
         space, config = self.flix_config.space, self.flix_config
         if not self.training:
             return space.rows_from_ids(ids)
         if ids.shape[1]:  # a featureless space (plain LoRA) has no combinations
             self.seen.update(map(tuple, torch.unique(ids.cpu(), dim=0).tolist()))
-        return space.rows_from_ids(ids, feature_dropout=config.feature_dropout, keep_one=config.dropout_mode == "keep_one")
+        draw = dict(feature_dropout=config.feature_dropout, keep_one=config.dropout_mode == "keep_one")
+        if dropout_keys is None:
+            return space.rows_from_ids(ids, **draw)
+        if len(dropout_keys) != len(ids):
+            raise ValueError(f"{len(dropout_keys)} dropout keys for {len(ids)} examples: give one per example")
+        return torch.cat(
+            [space.rows_from_ids(ids[i : i + 1], generator=torch.Generator().manual_seed(k), **draw) for i, k in enumerate(dropout_keys)]
+        )
 
     @contextmanager
-    def route(self, features: list[dict]):
+    def route(self, features: list[dict], dropout_keys: list[int] | None = None):
         """Route the forward/generate calls inside the block: one feature dict per
-        example. With gradient checkpointing, call backward inside the block too."""
-        with self._routed(as_ids(self.flix_config.space, list(features))):
+        example (`dropout_keys`: see rows_for). With gradient checkpointing, call backward
+        inside the block too."""
+        with self._routed(as_ids(self.flix_config.space, list(features)), dropout_keys):
             yield self
 
     @contextmanager
-    def _routed(self, ids: torch.Tensor):
-        previous = self.router.set(self.rows_for(ids))
+    def _routed(self, ids: torch.Tensor, dropout_keys: list[int] | None = None):
+        previous = self.router.set(self.rows_for(ids, dropout_keys))
         self.router.contexts += 1
         try:
             yield self

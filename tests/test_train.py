@@ -270,12 +270,13 @@ LAUNCHERS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_data_parallel_equals_one_process(launcher, tmp_path, data_root):
-    """2 CPU processes (gloo) give the losses of one process on the same global batch."""
+    """2 CPU processes (gloo) give the losses of one process on the same global batch, with
+    feature dropout on: each example's mask depends on its global position, not its process."""
     args = [
         "logger=none",
         "mixture=multitask_sw",
         "method=flix",
-        "dropout=0.0",
+        "dropout=0.7",
         f"data.root={data_root}",
         "scale.steps=4",
         "scale.eval_every=4",
@@ -298,7 +299,25 @@ def test_two_process_data_parallel_equals_one_process(launcher, tmp_path, data_r
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert len(one["train_loss"]) == 4
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    assert two["featureless_fraction"] == one["featureless_fraction"] and 0 < sum(one["featureless_fraction"])  # counted over both
     assert two["test"] == one["test"]
+    for task, langs in one["test_nll"].items():
+        assert two["test_nll"][task] == pytest.approx(langs, rel=1e-5)
+
+
+def test_dropout_keys_give_each_example_its_own_mask_however_the_batch_is_split():
+    from flix import FLixConfig, get_flix_model
+    from flix.base_models import load_model
+
+    config = FLixConfig(features={"task": ["ner", "qa"], "lang": ["sw", "yo"]}, ranks={"task": 2, "lang": 2}, feature_dropout=0.7)
+    model = get_flix_model(load_model({"name": "tiny"})[0], config).train()
+    ids = config.space.feature_ids([{"task": "ner", "lang": "sw"}, {"task": "qa", "lang": "yo"}] * 8)
+    keys = list(range(100, 116))
+    whole = model.rows_for(ids, keys)
+    torch.manual_seed(123)  # the global RNG plays no part
+    split = torch.cat([model.rows_for(ids[:5], keys[:5]), model.rows_for(ids[5:], keys[5:])])
+    assert torch.equal(whole, split)
+    assert len({tuple(r) for r in whole.tolist()}) > 2  # the masks differ between examples
 
 
 def test_bf16_autocast_trains_and_generates(compose, tmp_path):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from flix.data.examples import Example
+from flix.data.reader import iter_resolved
 
 STRATEGIES = ("proportional", "temperature")
 
@@ -113,3 +115,9 @@ def eval_sample(examples: Sequence[Example], n: int | None, task: str, split: st
     rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
     keep = np.sort(rng.choice(len(examples), size=n, replace=False))
     return [examples[i] for i in keep]
+
+
+def read_split(root: Path, datasets: list[tuple[str, str]], split: str, limit: int | None = None) -> dict:
+    """{(task, lang): examples} of one split under a resolved data root; with `limit`, each
+    file's fixed random sample of that many examples (`eval_sample`: the same for every run)."""
+    return {(task, lang): eval_sample(list(iter_resolved(root, task, split, lang)), limit, task, split, lang) for task, lang in datasets}

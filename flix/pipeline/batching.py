@@ -75,12 +75,16 @@ def micro_batches(examples: list[Example], size: int, tokenizer, limits: TextLim
     """A step's examples in micro-batches of `size`, sorted by length (prompt and target
     tokens, longest first): each micro-batch pads to its own longest example rather than
     the step's. The step trains on the same examples whatever the order."""
+    return [[examples[i] for i in part] for part in micro_batch_positions(examples, size, tokenizer, limits, seq2seq)]
+
+
+def micro_batch_positions(examples: list[Example], size: int, tokenizer, limits: TextLimits, seq2seq: bool) -> list[list[int]]:
+    """`micro_batches` as positions in `examples`."""
     sources = _sources(examples, tokenizer, limits, train=True, seq2seq=seq2seq)
     targets = _targets(examples, tokenizer, limits)
     lengths = [len(s) + (0 if seq2seq else len(t)) for s, t in zip(sources, targets)]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])  # stable: ties keep the sampler's order
-    ordered = [examples[i] for i in order]
-    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def padding_fraction(batches: list[dict]) -> float:

@@ -90,3 +90,24 @@ def adapter_config(cfg: DictConfig, mixture: Mixture) -> FLixConfig:
 
 def _plain(method: Mapping) -> dict:
     return OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
+
+
+def build_model(model: DictConfig, adapter: FLixConfig, method: str, seed: int, gradient_checkpointing: bool):
+    """The base model of `model` (conf/model) with `adapter`; (model, tokenizer, seq2seq)."""
+    import torch  # here: this module is read by commands that must start without torch
+
+    from flix.base_models import enable_activation_checkpointing, load_model, model_kind
+    from flix.model import get_flix_model
+    from flix.pipeline.tracking import say
+
+    base, tokenizer = load_model(OmegaConf.to_container(model, resolve=True))
+    torch.manual_seed(seed)  # adapter init
+    flix_model = get_flix_model(base, adapter)
+    space = adapter.space
+    say(
+        f"[flix] {method}: active rank {space.active_rank}, rank over all features {space.total_rank} "
+        f"(shared {adapter.shared_rank}, groups {adapter.ranks}), {flix_model.num_trainable_parameters():,} trainable parameters"
+    )
+    if gradient_checkpointing:
+        enable_activation_checkpointing(flix_model)
+    return flix_model, tokenizer, model_kind(base) == "seq2seq"

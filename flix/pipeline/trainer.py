@@ -13,25 +13,24 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from flix import kernels
-from flix.base_models import enable_activation_checkpointing, load_model, model_kind
 from flix.config import FLixConfig
 from flix.data.mixtures import Mixture
-from flix.data.reader import iter_resolved, resolve_root
-from flix.data.sampling import MixtureSampler, eval_sample
-from flix.features import featureless
+from flix.data.reader import resolve_root
+from flix.data.sampling import MixtureSampler, eval_sample, read_split
+from flix.features import dropout_key, featureless
 from flix.io import atomic_write_text
 from flix.metrics import example_stats
-from flix.model import WEIGHTS_NAME, get_flix_model
+from flix.model import WEIGHTS_NAME
 from flix.optim import SparseAdamW, clip_grad_norm_, lr_lambda
 from flix.pipeline import distributed, sharding
-from flix.pipeline.batching import TextLimits, loss_sum, micro_batches, padding_fraction, training_batch
+from flix.pipeline.batching import TextLimits, loss_sum, micro_batch_positions, padding_fraction, training_batch
 from flix.pipeline.checkpoint import STATE, load_checkpoint, save_checkpoint
 from flix.pipeline.evaluate import Evaluation, evaluate
-from flix.pipeline.methods import adapter_config
+from flix.pipeline.methods import adapter_config, build_model
 from flix.pipeline.schema import ScaleConfig, TrainConfig
 from flix.pipeline.tracking import log, say
 from flix.record import example_entries, selection_key, selection_metric
@@ -39,27 +38,6 @@ from flix.record import example_entries, selection_key, selection_metric
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def read_split(root: Path, datasets: list[tuple[str, str]], split: str, limit: int | None = None) -> dict:
-    """{(task, lang): examples} of one split under a resolved data root; with `limit`, each
-    file's fixed random sample of that many examples (`eval_sample`: the same for every run)."""
-    return {(task, lang): eval_sample(list(iter_resolved(root, task, split, lang)), limit, task, split, lang) for task, lang in datasets}
-
-
-def build_model(model: DictConfig, adapter: FLixConfig, method: str, seed: int, gradient_checkpointing: bool):
-    """The base model of `model` (conf/model) with `adapter`; (model, tokenizer, seq2seq)."""
-    base, tokenizer = load_model(OmegaConf.to_container(model, resolve=True))
-    torch.manual_seed(seed)  # adapter init
-    flix_model = get_flix_model(base, adapter)
-    space = adapter.space
-    say(
-        f"[flix] {method}: active rank {space.active_rank}, rank over all features {space.total_rank} "
-        f"(shared {adapter.shared_rank}, groups {adapter.ranks}), {flix_model.num_trainable_parameters():,} trainable parameters"
-    )
-    if gradient_checkpointing:
-        enable_activation_checkpointing(flix_model)
-    return flix_model, tokenizer, model_kind(base) == "seq2seq"
 
 
 def is_validation_step(step: int, scale: ScaleConfig) -> bool:
@@ -153,25 +131,30 @@ class Trainer:
         the loss and the fraction of this process's examples that feature dropout left
         with no adapter at all (they teach nothing this step)."""
         examples = self.sampler.batch(step, self.process_rank, self.world_size)
+        first = self.process_rank * len(examples)  # this shard's first position in the global batch
         micro = self.scale.micro_batch_size
         if self.sort_micro_batches:
-            chunks = micro_batches(examples, micro, self.tokenizer, self.limits, self.seq2seq)
+            parts = micro_batch_positions(examples, micro, self.tokenizer, self.limits, self.seq2seq)
         else:  # the sampler's order (flix bench run times both)
-            chunks = [examples[i : i + micro] for i in range(0, len(examples), micro)]
+            parts = [list(range(i, min(i + micro, len(examples)))) for i in range(0, len(examples), micro)]
+        chunks = [[examples[i] for i in part] for part in parts]
         batches = [training_batch(chunk, self.tokenizer, self.limits, self.seq2seq) for chunk in chunks]
         self.last_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # flix bench run reports these
         self.last_padding = padding_fraction(batches)
         total_targets = distributed.sum_scalar(sum(b["num_targets"] for b in batches))
         self.model.train()
         loss_total, bare = 0.0, 0
-        for chunk, batch in zip(chunks, batches):
+        for part, chunk, batch in zip(parts, chunks, batches):
             tensors = {k: v.to(self.device) for k, v in batch.items() if k != "num_targets"}
-            with self.model.route([ex.features for ex in chunk]), self.autocast():
+            # each example's dropout mask from (seed, step, its global position): the same on any number of processes
+            keys = [dropout_key(self.seed, step, first + i) for i in part]
+            with self.model.route([ex.features for ex in chunk], dropout_keys=keys), self.autocast():
                 bare += int(featureless(self.model.router.rows).sum())
                 loss = loss_sum(self.model, tensors, self.seq2seq) / total_targets
                 loss.backward()
             loss_total += loss.item()
         loss_total = distributed.sum_scalar(loss_total)
+        bare = distributed.sum_scalar(float(bare))
         params = self.optimizer.param_groups[0]["params"]
         if self.sharded:  # FSDP2 summed the gradients into each process's rows
             sharding.sparse_local_grads(self.banks)
@@ -186,24 +169,15 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_total, bare / len(examples)
+        return loss_total, bare / (len(examples) * self.world_size)
 
     def validate(self) -> tuple[Evaluation, float | None, float]:
         """The validation sets' target NLL and (when selection reads it) the paper's metric,
         and their averages over the mixture's selection sets (None: no metric, no generation)."""
         generate = None if self.train.select_by == "metric" else {}  # selection by NLL or at the last step: no generation
+        args = (self.model, self.tokenizer, self.validation, self.limits, self.scale.eval_batch_size, self.seq2seq, self.device)
         with self.autocast():
-            result = evaluate(
-                self.model,
-                self.tokenizer,
-                self.validation,
-                self.limits,
-                self.scale.eval_batch_size,
-                self.seq2seq,
-                self.device,
-                desc="validation",
-                generate=generate,
-            )
+            result = evaluate(*args, desc="validation", generate=generate)
         sets = self.mixture.selection_sets
         average = selection_metric(result.scores, sets) if result.scores else None
         return result, average, selection_metric(result.nll, sets)
