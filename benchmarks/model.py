@@ -15,7 +15,7 @@ batch has at least 4 feature combinations:
 All but peft_lora take the training loss (`flix.pipeline.batching.loss_sum`: the output
 layer at labelled positions only). Each step's useful arithmetic (real tokens through the
 blocks, real targets through the output layer, forward + input-gradient backward:
-`flix.pipeline.estimate.useful_flops`, from the model's shapes) is put against a square
+`flix.pipeline.flops.useful_flops`, from the model's shapes) is put against a square
 matmul timed in the same rounds (2048 float32 on a CPU: sgemm), per round.
 
 Generation rows time greedy decoding of --new-tokens tokens for --gen-batch prompts of

@@ -15,7 +15,7 @@ import torch
 from benchmarks.cases import DROPOUT, FLIX_RANKS, RANK
 from benchmarks.timing import paired_ratio, verdict
 from flix.io import atomic_write_json
-from flix.pipeline.estimate import matmul_name
+from flix.pipeline.flops import matmul_name
 from flix.pipeline.versions import versions
 from flix.record import git_commit
 

@@ -39,7 +39,7 @@ from flix import kernels
 from flix.io import atomic_write_json
 from flix.loss import IGNORE
 from flix.pipeline.batching import padding_fraction
-from flix.pipeline.estimate import matmul_case, useful_flops
+from flix.pipeline.flops import matmul_case, useful_flops
 from flix.pipeline.memory import peak_memory_gib
 from flix.pipeline.methods import method_config
 

@@ -27,6 +27,7 @@ LAYERS = [
             "flix.export",
             "flix.collator",
             "flix.optim",
+            "flix.loss",
         ),
     ),
     ("base models", ("flix.base_models",)),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import adapters, layer, model
-from flix.pipeline import bench_command, estimate
+from flix.pipeline import bench_command, estimate, flops
 from flix.pipeline.memory import peak_rss_gib
 
 
@@ -135,16 +135,16 @@ def test_useful_flops_count_real_tokens_and_targets_from_the_models_shapes():
     d, vocab, inner, layers = config.hidden_size, config.vocab_size, config.intermediate_size, config.num_hidden_layers
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     per_layer = d * q + 2 * d * kv + q * d + 3 * d * inner  # q, k, v, o, gate, up, down
-    assert estimate.linear_weights(base, skip=base.get_output_embeddings()) == layers * per_layer
+    assert flops.linear_weights(base, skip=base.get_output_embeddings()) == layers * per_layer
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])  # 8 real positions of 10
     labels = torch.full((2, 5), IGNORE)
     labels[0, 4] = labels[1, 3:] = 7  # 3 real targets
     batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": mask, "labels": labels}
     expected = 4 * (8 * layers * per_layer + 3 * d * vocab)
-    assert estimate.useful_flops(base, batch, seq2seq=False) == expected
+    assert flops.useful_flops(base, batch, seq2seq=False) == expected
     flix = get_flix_model(base, method_config("flix", {"task": ["t0"], "lang": ["l0"]}, "joint"))
-    assert estimate.useful_flops(flix, batch, seq2seq=False) == expected
-    assert estimate.useful_flops(base, {**batch, "attention_mask": torch.ones(2, 5)}, seq2seq=False) == expected + 4 * 2 * layers * per_layer
+    assert flops.useful_flops(flix, batch, seq2seq=False) == expected
+    assert flops.useful_flops(base, {**batch, "attention_mask": torch.ones(2, 5)}, seq2seq=False) == expected + 4 * 2 * layers * per_layer
 
 
 def test_bench_names_its_benchmarks_and_options(capsys):

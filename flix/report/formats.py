@@ -1,8 +1,6 @@
-"""Writers: Markdown, LaTeX and CSV (the HTML page: flix.report.html).
-
-Every page carries where its numbers came from (scale, data roots, models, seeds,
-commits, render date) and the caveats of the scale, so a table never travels alone.
-"""
+"""Writers: Markdown, LaTeX and CSV (the HTML page: flix.report.html). Every page carries
+where its numbers came from (scale, data roots, models, seeds, commits, render date) and
+the caveats of the scale, so a table never travels alone."""
 
 from __future__ import annotations
 
