@@ -166,6 +166,14 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     small = -0.1 < question.ci_low and question.ci_high < 0.1
     expected_verdict = ", ".join(["established"] * established + ["ruled out as larger than 0.1"] * small) or "not settled"
     assert question.verdict == expected_verdict
+    # no verdict part-way through the design's seeds, nor from one seed
+    from flix.record.read import read_results
+
+    finished = [read_results(path) for path in records.rglob("results.json")]
+    (part_way,) = preregistered.analyse({**design, "seeds": [0, 1, 2]}, finished)
+    assert part_way.verdict == "interim: 2 of 3 seeds, no verdict before seeds 2 are in" and part_way.result.seeds == (0, 1)
+    (one_seed,) = preregistered.analyse(design, [r for r in finished if r.seed == 0])
+    assert one_seed.verdict == "not settled: one seed has no seed variance"
     curves = pd.read_csv(tmp_path / "from_records" / "curves.csv")
     assert len(curves) == 4 and set(curves.step) == {2} and curves.validation_nll.gt(0).all()  # 4 runs, one validation each
     cells = pd.read_csv(tmp_path / "from_records" / "cells.csv")

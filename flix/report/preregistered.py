@@ -6,7 +6,9 @@ Each family comparison a - b is paired by seed and test example on the primary m
 (test target NLL, averaged over the mixture's languages), only over the seeds complete in
 every condition of the family (docs/study-ner-nll.md, "Analysis"), Holm-corrected over the
 family alone. Verdicts: established (Holm p < alpha), ruled out as large (the interval
-inside +-smallest_effect), or not settled.
+inside +-smallest_effect), or not settled; and none before every seed the design names is
+complete (a look part-way is an interim figure, not a test), or with one seed (no seed
+variance: the t test has no degrees of freedom).
 """
 
 from __future__ import annotations
@@ -67,8 +69,17 @@ def analyse(design: dict, runs: list[RunRecord]) -> list[Question]:
         q.result = uncertainty.difference(_evidence(q.a, runs, seeds), _evidence(q.b, runs, seeds))
     uncertainty.holm([q.result for q in questions])
     alpha, smallest = float(design.get("alpha", uncertainty.ALPHA)), float(design.get("smallest_effect", 0.0))
+    planned = design.get("seeds") or []
+    missing = sorted(set(planned) - set(seeds))
     for q in questions:
         d = q.result
+        if missing or len(seeds) < 2:
+            q.verdict = (
+                f"interim: {len(seeds)} of {len(planned)} seeds, no verdict before seeds {', '.join(map(str, missing))} are in"
+                if missing
+                else "not settled: one seed has no seed variance"
+            )
+            continue
         verdicts = ["established"] if d.p_holm < alpha else []
         if smallest and -smallest < d.low and d.high < smallest:
             verdicts.append(f"ruled out as larger than {smallest:g}")
