@@ -53,15 +53,25 @@ def _run(trainer, out: Path, resume: Path | None) -> dict:
     from flix.pipeline import sharding
     from flix.pipeline import trainer as trainer_module
 
-    result = {"loss": [], "banks": [], "grad_norm": []}
+    result = {"loss": [], "banks": [], "grad_norm": [], "featureless": [], "masks": {}}
     originals = {m: m.clip_grad_norm_ for m in (trainer_module, sharding)}
     for module, original in originals.items():  # record the global gradient norm before clipping (sums, not means)
         module.clip_grad_norm_ = lambda params, max_norm, original=original: result["grad_norm"].append(float(original(params, max_norm))) or 0
+    rows_for = trainer.model.rows_for
+
+    def recording_rows_for(ids, dropout_keys=None):  # each training example's dropout mask, by its key
+        rows = rows_for(ids, dropout_keys)
+        for key, row in zip(dropout_keys or [], rows):
+            result["masks"][key] = row.clone()
+        return rows
+
+    trainer.model.rows_for = recording_rows_for
     try:
         return _steps(trainer, out, resume, result)
     finally:
         for module, original in originals.items():
             module.clip_grad_norm_ = original
+        del trainer.model.rows_for
 
 
 def _steps(trainer, out: Path, resume: Path | None, result: dict) -> dict:
@@ -70,13 +80,17 @@ def _steps(trainer, out: Path, resume: Path | None, result: dict) -> dict:
     banks = lambda: {k: v.clone() for k, v in trainer.model.adapter_state_dict().items()}  # noqa: E731  (unsharded: views of the banks)
     if resume is None:
         for step in range(2):
-            result["loss"].append(trainer.train_step(step)[0])
+            loss, featureless = trainer.train_step(step)
+            result["loss"].append(loss)
+            result["featureless"].append(featureless)
         result["banks"].append(banks())
         save_checkpoint(out / "ckpt", trainer.model, trainer.optimizer, trainer.scheduler, {"step": 2}, trainer.banks)
     else:
         assert load_checkpoint(resume, trainer.model, trainer.optimizer, trainer.scheduler, trainer.banks)["step"] == 2
         result["banks"].append(banks())
-    result["loss"].append(trainer.train_step(2)[0])
+    loss, featureless = trainer.train_step(2)
+    result["loss"].append(loss)
+    result["featureless"].append(featureless)
     result["banks"].append(banks())
     trainer.model.save_pretrained(out / "adapter")
     return result
@@ -135,6 +149,14 @@ def test_fsdp_equals_one_process(one, two):
         assert rank["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)  # gradients summed over processes, not averaged
         for got, want in zip(rank["banks"], one["banks"]):
             _assert_banks(got, want, atol=1e-5)
+    # feature dropout (0.7) drew every example's mask from its global position: each process drew
+    # its half of the batch's masks, together exactly the one process's, and counted the
+    # featureless examples of the whole batch
+    masks = {**two[0]["masks"], **two[1]["masks"]}
+    assert len(two[0]["masks"]) == len(two[1]["masks"]) == len(one["masks"]) // 2 and not set(two[0]["masks"]) & set(two[1]["masks"])
+    assert masks.keys() == one["masks"].keys() and all(torch.equal(masks[k], m) for k, m in one["masks"].items())
+    assert len({tuple(m.tolist()) for m in one["masks"].values()}) > 1  # dropout is on: the masks differ
+    assert all(r["featureless"] == one["featureless"] for r in two) and 0 < sum(one["featureless"])
     moved = [k for k, v in one["banks"][1].items() if not torch.equal(v, one["banks"][0][k])]
     assert moved  # step 3 changed the banks: the comparison is not of untouched weights
     # each process holds about half of every bank (rows split like torch.chunk)
@@ -174,15 +196,39 @@ def test_fsdp_checkpoint_resumes_in_one_process(base, one, two, data_root):
     _assert_banks(result["banks"][1], one["banks"][1], atol=1e-5)
 
 
+def _pipeline_args(data_root) -> list[str]:
+    from conftest import FAST
+
+    return [*FAST, "model=tiny", "scale=smoke", "mixture=multitask_sw", "dropout=0.7", f"data.root={data_root}"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(base, data_root):
+    """`python -m flix.train` of the pipeline test's settings in one process."""
+    run_dir = base / "pipeline_one"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "flix.train", *_pipeline_args(data_root), f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((run_dir / "results.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_fsdp_pipeline_run_completes(launcher, tmp_path, data_root):
+def test_fsdp_pipeline_run_completes(launcher, tmp_path, data_root, one_process_run):
     """`torchrun --nproc_per_node 2 -m flix.train ... train.parallel=fsdp` (and accelerate launch):
-    the recipe runs end to end (validation, best adapter, test on every process; results written once)."""
-    from conftest import FAST
+    the recipe runs end to end (validation, best adapter, test on every process; results written once)
+    and, with feature dropout on (0.7), its results.json is the one-process run's: losses, featureless
+    fractions, validation and test NLL to 1e-5 (issue 38)."""
     from test_train import LAUNCHERS  # the README's two launchers, as the ddp test runs them
 
-    args = [*FAST, "model=tiny", "scale=smoke", "mixture=multitask_sw", "dropout=0.0", f"data.root={data_root}", "train.parallel=fsdp"]
+    args = [*_pipeline_args(data_root), "train.parallel=fsdp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, *LAUNCHERS[launcher], *args, f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
@@ -192,6 +238,16 @@ def test_fsdp_pipeline_run_completes(launcher, tmp_path, data_root):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["config"]["train"]["parallel"] == "fsdp" and len(results["train_loss"]) == 4
     assert all(0 < loss < 20 for loss in results["train_loss"])
+    one = one_process_run
+    assert results["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5, abs=1e-5)
+    assert results["featureless_fraction"] == one["featureless_fraction"] and 0 < sum(one["featureless_fraction"])
+    assert results["best_step"] == one["best_step"] and results["test"] == one["test"]
+    assert results["best_validation_nll"] == pytest.approx(one["best_validation_nll"], rel=1e-5)
+    for split in ("test_nll", "validation_nll"):
+        assert results[split].keys() == one[split].keys()
+        for task, langs in one[split].items():
+            assert results[split][task] == pytest.approx(langs, rel=1e-5, abs=1e-5), (split, task)
+    assert [h["validation_nll"] for h in results["history"]] == pytest.approx([h["validation_nll"] for h in one["history"]], rel=1e-5)
     banks = load_file(str(tmp_path / "best_adapter" / "flix_adapter.safetensors"))
     assert banks and all(v.shape[0] > 2 for v in banks.values())  # full banks, not a shard
     state = torch.load(tmp_path / "checkpoints" / "latest" / "state.pt", weights_only=True)
