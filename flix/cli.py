@@ -16,6 +16,7 @@ COMMANDS = {
     "records": ("flix.record", "copy runs' records (results, predictions, logs; no weights) to another folder"),
     "offline": ("flix.pipeline.offline", "stage parts for a GPU machine without network, and run there"),
     "export": ("flix.pipeline.export_command", "write a FLix adapter as peft LoRA adapters, one per trained feature combination"),
+    "serve": ("flix.serve.cli", "serve a FLix adapter with llama.cpp's llama-server: build it, export one GGUF LoRA per feature, request combinations"),
 }
 
 

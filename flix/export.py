@@ -47,10 +47,15 @@ def folder_name(features: dict) -> str:
 
 def export_peft(model, features: dict, directory: str | Path) -> Path:
     """Write one feature combination as a standard peft LoRA adapter (atomically)."""
+    return write_peft(model, combination_rows(model, features), directory)
+
+
+def write_peft(model, rows: torch.Tensor, directory: str | Path) -> Path:
+    """Bank rows as one peft LoRA adapter of rank len(rows), scaled as FLix scales them
+    (alpha / active rank): a combination's rows, or one feature's (flix.serve sums those)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    rows = combination_rows(model, features)
     r = len(rows)
     layers = model.flix_layers()
     conv1d = [name for name, layer in layers.items() if is_conv1d(layer.base_layer)]

@@ -35,6 +35,7 @@ LAYERS = [
     ("run records", ("flix.record",)),
     ("report", ("flix.report",)),
     ("pipeline", ("flix.pipeline",)),
+    ("serving", ("flix.serve",)),
     ("entry points", ("flix.cli", "flix.train", "flix.__main__")),
 ]
 
