@@ -330,9 +330,9 @@ def test_bench_layer_prints_paired_ratios(tmp_path, capsys):
         layer.main(["--features", "4"])
 
 
-def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, data_root, capsys):
+def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu():
     """`--bf16 true` runs the cases as they run on a GPU (bf16 autocast): the FLix layers
-    compute in bf16, while the banks stay float32 and still learn; the report says so."""
+    compute in bf16, while the banks stay float32 and still learn."""
     from types import SimpleNamespace
 
     from benchmarks.model_cases import autocast_for, bf16_enabled, flix_step, full_length_batch, gemma_features, load, routes_for
@@ -359,6 +359,11 @@ def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu(tmp_path, data_root
     assert {layer.flix_B.dtype for layer in layers} == {torch.float32}
     assert all(layer.flix_B.abs().sum() > 0 for layer in layers)  # B starts at zero: the step updated it
 
+
+@pytest.mark.slow
+def test_bench_model_bf16_end_to_end_says_so(tmp_path, data_root, capsys):
+    """`flix bench model --bf16 true` end to end (minutes on a CPU, which emulates bf16): the
+    report records and prints the autocast; a value other than true/false/auto is refused."""
     out = tmp_path / "model.json"
     argv = ["--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--scale", "smoke", "--mixture", "multitask_sw"]
     argv += ["--data-root", str(data_root), "--features", "8", "--gen-batch", "4", "--gen-seq", "6", "--new-tokens", "2", "--memory-scale", "none"]

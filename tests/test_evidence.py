@@ -122,6 +122,7 @@ def test_run_records_nll_ids_and_no_machine_paths(compose, tmp_path, data_root):
     assert str(Path(data_root).resolve()) not in text and results["data_root"] == Path(data_root).resolve().name
 
 
+@pytest.mark.slow  # a smoke study of 4 runs, its records and two renders
 def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch, data_root):
     """Records (results, predictions, logs; no weights) copied away from the run
     directories render the same cells.csv, NLL cells with intervals included."""

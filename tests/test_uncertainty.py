@@ -99,7 +99,7 @@ def test_a_certain_gain_has_p_zero_and_the_t_quantiles_are_right():
     assert t_two_sided_p(1.0, 1) == pytest.approx(0.5) and t_two_sided_p(0.0, 7) == 1.0
 
 
-@pytest.mark.parametrize("k", [3, 10])
+@pytest.mark.parametrize("k", [3, pytest.param(10, marks=pytest.mark.slow)])  # 10 seeds: the design's, in the whole suite
 def test_paired_differences_cover_and_reject_at_the_nominal_rates_under_no_difference(k):
     """Simulated paired studies with no true difference: every example's NLL is its
     difficulty plus noise, each seed adds a training effect (sd 0.05 nats) to each

@@ -28,6 +28,7 @@ Holm-corrected over every comparison of the report (`holm`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -116,11 +117,15 @@ def _generator(*key: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+@functools.lru_cache(maxsize=256)
 def _example_weights(test_set: TestSet, ids: tuple, replicates: int) -> np.ndarray:
     """(replicates, size) resampling counts of a test set's examples: multinomial draws
-    that depend only on the test set and its examples."""
+    that depend only on the test set and its examples. Cached (read-only): every cell and
+    difference over one test set uses the same draws, and drawing them is most of a report."""
     size = len(ids)
-    return _generator("examples", test_set, ids).multinomial(size, np.full(size, 1.0 / size), size=replicates)
+    weights = _generator("examples", test_set, ids).multinomial(size, np.full(size, 1.0 / size), size=replicates)
+    weights.flags.writeable = False
+    return weights
 
 
 def seed_noise(values: np.ndarray, n: int) -> np.ndarray:
