@@ -14,9 +14,13 @@ COMMANDS = {
     "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
     "sync": ("flix.pipeline.sync", "upload offline W&B runs (a whole study's) with one wandb sync"),
     "records": ("flix.record", "copy runs' records (results, predictions, logs; no weights) to another folder"),
+    "compare": ("flix.record.compare", "compare two runs roots: the same runs with the same results, predictions and tables"),
     "offline": ("flix.pipeline.offline", "stage parts for a GPU machine without network, and run there"),
     "export": ("flix.pipeline.export_command", "write a FLix adapter as peft LoRA adapters, one per trained feature combination"),
-    "serve": ("flix.serve.cli", "serve a FLix adapter with llama.cpp's llama-server: build it, export one GGUF LoRA per feature, request combinations"),
+    "serve": (
+        "flix.serve.cli",
+        "serve a FLix adapter with llama.cpp's llama-server: build it, export one GGUF LoRA per feature, request combinations",
+    ),
 }
 
 

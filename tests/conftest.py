@@ -71,6 +71,18 @@ def train_cmd(run_dir: Path, data_root: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "flix.train", *FAST, "mixture=multitask_sw", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *overrides]
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, data_root) -> Path:
+    """One real smoke run (FLix on the two-task mixture, the tiny model), trained once per
+    session: its run folder. Tests that change it work on a copy."""
+    import subprocess
+
+    run_dir = tmp_path_factory.mktemp("smoke_run") / "multitask_sw" / "flix"
+    out = subprocess.run(train_cmd(run_dir, data_root), capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and (run_dir / "results.json").is_file(), out.stderr[-2000:]
+    return run_dir
+
+
 @pytest.fixture
 def compose(data_root):
     """Compose the real conf/train.yaml with overrides, as `python -m flix.train` does."""

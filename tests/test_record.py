@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from omegaconf import OmegaConf
 from test_report import PAPER, RUNS, STUDY_A, config_of, write_run
 
@@ -115,3 +116,52 @@ def test_a_featureless_run_fills_its_cell_whatever_its_dropout(tmp_path):
     assert [r.method for r in index.select(Selection("compute_matched", "study_a")).finished] == ["compute_matched"]
     assert index.select(Selection("flix", "study_a")).finished == []
     assert [r.dropout for r in index.select(Selection("flix", "study_a", dropout=0.3)).finished] == [0.3]
+
+
+def _copy_run(run: Path, root: Path) -> Path:
+    target = root / run.parent.name / run.name
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints", "best_adapter", ".lock"))
+    return target
+
+
+def test_compare_says_same_runs_apart_from_times_and_names_each_difference(tmp_path, smoke_run, capsys):
+    """`flix compare A B`: a run and its copy agree; times, commit and versions are not
+    results; a changed score, a changed prediction file and a run on one side are each one
+    line; --rtol allows rounding."""
+    from flix.record.compare import main
+
+    _copy_run(smoke_run, tmp_path / "a")
+    b = _copy_run(smoke_run, tmp_path / "b")
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "1 run(s) in both; the same" in capsys.readouterr().err
+    results = json.loads((b / "results.json").read_text())
+    results.update(time_seconds=results["time_seconds"] + 5, commit="0" * 40, versions={"torch": "other"})
+    (b / "results.json").write_text(json.dumps(results))
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    task, nll = next(iter(results["test_nll"].items()))
+    lang = sorted(nll)[0]
+    results["test_nll"][task][lang] = nll[lang] * (1 + 1e-9)
+    (b / "results.json").write_text(json.dumps(results))
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--rtol", "1e-6"]) == 0
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert f"results.json: test_nll.{task}.{lang}: " in capsys.readouterr().out
+    prediction = next(p for p in sorted((b / "predictions").rglob("*")) if p.is_file())
+    prediction.write_text(prediction.read_text() + "\n")
+    _copy_run(smoke_run, tmp_path / "b" / "more")
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--rtol", "1e-6"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert f"multitask_sw/flix/{prediction.relative_to(b)}: differs" in out
+    assert f"more/multitask_sw/flix: only under {tmp_path / 'b'}" in out and len(out) == 2
+
+
+@pytest.mark.slow
+def test_the_same_run_trained_twice_has_the_same_records(tmp_path, data_root):
+    """Determinism, checked by `flix compare`: the same settings trained again (another
+    folder, another process) give the same results, predictions and tables."""
+    from conftest import REPO, train_cmd
+
+    from flix.record.compare import compare
+
+    for side in ("a", "b"):
+        subprocess.run(train_cmd(tmp_path / side / "multitask_sw" / "flix", data_root), check=True, capture_output=True, cwd=REPO)
+    assert compare(tmp_path / "a", tmp_path / "b") == []
