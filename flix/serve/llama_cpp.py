@@ -44,7 +44,7 @@ SERVER_ENV = "FLIX_LLAMA_SERVER"  # a llama-server binary built elsewhere
 
 def home() -> Path:
     """<cache>/llama.cpp/<sdist name>: src/ (the llama.cpp tree), build/ (cmake's)."""
-    return cache_dir() / "llama.cpp" / SDIST_FILE.removesuffix(".tar.gz")
+    return cache_dir() / "llama.cpp" / SDIST.replace("==", "-")
 
 
 def source_dir() -> Path:
