@@ -78,11 +78,15 @@ class FLixLayer(nn.Module):
             self.flix_A[PAD].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.router.rows_for(x.shape[0], x.device)  # (g, r): g = batch, or 1 when uniform
+        rows = self.router.rows_for(x.shape[0], x.device, x.numel() // self.in_features)  # (g, r): g = batch, or 1 when uniform
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         weight, bias = self._frozen()
         flat = x.reshape(-1, self.in_features).to(dtype).contiguous()
-        if torch.is_grad_enabled():
+        if isinstance(rows, tuple):  # packed rows of examples with different rows: per-token routing
+            used, mask = rows[0], rows[1].to(dtype)
+            args = (flat, weight, bias, self.flix_A, self.flix_B, used, mask, self.scaling)
+            out = _FLixPacked.apply(*args, self.sparse_grad) if torch.is_grad_enabled() else _packed_forward(*args)[0]
+        elif torch.is_grad_enabled():
             out = _FLixLinear.apply(flat, weight, bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
         else:  # generation and evaluation: the same arithmetic without an autograd node's overhead
             out = _flix_forward(flat, weight, bias, self.flix_A, self.flix_B, rows, self.scaling)[0]
@@ -150,6 +154,61 @@ def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
         # inside the GEMM, which is compute-bound) instead of a read-modify-write pass
         # over the output afterwards. In place via out=, which FLOP counters see (addmm_
         # they do not).
+        out = update if weight is None else torch.addmm(update, x, weight.to(x.dtype), out=update)
+        if bias is not None:
+            out.add_(bias.to(x.dtype))
+    return out, a, b, h
+
+
+class _FLixPacked(torch.autograd.Function):
+    """_FLixLinear for packed rows, whose tokens belong to examples with different bank
+    rows: h = x A_U^T over the union U of the batch's rows, zeroed where a token's
+    example does not use a row (`mask`, (tokens, U)), then scaling * h B_U. The same sum
+    over each example's rows as _FLixLinear, as three plain matmuls over all tokens (no
+    loop over examples); U is a few times the active rank, small beside the frozen matmul."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bank_a, bank_b, used, mask, scaling, sparse):
+        out, a, b, h = _packed_forward(x, weight, bias, bank_a, bank_b, used, mask, scaling)
+        ctx.save_for_backward(x, weight, a, b, h, used, mask)
+        ctx.scaling, ctx.sparse, ctx.banks = scaling, sparse, (bank_a, bank_b)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b, h, used, mask = ctx.saved_tensors
+        bank_a, bank_b = ctx.banks
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad.to(x.dtype).contiguous()
+            grad_h = torch.mm(grad, b.t()).mul_(mask).mul_(ctx.scaling)  # (tokens, U); h is masked already
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(grad_h, a)
+                if weight is not None:
+                    torch.addmm(grad_x, grad, weight.to(x.dtype).t(), out=grad_x)
+            grad_a, grad_b = torch.mm(grad_h.t(), x), torch.mm(h.t(), grad).mul_(ctx.scaling)
+            grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (
+            grad_x,
+            None,
+            grad_bias,
+            _bank_grad(bank_a, used, grad_a, ctx.sparse),
+            _bank_grad(bank_b, used, grad_b, ctx.sparse),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _packed_forward(x, weight, bias, bank_a, bank_b, used, mask, scaling):
+    """_flix_forward for packed rows: (out, A_U, B_U, masked h)."""
+    with torch.autocast(x.device.type, enabled=False):
+        a = bank_a.index_select(0, used).to(x.dtype)  # (U, d_in)
+        b = bank_b.index_select(0, used).to(x.dtype)  # (U, d_out)
+        h = torch.mm(x, a.t()).mul_(mask)
+        update = torch.mm(h, b).mul_(scaling)
         out = update if weight is None else torch.addmm(update, x, weight.to(x.dtype), out=update)
         if bias is not None:
             out.add_(bias.to(x.dtype))

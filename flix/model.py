@@ -27,7 +27,7 @@ from torch import nn
 from flix.config import CONFIG_NAME, FLixConfig
 from flix.features import PAD
 from flix.layer import FLixLayer
-from flix.routing import FEATURES_KEY, RoutedCall, Router, as_ids, routed_signature, take_features
+from flix.routing import FEATURES_KEY, RoutedCall, Router, as_ids, packed_tokens, routed_signature, take_features
 from flix.targets import find_target_modules
 
 WEIGHTS_NAME = "flix_adapter.safetensors"
@@ -98,7 +98,8 @@ class FLixModel(nn.Module):
         a call with no features outside route() clears them."""
         features = take_features(self.router.space, kwargs)
         if features is not None:
-            self.router.set(self.rows_for(as_ids(self.router.space, features)))
+            ids = as_ids(self.router.space, features)
+            self.router.set(self.rows_for(ids), packed_tokens(len(ids), args, kwargs))
         elif not self.router.contexts:
             self.router.set(None)
         return args, kwargs
@@ -127,22 +128,23 @@ class FLixModel(nn.Module):
         )
 
     @contextmanager
-    def route(self, features: list[dict], dropout_keys: list[int] | None = None):
+    def route(self, features: list[dict], dropout_keys: list[int] | None = None, token_examples: torch.Tensor | None = None):
         """Route the forward/generate calls inside the block: one feature dict per
-        example (`dropout_keys`: see rows_for). With gradient checkpointing, call backward
-        inside the block too."""
-        with self._routed(as_ids(self.flix_config.space, list(features)), dropout_keys):
+        example (`dropout_keys`: see rows_for). Packed rows (flix.packing) give each input
+        position's example index in `token_examples` (-1: none). With gradient
+        checkpointing, call backward inside the block too."""
+        with self._routed(as_ids(self.flix_config.space, list(features)), dropout_keys, token_examples):
             yield self
 
     @contextmanager
-    def _routed(self, ids: torch.Tensor, dropout_keys: list[int] | None = None):
-        previous = self.router.set(self.rows_for(ids, dropout_keys))
+    def _routed(self, ids: torch.Tensor, dropout_keys: list[int] | None = None, token_examples: torch.Tensor | None = None):
+        previous = self.router.set(self.rows_for(ids, dropout_keys), token_examples)
         self.router.contexts += 1
         try:
             yield self
         finally:
             self.router.contexts -= 1
-            self.router.set(previous)
+            self.router.set(*previous)
 
     @property
     def trained_combinations(self) -> list[dict[str, str]]:

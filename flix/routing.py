@@ -15,7 +15,8 @@ import inspect
 
 import torch
 
-from flix.features import FeatureSpace
+from flix.features import PAD, FeatureSpace
+from flix.packing import sequence_index
 
 FEATURES_KEY = "flix_features"
 
@@ -26,24 +27,33 @@ class Router:
     def __init__(self, space: FeatureSpace):
         self.space = space
         self.rows: torch.Tensor | None = None  # (batch, active_rank)
+        self.tokens: torch.Tensor | None = None  # packed rows: each input position's example (flix.packing)
         self.contexts = 0  # open `model.route()` blocks: their rows are not cleared by a featureless call
         self._cache: dict = {}
 
-    def set(self, rows: torch.Tensor | None) -> torch.Tensor | None:
-        previous, self.rows, self._cache = self.rows, rows, {}
+    def set(self, rows: torch.Tensor | None, tokens: torch.Tensor | None = None) -> tuple:
+        """Route by `rows` (one per example) and, for packed rows, `tokens` (each input
+        position's example index, -1 for none); returns what was set before."""
+        previous = (self.rows, self.tokens)
+        self.rows, self.tokens, self._cache = rows, None if tokens is None else tokens.reshape(-1), {}
         return previous
 
-    def rows_for(self, n: int, device: torch.device) -> torch.Tensor:
+    def rows_for(self, n: int, device: torch.device, tokens: int | None = None):
         """Rows for a layer input whose leading dimension is n: (n, active_rank), or
         (1, active_rank) when every example has the same rows, so that layers do one
-        plain matmul over all tokens instead of a batched one.
+        plain matmul over all tokens instead of a batched one. Packed rows (`tokens`, the
+        input's positions, set) whose examples differ get (the union of the batch's bank
+        rows (U,), a (tokens, U) 0/1 mask of the rows each position's example uses).
 
         generate() repeats each prompt for beams and return sequences
         (repeat_interleave), so n may be a multiple of the routed batch.
         """
-        key = (n, device)
+        key = (n, device, tokens)
         if key in self._cache:
             return self._cache[key]
+        if self.tokens is not None and self.rows is not None and not bool((self.rows == self.rows[:1]).all()):
+            self._cache[key] = packed = self._packed(tokens, device)
+            return packed
         rows = self.rows
         if rows is None:
             if self.space.features:
@@ -53,6 +63,8 @@ class Router:
                     "or call it inside `with model.route([...]):` (one dict per example)"
                 )
             rows = self.space.rows([{}])
+        elif self.tokens is not None:  # packed rows, every example the same rows: one plain matmul
+            rows = rows[:1]
         elif n % rows.shape[0]:
             raise RuntimeError(f"{rows.shape[0]} examples were routed but a layer saw a batch of {n}: route exactly one feature dict per input row")
         elif bool((rows == rows[:1]).all()):
@@ -61,6 +73,20 @@ class Router:
             rows = rows.repeat_interleave(n // rows.shape[0], dim=0)
         self._cache[key] = rows = rows.to(device)
         return rows
+
+    def _packed(self, tokens: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(used, mask) for packed rows: the bank rows any example uses (the zero padding row
+        left out) and for each position whether its example uses each of them, built once
+        per batch for every layer."""
+        if tokens != self.tokens.numel():
+            raise RuntimeError(f"packed routing gives {self.tokens.numel()} positions an example, but a layer saw {tokens}")
+        used = self.rows.unique()
+        used = used[used != PAD]
+        uses = (self.rows.unsqueeze(2) == used.view(1, 1, -1)).any(1)  # (examples, U)
+        mask = torch.zeros(len(self.tokens), len(used), dtype=torch.float32)
+        real = self.tokens >= 0
+        mask[real] = uses[self.tokens[real]].float()
+        return used.to(device), mask.to(device)
 
 
 def as_ids(space: FeatureSpace, features) -> torch.Tensor:
@@ -84,6 +110,25 @@ def take_features(space: FeatureSpace, kwargs: dict):
     columns = {g: kwargs.pop(g) for g in space.groups if g in kwargs}
     columns = {g: v for g, v in columns.items() if v is not None}
     return features if features is not None else (columns or None)
+
+
+def packed_tokens(examples: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """For a forward call routed with `examples` feature rows: each position's example
+    when the call's rows are packed (fewer input rows than examples, and position ids
+    that restart once per example, as transformers' DataCollatorWithFlattening writes
+    them); None otherwise."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = kwargs.get("inputs_embeds") if ids is None else ids
+    positions = kwargs.get("position_ids")
+    if ids is None or positions is None or ids.shape[0] == examples:
+        return None
+    tokens = sequence_index(positions.expand(ids.shape[0], -1))
+    if int(tokens[-1]) + 1 != examples:
+        raise RuntimeError(
+            f"{examples} examples were routed but the packed rows' position ids hold {int(tokens[-1]) + 1} sequences: "
+            "route one feature dict per packed example (padding at the end of a row counts as one)"
+        )
+    return tokens
 
 
 def routed_signature(base_call, groups: list[str]) -> inspect.Signature:

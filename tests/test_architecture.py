@@ -28,6 +28,7 @@ LAYERS = [
             "flix.collator",
             "flix.optim",
             "flix.loss",
+            "flix.packing",
         ),
     ),
     ("base models", ("flix.base_models",)),

@@ -5,7 +5,9 @@ the last position; the loss covers target tokens only, and the output layer runs
 the positions that predict one (`flix.loss.lm_loss`).
 Seq2seq models take the prompt as encoder input and the target as labels.
 A step's micro-batches hold its examples sorted by length (`micro_batches`), so each
-pads to examples of about its own length; `target_nll` scores gold targets per example.
+pads to examples of about its own length, `size` rows or a token budget each; causal
+models can instead pack several examples in a row, with no padding between them
+(`step_batches`, `flix.packing`). `target_nll` scores gold targets per example.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from flix.data import Example
 from flix.data.formatting import format_prompt
 from flix.loss import IGNORE, lm_loss
+from flix.packing import pack, packed_inputs, packs_exactly, split_by_budget
 
 
 @dataclass
@@ -78,19 +81,92 @@ def micro_batches(examples: list[Example], size: int, tokenizer, limits: TextLim
     return [[examples[i] for i in part] for part in micro_batch_positions(examples, size, tokenizer, limits, seq2seq)]
 
 
-def micro_batch_positions(examples: list[Example], size: int, tokenizer, limits: TextLimits, seq2seq: bool) -> list[list[int]]:
-    """`micro_batches` as positions in `examples`."""
+def micro_batch_positions(
+    examples: list[Example], size: int, tokenizer, limits: TextLimits, seq2seq: bool, tokens: int | None = None
+) -> list[list[int]]:
+    """`micro_batches` as positions in `examples`. With `tokens`, micro-batches by a token
+    budget instead of `size` rows: consecutive runs of the sorted examples, each computing
+    at most `tokens` positions (rows x the widest; seq2seq: x its widest prompt + target),
+    with the fewest positions in all (flix.packing.split_by_budget)."""
     sources = _sources(examples, tokenizer, limits, train=True, seq2seq=seq2seq)
     targets = _targets(examples, tokenizer, limits)
     lengths = [len(s) + (0 if seq2seq else len(t)) for s, t in zip(sources, targets)]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])  # stable: ties keep the sampler's order
-    return [order[i : i + size] for i in range(0, len(order), size)]
+    if tokens is None:
+        return [order[i : i + size] for i in range(0, len(order), size)]
+    decoder = [len(targets[i]) if seq2seq else 0 for i in order]
+
+    def cost(i: int, j: int) -> int:
+        return (j - i) * (lengths[order[i]] + max(decoder[i:j]))
+
+    return [order[i:j] for i, j in split_by_budget(len(order), cost, tokens)]
+
+
+def packed_micro_batches(examples: list[Example], tokenizer, limits: TextLimits, tokens: int) -> list[tuple[list[int], dict]]:
+    """A causal step's examples packed (flix.packing.pack): micro-batches of rows holding
+    several examples each, at most `tokens` positions a micro-batch, as (positions in
+    `examples` in the rows' order, tensors: input_ids, position_ids, labels, token_examples
+    indexing those positions, num_targets). No attention mask: the position ids separate
+    the examples."""
+    sources, targets = _sources(examples, tokenizer, limits, train=True, seq2seq=False), _targets(examples, tokenizer, limits)
+    sequences = [s + t for s, t in zip(sources, targets)]
+    labels = [[IGNORE] * len(s) + t for s, t in zip(sources, targets)]
+    out = []
+    for rows in pack([len(q) for q in sequences], tokens):
+        positions = [i for row in rows for i in row]
+        local = {i: k for k, i in enumerate(positions)}
+        batch = packed_inputs(
+            [sequences[i] for i in positions], [labels[i] for i in positions], [[local[i] for i in row] for row in rows], tokenizer.pad_token_id
+        )
+        out.append((positions, {**batch, "num_targets": int((batch["labels"] != IGNORE).sum())}))
+    return out
+
+
+def step_batches(
+    examples: list[Example],
+    tokenizer,
+    limits: TextLimits,
+    seq2seq: bool,
+    size: int,
+    tokens: int | None = None,
+    packed: bool = False,
+    sort: bool = True,
+) -> list[tuple[list[int], dict]]:
+    """A step's micro-batches as Trainer.train_step computes them, each as (its examples'
+    positions in `examples`, its tensors): packed (causal models where flix.packing holds
+    exactly; `tokens` defaults to `size` rows of the longest possible example), else
+    length-sorted with `size` rows or a `tokens` budget each, or (sort=False) `size` rows
+    in the sampler's order."""
+    if packed:
+        return packed_micro_batches(examples, tokenizer, limits, tokens or size * (limits.max_prompt_tokens + limits.max_target_tokens + 1))
+    if sort:
+        parts = micro_batch_positions(examples, size, tokenizer, limits, seq2seq, tokens)
+    else:
+        parts = [list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)]
+    return [(part, training_batch([examples[i] for i in part], tokenizer, limits, seq2seq)) for part in parts]
+
+
+def packing_holds(model, seq2seq: bool) -> bool:
+    """For scale.packing: whether this model computes packed rows exactly
+    (flix.packing.packs_exactly); where not, says so: the run's micro-batches are then
+    length-sorted, by the token budget when one is set."""
+    from flix.pipeline.tracking import say
+
+    why = "a seq2seq model" if seq2seq else None if packs_exactly(model) else "its attention crosses packed examples (flix.packing.packs_exactly)"
+    if why:
+        say(f"[flix] scale.packing=true but not packing: {why}; padded micro-batches of length-sorted examples instead")
+    return why is None
+
+
+def real_positions(batch: dict) -> int:
+    """Input positions of a batch that hold a token of an example (packed or padded)."""
+    return int((batch["token_examples"] >= 0).sum()) if "token_examples" in batch else int(batch["attention_mask"].sum())
 
 
 def padding_fraction(batches: list[dict]) -> float:
     """Share of the input positions of these batches that are padding."""
-    total = sum(b["attention_mask"].numel() for b in batches)
-    return 1.0 - sum(int(b["attention_mask"].sum()) for b in batches) / total if total else 0.0
+    total = sum(b["input_ids"].numel() for b in batches)
+    return 1.0 - sum(real_positions(b) for b in batches) / total if total else 0.0
 
 
 def training_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool, train: bool = True) -> dict:
@@ -114,6 +190,8 @@ def training_batch(examples: list[Example], tokenizer, limits: TextLimits, seq2s
 def _token_losses(model, batch: dict, seq2seq: bool) -> torch.Tensor:
     """Each target token's cross-entropy (`flix.loss.lm_loss`: the output layer at target
     positions only), row-major."""
+    if "attention_mask" not in batch:  # packed rows (flix.packing): the position ids separate the examples
+        return lm_loss(model, batch["labels"], reduction="none", input_ids=batch["input_ids"], position_ids=batch["position_ids"])
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if not seq2seq:
         inputs["position_ids"] = position_ids(batch["attention_mask"])

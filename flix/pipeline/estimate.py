@@ -82,13 +82,14 @@ def batches_per_task(data: dict, batch_size: int) -> dict[str, int]:
     return counts
 
 
-def step_micro_batches(sampler, step: int, micro_batch_size: int, tokenizer, limits, seq2seq: bool) -> list[dict]:
+def step_micro_batches(
+    sampler, step: int, micro_batch_size: int, tokenizer, limits, seq2seq: bool, tokens: int | None = None, packed: bool = False
+) -> list[dict]:
     """The tensors `Trainer.train_step(step)` computes on: length-sorted micro-batches of
-    its sampler's batch (one process)."""
-    from flix.pipeline.batching import micro_batches, training_batch
+    its sampler's batch (one process), by `tokens` when set, packed with `packed`."""
+    from flix.pipeline.batching import step_batches
 
-    chunks = micro_batches(sampler.batch(step), micro_batch_size, tokenizer, limits, seq2seq)
-    return [training_batch(chunk, tokenizer, limits, seq2seq) for chunk in chunks]
+    return [b for _, b in step_batches(sampler.batch(step), tokenizer, limits, seq2seq, micro_batch_size, tokens, packed)]
 
 
 def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
@@ -120,29 +121,30 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
         return time.perf_counter() - begin
 
     # Each step twice, interleaved: micro-batches of length-sorted examples (what runs do)
-    # and in the sampler's order (before), for the padding they save; a few square
-    # matmuls after each, the peak its useful arithmetic is put against.
+    # and in the sampler's order (before), for the padding they save; a run that packs or
+    # takes a token budget a third time, as padded rows of micro_batch_size (before that),
+    # in alternating order; a few square matmuls after each, the peak its useful arithmetic is put against.
     matmul, matmul_flops = matmul_case(trainer.device, trainer.bf16)
-    step_times, padding, tokens_per_s = [], {True: [], False: []}, {True: [], False: []}
+    variants = ["sorted", "unsorted"] + (["padded"] if trainer.packing or s.tokens_per_micro_batch else [])
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    padding, tokens_per_s = {v: [] for v in variants}, {v: [] for v in variants}
     useful, matmul_s = [], []
-    for i in tqdm(range(warmup + steps), desc="bench: train steps (sorted, unsorted)", unit="step"):
-        for sort in (True, False):
-            trainer.sort_micro_batches = sort
+    packing, budget = trainer.packing, s.tokens_per_micro_batch
+    for i in tqdm(range(warmup + steps), desc=f"bench: train steps ({', '.join(variants)})", unit="step"):
+        for variant in variants if i % 2 == 0 else variants[::-1]:
+            trainer.sort_micro_batches = variant != "unsorted"
+            trainer.packing, s.tokens_per_micro_batch = (False, None) if variant == "padded" else (packing, budget)
             seconds = timed(trainer.train_step, i)
-            if sort:
-                step_times.append(seconds)
+            times[variant].append(seconds)
             if i >= warmup:
-                padding[sort].append(trainer.last_padding)
-                tokens_per_s[sort].append(trainer.last_tokens / seconds)
+                padding[variant].append(trainer.last_padding)
+                tokens_per_s[variant].append(trainer.last_tokens / seconds)
         if i >= warmup:
-            useful.append(
-                sum(
-                    useful_flops(trainer.model, b, trainer.seq2seq)
-                    for b in step_micro_batches(trainer.sampler, i, s.micro_batch_size, trainer.tokenizer, trainer.limits, trainer.seq2seq)
-                )
-            )
+            batches = step_micro_batches(trainer.sampler, i, s.micro_batch_size, trainer.tokenizer, trainer.limits, trainer.seq2seq)
+            useful.append(sum(useful_flops(trainer.model, b, trainer.seq2seq) for b in batches))
             matmul_s += matmul_seconds(matmul, trainer.device, MATMUL_REPEATS)
-    trainer.sort_micro_batches = True
+    trainer.sort_micro_batches, trainer.packing, s.tokens_per_micro_batch = True, packing, budget
+    step_times = times["sorted"]
     step_s = statistics.median(step_times[warmup:])
     useful_rate = statistics.median(f / t for f, t in zip(useful, step_times[warmup:]))
     peak = matmul_flops / statistics.median(matmul_s)
@@ -202,13 +204,19 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
             "generation_batch_s": batch_s,
             "generation_batch_examples": {task: len(examples) for task, examples in first.items()},
             "peak_memory_gib": peak_memory_gib(trainer.device),
-            "padding_fraction": {"sorted": statistics.mean(padding[True]), "unsorted": statistics.mean(padding[False])},
-            "tokens_per_s": {"sorted": statistics.median(tokens_per_s[True]), "unsorted": statistics.median(tokens_per_s[False])},
+            "padding_fraction": {v: statistics.mean(padding[v]) for v in variants},
+            "tokens_per_s": {v: statistics.median(tokens_per_s[v]) for v in variants},
+            # per step: the run's micro-batches' time over padded rows' (null: the run pads)
+            "step_vs_padded": statistics.median(a / b for a, b in zip(times["sorted"][warmup:], times["padded"][warmup:]))
+            if "padded" in times
+            else None,
+            "packing": trainer.packing,
         },
         "budget": {
             "steps": s.steps,
             "batch_size": s.batch_size,
             "micro_batch_size": s.micro_batch_size,
+            "tokens_per_micro_batch": s.tokens_per_micro_batch,
             "validations": validations,
             "select_by": cfg.train.select_by,
             "validation_batches": validation_batches,
@@ -229,6 +237,15 @@ def duration(seconds: float) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def packed_line(m: dict) -> str:
+    how = "packed" if m["packing"] else "by the token budget"
+    real, padded = 1.0 - m["padding_fraction"]["sorted"], 1.0 - m["padding_fraction"]["padded"]
+    return (
+        f"  micro-batches {how}: {1 / real:.2f}x computed per real position (padded rows of micro_batch_size: {1 / padded:.2f}x); "
+        f"step time {m['step_vs_padded']:.2f}x the padded rows' (median per-step ratio, interleaved)"
+    )
 
 
 def format_report(r: dict) -> str:
@@ -252,6 +269,7 @@ def format_report(r: dict) -> str:
             f"  padding   real positions are {real:.1%} of those computed ({1 / real:.2f}x computed per real) in length-sorted "
             f"micro-batches (what runs use), {1.0 - m['padding_fraction']['unsorted']:.1%} in the sampler's order; real tokens per second "
             f"{m['tokens_per_s']['unsorted']:.0f} -> {m['tokens_per_s']['sorted']:.0f}",
+            *([] if m.get("step_vs_padded") is None else [packed_line(m)]),
             f"  expected  train {b['steps']} x {duration(m['step_s'])} = {duration(e['train_s'])}; "
             f"validation ({validation}) {b['validations']} x {duration(e['validation_pass_s'])} = {duration(e['validation_s'])}; "
             f"test (target NLL and generation) {duration(e['test_s'])}",

@@ -27,14 +27,15 @@ def useful_flops(model: nn.Module, batch: dict, seq2seq: bool) -> int:
     weights per real prompt token and the decoder's per real target. `model`: the frozen
     model, or a FLix model of it (a peft model's LoRA layers would count as blocks)."""
     from flix.loss import IGNORE
+    from flix.pipeline.batching import real_positions
 
     head = model.get_output_embeddings()
     targets = int((batch["labels"] != IGNORE).sum())
     blocks = linear_weights(model, skip=head)
     if seq2seq:  # the encoder sees the prompt's real tokens, the decoder the targets
         encoder = linear_weights(model.get_encoder())
-        return 4 * (encoder * int(batch["attention_mask"].sum()) + (blocks - encoder) * targets + head.weight.numel() * targets)
-    return 4 * (blocks * int(batch["attention_mask"].sum()) + head.weight.numel() * targets)
+        return 4 * (encoder * real_positions(batch) + (blocks - encoder) * targets + head.weight.numel() * targets)
+    return 4 * (blocks * real_positions(batch) + head.weight.numel() * targets)
 
 
 def matmul_name(device, bf16: bool) -> str:

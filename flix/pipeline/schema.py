@@ -57,6 +57,10 @@ class ScaleConfig:
     max_target_tokens: int = at_least(1)
     max_context_chars: Optional[int] = at_least(1, nullable=True)
     cpu_kernels: bool = False
+    # several examples per row, no padding, where exact (causal models: flix.packing)
+    packing: bool = False
+    # micro-batches by computed positions instead of micro_batch_size rows (null: rows)
+    tokens_per_micro_batch: Optional[int] = at_least(1, nullable=True, default=None)
     # which validation keeps the checkpoint (train.select_by follows it): metric (the paper's
     # rule; validations generate) | nll (validations by target NLL alone) | final (the last step)
     select_by: str = one_of(SELECT_BY, default="metric")

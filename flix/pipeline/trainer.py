@@ -27,7 +27,7 @@ from flix.metrics import example_stats
 from flix.model import WEIGHTS_NAME
 from flix.optim import SparseAdamW, clip_grad_norm_, lr_lambda
 from flix.pipeline import distributed, sharding
-from flix.pipeline.batching import TextLimits, loss_sum, micro_batch_positions, padding_fraction, training_batch
+from flix.pipeline.batching import TextLimits, loss_sum, packing_holds, padding_fraction, real_positions, step_batches
 from flix.pipeline.checkpoint import STATE, load_checkpoint, save_checkpoint
 from flix.pipeline.evaluate import Evaluation, evaluate
 from flix.pipeline.methods import adapter_config, build_model
@@ -99,6 +99,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(s.warmup_steps, s.steps))
         self.ckpt_dir = run_dir / "checkpoints" / "latest"
         self.sort_micro_batches = True  # micro-batches of length-sorted examples (flix.pipeline.batching.micro_batches)
+        self.packing = s.packing and packing_holds(self.model, self.seq2seq)
 
     @classmethod
     def from_config(
@@ -132,23 +133,22 @@ class Trainer:
         with no adapter at all (they teach nothing this step)."""
         examples = self.sampler.batch(step, self.process_rank, self.world_size)
         first = self.process_rank * len(examples)  # this shard's first position in the global batch
-        micro = self.scale.micro_batch_size
-        if self.sort_micro_batches:
-            parts = micro_batch_positions(examples, micro, self.tokenizer, self.limits, self.seq2seq)
-        else:  # the sampler's order (flix bench run times both)
-            parts = [list(range(i, min(i + micro, len(examples)))) for i in range(0, len(examples), micro)]
-        chunks = [[examples[i] for i in part] for part in parts]
-        batches = [training_batch(chunk, self.tokenizer, self.limits, self.seq2seq) for chunk in chunks]
-        self.last_tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # flix bench run reports these
+        s = self.scale
+        # the sampler's order unsorted (flix bench run times both); packed where self.packing holds
+        args = (self.tokenizer, self.limits, self.seq2seq, s.micro_batch_size, s.tokens_per_micro_batch)
+        parts = step_batches(examples, *args, packed=self.packing and self.sort_micro_batches, sort=self.sort_micro_batches)
+        batches = [batch for _, batch in parts]
+        self.last_tokens = sum(real_positions(b) for b in batches)  # flix bench run reports these
         self.last_padding = padding_fraction(batches)
         total_targets = distributed.sum_scalar(sum(b["num_targets"] for b in batches))
         self.model.train()
         loss_total, bare = 0.0, 0
-        for part, chunk, batch in zip(parts, chunks, batches):
-            tensors = {k: v.to(self.device) for k, v in batch.items() if k != "num_targets"}
+        for part, batch in parts:
+            tensors = {k: v.to(self.device) for k, v in batch.items() if k not in ("num_targets", "token_examples")}
             # each example's dropout mask from (seed, step, its global position): the same on any number of processes
             keys = [dropout_key(self.seed, step, first + i) for i in part]
-            with self.model.route([ex.features for ex in chunk], dropout_keys=keys), self.autocast():
+            route = self.model.route([examples[i].features for i in part], dropout_keys=keys, token_examples=batch.get("token_examples"))
+            with route, self.autocast():
                 bare += int(featureless(self.model.router.rows).sum())
                 loss = loss_sum(self.model, tensors, self.seq2seq) / total_targets
                 loss.backward()

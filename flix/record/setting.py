@@ -18,8 +18,15 @@ from flix.data.mixtures import VARIANTS
 # Runs made before a change to what is hashed keep their directories; studies do not
 # reuse them (they run again), the report still reads them.
 UNHASHED = ("hydra", "logger", "force", "wait", "study", "table", "run_name")
-# How fast or how spread out, not what: kernels and FSDP compute the same to float rounding.
-UNHASHED_NESTED = (("train", "threads"), ("scale", "cpu_kernels"), ("train", "parallel"))
+# How fast or how spread out, not what: kernels, FSDP, packing and the micro-batches' token
+# budget compute the same to float rounding (a step's loss is its targets' sum / their count).
+UNHASHED_NESTED = (
+    ("train", "threads"),
+    ("scale", "cpu_kernels"),
+    ("train", "parallel"),
+    ("scale", "packing"),
+    ("scale", "tokens_per_micro_batch"),
+)
 # Keys added after runs were recorded, left out at the value every older run had, so
 # that those runs keep their hash (a quantized base is another run; a float one is not).
 HASHED_UNLESS = {("model", "quantize"): "none", ("scale", "test_nll_examples"): None, ("scale", "select_by"): "metric"}
