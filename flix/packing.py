@@ -11,8 +11,10 @@ no example); `model(**batch)` with `flix_features` finds the examples from the p
 ids. Each layer then computes the update over the union of the batch's bank rows with the
 rows a token's example does not use masked out (`flix.layer`): exact, and GEMM-shaped.
 
-    rows = pack([len(s) for s in seqs], budget=2048)   # micro-batches of rows of example indices
-    batch = packed_inputs([seqs[i] for part in rows[0] for i in part], ..., rows[0])
+    for micro in pack([len(s) for s in seqs], budget=2048):  # micro-batches: rows of example indices
+        batch = packed_inputs(seqs, labels, micro, pad_id=tokenizer.pad_token_id)
+        with model.route(features, token_examples=batch.pop("token_examples")):  # one dict per example of seqs
+            lm_loss(model, **batch).backward()
 """
 
 from __future__ import annotations

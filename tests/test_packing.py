@@ -266,3 +266,13 @@ def test_gemma_packed_step_equals_padded(gemma, examples):
     got, gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
     assert got == pytest.approx(loss, rel=1e-5)
     assert_same_grads(gradients, expected)
+
+
+def test_packing_settings_leave_a_runs_hash_alone(compose):
+    """Packing and the token budget change how fast, not what (the tests above): runs keep
+    their directories, as with scale.cpu_kernels."""
+    from flix.pipeline.run_config import config_hash
+
+    plain = config_hash(compose("scale=cpu", "scale.packing=false", "scale.tokens_per_micro_batch=null", fast=False))
+    assert config_hash(compose("scale=cpu", fast=False)) == plain
+    assert config_hash(compose("scale=cpu", "scale.tokens_per_micro_batch=999", fast=False)) == plain
