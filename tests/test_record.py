@@ -145,6 +145,7 @@ def test_compare_says_same_runs_apart_from_times_and_names_each_difference(tmp_p
     assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--rtol", "1e-6"]) == 0
     assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
     assert f"results.json: test_nll.{task}.{lang}: " in capsys.readouterr().out
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--ignore", f"test_nll.{task}.{lang}"]) == 0  # a key changed on purpose
     prediction = next(p for p in sorted((b / "predictions").rglob("*")) if p.is_file())
     prediction.write_text(prediction.read_text() + "\n")
     _copy_run(smoke_run, tmp_path / "b" / "more")

@@ -23,8 +23,9 @@ IGNORED = frozenset({"time_seconds", "train_seconds", "commit", "versions"})
 COMPARED_FOLDERS = ("predictions", "tables")
 
 
-def compare(a: Path, b: Path, rtol: float = 0.0) -> list[str]:
-    """Every difference between the runs under a and under b, one line each (empty: the same)."""
+def compare(a: Path, b: Path, rtol: float = 0.0, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Every difference between the runs under a and under b, one line each (empty: the same);
+    `ignore`: results.json keys (dotted, e.g. config.scale.packing) a change added on purpose."""
     runs_a = {run.relative_to(a): run for run in find_runs(a)}
     runs_b = {run.relative_to(b): run for run in find_runs(b)}
     lines = [f"{name}: only under {a}" for name in sorted(runs_a.keys() - runs_b.keys())]
@@ -37,7 +38,8 @@ def compare(a: Path, b: Path, rtol: float = 0.0) -> list[str]:
             continue
         results_a = json.loads(read_regular_text(ra / "results.json"))
         results_b = json.loads(read_regular_text(rb / "results.json"))
-        lines += [f"{name}/results.json: {d}" for d in _differences(results_a, results_b, "", rtol)]
+        found = _differences(results_a, results_b, "", rtol)
+        lines += [f"{name}/results.json: {d}" for d in found if d.split(":")[0].split(" ")[0] not in ignore]
         lines += [f"{name}/{f}" for f in _different_files(ra, rb)]
     return lines
 
@@ -88,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", type=Path, help="a runs root, e.g. runs/smoke before a change")
     parser.add_argument("b", type=Path, help="the other, e.g. the same study after it")
     parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance for numbers (default 0: exactly equal)")
+    parser.add_argument(
+        "--ignore", action="append", default=[], metavar="KEY", help="a results.json key to leave out, dotted (e.g. a setting the change added)"
+    )
     args = parser.parse_args(argv)
     for root in (args.a, args.b):
         if not root.is_dir():
             parser.error(f"{root}: no such directory")
-    differences = compare(args.a, args.b, args.rtol)
+    differences = compare(args.a, args.b, args.rtol, tuple(args.ignore))
     for line in differences:
         print(line)
     pairs = len({r.relative_to(args.a) for r in find_runs(args.a)} & {r.relative_to(args.b) for r in find_runs(args.b)})
