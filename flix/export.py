@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from flix.features import PAD
-from flix.io import atomic_dir, atomic_write_text
+from flix.io import atomic_dir, atomic_write_text, write_safetensors
 from flix.layer import is_conv1d, is_quantized
 
 MANIFEST = "manifest.json"
@@ -54,7 +54,6 @@ def write_peft(model, rows: torch.Tensor, directory: str | Path) -> Path:
     """Bank rows as one peft LoRA adapter of rank len(rows), scaled as FLix scales them
     (alpha / active rank): a combination's rows, or one feature's (flix.serve sums those)."""
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     r = len(rows)
     layers = model.flix_layers()
@@ -74,7 +73,7 @@ def write_peft(model, rows: torch.Tensor, directory: str | Path) -> Path:
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.flix_B.detach()[rows].T.contiguous()
     with atomic_dir(directory) as tmp:
         peft_config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        write_safetensors(tensors, tmp / "adapter_model.safetensors")
     return Path(directory)
 
 

@@ -28,11 +28,25 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """A write that failed, named: its message is one line that names the path and what to do
+    (commands print it alone, without a traceback)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def write_error(path: Path, err: OSError) -> OSError:
     """The OSError to raise: it names the path, and says so when the disk is full."""
+    if isinstance(err, WriteError):
+        return err
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return OSError(err.errno, f"no space left on device while writing {path}: free space there and rerun (the run resumes)")
-    return OSError(err.errno, f"could not write {path}: {err.strerror or err}")
+        return WriteError(err.errno, f"no space left on device while writing {path}: free space on that disk and run the command again")
+    return WriteError(err.errno, f"could not write {path}: {err.strerror or err}")
+
+
+def disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -73,8 +87,11 @@ def atomic_dir(path: str | Path):
     Replacing takes two renames (path -> .path.old, temp -> path); a crash between them
     leaves no `path`, but `recover(path)` brings back the newest complete copy."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX))
+    except OSError as err:
+        raise write_error(path, err) from err
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
@@ -91,6 +108,18 @@ def atomic_dir(path: str | Path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' file format, written by Python's own file calls (fsynced): a full disk is an
+    OSError for `atomic_dir` to name, not safetensors' SafetensorError without a path."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _umask_modes(folder: Path) -> None:

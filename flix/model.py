@@ -189,16 +189,14 @@ class FLixModel(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write flix_config.json and flix_adapter.safetensors, atomically."""
-        from safetensors.torch import save_file
-
-        from flix.io import atomic_dir
+        from flix.io import atomic_dir, write_safetensors
 
         tensors = {k: v.contiguous() for k, v in self.adapter_state_dict().items()}  # sharded: gathered by every process
         if _sharded_elsewhere(self):  # the gathered banks are written once, by process 0
             torch.distributed.barrier()
             return Path(directory)
         with atomic_dir(directory) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS_NAME))
+            write_safetensors(tensors, tmp / WEIGHTS_NAME)
             meta = {
                 "config": self.flix_config.to_dict(),
                 "adapted_modules": self.adapted_modules,

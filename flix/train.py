@@ -8,8 +8,10 @@ transformers load only when a run starts, so `--help` and override errors are im
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -46,6 +48,26 @@ def stop_once(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
+MIN_FREE = 64 << 10  # bytes: less and Hydra's own first files (.hydra/*.yaml, ~16 KiB) may fail, with a traceback
+
+
+def full_disk(args: list[str]) -> str | None:
+    """A line if the disk the run folder goes to (hydra.run.dir / hydra.sweep.dir, else
+    $FLIX_RUNS or runs) has less than MIN_FREE free: said before Hydra writes anything."""
+    given = [a.partition("=")[2] for a in args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    folder = Path(given[-1] if given else os.environ.get("FLIX_RUNS") or "runs").absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        disk = os.statvfs(folder)
+    except OSError:
+        return None
+    free = disk.f_bavail * disk.f_frsize
+    if free >= MIN_FREE:
+        return None
+    return f"no space left on device under {folder} ({free // 1024} KiB free): free space on that disk and run the command again"
+
+
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from flix.pipeline.run import hydra_job
@@ -63,6 +85,9 @@ if __name__ == "__main__":
     if problems := override_problems(sys.argv[1:], data=runs):
         print("flix.train: error: " + "\n  ".join(problems), file=sys.stderr)
         sys.exit(2)
+    if full := full_disk(sys.argv[1:]):
+        print(f"flix.train: error: {full}", file=sys.stderr)
+        sys.exit(1)
     signal.signal(signal.SIGINT, stop_once)
     try:
         main()

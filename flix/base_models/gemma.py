@@ -95,10 +95,18 @@ def _convert_gguf(target: Path) -> None:
             f"cache or online, and the offline package {GEMMA_PACKAGE} is not installed. "
             f"Install it with: {GEMMA_INSTALL_HINT}"
         ) from error
-    from safetensors.torch import save_file
+    from flix.io import write_error, write_safetensors
 
     log.warning("converting Gemma 3 270M from the %s GGUF into %s (once; about 3 minutes)", GEMMA_PACKAGE, target)
     started = time.perf_counter()
+    try:
+        _convert(package, target, write_safetensors, started)
+    except OSError as err:  # a full disk: one line naming the cache folder, not safetensors' own error
+        raise write_error(target, err) from err
+    log.warning("converted Gemma 3 270M in %.0f s; later loads read %s", time.perf_counter() - started, target)
+
+
+def _convert(package, target: Path, save_file: Any, started: float) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gemma3-270m.tmp-") as tmp:
         gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
@@ -111,7 +119,6 @@ def _convert_gguf(target: Path) -> None:
         tokenizer.save_pretrained(staging)
         _write_provenance(staging, package, time.perf_counter() - started)
         staging.rename(target)
-    log.warning("converted Gemma 3 270M in %.0f s; later loads read %s", time.perf_counter() - started, target)
 
 
 def _save_dequantised(model: PreTrainedModel, folder: Path, save_file: Any) -> None:
@@ -121,7 +128,7 @@ def _save_dequantised(model: PreTrainedModel, folder: Path, save_file: Any) -> N
     from_pretrained re-ties it); quantization_config would make the reload expect GGUF.
     """
     state = {key: value.contiguous() for key, value in model.state_dict().items() if key != "lm_head.weight"}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     config: PretrainedConfig = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

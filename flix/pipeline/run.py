@@ -11,6 +11,7 @@ The recipe is here; its parts live in flix.pipeline.run_config (composing, the h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -27,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from flix import record
 from flix.data.mixtures import MixtureError
 from flix.data.reader import DataError
-from flix.io import atomic_write_text, recover_tree
+from flix.io import WriteError, atomic_write_text, disk_full, recover_tree, write_error
 from flix.lock import RunLocked, run_lock
 from flix.pipeline import distributed
 from flix.pipeline.checks import ConfigError, check_run
@@ -223,6 +224,7 @@ def hydra_job(cfg: DictConfig) -> float | None:
     hydra_cfg = hydra.core.hydra_config.HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    logging.raiseExceptions = False  # a full disk is said once, by the write that needed the space, not by every log line
     try:
         try:
             results = run(cfg, run_dir)
@@ -244,13 +246,20 @@ def hydra_job(cfg: DictConfig) -> float | None:
             sys.exit(1)
         return None
     except Exception as err:
-        record.write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))  # the report names it
+        try:
+            record.write_failure(run_dir, err, OmegaConf.to_container(cfg, resolve=True))  # the report names it
+        except OSError:  # a full disk takes failed.json too: the line below says what to do
+            pass
         if multirun:  # one failed run must not take the sweep down: go on
             say(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}")
             return None
         if isinstance(err, (ConfigError, MixtureError, DataError)):  # the message says what to change
             say(f"flix.train: error: {err}")
             sys.exit(2)
+        if isinstance(err, WriteError) or disk_full(err):  # the path and what to do (a full disk: free space; the run resumes)
+            named = err if isinstance(err, WriteError) else write_error(run_dir, err)
+            say(f"flix.train: error: {named}" + (" (the run resumes from its last checkpoint)" if disk_full(err) else ""))
+            sys.exit(1)
         raise
     score = record.summary_metrics(results)["best_validation_average"]
     return score if isinstance(score, float) else None

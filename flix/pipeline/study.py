@@ -142,8 +142,11 @@ def restore_records(runs: list[PlannedRun]) -> int:
         except READ_ERRORS as err:
             print(f"[flix study] {r.record / RESULTS} not restored ({err}); the run trains again", file=sys.stderr)
             continue
-        if copy_records(r.record, r.run_dir, say=lambda line: print(f"[flix study] {line}; the run trains again", file=sys.stderr)):
-            restored += 1
+        try:
+            if copy_records(r.record, r.run_dir, say=lambda line: print(f"[flix study] {line}; the run trains again", file=sys.stderr)):
+                restored += 1
+        except OSError as err:  # a full disk (flix.io.WriteError names the file)
+            print(f"[flix study] {r.record} not restored: {err}; the run trains again", file=sys.stderr)
     return restored
 
 

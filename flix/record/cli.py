@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.runs.is_dir():
         parser.error(f"{args.runs}: no such directory")
-    copied = copy_records(args.runs, args.dest)
+    try:
+        copied = copy_records(args.runs, args.dest)
+    except OSError as err:  # a full disk (flix.io.WriteError names the file): the records copied before stay
+        print(f"flix records: {err}", file=sys.stderr)
+        return 1
     print(f"flix records: {len(copied)} run record(s) copied to {args.dest}", file=sys.stderr)
     return 0 if copied else 1

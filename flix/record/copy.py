@@ -14,7 +14,7 @@ import stat
 import sys
 from pathlib import Path
 
-from flix.io import open_regular
+from flix.io import disk_full, open_regular, write_error
 from flix.record.write import FAILED, RESULTS
 
 # A run's record: what a report, a re-score or a reader needs, and nothing heavy (no
@@ -64,19 +64,27 @@ def record_files(run_dir: Path) -> list[str]:
 
 
 def copy_run(run_dir: Path, target: Path) -> None:
-    """One run's record into target: built beside it, then moved in, results.json last."""
+    """One run's record into target: built beside it, then moved in, results.json last. A
+    write that fails (a full disk) is a flix.io.WriteError naming the file, target untouched."""
     files = record_files(run_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in target.parent.glob(f".{target.name}.*{TMP}"):  # of a copy killed before
-        shutil.rmtree(leftover, ignore_errors=True)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{TMP}"
-    tmp.mkdir()  # not mkdtemp's 0700: the record moves in with the modes the umask gives
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in target.parent.glob(f".{target.name}.*{TMP}"):  # of a copy killed before
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}{TMP}"
+        tmp.mkdir()  # not mkdtemp's 0700: the record moves in with the modes the umask gives
+    except OSError as err:
+        raise write_error(target, err) from err
     try:
         for name in files:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            with open_regular(run_dir / name) as source, open(tmp / name, "wb") as copy:
-                shutil.copyfileobj(source, copy)
-            shutil.copystat(run_dir / name, tmp / name, follow_symlinks=False)
+            with open_regular(run_dir / name) as source:  # a source that is not a regular file: its own error
+                try:
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    with open(tmp / name, "wb") as copy:
+                        shutil.copyfileobj(source, copy)
+                    shutil.copystat(run_dir / name, tmp / name, follow_symlinks=False)
+                except OSError as err:
+                    raise write_error(target / name, err) from err
         _move_in(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,7 +120,8 @@ def _aside(path: Path, trash: Path) -> None:
 def copy_records(runs_root: Path, dest: Path, say=_say) -> list[Path]:
     """Copy the record of every run under `runs_root` (a folder with results.json or
     failed.json) to the same relative folder under `dest`; returns the copied run folders.
-    A record that is not regular files, or a destination through a link, is named and skipped."""
+    A record that is not regular files, or a destination through a link, is named and skipped;
+    a full disk stops the copy (flix.io.WriteError naming the file; what was there stays whole)."""
     runs_root, dest = Path(runs_root), Path(dest)
     copied = []
     for run_dir in find_runs(runs_root, skip=dest):
@@ -125,6 +134,8 @@ def copy_records(runs_root: Path, dest: Path, say=_say) -> list[Path]:
             replaced = (target / RESULTS).exists() or (target / FAILED).exists()
             copy_run(run_dir, target)
         except (OSError, ValueError) as err:
+            if disk_full(err):  # every later record would fail the same way: the caller says it once
+                raise
             say(f"{run_dir} not copied: {err}")
             continue
         if replaced:

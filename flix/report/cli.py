@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as error:
         print(f"flix report: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a full disk: the last report stands whole (flix.io.WriteError names the file)
+        print(f"flix report: {error}", file=sys.stderr)
+        return 1
     for path in summary["files"]:
         print(f"wrote {shown(path)}")
     print(summary_line(summary))
