@@ -61,6 +61,7 @@ def check_results(results: dict, run_dir: Path | None = None) -> None:
     _check_eval_sets(results.get("eval_sets"), scores)
     for key in EXAMPLE_KEYS:
         _check_examples(results.get(key), key)
+    _check_example_scores(results, scores)
     if run_dir is not None:
         check_run_name(results, run_dir)
 
@@ -147,6 +148,31 @@ def _check_examples(table, key: str) -> None:
                 raise ValueError(f"{key} of {task}/{lang} is {type(entries).__name__}, not a list (one per example)")
             if key in ("test_stats", "test_example_nll") and not all(_all_finite(e) for e in entries):
                 raise ValueError(f"{key} of {task}/{lang} holds a value that is not a finite number")
+
+
+def _check_example_scores(results: dict, scores: dict) -> None:
+    """Each test score is what its examples' statistics give (the report's intervals resample
+    those), each test NLL the mean of its examples' NLL: a score edited alone is refused."""
+    from flix.metrics import TASK_METRIC, score_from_stats
+
+    for key, table, of in (("test_stats", "test", score_from_stats), ("test_example_nll", "test_nll", lambda _, v: math.fsum(v) / len(v))):
+        if table not in scores:  # no per-language table to check them against (a hand-made record)
+            continue
+        for task, langs in (results.get(key) or {}).items():
+            for lang, entries in langs.items():
+                if not entries:
+                    continue
+                if key == "test_stats":
+                    if task not in TASK_METRIC or len({len(e) if isinstance(e, list) else -1 for e in entries}) != 1:
+                        raise ValueError(f"{key} of {task}/{lang} is not one row of {TASK_METRIC.get(task, 'its task')} statistics per example")
+                    entries = [math.fsum(column) for column in zip(*entries)]
+                try:
+                    value = of(task, entries)
+                except (ValueError, TypeError, IndexError, ZeroDivisionError) as err:
+                    raise ValueError(f"{key} of {task}/{lang} cannot be scored ({err})") from None
+                recorded = scores[table].get(task, {}).get(lang)
+                if recorded is None or not math.isclose(recorded, value, rel_tol=1e-6, abs_tol=1e-6):
+                    raise ValueError(f"{table} score of {task}/{lang} is {recorded!r}, but its examples' {key} give {value!r}")
 
 
 def _all_finite(entry) -> bool:

@@ -6,6 +6,7 @@ against their table's control row).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,8 +60,14 @@ class Cell:
     versus: dict[str, uncertainty.Difference] = field(default_factory=dict)
 
     @property
+    def shown(self) -> float | None:
+        """The value a table prints: None (a dash) when absent or not a finite number."""
+        return self.value if self.value is not None and math.isfinite(self.value) else None
+
+    @property
     def interval(self) -> tuple[float, float] | None:
-        if self.evidence is None:
+        """None without evidence, or evidence that is not the shown value's (`evidence_problem`)."""
+        if self.evidence is None or evidence_problem(self) is not None:
             return None
         estimate = uncertainty.estimate(self.evidence)
         return estimate.low, estimate.high
@@ -73,6 +80,20 @@ class Cell:
     @property
     def diff(self) -> float | None:
         return None if self.value is None or self.paper is None else self.value - self.paper
+
+
+def evidence_problem(cell: Cell) -> str | None:
+    """Why the cell's evidence cannot give its interval: numbers that are not finite, or
+    per-example statistics whose value is not the cell's (a 1e308 shown with [0.0, 0.0]).
+    Records are checked for both (flix.record.check); this keeps any other path honest."""
+    evidence = cell.evidence
+    if evidence is None or cell.value is None:
+        return None
+    if not (np.isfinite(evidence.values).all() and np.isfinite(evidence.resampled).all()):
+        return "its runs' per-example statistics are not all finite numbers"
+    if not math.isclose(evidence.mean, cell.value, rel_tol=1e-6, abs_tol=1e-6):
+        return f"its runs' per-example statistics give {evidence.mean:.6g}, not the value shown ({cell.value:.6g})"
+    return None
 
 
 def run_value(run: RunRecord, source: Source) -> float | None:
@@ -105,6 +126,9 @@ def fill(source: Source, paper: float | None, index: RunIndex, notes: Footnotes)
     what = source.selection.describe()
     try:
         cell.evidence = cell_evidence(source, cell.runs)
+        if (problem := evidence_problem(cell)) is not None:
+            cell.evidence = None  # nor a paired difference from it
+            raise ValueError(problem)
     except ValueError as err:  # e.g. seeds scored on different examples: no interval rather than a wrong one
         cell.notes.append(notes.add(f"{what}: no interval ({err})"))
     for run in failed:

@@ -91,8 +91,8 @@ def _short(commit: str) -> str:
 
 def cell_text(cell: Cell, digits: int = 1) -> str:
     """One decimal, as the paper prints; the NLL tables (a few nats) take `digits=2`."""
-    text = DASH if cell.value is None else f"{cell.value:.{digits}f}"
-    if cell.value is not None and cell.interval is not None:
+    text = DASH if cell.shown is None else f"{cell.shown:.{digits}f}"  # never "nan" or "inf"
+    if cell.shown is not None and cell.interval is not None:
         text += " [{:.{d}f}, {:.{d}f}]".format(*cell.interval, d=digits) + ("" if cell.seed_noise else "°")
     text += "".join(mark for key, mark in MARKS.items() if key in cell.versus and cell.versus[key].significant_holm)
     if cell.paper is not None:
