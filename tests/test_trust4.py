@@ -10,8 +10,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,6 +192,17 @@ def first_lang(results) -> str:
     return results["eval_sets"]["ner"]["langs"][0]
 
 
+def edit_scores(key: str, value: float):
+    """Every language's `key` score (test, test_nll) and its set's average set to `value`:
+    a record consistent in itself except with its per-example statistics."""
+
+    def change(results):
+        results[key]["ner"] = {lang: value for lang in results[key]["ner"]}
+        results["eval_sets"]["ner"][key] = value
+
+    return change
+
+
 @pytest.mark.parametrize(
     "change, reason",
     [
@@ -201,10 +214,25 @@ def first_lang(results) -> str:
         (drop_key("eval_sets"), "no eval_sets"),
         (set_key("eval_sets.ner.test", 1e308), "eval_sets ner test is 1e+308, but its languages' test scores average"),
         (lambda r: r["test_stats"]["ner"][first_lang(r)][0].__setitem__(0, float("nan")), "test_stats of ner/"),
+        (edit_scores("test", 77.7), "is 77.7, but its examples' test_stats give 0.0"),
+        (edit_scores("test_nll", 0.5), "is 0.5, but its examples' test_example_nll give"),
         (lambda r: r["test"]["ner"].update({'=HYPERLINK("x")': 1.0}), "test language of ner is '=HYPERLINK(\"x\")', not a plain name"),
         (set_key("model", "tiny\n\\input{/etc/passwd}"), "model is 'tiny\\n\\\\input{/etc/passwd}', not one line of text"),
     ],
-    ids=["versions", "string-score", "dropout-mode", "test-ids", "langs-string", "no-eval-sets", "average", "nan-stats", "csv", "newline"],
+    ids=[
+        "versions",
+        "string-score",
+        "dropout-mode",
+        "test-ids",
+        "langs-string",
+        "no-eval-sets",
+        "average",
+        "nan-stats",
+        "score-vs-stats",
+        "nll-vs-examples",
+        "csv",
+        "newline",
+    ],
 )
 def test_a_record_off_the_schema_is_named_and_skipped(tmp_path, runs, change, reason):
     from flix.pipeline import study
@@ -220,6 +248,31 @@ def test_a_record_off_the_schema_is_named_and_skipped(tmp_path, runs, change, re
     assert study.PlannedRun([], run).status == "damaged"  # before: complete
     for tex in (tmp_path / "out").glob("*.tex"):
         assert not [line for line in tex.read_text().splitlines() if line.startswith("\\input")]
+
+
+def test_an_interval_is_shown_only_for_the_value_it_rests_on(tmp_path, runs, monkeypatch):
+    """The print path, should a record reach it unchecked: a value its per-example statistics do
+    not give is shown without an interval and with a note saying why (before: 77.7 [0.0, 0.0]);
+    statistics that are not finite give no "[nan, nan]"."""
+    import numpy as np
+
+    from flix.record import check
+    from flix.report.cells import Cell
+    from flix.report.formats import cell_text
+    from flix.report.tables import DASH
+    from flix.report.uncertainty import Evidence
+
+    root, run = runs
+    edit(run, edit_scores("test", 77.7))
+    monkeypatch.setattr(check, "_check_example_scores", lambda results, scores: None)  # a path around the record check
+    summary = report(root, tmp_path / "out")
+    assert summary["runs"] == 1 and not summary["unreadable"]
+    table = (tmp_path / "out" / "table2.md").read_text()
+    assert "77.7" in table and "77.7 [" not in table  # before: 77.7 [0.0, 0.0]°
+    assert "no interval (its runs' per-example statistics give 0, not the value shown (77.7))" in table
+    nan = Evidence((0,), np.array([float("nan")]), np.full((100, 1), float("nan")), ())
+    assert cell_text(Cell(float("nan"), None, evidence=nan)) == DASH  # before: "nan [nan, nan]°"
+    assert "[" not in cell_text(Cell(1.0, None, evidence=nan))
 
 
 def test_a_newline_in_recorded_text_stays_in_its_latex_comment(runs):
@@ -270,7 +323,8 @@ def test_a_copy_that_fails_half_way_leaves_no_record(tmp_path, runs, monkeypatch
     monkeypatch.setattr(record_copy.shutil, "copyfileobj", full_disk)
     dest = tmp_path / "dest"
     assert records([str(root), str(dest)]) == 1
-    assert "No space left on device" in capsys.readouterr().err
+    err = capsys.readouterr().err  # one line naming the file and what to do
+    assert err.count("\n") == 1 and f"no space left on device while writing {dest}" in err and "free space" in err
     assert not list(dest.rglob("results.json")) and not list(dest.rglob("*.jsonl"))  # before: whole results, torn predictions
     assert not [p for p in dest.rglob("*") if p.name.endswith(".tmp")]  # nothing left behind
 
@@ -282,6 +336,53 @@ def test_a_killed_copy_is_never_counted(tmp_path, runs):
     root, run = runs
     shutil.copytree(run, run.with_name(f".{run.name}.abcd1234.tmp"))
     assert len(collect(root, "smoke").finished) == 1 and not collect(root, "smoke").duplicates
+
+
+def _restore_and_hang(fresh, flag: Path) -> None:
+    """A study's restore that stops for good half-way through the predictions (to be killed)."""
+    from flix.pipeline import study
+    from flix.record import copy as record_copy
+
+    real = shutil.copyfileobj
+
+    def copy_then_hang(source, target, *args):
+        real(source, target, *args)
+        if "predictions" in target.name:
+            flag.touch()
+            time.sleep(600)
+
+    record_copy.shutil.copyfileobj = copy_then_hang
+    study.restore_records([fresh])
+
+
+def test_a_study_killed_mid_restore_restores_the_run_next_time(tmp_path, runs, study_run):
+    """kill -9 while a study restores a record: no complete-looking run is left, and the next
+    study restores the record whole (before: results.json and torn predictions, which every
+    later study took for a finished run and never restored again)."""
+    import multiprocessing
+
+    from flix.pipeline import study
+
+    _, planned = study_run
+    root, run = runs
+    fresh = study.PlannedRun(planned.overrides, tmp_path / "fresh" / planned.run_dir.name, planned.cfg, run)
+    flag = tmp_path / "copying"
+    child = multiprocessing.get_context("fork").Process(target=_restore_and_hang, args=(fresh, flag))
+    child.start()
+    deadline = time.monotonic() + 120
+    while not flag.exists() and child.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert flag.exists()
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    fresh = study.PlannedRun(planned.overrides, fresh.run_dir, planned.cfg, run)
+    assert fresh.status == "missing"  # what the kill left is no run
+    assert study.restore_records([fresh]) == 1 and fresh.status == "done"
+    from flix.record.copy import record_files
+
+    for name in record_files(run):
+        assert (fresh.run_dir / name).read_bytes() == (run / name).read_bytes(), name
+    assert not list(fresh.run_dir.parent.glob(".*"))  # the killed copy's temp folder is gone
 
 
 def test_records_replace_an_older_record_whole_and_say_so(tmp_path, runs, capsys):
@@ -407,3 +508,243 @@ def test_a_quantized_base_that_cannot_run_is_refused_before_hydra(tmp_path, monk
     )
     assert done.returncode == 2 and "FSDP shards floating-point weights" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not run_dir.exists()
+
+
+# -- 14: a full disk (a real one: a small tmpfs in a user and mount namespace, no root needed) ------
+
+
+def _can_mount_a_small_disk() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = "mount -t tmpfs -o size=64k tmpfs /tmp 2>/dev/null"  # in its own mount namespace: /tmp here is untouched
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+SMALL_DISK = pytest.mark.skipif(not _can_mount_a_small_disk(), reason="needs unshare (user and mount namespaces) to mount a small tmpfs")
+
+
+def on_small_disk(disk: Path, size_kb: int, script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the bash `script` (with $DISK, $PY and `args` as $1...) where DISK is a tmpfs of
+    size_kb, seen by this command alone; whatever must outlive it is copied out by the script."""
+    disk.mkdir()
+    wrapped = f'mount -t tmpfs -o size={size_kb}k tmpfs "$DISK" || exit 99\n{script}'
+    env = {**os.environ, "DISK": str(disk), "PY": sys.executable, "OMP_NUM_THREADS": "1"}
+    command = ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", wrapped, "bash", *args]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode != 99, done.stderr
+    return done
+
+
+FILL = """import sys
+with open(sys.argv[1], "ab", buffering=0) as f:  # the disk is full: one file takes every free block
+    for chunk in (1 << 16, 512):
+        try:
+            while True:
+                f.write(bytes(chunk))
+        except OSError:
+            pass
+"""
+SNAPSHOT = """
+fill() { $PY "$S/fill.py" "$DISK/filler"; }
+snapshot() { (cd "$1" && find . -type f -print0 | sort -z | xargs -0 -r sha256sum) > "$2"; find "$1" -name '.*' > "$2.hidden"; }
+"""
+
+
+@pytest.mark.slow
+@SMALL_DISK
+def test_a_full_disk_names_the_file_and_keeps_what_was_there(tmp_path, runs):
+    """`flix report` and `flix records` into a full disk: one line naming the file and saying to
+    free space, exit 1, the last report and the older record whole, no temp left behind
+    (before: a traceback). An adapter, a peft export and a results.json likewise: the error
+    names the path (before: `SafetensorError ... os error 28` without one), the old copy stays."""
+    root, run = runs
+    older = tmp_path / "older"  # one record; root gets a second seed (every table changes)
+    shutil.copytree(root, older)
+    second = run.with_name(run.name.replace("seed0", "seed1"))
+    shutil.copytree(run, second)
+    edit(second, lambda r: r["config"].update(seed=1, run_name=second.name))
+    (run / "train.log").write_text("a newer log\n")  # the record in dest is replaced by a changed one
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    script = (
+        SNAPSHOT
+        + """
+set -u
+S=$1; OLDER=$2; ROOT=$3
+$PY -m flix report --runs "$OLDER" --scale smoke --out "$DISK/out" > /dev/null 2>&1 || exit 98
+$PY -m flix records "$OLDER" "$DISK/dest" 2> /dev/null || exit 97
+snapshot "$DISK/out" "$S/out.before"; snapshot "$DISK/dest" "$S/dest.before"
+fill
+$PY -m flix report --runs "$ROOT" --scale smoke --out "$DISK/out" > /dev/null 2> "$S/report.err"; echo $? > "$S/report.rc"
+$PY -m flix records "$ROOT" "$DISK/dest" 2> "$S/records.err"; echo $? > "$S/records.rc"
+snapshot "$DISK/out" "$S/out.after"; snapshot "$DISK/dest" "$S/dest.after"
+rm "$DISK/filler"
+$PY - "$DISK" "$S" <<'PY'
+import json, subprocess, sys
+from pathlib import Path
+import torch
+from flix import FLixConfig, get_flix_model
+from flix.base_models import load_model
+from flix.io import atomic_write_json
+disk, seen = map(Path, sys.argv[1:])
+model = get_flix_model(load_model({"name": "tiny"})[0], FLixConfig(features={"task": ["ner"], "lang": ["sw"]}, ranks={"task": 2, "lang": 2}))
+with torch.no_grad():
+    next(iter(model.flix_layers().values())).flix_B[1:] = 0.5
+model.save_pretrained(disk / "adapter")
+model.export_peft({"task": "ner", "lang": "sw"}, disk / "peft")
+atomic_write_json(disk / "results.json", {"test": 1})
+kept = {p: p.read_bytes() for p in [*disk.rglob("adapter/*"), *disk.rglob("peft/*"), disk / "results.json"] if p.is_file()}
+subprocess.run([sys.executable, str(seen / "fill.py"), str(disk / "filler")], check=True)
+errors = {}
+for name, write in [
+    ("adapter", lambda: model.save_pretrained(disk / "adapter")),
+    ("peft", lambda: model.export_peft({"task": "ner", "lang": "sw"}, disk / "peft")),
+    ("results", lambda: atomic_write_json(disk / "results.json", {"test": 2})),
+]:
+    try:
+        write()
+        errors[name] = None
+    except OSError as err:
+        errors[name] = f"{type(err).__name__}: {err}"
+    except Exception as err:  # what a full disk must not give
+        errors[name] = f"not an OSError: {type(err).__name__}: {err}"
+intact = all(p.read_bytes() == data for p, data in kept.items())
+hidden = [str(p) for p in disk.rglob(".*") if p.name.endswith((".tmp", ".old"))]  # temp copies left behind
+(seen / "writes.json").write_text(json.dumps({"errors": errors, "intact": intact, "hidden": hidden, "disk": str(disk)}))
+PY
+"""
+    )
+    (seen / "fill.py").write_text(FILL)
+    done = on_small_disk(tmp_path / "disk", 8192, script, str(seen), str(older), str(root))
+    assert done.returncode == 0, done.stderr[-3000:]
+    disk = tmp_path / "disk"
+    for command, folder in (("report", "out"), ("records", "dest")):
+        err = (seen / f"{command}.err").read_text()
+        assert (seen / f"{command}.rc").read_text().strip() == "1", err
+        assert "Traceback" not in err and err.count("\n") == 1, err  # one line
+        assert err.startswith(f"flix {command}: no space left on device while writing {disk / folder}/") and "free space" in err, err
+        assert (seen / f"{folder}.after").read_text() == (seen / f"{folder}.before").read_text()  # the last report / record whole
+        assert (seen / f"{folder}.after.hidden").read_text() == (seen / f"{folder}.before.hidden").read_text()  # no temp left
+    writes = json.loads((seen / "writes.json").read_text())
+    for name, path in (("adapter", disk / "adapter"), ("peft", disk / "peft"), ("results", disk / "results.json")):
+        error = writes["errors"][name]
+        assert error and error.startswith(f"WriteError: no space left on device while writing {path}") and "free space" in error, error
+    assert writes["intact"] and not writes["hidden"], writes
+
+
+@pytest.mark.slow
+@SMALL_DISK
+def test_a_full_disk_during_training_is_one_line_and_the_run_resumes(tmp_path, data_root):
+    """A disk full before a run starts, or one that fills while the last checkpoint is written:
+    one line naming the disk or the checkpoint folder and what to do, exit 1, the previous
+    checkpoint whole (before: a traceback; for the adapter, `SafetensorError ... os error 28`
+    without a path); once space is freed the same command resumes and gives the
+    uninterrupted run's results."""
+    from conftest import train_cmd
+
+    reference = tmp_path / "reference"
+    subprocess.run(train_cmd(reference, data_root), check=True, cwd=REPO, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    blocks = sum(-(-p.stat().st_size // 4096) * 4 for p in reference.rglob("*") if p.is_file())  # KiB, as tmpfs counts them
+    checkpoint = (reference / "checkpoints" / "latest" / "state.pt").stat().st_size // 1024
+    # room for the whole run, but not for a second checkpoint beside the first while it replaces it
+    size = blocks + checkpoint // 2
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    script = """
+S=$1; SIZE=$2; shift 2
+"$@" hydra.run.dir="$DISK/run" > /dev/null 2> "$S/start.err"; echo $? > "$S/start.rc"; ls -A "$DISK" > "$S/start.ls"
+mount -o remount,size=${SIZE}k "$DISK"
+"$@" hydra.run.dir="$DISK/run" > /dev/null 2> "$S/full.err"; echo $? > "$S/full.rc"
+cp -a "$DISK/run" "$S/after"
+mount -o remount,size=262144k "$DISK"  # space freed
+"$@" hydra.run.dir="$DISK/run" > /dev/null 2> "$S/resumed.err"; echo $? > "$S/resumed.rc"
+cp -a "$DISK/run/results.json" "$S/results.json"; ls -a "$DISK/run" > "$S/resumed.ls"
+"""
+    disk = tmp_path / "disk"
+    done = on_small_disk(disk, 32, script, str(seen), str(size), *train_cmd(disk / "unused", data_root)[:-1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    # a disk full before the run starts: one line before Hydra writes anything (before: Hydra's traceback)
+    assert (seen / "start.rc").read_text().strip() == "1" and not (seen / "start.ls").read_text().strip()
+    assert (seen / "start.err").read_text() == (
+        f"flix.train: error: no space left on device under {disk} (32 KiB free): free space on that disk and run the command again\n"
+    )
+    err = (seen / "full.err").read_text()
+    assert (seen / "full.rc").read_text().strip() == "1", err[-3000:]
+    assert "Traceback" not in err and "Logging error" not in err, err[-3000:]
+    (line,) = [line for line in err.replace("\r", "\n").splitlines() if "no space left" in line]  # said once
+    assert line.endswith(
+        f"flix.train: error: no space left on device while writing {disk / 'run' / 'checkpoints' / 'latest'}: "
+        "free space on that disk and run the command again (the run resumes from its last checkpoint)"
+    ), line
+    after = seen / "after"
+    import torch
+
+    assert torch.load(after / "checkpoints" / "latest" / "state.pt", weights_only=True)["step"] == 2  # the previous one, whole
+    assert not [p for p in after.rglob("*") if p.name.endswith((".tmp", ".old"))] and not (after / "results.json").exists()
+    resumed = (seen / "resumed.err").read_text()
+    assert (seen / "resumed.rc").read_text().strip() == "0", resumed[-3000:]
+    assert "from step 2" in resumed
+    got, want = json.loads((seen / "results.json").read_text()), json.loads((reference / "results.json").read_text())
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6) and got["test"] == want["test"]
+    assert got["test_nll"] == want["test_nll"] or all(got["test_nll"][t] == pytest.approx(v, rel=1e-6) for t, v in want["test_nll"].items())
+    assert "failed.json" not in (seen / "resumed.ls").read_text().split()
+
+
+KILLED_RENDER = """
+import os, signal, sys, time
+from pathlib import Path
+from flix.report import figure, render
+from flix.report.cli import main
+how, runs, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+if how == "kill-while-writing":  # the tables sit in the temp folder; the figure never comes
+    figure.plot = lambda *args, **kwargs: ((out.parent / "writing").touch(), time.sleep(600))
+else:  # a signal once 3 of the report's files have moved into out
+    replace, moved = os.replace, []
+    def replace_then_signal(source, target):
+        replace(source, target)
+        moved.append(target) if Path(target).parent == out else None
+        if len(moved) == 3:
+            os.kill(os.getpid(), signal.SIGTERM if how == "term-while-moving" else signal.SIGKILL)
+    render.os.replace = replace_then_signal
+main(["--runs", runs, "--scale", "smoke", "--out", str(out)])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["kill-while-writing", "term-while-moving", "kill-while-moving"])
+def test_a_render_killed_part_way_leaves_one_report_not_two_mixed(tmp_path, runs, how):
+    """A render killed while it writes leaves the last report (every file the same inode); a
+    SIGTERM or Ctrl-C while its files move in waits until all have moved; a SIGKILL there
+    (nothing can hold it) is finished by the next `flix report` before anything else. Before:
+    3 files of the new report beside the old ones."""
+    from flix.report.cli import main as report_main
+
+    root, run = runs
+    out = tmp_path / "out"
+    assert report_main(["--runs", str(root), "--scale", "smoke", "--out", str(out)]) == 0
+    inodes = lambda: {p.name: p.stat().st_ino for p in out.iterdir() if p.is_file() and p.name != ".rendered"}  # noqa: E731
+    before = inodes()
+    second = run.with_name(run.name.replace("seed0", "seed1"))
+    shutil.copytree(run, second)
+    edit(second, lambda r: r["config"].update(seed=1, run_name=second.name))
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RENDER, how, str(root), str(out)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    if how == "kill-while-writing":
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "writing").exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child.kill()
+    child.wait(timeout=240)
+    assert child.returncode == {"term-while-moving": -signal.SIGTERM}.get(how, -signal.SIGKILL), child.stderr.read()[-3000:]
+    after = inodes()
+    assert after.keys() == before.keys()
+    if how == "kill-while-writing":
+        assert after == before  # the last report, whole
+    elif how == "term-while-moving":
+        assert all(after[name] != before[name] for name in before)  # the new report, whole
+    else:
+        assert sum(after[name] != before[name] for name in before) == 3  # mixed until the next flix report ...
+        assert report_main(["--runs", str(tmp_path / "none"), "--out", str(out)]) == 2  # ... even one that renders nothing
+        after = inodes()
+        assert all(after[name] != before[name] for name in before)  # finished: the killed render's report, whole
+    assert report_main(["--runs", str(root), "--scale", "smoke", "--out", str(out)]) == 0
+    assert not list(out.glob(".render.*"))  # what the killed render left is gone
