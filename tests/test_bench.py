@@ -169,6 +169,7 @@ def test_flix_bench_runs_the_checkouts_benchmarks_in_a_child_process(tmp_path, c
     assert error.count("\n") == 1 and "benchmarks/" in error and "checkout" in error
 
 
+@pytest.mark.slow  # every case of the model benchmark, twice, and a memory probe in a child process
 def test_bench_model_writes_every_row(tmp_path, data_root, capsys):
     """`flix bench model` end to end on the tiny model: every training and generation case
     on real smoke micro-batches, their useful arithmetic against a matmul timed in the same
@@ -305,6 +306,7 @@ def test_paired_ratio_interval_and_verdicts():
     assert low < 1.05 < high and verdict(low, high, "<=", 1.05) == "NOISE"
 
 
+@pytest.mark.slow  # allocates and measures in child processes
 def test_peak_memory_of_a_child_process_is_its_own():
     """A probe started by subprocess reports its own peak, not its parent's (ru_maxrss
     inherits the parent's through vfork/exec; VmHWM does not)."""

@@ -382,6 +382,7 @@ def one_run_study(tmp_path, monkeypatch, data_root):
     return name, run
 
 
+@pytest.mark.slow  # trains a smoke run through a study
 def test_study_never_counts_a_damaged_run_as_complete(one_run_study, capsys):
     from flix.pipeline import study
 
@@ -397,6 +398,7 @@ def test_study_never_counts_a_damaged_run_as_complete(one_run_study, capsys):
     )
 
 
+@pytest.mark.slow  # trains a smoke run through a study
 def test_study_says_when_another_process_trains_a_run(one_run_study, capsys):
     from flix.pipeline import study
 
