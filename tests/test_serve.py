@@ -202,11 +202,11 @@ def test_per_request_sums_equal_flix_on_a_float_base(served, tmp_path):
     from flix.serve.server import LlamaServer
 
     model, tok, export, manifest, base = served
-    texts = [("Task: ner. Text: Amina alikwenda Nairobi.", "PER: Amina $$ LOC: Nairobi"), ("question: who? context: Ade lives in Lagos.", "Ade")]
+    texts = [("Task: ner. Text: Amina alikwenda Nairobi.", "PER: Amina"), ("question: who? context: Ade lives in Lagos.", "Ade")]
     cases = [Case(f, tok(p, add_special_tokens=False)["input_ids"], tok(t)["input_ids"]) for f in COMBINATIONS for p, t in texts]
-    with LlamaServer(base, export, log=tmp_path / "server.log", threads=2) as url:
+    with LlamaServer(base, export, log=tmp_path / "server.log", threads=1, exact=True) as url:
         result = compare(model, url, manifest, cases, n_probs=384)
-    assert result["positions"] == sum(len(c.target) for c in cases)
+    assert result["positions"] == sum(len(c.target) for c in cases) and result["positions_withheld"] == 0
     assert result["max_abs_logprob_diff"] < TOLERANCE, result
     assert result["top1_agreement"] == 1.0
     bare = flix_logprobs(model, Case({}, cases[0].prompt, cases[0].target))
@@ -221,7 +221,7 @@ def test_greedy_outputs_equal_flix(served, tmp_path):
 
     model, tok, export, manifest, base = served
     prompt = tok("Task: ner. Text: Amina alikwenda Nairobi.", add_special_tokens=False)["input_ids"]
-    with LlamaServer(base, export, log=tmp_path / "server.log", threads=2) as url:
+    with LlamaServer(base, export, log=tmp_path / "server.log", threads=1, exact=True) as url:
         for features in COMBINATIONS:
             ours = flix_greedy(model, prompt, features, 12, {tok.eos_token_id})
             theirs = server_greedy(url, prompt, client.lora_list(manifest, features), 12, {tok.eos_token_id})

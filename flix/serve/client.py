@@ -63,9 +63,13 @@ def complete(url: str, prompt: str | list[int], lora: list[dict], n_predict: int
     return post(url, "/completion", body | extra)
 
 
-def next_logprobs(url: str, tokens: list[int], lora: list[dict], n_probs: int) -> dict[int, float]:
-    """The server's log-probabilities of its top n_probs next tokens after `tokens`."""
+def next_logprobs(url: str, tokens: list[int], lora: list[dict], n_probs: int) -> dict[int, float] | None:
+    """The server's log-probabilities of its top n_probs next tokens after `tokens`; None
+    where the server holds its token back as an incomplete UTF-8 sequence (a byte token),
+    which leaves the probabilities out of its reply."""
     reply = complete(url, tokens, lora, n_predict=1, n_probs=n_probs)
+    if not reply.get("completion_probabilities"):
+        return None
     top = reply["completion_probabilities"][0]["top_logprobs"]
     return {int(t["id"]): float(t["logprob"]) for t in top}
 

@@ -58,7 +58,10 @@ def float_base(job: dict) -> None:
         def set_vocab(self):
             tokens = ["<pad>", "</s>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
             tokens += [f"<extra_id_{i}>" for i in range(vocab - len(tokens))]
-            types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.USER_DEFINED] * (vocab - 259)
+            # bytes as NORMAL tokens whose text is "<0xAB>": llama-server then never holds a token back
+            # as an incomplete UTF-8 sequence (which would leave its probabilities out of a reply);
+            # this GGUF is for requests made of token ids, as flix's tests make them
+            types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 256 + [gguf.TokenType.USER_DEFINED] * (vocab - 259)
             writer = self.gguf_writer
             writer.add_tokenizer_model("llama")
             writer.add_tokenizer_pre("default")

@@ -16,14 +16,29 @@ from flix.serve.llama_cpp import server_binary
 
 
 def command(
-    base: str | Path, export: str | Path, port: int = 8080, threads: int | None = None, parallel: int = 1, ctx: int = 4096, binary=None
+    base: str | Path,
+    export: str | Path,
+    port: int = 8080,
+    threads: int | None = None,
+    parallel: int = 1,
+    ctx: int = 4096,
+    binary=None,
+    exact: bool = False,
 ) -> list[str]:
-    """llama-server over a GGUF base with every feature adapter loaded at scale 0."""
+    """llama-server over a GGUF base with every feature adapter loaded at scale 0; exact:
+    its KV cache in float32 and no flash attention (by default the cache is float16, which
+    rounds keys and values: about 1e-3 in log-probabilities)."""
     binary = binary or server_binary()
     if binary is None:
         raise ValueError("llama-server is not built: run `make serve-setup` (or `python -m flix serve setup`), or set FLIX_LLAMA_SERVER")
     args = [str(binary), "-m", str(base), *server_args(read_manifest(export), export)]
-    args += ["--host", "127.0.0.1", "--port", str(port), "-c", str(ctx), "-np", str(parallel), "--no-webui"]
+    # --poll 0: threads sleep rather than spin between tasks (spinning threads on a shared
+    # CPU made each request of a tiny model take seconds here)
+    # --cache-ram 0: no host-memory prompt cache, which restores a prompt's saved state whatever
+    # adapters computed it (measured: another combination's keys and values, 0.5-0.8 off in
+    # log-probabilities); each slot still reuses its own prefix, cleared when the adapters change
+    args += ["--host", "127.0.0.1", "--port", str(port), "-c", str(ctx), "-np", str(parallel), "--no-webui", "--poll", "0", "--cache-ram", "0"]
+    args += ["-ctk", "f32", "-ctv", "f32", "-fa", "off"] if exact else []
     return args + (["-t", str(threads), "-tb", str(threads)] if threads else [])
 
 
