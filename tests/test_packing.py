@@ -262,6 +262,7 @@ def test_gemma_packed_step_equals_padded(gemma, examples):
     """Gemma 3 270M (sliding window 512, soft-capping, 262k vocabulary): a packed step's
     loss and bank gradients equal the padded step's."""
     base, tokenizer = load_model({"name": "gemma3_270m"})
+    torch.manual_seed(0)  # the banks' init, whatever ran before: float32 rounding through 18 layers sits near 1e-5 for some draws
     model = flix_model(base)
     assert packs_exactly(model)
     loss, expected, _ = step_gradients(model, examples[:8], tokenizer, False, size=4)
