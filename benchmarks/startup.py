@@ -20,7 +20,7 @@ TARGET_S = 2.0
 COMMANDS = [
     ["-m", "flix.train", "--help"],
     ["-m", "flix", "--help"],
-    *[["-m", "flix", name, "--help"] for name in ("study", "report", "records", "data", "score", "offline", "export", "serve", "bench")],
+    *[["-m", "flix", name, "--help"] for name in ("study", "report", "records", "data", "score", "offline", "export", "serve", "bench", "launch")],
     ["-m", "flix", "bench", "run", "--help"],
     *[["-m", f"benchmarks.{name}", "--help"] for name in ("adapters", "model", "layer", "sharded_memory", "quantized_memory")],
 ]

@@ -15,6 +15,7 @@ COMMANDS = {
     "sync": ("flix.pipeline.sync", "upload offline W&B runs (a whole study's) with one wandb sync"),
     "records": ("flix.record", "copy runs' records (results, predictions, logs; no weights) to another folder"),
     "compare": ("flix.record.compare", "compare two runs roots: the same runs with the same results, predictions and tables"),
+    "launch": ("flix.pipeline.launch", "torchrun (its arguments) with one line when a process fails, not its failure summary"),
     "offline": ("flix.pipeline.offline", "stage parts for a GPU machine without network, and run there"),
     "export": ("flix.pipeline.export_command", "write a FLix adapter as peft LoRA adapters, one per trained feature combination"),
     "serve": (

@@ -83,10 +83,14 @@ if __name__ == "__main__":
     # refused run would leave behind. --cfg, --info and the like only print: no data needed.
     runs = all(arg in ("-m", "--multirun") for arg in sys.argv[1:] if arg.startswith("-"))
     if problems := override_problems(sys.argv[1:], data=runs):
-        print("flix.train: error: " + "\n  ".join(problems), file=sys.stderr)
+        from flix.pipeline.tracking import say_once  # under torchrun: one line, not one a process
+
+        say_once("flix.train: error: " + "\n  ".join(problems))
         sys.exit(2)
     if full := full_disk(sys.argv[1:]):
-        print(f"flix.train: error: {full}", file=sys.stderr)
+        from flix.pipeline.tracking import say_once
+
+        say_once(f"flix.train: error: {full}")
         sys.exit(1)
     signal.signal(signal.SIGINT, stop_once)
     try:

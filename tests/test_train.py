@@ -252,6 +252,7 @@ def test_real_gemma_trains_two_steps_and_generates(gemma, compose, tmp_path):
 
 LAUNCHERS = {
     "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flix.train"],
+    "flix launch": ["-m", "flix", "launch", "--standalone", "--nproc_per_node=2", "-m", "flix.train"],  # torchrun, quiet on failure
     # --multi_gpu is accelerate's torchrun path; without GPUs it runs gloo on the CPU.
     "accelerate": [
         "-m",

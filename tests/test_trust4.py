@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -688,6 +689,50 @@ cp -a "$DISK/run/results.json" "$S/results.json"; ls -a "$DISK/run" > "$S/resume
     assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6) and got["test"] == want["test"]
     assert got["test_nll"] == want["test_nll"] or all(got["test_nll"][t] == pytest.approx(v, rel=1e-6) for t, v in want["test_nll"].items())
     assert "failed.json" not in (seen / "resumed.ls").read_text().split()
+
+
+LAUNCH = [sys.executable, "-m", "flix", "launch", "--standalone", "--nproc_per_node=2", "-m", "flix.train"]
+
+
+@pytest.mark.slow
+def test_a_settings_error_under_flix_launch_is_one_line(tmp_path, data_root):
+    """Two processes meet the same missing data root: the first says it, once; no torchrun
+    summary (before: the line twice, then torchrun's ChildFailedError traceback); no run folder."""
+    run_dir = tmp_path / "run"
+    args = ["scale=smoke", "mixture=multitask_sw", "logger=none", "data.root=/nonexistent/xtreme_up", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run([*LAUNCH, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("flix.train: error: XTREME-UP data root /nonexistent/xtreme_up"), line
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@SMALL_DISK
+def test_a_full_disk_under_flix_launch_is_one_line(tmp_path, data_root):
+    """The disk fills while rank 0 writes a checkpoint of a two-process run: flix's one line,
+    exit 1, and nothing of torchrun's (before: its agent's log line and a 30-line traceback)."""
+    from conftest import train_cmd
+
+    reference = tmp_path / "reference"
+    subprocess.run(train_cmd(reference, data_root), check=True, cwd=REPO, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    blocks = sum(-(-p.stat().st_size // 4096) * 4 for p in reference.rglob("*") if p.is_file())
+    size = blocks + (reference / "checkpoints" / "latest" / "state.pt").stat().st_size // 2048
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    script = """
+S=$1; shift
+"$@" hydra.run.dir="$DISK/run" > /dev/null 2> "$S/full.err"; echo $? > "$S/full.rc"
+"""
+    overrides = train_cmd(tmp_path / "unused", data_root)[3:-1]  # the same settings, after `python -m flix.train`
+    done = on_small_disk(tmp_path / "disk", size, script, str(seen), *LAUNCH, *overrides, "train.threads=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = (seen / "full.err").read_text()
+    assert (seen / "full.rc").read_text().strip() == "1", err[-3000:]
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err).replace("\r", "\n")  # progress bars' cursor moves
+    (line,) = [line for line in text.splitlines() if "no space left" in line]  # said once, by the first process
+    assert line.endswith("free space on that disk and run the command again (the run resumes from its last checkpoint)"), line
+    assert not [word for word in ("Traceback", "ChildFailedError", "failed (exitcode", "error_file") if word in err], err[-3000:]
 
 
 KILLED_RENDER = """

@@ -33,7 +33,7 @@ from flix.lock import RunLocked, run_lock
 from flix.pipeline import distributed
 from flix.pipeline.checks import ConfigError, check_run
 from flix.pipeline.run_config import config_hash, load_mixture_for
-from flix.pipeline.tracking import NullTracker, ScopedTracker, make_tracker, say
+from flix.pipeline.tracking import NullTracker, ScopedTracker, make_tracker, say, say_once
 from flix.pipeline.trainer import Trainer
 from flix.pipeline.versions import versions
 from flix.record import CODE_COMMIT, FAILED, RESULTS
@@ -233,7 +233,7 @@ def hydra_job(cfg: DictConfig) -> float | None:
                 raise err.__cause__ from None
             # a failed.json is for runs that started: leave nothing (flix.train checks first; this is a second line)
             remove_unstarted(run_dir)
-            say(f"flix.train: error: {err}")
+            say_once(f"flix.train: error: {err}")
             sys.exit(2)
         except torch.OutOfMemoryError as err:
             raise RuntimeError(
@@ -254,11 +254,11 @@ def hydra_job(cfg: DictConfig) -> float | None:
             say(f"[flix] FAILED {run_dir}: {type(err).__name__}: {err}")
             return None
         if isinstance(err, (ConfigError, MixtureError, DataError)):  # the message says what to change
-            say(f"flix.train: error: {err}")
+            say_once(f"flix.train: error: {err}")
             sys.exit(2)
         if isinstance(err, WriteError) or disk_full(err):  # the path and what to do (a full disk: free space; the run resumes)
             named = err if isinstance(err, WriteError) else write_error(run_dir, err)
-            say(f"flix.train: error: {named}" + (" (the run resumes from its last checkpoint)" if disk_full(err) else ""))
+            say_once(f"flix.train: error: {named}" + (" (the run resumes from its last checkpoint)" if disk_full(err) else ""))
             sys.exit(1)
         raise
     score = record.summary_metrics(results)["best_validation_average"]

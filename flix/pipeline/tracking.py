@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +27,16 @@ def say(message: str) -> None:
     under Hydra, whose handlers the logger reaches)."""
     print(message, file=sys.stderr, flush=True)
     log.info(message)
+
+
+def say_once(message: str, wait: float = 30.0) -> None:
+    """`say` an error a run ends with, once under torchrun: every process meets the same
+    settings, data or disk error. The first says it; the others first wait up to `wait`
+    seconds, in which the launcher stops them once the first has failed, and say it only if
+    they are still running (an error that they alone met)."""
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(wait)
+    say(message)
 
 
 class NullTracker:
