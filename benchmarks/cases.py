@@ -48,13 +48,15 @@ def frozen_step(model: torch.nn.Module, loss: Loss) -> Callable[[], None]:
     return lambda: loss(model).backward()
 
 
-def flix_step(model, loss: Loss, routes: list[list[dict]]) -> Callable[[], None]:
-    """One SparseAdamW step of a FLix model per call, each routed as the next batch of `routes`."""
+def flix_step(model, loss: Loss, routes: list[list[dict]], token_examples: list | None = None) -> Callable[[], None]:
+    """One SparseAdamW step of a FLix model per call, each routed as the next batch of
+    `routes` (packed rows: with the next of `token_examples`, each position's example)."""
     optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     it = itertools.count()
 
     def step():
-        with model.route(routes[next(it) % len(routes)]):
+        i = next(it)
+        with model.route(routes[i % len(routes)], token_examples=token_examples[i % len(routes)] if token_examples else None):
             value = loss(model)
         value.backward()
         optimizer.step()

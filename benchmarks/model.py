@@ -1,19 +1,21 @@
 """`python -m benchmarks.model`: FLix on a real pretrained model against the frozen base and LoRA.
 
 Training rows time one optimizer step per real micro-batch: the micro-batches a --scale
-run of --mixture trains on (its sampler, its length-sorted micro-batches and tensors:
-`flix.pipeline.batching`, as `Trainer.train_step` builds them; each round the next one,
-the same for every case), example i routed to task i mod 4 and a random language, so a
-batch has at least 4 feature combinations:
+run of --mixture (with any --override) trains on, as `Trainer.train_step` builds them (its
+sampler, `flix.pipeline.batching.step_batches`: packed rows where the scale packs and the
+model packs exactly, else length-sorted padded rows); each round the next one, the same
+examples for every case; example i routed to task i mod 4 and a random language, so a
+batch has at least 4 feature combinations (packed rows: routed per token):
 
     base              the frozen model alone: forward + backward to its input embeddings
     compute_matched   one always-on rank-6 adapter, SparseAdamW
     peft_lora         peft LoRA rank 6 on the same projections, torch AdamW, with the
-                      model's own `labels=` loss (full-vocabulary logits): a user's step
+                      model's own `labels=` loss (full-vocabulary logits) on the same
+                      examples as left-padded rows with an attention mask: a user's step
     flix D=...        task rank 4 + language rank 2, feature dropout 0.7, D features
 
-All but peft_lora take the training loss (`flix.pipeline.batching.loss_sum`: the output
-layer at labelled positions only). Each step's useful arithmetic (real tokens through the
+All but peft_lora take the run's micro-batches and the training loss
+(`flix.pipeline.batching.loss_sum`: the output layer at labelled positions only). Each step's useful arithmetic (real tokens through the
 blocks, real targets through the output layer, forward + input-gradient backward:
 `flix.pipeline.flops.useful_flops`, from the model's shapes) is put against a square
 matmul timed in the same rounds (2048 float32 on a CPU: sgemm), per round.
@@ -57,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="cpu", help="the scale whose micro-batches are timed (conf/scale; default cpu)")
     parser.add_argument("--mixture", default="multilingual_ner", help="the mixture they come from (conf/mixture; default multilingual_ner)")
     parser.add_argument("--data-root", help="XTREME-UP data root (default: the scale's data.root, e.g. FLIX_DATA_ROOT)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run config override for the timed micro-batches, repeatable (e.g. scale.packing=false: padded rows)",
+    )
     parser.add_argument("--gen-batch", type=positive, default=16, help="prompts per generation batch, one combination each (default 16)")
     parser.add_argument("--gen-seq", type=positive, default=64, help="tokens per prompt (default 64)")
     parser.add_argument("--new-tokens", type=positive, default=16, help="greedy tokens per prompt (default 16)")

@@ -1,7 +1,8 @@
-"""The cases `benchmarks.model` times: model loading, a scale's real micro-batches and
-routes, one training step of the base / FLix (`benchmarks.cases`' steps with the training
-loss) and of peft LoRA with the model's own loss, generation, a matmul for the practical
-peak and the one-micro-batch memory probe (run in a fresh process)."""
+"""The cases `benchmarks.model` times: model loading, a scale's real micro-batches (packed
+where its runs pack) and routes, one training step of the base / FLix (`benchmarks.cases`'
+steps with the training loss) and of peft LoRA with the model's own loss on padded rows of
+the same examples, generation, a matmul for the practical peak and the one-micro-batch
+memory probe (run in a fresh process)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +21,7 @@ from benchmarks import cases, options
 from benchmarks.cases import ALPHA, DROPOUT
 from flix.loss import IGNORE
 from flix.model import get_flix_model
-from flix.pipeline.batching import TextLimits, loss_sum, position_ids
-from flix.pipeline.estimate import step_micro_batches
+from flix.pipeline.batching import TextLimits, loss_sum, packing_holds, position_ids, step_batches, training_batch
 from flix.pipeline.memory import peak_memory_gib
 from flix.pipeline.methods import method_config
 from flix.targets import default_target_modules, find_target_modules
@@ -76,10 +77,32 @@ def available_bytes(device: torch.device) -> int:
 # --- the cases ------------------------------------------------------------------------------
 
 
-def real_micro_batches(args, tokenizer, count: int, device) -> list[dict]:
-    """The first `count` micro-batches that a `--scale` run of `--mixture` trains on, as
-    `Trainer.train_step` builds them (its sampler and seed, length-sorted micro-batches),
-    on `device`. Causal models (the cases' losses are)."""
+@dataclass
+class MicroBatch:
+    """One round's micro-batch. `trained`: the tensors `Trainer.train_step` computes on
+    (packed rows where the scale packs: position ids restarting per example and
+    `token_examples`, no attention mask; else padded rows with one); `padded`: the same
+    examples as left-padded rows with an attention mask (`trained` itself when that is
+    what the run trains on), for peft's step: the same real tokens and targets."""
+
+    trained: dict
+    padded: dict
+
+    @property
+    def examples(self) -> int:
+        return len(self.padded["input_ids"])
+
+
+def on_device(batch: dict, device) -> dict:
+    """A batch's tensors on `device` as the trainer moves them (token_examples stays where routing reads it)."""
+    return {k: v if k == "token_examples" else v.to(device) for k, v in batch.items() if k != "num_targets"}
+
+
+def real_micro_batches(args, base, tokenizer, count: int, device) -> list[MicroBatch]:
+    """The first `count` micro-batches that a `--scale` run of `--mixture` (and
+    `--override`s) trains on, as `Trainer.train_step` builds them (its sampler and seed,
+    `flix.pipeline.batching.step_batches` with the scale's micro-batch size, token budget
+    and packing where `base` packs exactly), on `device`. Causal models (the cases' losses are)."""
     from omegaconf import OmegaConf
 
     from flix.data.reader import resolve_root
@@ -87,7 +110,7 @@ def real_micro_batches(args, tokenizer, count: int, device) -> list[dict]:
     from flix.pipeline.run_config import compose, load_mixture_for
     from flix.pipeline.trainer import read_split
 
-    overrides = [f"scale={args.scale}", f"mixture={args.mixture}", f"model={args.model}"]
+    overrides = [f"scale={args.scale}", f"mixture={args.mixture}", f"model={args.model}", *args.override]
     cfg = compose(overrides + ([f"data.root={args.data_root}"] if args.data_root else []))
     mixture, root = load_mixture_for(cfg), resolve_root(OmegaConf.select(cfg, "data.root"))
     mixture.check(root)
@@ -97,12 +120,19 @@ def real_micro_batches(args, tokenizer, count: int, device) -> list[dict]:
         read_split(root, mixture.train_datasets, "train"), s.batch_size, seed=cfg.seed, strategy=t.sampling, cap=t.cap, temperature=t.temperature
     )
     limits = TextLimits(s.max_prompt_tokens, s.max_target_tokens, s.max_context_chars)
-    batches: list[dict] = []
+    packed = bool(s.packing) and packing_holds(base, seq2seq=False)  # as Trainer decides
+    batches: list[MicroBatch] = []
     step = 0
     while len(batches) < count:
-        batches += step_micro_batches(sampler, step, s.micro_batch_size, tokenizer, limits, seq2seq=False)
+        examples = sampler.batch(step)
+        for part, batch in step_batches(examples, tokenizer, limits, False, s.micro_batch_size, s.tokens_per_micro_batch, packed=packed):
+            trained = on_device(batch, device)
+            padded = (
+                trained if "attention_mask" in batch else on_device(training_batch([examples[i] for i in part], tokenizer, limits, False), device)
+            )
+            batches.append(MicroBatch(trained, padded))
         step += 1
-    return [{k: v.to(device) for k, v in b.items() if k != "num_targets"} for b in batches[:count]]
+    return batches[:count]
 
 
 def full_length_batch(rows: int, seq: int, target: int, tokenizer, device) -> dict:
@@ -144,24 +174,27 @@ def own_loss(batches: list[dict], autocast) -> cases.Loss:
     return loss
 
 
-def routes_for(features: dict[str, list[str]], batches: list[dict], gen: torch.Generator) -> list[list[dict]]:
-    """One route per example of each batch: task i mod 4 and a random language."""
-    return [cases.mixed_routes(features, len(b["input_ids"]), 1, gen)[0] for b in batches]
+def routes_for(features: dict[str, list[str]], batches: list[MicroBatch], gen: torch.Generator) -> list[list[dict]]:
+    """One route per example of each micro-batch: task i mod 4 and a random language."""
+    return [cases.mixed_routes(features, b.examples, 1, gen)[0] for b in batches]
 
 
-def base_step(model, batches, autocast) -> Callable[[], None]:
-    return cases.frozen_step(model, training_loss(batches, autocast))
+def base_step(model, batches: list[MicroBatch], autocast) -> Callable[[], None]:
+    return cases.frozen_step(model, training_loss([b.trained for b in batches], autocast))
 
 
-def flix_step(base, config, batches, routes, autocast, device) -> Callable[[], None]:
+def flix_step(base, config, batches: list[MicroBatch], routes, autocast, device) -> Callable[[], None]:
+    """A FLix step on the micro-batches the run trains on, packed rows routed per token."""
     model = get_flix_model(shared_copy(base), config).to(device).train()
-    return cases.flix_step(model, training_loss(batches, autocast), routes)
+    tokens = [b.trained.get("token_examples") for b in batches]
+    return cases.flix_step(model, training_loss([b.trained for b in batches], autocast), routes, tokens)
 
 
-def peft_step(base, batches, autocast, device) -> Callable[[], None]:
-    """peft LoRA on the same projections with the model's own loss: the step a user would write."""
+def peft_step(base, batches: list[MicroBatch], autocast, device) -> Callable[[], None]:
+    """peft LoRA on the same projections with the model's own loss, on padded rows (with
+    an attention mask) of the same examples: the step a user would write."""
     model = cases.lora(shared_copy(base), default_target_modules(base)).to(device).train()
-    return cases.lora_step(model, own_loss(batches, autocast))
+    return cases.lora_step(model, own_loss([b.padded for b in batches], autocast))
 
 
 def generation_cases(args, base, tokenizer, device, autocast) -> dict[str, Callable[[], None]]:
@@ -208,7 +241,8 @@ def probe_memory(args, batch: int, prompt: int, target: int) -> dict:
     device = device_of(args)
     base, tokenizer = load(args)
     base.to(device)
-    batches = [full_length_batch(batch, prompt + target + 1, target + 1, tokenizer, device)]
+    full = full_length_batch(batch, prompt + target + 1, target + 1, tokenizer, device)
+    batches = [MicroBatch(full, full)]
     config = method_config("flix", gemma_features(64), "joint", alpha=ALPHA, feature_dropout=DROPOUT)
     routes = routes_for(gemma_features(64), batches, torch.Generator().manual_seed(args.seed))
     step = flix_step(base, config, batches, routes, autocast_for(device, bf16_enabled(args, device)), device)

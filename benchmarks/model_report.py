@@ -147,7 +147,8 @@ def format_report(report: dict) -> str:
     step = {r["case"]: r["ms_per_step"] for r in report["training"]}
     lines = [
         f"flix bench model: {c['model']} on {c['device']} ({c['device_name']}, {c['threads']} threads), autocast {c['autocast']}",
-        f"training step: one real {b['scale']} / {b['mixture']} micro-batch a round ({len(b['rows'])} timed, {sum(b['rows'])} rows): "
+        f"training step: one real {b['scale']} / {b['mixture']} micro-batch a round ({len(b['rows'])} timed, {sum(b['rows'])} "
+        f"{'packed ' if b.get('packed') else ''}rows{', ' + ' '.join(b['overrides']) if b.get('overrides') else ''}): "
         f"{b['real_positions']} real of {b['positions']} positions computed ({b['real_share']:.1%} real), {b['real_targets']} real targets; "
         f"useful arithmetic {statistics.mean(b['useful_gflop']):.3g} GFLOP a micro-batch",
         f"{'case':<18} {'ms/step':>10} {'min':>10} {'useful GFLOP/s':>15} {'of matmul':>10} {'own ms':>8} {'/ own frozen part [95%]':>24}",
@@ -165,6 +166,11 @@ def format_report(report: dict) -> str:
     matmul_rate = matmul["gflop"] / (matmul["ms"] / 1e3)
     lines.append(f"matmul ({c['matmul']}, timed in the same rounds): {matmul_rate:.1f} GFLOP/s")
     lines.append(f"FLix (D={lo}) / peft LoRA with the model's own loss, ms per step: {step[f'flix D={lo}'] / step['peft_lora']:.3f}")
+    if "padded_positions" in b:
+        lines.append(
+            f"peft LoRA: the same examples as left-padded rows with an attention mask, {b['padded_positions']} positions "
+            f"({b['real_positions'] / b['padded_positions']:.1%} real)"
+        )
     lines.append("useful: real tokens x 4 x the blocks' linear weights + real targets x 4 x d_model x vocab (forward + input-gradient backward)")
     if any("own_ms" in r for r in report["training"]):
         lines.append("own ms: the adapters' own work in a profiled step (benchmarks.attribute); / own frozen part: step / (step - own)")

@@ -16,6 +16,7 @@ import torch
 from benchmarks.attribute import attributed_ratio, own_time
 from benchmarks.cases import ALPHA, DROPOUT
 from benchmarks.model_cases import (
+    MicroBatch,
     autocast_for,
     available_bytes,
     bank_bytes,
@@ -38,7 +39,7 @@ from benchmarks.timing import stats, time_interleaved
 from flix import kernels
 from flix.io import atomic_write_json
 from flix.loss import IGNORE
-from flix.pipeline.batching import padding_fraction
+from flix.pipeline.batching import padding_fraction, real_positions
 from flix.pipeline.flops import matmul_case, useful_flops
 from flix.pipeline.memory import peak_memory_gib
 from flix.pipeline.methods import method_config
@@ -63,14 +64,14 @@ def bench_model(args, sizes: list[int]) -> int:
     autocast = autocast_for(device, bf16)
     base, tokenizer = load(args)
     base.to(device)
-    batches = real_micro_batches(args, tokenizer, args.warmup + args.repeats, device)  # round r takes batches[r]
+    batches = real_micro_batches(args, base, tokenizer, args.warmup + args.repeats, device)  # round r takes batches[r], every case
     timed = batches[args.warmup :]
-    useful = [useful_flops(base, b, seq2seq=False) for b in timed]
+    useful = [useful_flops(base, b.trained, seq2seq=False) for b in timed]
     gen = torch.Generator().manual_seed(args.seed)
 
     train: dict[str, Callable[[], None]] = {"base": base_step(shared_copy(base), batches, autocast)}
     cm = method_config("compute_matched", gemma_features(sizes[0]), "joint", alpha=ALPHA)
-    train["compute_matched"] = flix_step(base, cm, batches, [[{}] * len(b["input_ids"]) for b in batches], autocast, device)
+    train["compute_matched"] = flix_step(base, cm, batches, [[{}] * b.examples for b in batches], autocast, device)
     train["peft_lora"] = peft_step(base, batches, autocast, device)
     skipped = {}
     for d in sizes:
@@ -128,18 +129,22 @@ def bench_model(args, sizes: list[int]) -> int:
     return 0
 
 
-def batch_summary(args, batches: list[dict], useful: list[int]) -> dict:
-    """What the timed rounds computed on: their real micro-batches, how much of them is real,
-    and each one's useful arithmetic (round by round)."""
-    positions = sum(b["attention_mask"].numel() for b in batches)
-    real = sum(int(b["attention_mask"].sum()) for b in batches)
+def batch_summary(args, batches: list[MicroBatch], useful: list[int]) -> dict:
+    """What the timed rounds computed on: the run's real micro-batches (packed where it
+    packs), how much of them is real, each one's useful arithmetic (round by round), and
+    the positions of peft's padded rows of the same examples."""
+    trained = [b.trained for b in batches]
     return {
         "scale": args.scale,
         "mixture": args.mixture,
-        "rows": [len(b["input_ids"]) for b in batches],
-        "positions": positions,
-        "real_positions": real,
-        "real_share": 1.0 - padding_fraction(batches),
-        "real_targets": sum(int((b["labels"] != IGNORE).sum()) for b in batches),
+        "overrides": list(args.override),
+        "packed": all("token_examples" in b for b in trained),
+        "rows": [len(b["input_ids"]) for b in trained],
+        "examples": [b.examples for b in batches],
+        "positions": sum(b["input_ids"].numel() for b in trained),
+        "real_positions": sum(real_positions(b) for b in trained),
+        "real_share": 1.0 - padding_fraction(trained),
+        "real_targets": sum(int((b["labels"] != IGNORE).sum()) for b in trained),
+        "padded_positions": sum(b.padded["input_ids"].numel() for b in batches),
         "useful_gflop": [f / 1e9 for f in useful],
     }

@@ -172,8 +172,9 @@ def test_flix_bench_runs_the_checkouts_benchmarks_in_a_child_process(tmp_path, c
 @pytest.mark.slow  # every case of the model benchmark, twice, and a memory probe in a child process
 def test_bench_model_writes_every_row(tmp_path, data_root, capsys):
     """`flix bench model` end to end on the tiny model: every training and generation case
-    on real smoke micro-batches, their useful arithmetic against a matmul timed in the same
-    rounds, the micro-batch memory probe in a fresh process, and a verdict for every target."""
+    on real smoke micro-batches (packed; peft on padded rows of the same examples), their
+    useful arithmetic against a matmul timed in the same rounds, the micro-batch memory
+    probe in a fresh process, and a verdict for every target."""
     out = tmp_path / "model.json"
     argv = [
         "--model",
@@ -202,13 +203,18 @@ def test_bench_model_writes_every_row(tmp_path, data_root, capsys):
         "smoke",
         "--threads",
         "1",
+        "--override",  # packed, as scale=cpu trains (the test below checks these are the trainer's micro-batches)
+        "scale.packing=true",
+        "--override",
+        "scale.tokens_per_micro_batch=600",
     ]
     assert model.main(argv) == 0
     report = json.loads(out.read_text())
     assert [r["case"] for r in report["training"]] == ["base", "compute_matched", "peft_lora", "flix D=8", "flix D=16"]
     assert [r["case"] for r in report["generation"]] == ["base", "peft_adapter_names", "flix"]
     batches = report["batches"]
-    assert batches["rows"] == [8, 8] and batches["real_positions"] < batches["positions"]  # smoke: 8 examples a step, padded
+    assert batches["packed"] and len(batches["rows"]) == 2 and sum(batches["rows"]) <= sum(batches["examples"])
+    assert batches["real_positions"] <= batches["positions"] and batches["real_positions"] < batches["padded_positions"]  # peft's rows pad
     assert batches["real_share"] == pytest.approx(batches["real_positions"] / batches["positions"])
     assert all(r["useful_gflop_per_s"] > 0 and r["of_matmul"] > 0 for r in report["training"]) and report["matmul"]["ms"] > 0
     attributed = {r["case"] for r in report["training"] if "own_ms" in r}
@@ -236,6 +242,7 @@ def test_bench_model_writes_every_row(tmp_path, data_root, capsys):
     printed = capsys.readouterr().out
     verdicts = [line.split()[0] for line in printed.splitlines() if line.split() and line.split()[0] in ("PASS", "MISS", "NOISE")]
     assert len(verdicts) == 12 and "FLix (D=8) / peft LoRA with the model's own loss" in printed
+    assert "packed rows, scale.packing=true" in printed and "peft LoRA: the same examples as left-padded rows" in printed
     rechecked = tmp_path / "rechecked.json"
     assert model.main(["--rescore", str(out), "--out", str(rechecked)]) == 0, "a saved report is checked again without running"
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("PASS", "MISS", "NOISE"))] == verdicts
@@ -246,29 +253,54 @@ def test_bench_model_writes_every_row(tmp_path, data_root, capsys):
     assert model.main(["--rescore", str(tmp_path / "old.json")]) == 2 and "run it again" in capsys.readouterr().err
 
 
-def test_bench_times_the_micro_batches_a_run_trains_on(tmp_path, data_root):
-    """benchmarks.model's micro-batches are the trainer's first steps' (its sampler, its
-    length-sorted micro-batches), and `flix bench run` counts the step that
-    `Trainer.train_step` computed on."""
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_bench_times_the_micro_batches_a_run_trains_on(tmp_path, data_root, monkeypatch, packing):
+    """benchmarks.model's micro-batches are the ones `Trainer.train_step` computes on (its
+    sampler, its length-sorted or packed micro-batches, packed rows' routing), caught in
+    the trainer's own calls; peft's padded rows hold the same examples' real tokens and
+    targets; and `flix bench run` counts the step that the trainer computed on."""
     from types import SimpleNamespace
 
     from benchmarks.model_cases import real_micro_batches
-    from flix.pipeline.batching import padding_fraction
+    from flix.loss import IGNORE
+    from flix.pipeline import trainer as trainer_module
+    from flix.pipeline.batching import padding_fraction, real_positions
     from flix.pipeline.run_config import compose, load_mixture_for
-    from flix.pipeline.trainer import Trainer
 
-    cfg = compose(["scale=smoke", "mixture=multitask_sw", f"data.root={data_root}", "logger=none"])
-    trainer = Trainer.from_config(cfg, load_mixture_for(cfg), tmp_path)
+    overrides = ["scale.packing=true", "scale.tokens_per_micro_batch=600"] if packing else []
+    cfg = compose(["scale=smoke", "mixture=multitask_sw", f"data.root={data_root}", "logger=none", *overrides])
+    trainer = trainer_module.Trainer.from_config(cfg, load_mixture_for(cfg), tmp_path)
+    assert trainer.packing is packing
     s = cfg.scale
-    steps = [estimate.step_micro_batches(trainer.sampler, i, s.micro_batch_size, trainer.tokenizer, trainer.limits, False) for i in range(3)]
-    trainer.train_step(1)
-    assert trainer.last_padding == pytest.approx(padding_fraction(steps[1])) and trainer.last_padding > 0
-    assert trainer.last_tokens == sum(int(b["attention_mask"].sum()) for b in steps[1])
-    args = SimpleNamespace(scale="smoke", mixture="multitask_sw", model="tiny", data_root=str(data_root))
-    ours = real_micro_batches(args, trainer.tokenizer, 3, torch.device("cpu"))
-    theirs = [b for step in steps for b in step]  # smoke: one micro-batch a step
-    assert len(ours) == len(theirs) == 3
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(ours, theirs) for k in ("input_ids", "attention_mask", "labels"))
+    seen, routed = [], []  # what the trainer's step computes on: its loss's tensors, its routes' examples
+    loss_sum, route = trainer_module.loss_sum, trainer.model.route
+    monkeypatch.setattr(trainer_module, "loss_sum", lambda model, batch, seq2seq: seen.append(batch) or loss_sum(model, batch, seq2seq))
+    monkeypatch.setattr(trainer.model, "route", lambda features, **kw: routed.append((len(features), kw["token_examples"])) or route(features, **kw))
+    for step in range(3):
+        trainer.train_step(step)
+        batches = estimate.step_micro_batches(
+            trainer.sampler, step, s.micro_batch_size, trainer.tokenizer, trainer.limits, False, s.tokens_per_micro_batch, packing
+        )
+        assert trainer.last_padding == pytest.approx(padding_fraction(batches))
+        assert trainer.last_tokens == sum(real_positions(b) for b in batches)
+    monkeypatch.undo()
+    args = SimpleNamespace(scale="smoke", mixture="multitask_sw", model="tiny", data_root=str(data_root), override=overrides)
+    ours = real_micro_batches(args, trainer.model, trainer.tokenizer, len(seen), torch.device("cpu"))
+    assert len(ours) == len(seen) >= 3 and (len(seen) > 3) is packing  # smoke: one padded micro-batch a step, packed by 600 more
+    keys = ("input_ids", "position_ids") if packing else ("input_ids", "attention_mask")
+    for mine, theirs, (examples, tokens) in zip(ours, seen, routed):
+        assert all(torch.equal(mine.trained[k], theirs[k]) for k in (*keys, "labels"))
+        assert ("attention_mask" in mine.trained) is not packing and mine.examples == examples
+        if packing:  # routed per token as the trainer routes; peft: the same examples' tokens and targets in padded rows
+            assert torch.equal(mine.trained["token_examples"], tokens)
+            real, mask = mine.trained["token_examples"] >= 0, mine.padded["attention_mask"] == 1
+            assert torch.equal(mine.trained["input_ids"][real].sort().values, mine.padded["input_ids"][mask].sort().values)
+            targets = [b["labels"][b["labels"] != IGNORE].sort().values for b in (mine.trained, mine.padded)]
+            assert torch.equal(*targets)
+        else:
+            assert tokens is None and mine.padded is mine.trained
+    trained, padded = [b.trained for b in ours], [b.padded for b in ours]
+    assert (padding_fraction(trained) < padding_fraction(padded)) is packing
 
 
 def test_attributed_quotient_spans_both_intervals():
