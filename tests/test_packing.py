@@ -257,6 +257,26 @@ def test_hf_flattening_collator_routes_each_packed_example(examples):
         model(**{k: v for k, v in batch.items() if k != "flix_features"}, flix_features=batch["flix_features"][:3], use_cache=False)
 
 
+def test_target_nll_packed_equals_padded(examples):
+    """Evaluation's target NLL (validation and test) on packed rows: each example's value
+    equals the padded one to 1e-5 relative, on a tiny Gemma 3 whose sliding window is
+    shorter than its rows, with FLix routing each example by its own features."""
+    from flix.pipeline.evaluate import evaluate, example_nll
+
+    _, tokenizer = load_model({"name": "tiny"})  # byte tokens, within the windowed model's vocabulary
+    model = flix_model(windowed_gemma()).eval()  # eval: no feature dropout, as evaluation runs
+    cpu = torch.device("cpu")
+    padded = example_nll(model, tokenizer, examples, LIMITS, 3, False, cpu)
+    packed = example_nll(model, tokenizer, examples, LIMITS, 3, False, cpu, packed=True)
+    assert packed == pytest.approx(padded, rel=1e-5) and all(v > 0 for v in padded)
+    parts = step_batches(examples, tokenizer, LIMITS, False, 3, packed=True, train=False)
+    assert sum(len(b["input_ids"]) for _, b in parts) < len(examples) and all("attention_mask" not in b for _, b in parts)  # really packed
+    datasets = {(ex.task, ex.lang): [e for e in examples if (e.task, e.lang) == (ex.task, ex.lang)] for ex in examples}
+    result = evaluate(model, tokenizer, datasets, LIMITS, 3, False, cpu, generate={}, packed=True)
+    for (task, lang), part in datasets.items():  # as validation and test call it
+        assert result.example_nll[task][lang] == pytest.approx([padded[examples.index(e)] for e in part], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_gemma_packed_step_equals_padded(gemma, examples):
     """Gemma 3 270M (sliding window 512, soft-capping, 262k vocabulary): a packed step's

@@ -102,13 +102,13 @@ def micro_batch_positions(
     return [order[i:j] for i, j in split_by_budget(len(order), cost, tokens)]
 
 
-def packed_micro_batches(examples: list[Example], tokenizer, limits: TextLimits, tokens: int) -> list[tuple[list[int], dict]]:
+def packed_micro_batches(examples: list[Example], tokenizer, limits: TextLimits, tokens: int, train: bool = True) -> list[tuple[list[int], dict]]:
     """A causal step's examples packed (flix.packing.pack): micro-batches of rows holding
     several examples each, at most `tokens` positions a micro-batch, as (positions in
     `examples` in the rows' order, tensors: input_ids, position_ids, labels, token_examples
     indexing those positions, num_targets). No attention mask: the position ids separate
-    the examples."""
-    sources, targets = _sources(examples, tokenizer, limits, train=True, seq2seq=False), _targets(examples, tokenizer, limits)
+    the examples. `train=False`: prompts as evaluation formats them (`training_batch`)."""
+    sources, targets = _sources(examples, tokenizer, limits, train=train, seq2seq=False), _targets(examples, tokenizer, limits)
     sequences = [s + t for s, t in zip(sources, targets)]
     labels = [[IGNORE] * len(s) + t for s, t in zip(sources, targets)]
     out = []
@@ -131,19 +131,21 @@ def step_batches(
     tokens: int | None = None,
     packed: bool = False,
     sort: bool = True,
+    train: bool = True,
 ) -> list[tuple[list[int], dict]]:
     """A step's micro-batches as Trainer.train_step computes them, each as (its examples'
     positions in `examples`, its tensors): packed (causal models where flix.packing holds
     exactly; `tokens` defaults to `size` rows of the longest possible example), else
     length-sorted with `size` rows or a `tokens` budget each, or (sort=False) `size` rows
-    in the sampler's order."""
+    in the sampler's order. `train=False`: prompts formatted for evaluation (target NLL)."""
     if packed:
-        return packed_micro_batches(examples, tokenizer, limits, tokens or size * (limits.max_prompt_tokens + limits.max_target_tokens + 1))
+        budget = tokens or size * (limits.max_prompt_tokens + limits.max_target_tokens + 1)
+        return packed_micro_batches(examples, tokenizer, limits, budget, train=train)
     if sort:
         parts = micro_batch_positions(examples, size, tokenizer, limits, seq2seq, tokens)
     else:
         parts = [list(range(i, min(i + size, len(examples)))) for i in range(0, len(examples), size)]
-    return [(part, training_batch([examples[i] for i in part], tokenizer, limits, seq2seq)) for part in parts]
+    return [(part, training_batch([examples[i] for i in part], tokenizer, limits, seq2seq, train=train)) for part in parts]
 
 
 def packing_holds(model, seq2seq: bool) -> bool:
@@ -205,11 +207,17 @@ def loss_sum(model, batch: dict, seq2seq: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def target_nll(model, batch: dict, seq2seq: bool) -> list[float]:
-    """Per example: the gold target's teacher-forced negative log-likelihood, in mean nats
-    per target token (EOS included). One forward pass, no generation."""
+    """Per example (padded: per row; packed: per index of `token_examples`): the gold
+    target's teacher-forced negative log-likelihood, in mean nats per target token (EOS
+    included). One forward pass, no generation."""
     losses = _token_losses(model, batch, seq2seq)
-    counts = (batch["labels"] != IGNORE).sum(1)
-    return [float(part.mean()) if len(part) else 0.0 for part in losses.split(counts.tolist())]
+    labelled = batch["labels"] != IGNORE
+    if "token_examples" in batch:  # packed rows: each target's example, in the losses' row-major order
+        owners = batch["token_examples"].to(labelled.device)[labelled]
+        count = int(batch["token_examples"].max()) + 1
+        sums = torch.zeros(count, dtype=torch.float32, device=losses.device).index_add_(0, owners, losses.float())
+        return (sums / torch.bincount(owners, minlength=count).clamp(min=1)).tolist()
+    return [float(part.mean()) if len(part) else 0.0 for part in losses.split(labelled.sum(1).tolist())]
 
 
 def prompt_tokens(examples: list[Example], tokenizer, limits: TextLimits, seq2seq: bool) -> list[list[int]]:

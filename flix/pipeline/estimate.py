@@ -155,7 +155,7 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
 
     def nll(examples):
         with trainer.autocast():
-            example_nll(trainer.model, trainer.tokenizer, examples, trainer.limits, len(examples), trainer.seq2seq, trainer.device)
+            example_nll(trainer.model, trainer.tokenizer, examples, trainer.limits, len(examples), trainer.seq2seq, trainer.device, trainer.packing)
 
     first = {}  # each task's first validation dataset: one batch of each kind per task
     for (task, _), examples in trainer.validation.items():

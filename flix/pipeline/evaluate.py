@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from flix.data import Example
 from flix.data.formatting import TARGET_MAX_TOKENS
 from flix.metrics import score
-from flix.pipeline.batching import TextLimits, generation_batch, micro_batches, prompt_tokens, target_nll, training_batch
+from flix.pipeline.batching import TextLimits, generation_batch, prompt_tokens, step_batches, target_nll
 
 Dataset = tuple[str, str]  # (task, lang)
 
@@ -46,16 +46,22 @@ def predict(model, tokenizer, examples: list[Example], limits: TextLimits, batch
 
 
 @torch.no_grad()
-def example_nll(model, tokenizer, examples: list[Example], limits: TextLimits, batch_size: int, seq2seq: bool, device) -> list[float]:
+def example_nll(
+    model, tokenizer, examples: list[Example], limits: TextLimits, batch_size: int, seq2seq: bool, device, packed: bool = False
+) -> list[float]:
     """Each example's gold-target NLL (`flix.pipeline.batching.target_nll`), in the examples' order;
-    batches of similar length, prompts formatted as for generation."""
-    by_id = {id(ex): i for i, ex in enumerate(examples)}
+    batches of `batch_size` examples of similar length, prompts formatted as for generation.
+    `packed` (a causal model that packs exactly: `flix.packing.packs_exactly`): the
+    examples packed into rows instead, at most `batch_size` rows of the longest possible
+    example a batch, no padding between them; the same values to float rounding."""
     out = [0.0] * len(examples)
-    for chunk in micro_batches(examples, batch_size, tokenizer, limits, seq2seq):
-        batch = {k: v.to(device) for k, v in training_batch(chunk, tokenizer, limits, seq2seq, train=False).items() if k != "num_targets"}
-        with model.route([ex.features for ex in chunk]):
-            for ex, value in zip(chunk, target_nll(model, batch, seq2seq)):
-                out[by_id[id(ex)]] = value
+    for part, batch in step_batches(examples, tokenizer, limits, seq2seq, batch_size, packed=packed and not seq2seq, train=False):
+        tensors = {k: v.to(device) for k, v in batch.items() if k not in ("num_targets", "token_examples")}
+        tokens = batch.get("token_examples")  # packed rows: each position's example (routing and the per-example split)
+        with model.route([examples[i].features for i in part], token_examples=tokens):
+            values = target_nll(model, tensors if tokens is None else {**tensors, "token_examples": tokens}, seq2seq)
+        for i, value in zip(part, values):
+            out[i] = value
     return out
 
 
@@ -80,10 +86,12 @@ def evaluate(
     device,
     desc: str = "eval",
     generate: dict[Dataset, list[Example]] | None = None,
+    packed: bool = False,
 ) -> Evaluation:
-    """The gold targets' NLL on every dataset, and greedy predictions scored with the
-    paper's metric on `generate` (its examples per dataset; the same as `datasets` when
-    not given; {} for none: a validation by NLL alone)."""
+    """The gold targets' NLL on every dataset (on packed rows with `packed`: see
+    `example_nll`), and greedy predictions scored with the paper's metric on `generate`
+    (its examples per dataset; the same as `datasets` when not given; {} for none: a
+    validation by NLL alone)."""
     generate = datasets if generate is None else generate
     was_training = model.training
     model.eval()
@@ -94,7 +102,7 @@ def evaluate(
             preds = predict(model, tokenizer, prompted, limits, batch_size, seq2seq, device)
             result.predictions[(task, lang)] = preds
             result.scores.setdefault(task, {})[lang] = score(task, [ex.target for ex in prompted], preds)
-        nll = example_nll(model, tokenizer, examples, limits, batch_size, seq2seq, device)
+        nll = example_nll(model, tokenizer, examples, limits, batch_size, seq2seq, device, packed)
         result.example_nll.setdefault(task, {})[lang] = nll
         result.nll.setdefault(task, {})[lang] = float(np.mean(nll))
     model.train(was_training)

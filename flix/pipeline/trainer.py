@@ -141,16 +141,20 @@ class Trainer:
         self.last_tokens = sum(real_positions(b) for b in batches)  # flix bench run reports these
         self.last_padding = padding_fraction(batches)
         total_targets = distributed.sum_scalar(sum(b["num_targets"] for b in batches))
+        weights = [1.0] * len(parts)
+        if self.sharded:  # FSDP pairs every process's forwards: by a token budget one may have fewer, so it repeats its last at weight 0
+            extra = int(distributed.sum_scalar(len(parts), op="max")) - len(parts)
+            parts, weights = parts + parts[-1:] * extra, weights + [0.0] * extra
         self.model.train()
         loss_total, bare = 0.0, 0
-        for part, batch in parts:
+        for (part, batch), weight in zip(parts, weights):
             tensors = {k: v.to(self.device) for k, v in batch.items() if k not in ("num_targets", "token_examples")}
             # each example's dropout mask from (seed, step, its global position): the same on any number of processes
             keys = [dropout_key(self.seed, step, first + i) for i in part]
             route = self.model.route([examples[i].features for i in part], dropout_keys=keys, token_examples=batch.get("token_examples"))
             with route, self.autocast():
-                bare += int(featureless(self.model.router.rows).sum())
-                loss = loss_sum(self.model, tensors, self.seq2seq) / total_targets
+                bare += int(featureless(self.model.router.rows).sum()) if weight else 0
+                loss = loss_sum(self.model, tensors, self.seq2seq) * weight / total_targets
                 loss.backward()
             loss_total += loss.item()
         loss_total = distributed.sum_scalar(loss_total)
@@ -177,7 +181,7 @@ class Trainer:
         generate = None if self.train.select_by == "metric" else {}  # selection by NLL or at the last step: no generation
         args = (self.model, self.tokenizer, self.validation, self.limits, self.scale.eval_batch_size, self.seq2seq, self.device)
         with self.autocast():
-            result = evaluate(*args, desc="validation", generate=generate)
+            result = evaluate(*args, desc="validation", generate=generate, packed=self.packing)
         sets = self.mixture.selection_sets
         average = selection_metric(result.scores, sets) if result.scores else None
         return result, average, selection_metric(result.nll, sets)
@@ -254,10 +258,9 @@ class Trainer:
         data = read_split(self.root, self.mixture.eval_datasets, "test", s.test_nll_examples or s.test_examples)
         # greedy outputs on a fixed sample of that sample (all of it when test_nll_examples is null)
         prompted = {(task, lang): eval_sample(examples, s.test_examples, task, "test", lang) for (task, lang), examples in data.items()}
+        args = (self.model, self.tokenizer, data, self.limits, s.eval_batch_size, self.seq2seq, self.device)
         with self.autocast():
-            result = evaluate(
-                self.model, self.tokenizer, data, self.limits, s.eval_batch_size, self.seq2seq, self.device, desc="test", generate=prompted
-            )
+            result = evaluate(*args, desc="test", generate=prompted, packed=self.packing)  # target NLL packed where training packs
         self._write_predictions("test", data, result, prompted)
         stats: dict[str, dict[str, list]] = {}
         ids: dict[str, dict[str, list[str]]] = {}
