@@ -25,13 +25,14 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def sum_scalar(value: float) -> float:
+def sum_scalar(value: float, op: str = "sum") -> float:
+    """`value` summed (or, op="max", the largest) over the processes."""
     if not active():
         return value
     # NCCL reduces only CUDA tensors; gloo takes CPU ones.
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return float(t.item())
 
 

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         print("\ntorchrun's options: torchrun --help")
         return 0
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         name = signal.Signals(-failure.exitcode).name
         print(f"flix launch: rank {failure.rank} was stopped by {name}", file=sys.stderr)
         return 128 - failure.exitcode
+    except SignalException as err:  # Ctrl-C or a kill reached the launcher: it stopped the processes (each says its own line)
+        print(f"flix launch: stopped by {err.sigval.name}", file=sys.stderr)
+        return 128 + err.sigval.value
     return 0
 
 
