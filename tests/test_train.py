@@ -306,6 +306,61 @@ def test_two_process_data_parallel_equals_one_process(launcher, tmp_path, data_r
         assert two["test_nll"][task] == pytest.approx(langs, rel=1e-5)
 
 
+UNEVEN = [  # packed rows of at most 520 positions: at steps 5 and 7 one process has 3 micro-batches, the other 4
+    "logger=none",
+    "scale=cpu",
+    "model=tiny",
+    "mixture=multilingual_ner",
+    "method=flix",
+    "scale.steps=8",
+    "scale.eval_every=8",
+    "scale.checkpoint_every=8",
+    "scale.eval_examples=2",
+    "scale.test_examples=2",
+    "scale.test_nll_examples=2",
+    "scale.tokens_per_micro_batch=520",
+    "train.threads=1",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.needs_mini
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_packed_micro_batches_uneven_over_processes_equal_one_process(parallel, compose, tmp_path, data_root):
+    """Packing by a token budget under 2 processes, where the processes' shards pack into
+    different numbers of micro-batches: the run completes and equals one process (before,
+    FSDP hung at the first such step: its collectives pair up the processes' forwards)."""
+    from flix.pipeline.batching import step_batches
+    from flix.pipeline.run_config import load_mixture_for
+    from flix.pipeline.trainer import Trainer
+
+    cfg = compose(*UNEVEN, fast=False)
+    trainers = [Trainer.from_config(cfg, load_mixture_for(cfg), tmp_path / f"r{r}", rank_world=(r, 2)) for r in (0, 1)]
+    counts = [
+        [len(step_batches(t.sampler.batch(step, r, 2), t.tokenizer, t.limits, False, 8, 520, packed=t.packing)) for step in range(8)]
+        for r, t in enumerate(trainers)
+    ]
+    assert trainers[0].packing and counts[0] != counts[1], counts  # the case this test is for
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*UNEVEN, f"data.root={data_root}"]
+    subprocess.run(
+        [sys.executable, "-m", "flix.train", *args, f"hydra.run.dir={tmp_path / 'one'}"], check=True, cwd=REPO, env=env, capture_output=True
+    )
+    launched = subprocess.run(
+        [sys.executable, *LAUNCHERS["flix launch"], *args, f"train.parallel={parallel}", f"hydra.run.dir={tmp_path / 'two'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    for task, langs in one["test_nll"].items():
+        assert two["test_nll"][task] == pytest.approx(langs, rel=1e-5)
+
+
 def test_dropout_keys_give_each_example_its_own_mask_however_the_batch_is_split():
     from flix import FLixConfig, get_flix_model
     from flix.base_models import load_model
