@@ -369,14 +369,15 @@ def test_bench_model_bf16_runs_the_cuda_configuration_on_cpu():
     compute in bf16, while the banks stay float32 and still learn."""
     from types import SimpleNamespace
 
-    from benchmarks.model_cases import autocast_for, bf16_enabled, flix_step, full_length_batch, gemma_features, load, routes_for
+    from benchmarks.model_cases import MicroBatch, autocast_for, bf16_enabled, flix_step, full_length_batch, gemma_features, load, routes_for
     from flix.pipeline.methods import method_config
 
     cpu = torch.device("cpu")
     assert bf16_enabled(SimpleNamespace(bf16="true"), cpu) and not bf16_enabled(SimpleNamespace(bf16="auto"), cpu)
     base, tokenizer = load(SimpleNamespace(model="tiny"))
     config = method_config("flix", gemma_features(8), "joint", alpha=16.0, feature_dropout=0.0)
-    batches = [full_length_batch(4, 10, 3, tokenizer, cpu)]
+    rows = full_length_batch(4, 10, 3, tokenizer, cpu)
+    batches = [MicroBatch(trained=rows, padded=rows)]
     step = flix_step(base, config, batches, routes_for(gemma_features(8), batches, torch.Generator().manual_seed(0)), autocast_for(cpu, True), cpu)
     layers = {}
 
