@@ -226,3 +226,77 @@ def test_greedy_outputs_equal_flix(served, tmp_path):
             ours = flix_greedy(model, prompt, features, 12, {tok.eos_token_id})
             theirs = server_greedy(url, prompt, client.lora_list(manifest, features), 12, {tok.eos_token_id})
             assert theirs == ours, features
+
+
+def test_parting_reports_both_sides_margins_where_greedy_outputs_part():
+    from benchmarks.serving_run import parting
+
+    flix_lp = torch.log_softmax(torch.tensor([0.0, 2.0, 1.9, -1.0]), dim=-1)  # flix: 1, then 2 (0.1 apart); 0 is a stop token
+    row = parting(flix_lp, 2, {2: -0.60, 1: -0.65, 3: -3.0}, {0})  # the server took 2; asked again, 2 is 0.05 above 1
+    assert (row["flix_token"], row["flix_second"], row["server_token"], row["server_again_token"]) == (1, 2, 2, 2)
+    assert row["server_took_flix_second"] and row["flix_margin"] == pytest.approx(0.1, abs=1e-6)
+    assert row["flix_gap_to_server_token"] == pytest.approx(0.1, abs=1e-6)
+    assert row["server_again_margin"] == pytest.approx(0.05) and row["server_again_gap_to_flix_token"] == pytest.approx(0.05)
+    stopped = parting(flix_lp, None, {1: -0.1, 3: -2.0}, {0})  # the server stopped; asked again, it ranks flix's token first
+    assert stopped["server_token"] == "stop" and not stopped["server_took_flix_second"]
+    assert stopped["flix_gap_to_server_token"] == pytest.approx(2.0, abs=1e-6) and stopped["server_again_gap_to_flix_token"] == 0.0
+    assert parting(flix_lp, 2, {3: -0.1, 2: -2.0}, {0})["server_again_gap_to_flix_token"] is None  # flix's token not in the list
+    assert parting(flix_lp, 2, None, {0})["server_again_token"] is None  # the server held its reply back
+
+
+def test_flix_outputs_resume_from_the_cache_index_by_index(tmp_path, monkeypatch):
+    from benchmarks import serving_run
+    from flix.serve.agreement import Case
+
+    made = []
+    monkeypatch.setattr(serving_run, "flix_greedy", lambda model, prompt, features, max_new, stop: made.append(prompt) or prompt)
+    cases = [Case({"task": "ner", "lang": lang}, [k, i], []) for k, lang in enumerate(["am", "ee"]) for i in range(3)]
+    cache = tmp_path / "flix.json"
+    cache.write_text(json.dumps({json.dumps(["task=ner,lang=ee", 0]): [1, 0]}))  # one kept from an earlier run
+    ours = serving_run.flix_outputs(None, cases, set(), cache)
+    assert made == [[0, 0], [0, 1], [1, 1], [0, 2], [1, 2]]  # index by index across the combinations, the kept one skipped
+    assert ours[("task=ner,lang=am", 2)] == [0, 2] and ours[("task=ner,lang=ee", 0)] == [1, 0]
+    assert len(json.loads(cache.read_text())) == 6
+    made.clear()
+    assert serving_run.flix_outputs(None, cases, set(), cache) == ours and made == []
+
+
+def test_flix_margins_are_the_smallest_top_two_gap_along_each_greedy_path(monkeypatch):
+    from benchmarks import serving_run
+    from flix.serve.agreement import Case
+
+    lp = torch.log_softmax(torch.tensor([[3.0, 0.0, 0.0], [1.0, 0.8, 0.0], [2.0, 0.0, 0.0]]), dim=-1)
+    seen = []
+    monkeypatch.setattr(serving_run, "flix_logprobs", lambda model, case: seen.append(case.target) or lp[: len(case.target)])
+    cases = [Case({"task": "ner", "lang": "am"}, [5], [])] * 2
+    ours = {("task=ner,lang=am", 0): [7, 8], ("task=ner,lang=am", 1): []}
+    margins = serving_run.flix_margins(None, cases, ours)
+    assert margins["task=ner,lang=am"][0] == pytest.approx(0.2, abs=1e-6)  # the second step's near-tie
+    assert seen[0] == [7, 8, 0]  # flix stopped after two tokens: the stop's position counts
+    assert seen[1] == [0] and margins["task=ner,lang=am"][1] == pytest.approx(3.0, abs=1e-5)  # stopped at once
+
+
+def test_summarise_counts_what_the_differing_examples_share():
+    from benchmarks.serving_run import summarise
+
+    rows = [
+        {"flix_margin": 0.02, "server_took_flix_second": True, "server_again_token": 7, "flix_token": 7},
+        {"flix_margin": 0.30, "server_took_flix_second": False, "server_again_token": "stop", "flix_token": 7},
+        {"flix_margin": 0.10, "server_took_flix_second": True, "server_again_token": "stop", "flix_token": "stop"},
+    ]
+    assert summarise(rows) == {
+        "examples": 3,
+        "flix_margin_median": 0.10,
+        "flix_margin_max": 0.30,
+        "server_took_flix_second": 2,
+        "server_again_ranks_flix_token_first": 2,
+    }
+    assert summarise([])["flix_margin_median"] is None
+
+
+def test_differ_by_margin_bins_each_example_by_flix_smallest_margin():
+    from benchmarks.serving_run import differ_by_margin
+
+    margins = {"task=ner,lang=am": [0.01, 0.07, 0.2, 2.0], "task=ner,lang=ee": [0.04, 0.6]}
+    greedy = {"task=ner,lang=am": {"differences": [{"index": 0}, {"index": 2}]}, "task=ner,lang=ee": {"differences": []}}
+    assert differ_by_margin(margins, greedy) == {"0.0-0.05": [1, 2], "0.05-0.1": [0, 1], "0.1-0.5": [1, 1], "0.5-inf": [0, 2]}
