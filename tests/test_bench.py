@@ -70,6 +70,7 @@ def test_bench_adapters_writes_every_row(tmp_path, capsys):
     assert "flix_mixed_inference" in printed and printed.count("PASS") + printed.count("MISS") == 4
 
 
+@pytest.mark.slow  # a minute under load: make test-all
 def test_bench_run_extrapolates_the_runs_own_budget(tmp_path, data_root, capsys):
     """`flix bench run` counts the validations, batches and steps that the real run makes."""
     from flix.pipeline.run import run
@@ -155,6 +156,7 @@ def test_bench_names_its_benchmarks_and_options(capsys):
     assert exit_.value.code == 2 and "compute_matched" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a minute under load: make test-all
 def test_flix_bench_runs_the_checkouts_benchmarks_in_a_child_process(tmp_path, capsys):
     """`flix bench layer ...` is `python -m benchmarks.layer ...` from the checkout, in the
     caller's directory (a relative --out lands there); without benchmarks/ (flix installed

@@ -257,6 +257,7 @@ def test_snapshot_drops_stale_files_and_keeps_its_readme(report, tmp_path):
     assert not (snapshot / "table9.md").exists() and (snapshot / "table1.md").exists()
 
 
+@pytest.mark.slow  # a minute under load: make test-all
 def test_log_to_wandb_offline(report, tmp_path, monkeypatch):
     out, _ = report
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -107,12 +107,17 @@ def test_feature_adapters_sum_to_the_combinations_update(tmp_path, shared_rank):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_an_encoder_decoder_base_is_refused_in_one_line(tmp_path):
+def test_an_encoder_decoder_base_is_refused(tmp_path):
     base, _ = load_model({"name": "tiny_seq2seq"})
     with pytest.raises(
         ValueError, match=r"^the base model is T5ForConditionalGeneration, an encoder-decoder: llama-server serves causal language models only$"
     ):
         base_config_dir(base, tmp_path)
+
+
+@pytest.mark.slow  # a child process that loads torch and the model: make test-all
+def test_serve_export_refuses_an_encoder_decoder_in_one_line(tmp_path):
+    base, _ = load_model({"name": "tiny_seq2seq"})
     adapter = tmp_path / "adapter"
     get_flix_model(base, FLixConfig(features=FEATURES, ranks={"task": 4, "lang": 2})).save_pretrained(adapter)
     done = subprocess.run(

@@ -39,6 +39,7 @@ def own_study(tmp_path, monkeypatch):
     return write
 
 
+@pytest.mark.slow  # a minute under load: make test-all
 def test_every_study_expands_into_composable_runs():
     for name, count in (("study_a", 3 * 2 + 1), ("study_b", None)):
         runs = study.plan(study.load_study(name), ["scale=smoke", "logger=none"])

@@ -27,7 +27,7 @@ def predict(model, tokenizer, examples: list[Example], limits: TextLimits, batch
     lengths = [len(ids) for ids in prompt_tokens(examples, tokenizer, limits, seq2seq)]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
     outputs: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False, disable=len(order) <= batch_size):
         positions = order[start : start + batch_size]
         chunk = [examples[i] for i in positions]
         batch = {k: v.to(device) for k, v in generation_batch(chunk, tokenizer, limits, seq2seq).items()}
