@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the figures here as JSON")
     p.add_argument("--flix-cache", type=Path, help="keep flix's greedy outputs in this JSON file (reused when it exists)")
     p.add_argument("--only-flix", action="store_true", help="only flix's side: its greedy outputs (into --flix-cache) and --margins, no server")
+    p.add_argument("--no-agreement", action="store_true", help="skip the agreement: only --throughput, its requests drawn from the --examples sample")
     p.add_argument("--margins", action="store_true", help="record flix's smallest top-two log-probability margin along each greedy output")
     args = p.parse_args(argv)
     from benchmarks.serving_run import run  # torch and the models load only now

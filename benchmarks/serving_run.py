@@ -133,10 +133,10 @@ def parting(flix_lp: torch.Tensor, took: int | None, again: dict[int, float] | N
     }
 
 
-def throughput(args, model, tok, manifest, cases, base: Path) -> dict:
+def throughput(args, model, tok, manifest, cases, bases: list[Path]) -> dict:
     """The same mixed-combination requests (each exactly new_tokens generated) through the
-    server (parallel clients), flix's generate (mixed batches) and merged models (one per
-    combination, requests grouped by it)."""
+    server over each base (parallel clients), flix's generate (mixed batches) and merged
+    models (one per combination, requests grouped by it)."""
     rng = random.Random(0)
     requests = [rng.choice(cases) for _ in range(args.throughput)]
     n, new = len(requests), args.new_tokens
@@ -156,18 +156,20 @@ def throughput(args, model, tok, manifest, cases, base: Path) -> dict:
                 else:
                     m.generate(**kwargs)
 
-    with LlamaServer(
-        base, args.export, log=Path(args.export) / "server-throughput.log", threads=args.threads, parallel=args.parallel, ctx=512 * args.parallel
-    ) as url:
-        send = lambda c: complete(url, c.prompt, lora_list(manifest, c.features), n_predict=new, ignore_eos=True, cache_prompt=False)  # noqa: E731
-        send(requests[0])  # warm-up
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.parallel) as pool:
-            replies = list(pool.map(send, requests))
-        seconds = time.perf_counter() - started
-        tokens = sum(r["tokens_predicted"] for r in replies)
-    out["llama_server"] = {"base": base.name, "seconds": seconds, "requests_per_s": n / seconds, "tokens_per_s": tokens / seconds}
-    print(f"  llama-server ({base.name}): {n / seconds:.2f} req/s, {tokens / seconds:.1f} tok/s", flush=True)
+    out["llama_server"] = []
+    for base in bases:
+        with LlamaServer(
+            base, args.export, log=Path(args.export) / "server-throughput.log", threads=args.threads, parallel=args.parallel, ctx=512 * args.parallel
+        ) as url:
+            send = lambda c: complete(url, c.prompt, lora_list(manifest, c.features), n_predict=new, ignore_eos=True, cache_prompt=False)  # noqa: E731
+            send(requests[0])  # warm-up
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.parallel) as pool:
+                replies = list(pool.map(send, requests))
+            seconds = time.perf_counter() - started
+            tokens = sum(r["tokens_predicted"] for r in replies)
+        out["llama_server"].append({"base": base.name, "seconds": seconds, "requests_per_s": n / seconds, "tokens_per_s": tokens / seconds})
+        print(f"  llama-server ({base.name}): {n / seconds:.2f} req/s, {tokens / seconds:.1f} tok/s", flush=True)
     flix_batches(model, requests[:1], True)  # warm-up
     started = time.perf_counter()
     flix_batches(model, requests, True)
@@ -250,9 +252,8 @@ def flix_outputs(model, cases: list[Case], stop: set[int], cache: Path | None) -
         max_new = max_new_for(case.features)
         ours[(name, i)] = flix_greedy(model, case.prompt, case.features, max_new, stop)
         if cache and (done % len(counters) == 0 or done == len(todo)):
-            atomic_write_text(
-                cache, json.dumps({json.dumps(list(k)): v for k, v in {**kept, **ours}.items()})
-            )  # a kill mid-write keeps the last copy
+            # atomically: a kill mid-write keeps the last copy
+            atomic_write_text(cache, json.dumps({json.dumps(list(k)): v for k, v in {**kept, **ours}.items()}))
             print(f"flix greedy: {done}/{len(todo)} new examples, {time.perf_counter() - started:.0f} s", flush=True)
     if todo:
         print(f"flix greedy on {len(todo)} examples ({len(cases) - len(todo)} kept): {time.perf_counter() - started:.0f} s", flush=True)
@@ -268,7 +269,7 @@ def run(args) -> int:
     cases = test_cases(model, tok, root, args.examples)
     stop = {tok.eos_token_id} | ({tok.convert_tokens_to_ids("<end_of_turn>")} - {tok.unk_token_id, None})
     result: dict = {"adapter": str(args.adapter), "examples_per_combination": args.examples, "stop_tokens": sorted(stop), "bases": []}
-    if args.examples:
+    if args.examples and not args.no_agreement:
         started = time.perf_counter()
         ours = flix_outputs(model, cases, stop, args.flix_cache)
         result["flix_greedy_seconds"] = time.perf_counter() - started  # near 0 where the cache held them all
@@ -279,7 +280,7 @@ def run(args) -> int:
             if args.margins:
                 result["bases"][-1]["differ_by_flix_margin"] = differ_by_margin(result["flix_min_margin"], result["bases"][-1]["greedy"])
     if args.throughput and not args.only_flix:
-        result["throughput"] = throughput(args, model, tok, manifest, cases, args.base[0])
+        result["throughput"] = throughput(args, model, tok, manifest, cases, args.base)
     result["median_prompt_tokens"] = statistics.median(len(c.prompt) for c in cases)
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
