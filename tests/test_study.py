@@ -50,6 +50,7 @@ def test_every_study_expands_into_composable_runs():
     assert (len(ablations), len({r.run_dir for r in ablations})) == (12, 11)
 
 
+@pytest.mark.slow  # several runs through hydra's launcher: make test-all
 def test_shared_runs_have_one_directory_across_studies():
     """Ablation runs equal to Study B's (dropout 0.7, paper rank) are the same run."""
     b = {r.run_dir for r in study.plan(study.load_study("study_b"), ["scale=smoke"])}
@@ -160,6 +161,7 @@ def test_a_sweeps_table_is_passed_on_not_swept():
     assert all(not o.startswith("table=") for overrides in study.expand(sweep) for o in overrides)
 
 
+@pytest.mark.slow  # several runs through hydra's launcher: make test-all
 def test_seeds_run_every_sweep_once_per_seed(runs_env):
     """--seeds 0,1 plans each run of a study twice, in two directories."""
     one = study.plan(study.load_study("ablations"), ["scale=cpu", "logger=none"])
