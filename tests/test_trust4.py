@@ -707,6 +707,26 @@ def test_a_settings_error_under_flix_launch_is_one_line(tmp_path, data_root):
     assert not run_dir.exists()
 
 
+def test_a_lost_peer_is_told_from_a_failure_of_its_own(monkeypatch):
+    """The second process of a run whose first died (a full disk, say) fails in its next
+    collective with gloo's "Connection closed by peer": that is the other's failure, which the
+    other says; this one waits for the launcher and says one line, no traceback (a CI run of
+    the full-disk test below caught the traceback)."""
+    import torch.distributed as dist
+
+    from flix.pipeline.distributed import peer_failed
+
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:11495. "
+        "This is typically caused by a remote worker crashing."
+    )
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not peer_failed(gloo)  # one process: no peer to lose
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert peer_failed(gloo) and peer_failed(dist.DistBackendError("NCCL error")) and peer_failed(RuntimeError("Connection reset by peer"))
+    assert not peer_failed(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) and not peer_failed(OSError(28, "No space left on device"))
+
+
 @pytest.mark.slow
 @SMALL_DISK
 def test_a_full_disk_under_flix_launch_is_one_line(tmp_path, data_root):

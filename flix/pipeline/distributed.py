@@ -56,3 +56,15 @@ def sum_gradients(params: list[torch.Tensor]) -> None:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+# What gloo and NCCL say when another process of the run ended while this one waited on it.
+PEER_GONE = ("closed by peer", "reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_failed(err: BaseException) -> bool:
+    """Whether `err` is this process losing another process of a multi-process run (which
+    ended first, and says why itself), not a failure of its own."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(s in str(err) for s in PEER_GONE))

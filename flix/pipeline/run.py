@@ -260,6 +260,9 @@ def hydra_job(cfg: DictConfig) -> float | None:
             named = err if isinstance(err, WriteError) else write_error(run_dir, err)
             say_once(f"flix.train: error: {named}" + (" (the run resumes from its last checkpoint)" if disk_full(err) else ""))
             sys.exit(1)
+        if distributed.peer_failed(err):  # another process failed first and says why: not a traceback of ours too
+            say_once(f"flix.train: error: another process of this run ended first ({err})", everyone=True)
+            sys.exit(1)
         raise
     score = record.summary_metrics(results)["best_validation_average"]
     return score if isinstance(score, float) else None

@@ -29,12 +29,13 @@ def say(message: str) -> None:
     log.info(message)
 
 
-def say_once(message: str, wait: float = 30.0) -> None:
+def say_once(message: str, wait: float = 30.0, everyone: bool = False) -> None:
     """`say` an error a run ends with, once under torchrun: every process meets the same
     settings, data or disk error. The first says it; the others first wait up to `wait`
     seconds, in which the launcher stops them once the first has failed, and say it only if
-    they are still running (an error that they alone met)."""
-    if os.environ.get("RANK", "0") != "0":
+    they are still running (an error that they alone met). `everyone`: rank 0 waits too (an
+    error that follows another process's, whichever rank that was)."""
+    if everyone or os.environ.get("RANK", "0") != "0":
         time.sleep(wait)
     say(message)
 
