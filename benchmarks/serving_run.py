@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from flix.base_models import load_model
-from flix.data.formatting import TARGET_MAX_TOKENS
 from flix.data.sampling import read_split
 from flix.export import merge_and_unload
 from flix.io import atomic_write_text
 from flix.model import FLixModel
 from flix.pipeline.batching import TextLimits, _targets, prompt_tokens
+from flix.pipeline.evaluate import max_new_tokens
 from flix.serve.agreement import Case, compare, first_difference, flix_greedy, flix_logprobs, server_greedy
 from flix.serve.client import complete, lora_list, next_logprobs, read_manifest
 from flix.serve.server import LlamaServer
@@ -32,8 +32,8 @@ def key(features: dict) -> str:
 
 
 def max_new_for(features: dict) -> int:
-    """Greedy tokens allowed per example: the task's target limit under the cpu scales', plus one for the stop."""
-    return min(TARGET_MAX_TOKENS.get(features["task"], LIMITS.max_target_tokens), LIMITS.max_target_tokens) + 1
+    """Greedy tokens allowed per example, as evaluation allows them under the cpu scales' limits."""
+    return max_new_tokens(features["task"], LIMITS)
 
 
 def test_cases(model, tok, root: Path, n: int) -> list[Case]:

@@ -18,12 +18,17 @@ from flix.pipeline.batching import TextLimits, generation_batch, prompt_tokens, 
 Dataset = tuple[str, str]  # (task, lang)
 
 
+def max_new_tokens(task: str, limits: TextLimits) -> int:
+    """Greedy tokens allowed for a task's examples: its target limit under `limits`, plus one for the stop."""
+    return min(TARGET_MAX_TOKENS.get(task, limits.max_target_tokens), limits.max_target_tokens) + 1
+
+
 @torch.no_grad()
 def predict(model, tokenizer, examples: list[Example], limits: TextLimits, batch_size: int, seq2seq: bool, device) -> list[str]:
     """Greedy outputs for one dataset's examples, in their order; each batch routes its
     examples' own features (an unseen language falls back to the task feature by itself).
     Batches hold prompts of similar length (longest first), so few positions are padding."""
-    max_new = min(TARGET_MAX_TOKENS.get(examples[0].task, limits.max_target_tokens), limits.max_target_tokens) + 1
+    max_new = max_new_tokens(examples[0].task, limits)
     lengths = [len(ids) for ids in prompt_tokens(examples, tokenizer, limits, seq2seq)]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
     outputs: dict[int, str] = {}
