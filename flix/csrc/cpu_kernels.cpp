@@ -18,8 +18,16 @@
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));  // one AVX-512 register (two AVX2 ones where that is all there is)
+#ifdef __AVX512F__
+typedef float vf __attribute__((vector_size(64)));  // one AVX-512 register
 constexpr int64_t W = 16;                          // floats per vf; widths must be multiples of it
+#else
+// One AVX2 register: with 64-byte vectors on AVX2 each took two of its 16 registers and the
+// register blocks below spilled (backward 4-7x slower than torch's ops on an AVX2 EPYC).
+typedef float vf __attribute__((vector_size(32)));
+constexpr int64_t W = 8;
+#endif
+constexpr int64_t WIDTHS = 16;  // widths must be multiples of 16 whatever W is (flix.kernels.WIDTH)
 constexpr int64_t TILE = 32;                       // tokens per tile: 32 x 2048 floats (256 KiB) stay in L2
 constexpr int64_t CB = 256;                        // columns per block of bank rows copied contiguous (L1)
 constexpr int TB = 4;                              // token rows per register block
@@ -178,8 +186,8 @@ void check_shapes(const torch::Tensor& x, const torch::Tensor& a, const torch::T
   TORCH_CHECK(x.dim() == 2 && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
                   a.size(2) == x.size(1) && a.size(0) > 0 && x.size(0) % a.size(0) == 0,
               "flix cpu_kernels: x (n, din), a (g, r, din), b (g, r, dout) with n a multiple of g > 0");
-  TORCH_CHECK(a.size(1) >= 1 && a.size(1) <= MAX_RANK && x.size(1) % W == 0 && b.size(2) % W == 0,
-              "flix cpu_kernels: rank 1..", MAX_RANK, " and widths that are multiples of ", W);
+  TORCH_CHECK(a.size(1) >= 1 && a.size(1) <= MAX_RANK && x.size(1) % WIDTHS == 0 && b.size(2) % WIDTHS == 0,
+              "flix cpu_kernels: rank 1..", MAX_RANK, " and widths that are multiples of ", WIDTHS);
 }
 
 #define FLIX_RANKS(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16)
