@@ -19,6 +19,7 @@ import torch
 
 from benchmarks import cases, options
 from benchmarks.cases import ALPHA, DROPOUT
+from flix.attention import use_segment_attention
 from flix.loss import IGNORE
 from flix.model import get_flix_model
 from flix.pipeline.batching import TextLimits, loss_sum, packing_holds, position_ids, step_batches, training_batch
@@ -180,14 +181,22 @@ def routes_for(features: dict[str, list[str]], batches: list[MicroBatch], gen: t
 
 
 def base_step(model, batches: list[MicroBatch], autocast) -> Callable[[], None]:
+    attend_as_runs(model, batches)
     return cases.frozen_step(model, training_loss([b.trained for b in batches], autocast))
 
 
 def flix_step(base, config, batches: list[MicroBatch], routes, autocast, device) -> Callable[[], None]:
     """A FLix step on the micro-batches the run trains on, packed rows routed per token."""
     model = get_flix_model(shared_copy(base), config).to(device).train()
+    attend_as_runs(model, batches)
     tokens = [b.trained.get("token_examples") for b in batches]
     return cases.flix_step(model, training_loss([b.trained for b in batches], autocast), routes, tokens)
+
+
+def attend_as_runs(model, batches: list[MicroBatch]) -> None:
+    """Packed rows get each example's attention on its own, as Trainer gives them (flix.attention)."""
+    if "token_examples" in batches[0].trained:
+        use_segment_attention(model)
 
 
 def peft_step(base, batches: list[MicroBatch], autocast, device) -> Callable[[], None]:
@@ -258,23 +267,9 @@ def measure_micro_batch_memory(args) -> dict | None:
     if args.memory_scale == "none":
         return None
     s = compose([f"scale={args.memory_scale}"]).scale
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.model",
-        "--probe-memory",
-        str(s.micro_batch_size),
-        str(s.max_prompt_tokens),
-        str(s.max_target_tokens),
-        "--model",
-        args.model,
-        "--device",
-        args.device,
-        "--threads",
-        str(args.threads),
-        "--bf16",
-        args.bf16,
-    ]
+    sizes = [str(s.micro_batch_size), str(s.max_prompt_tokens), str(s.max_target_tokens)]
+    flags = ["--model", args.model, "--device", args.device, "--threads", str(args.threads), "--bf16", args.bf16]
+    cmd = [sys.executable, "-m", "benchmarks.model", "--probe-memory", *sizes, *flags]
     print(
         f"benchmarks: measuring one {args.memory_scale} micro-batch ({s.micro_batch_size} x {s.max_prompt_tokens + s.max_target_tokens + 1} tokens) in a fresh process",
         file=sys.stderr,

@@ -29,6 +29,7 @@ LAYERS = [
             "flix.optim",
             "flix.loss",
             "flix.packing",
+            "flix.attention",
         ),
     ),
     ("base models", ("flix.base_models",)),

@@ -280,12 +280,19 @@ def test_target_nll_packed_equals_padded(examples):
 @pytest.mark.slow
 def test_gemma_packed_step_equals_padded(gemma, examples):
     """Gemma 3 270M (sliding window 512, soft-capping, 262k vocabulary): a packed step's
-    loss and bank gradients equal the padded step's."""
+    loss and bank gradients equal the padded step's, with sdpa over whole rows and with each
+    example's attention on its own (flix.attention, as runs train)."""
+    from flix.attention import use_segment_attention
+
     base, tokenizer = load_model({"name": "gemma3_270m"})
     torch.manual_seed(0)  # the banks' init, whatever ran before: float32 rounding through 18 layers sits near 1e-5 for some draws
     model = flix_model(base)
     assert packs_exactly(model)
     loss, expected, _ = step_gradients(model, examples[:8], tokenizer, False, size=4)
+    got, gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
+    assert got == pytest.approx(loss, rel=1e-5)
+    assert_same_grads(gradients, expected)
+    assert use_segment_attention(model)
     got, gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
     assert got == pytest.approx(loss, rel=1e-5)
     assert_same_grads(gradients, expected)

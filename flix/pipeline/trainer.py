@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from flix import kernels
+from flix.attention import use_segment_attention
 from flix.config import FLixConfig
 from flix.data.mixtures import Mixture
 from flix.data.reader import resolve_root
@@ -100,6 +101,8 @@ class Trainer:
         self.ckpt_dir = run_dir / "checkpoints" / "latest"
         self.sort_micro_batches = True  # micro-batches of length-sorted examples (flix.pipeline.batching.micro_batches)
         self.packing = s.packing and packing_holds(self.model, self.seq2seq)
+        if self.packing:
+            use_segment_attention(self.model)  # each packed example's attention on its own (flix.attention)
 
     @classmethod
     def from_config(
