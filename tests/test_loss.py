@@ -83,6 +83,7 @@ def test_soft_capped_logits_and_chunks_smaller_than_the_batch(monkeypatch):
     model = _flix("tiny")
     model.config.final_logit_softcapping = 2.0  # Gemma 2/3's tanh cap, tight enough to bite
     monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * model.config.vocab_size * 3)  # 3 rows a chunk, 12 labels
+    monkeypatch.setattr(loss_module, "VOCAB_BLOCK", 100)  # vocabulary blocks of 100, 100, 100 and 84 columns
     _compare(model, _batch(model.config.vocab_size, seq2seq=False))
 
 
@@ -114,7 +115,10 @@ def test_reduction_none_is_each_tokens_cross_entropy():
         assert lm_loss(model, reduction="sum", **batch).item() == pytest.approx(expected.sum().item(), rel=1e-5)
 
 
-def test_linear_cross_entropy_with_bias_and_scale_equals_torch():
+@pytest.mark.parametrize("block", [4096, 10])
+def test_linear_cross_entropy_with_bias_and_scale_equals_torch(block, monkeypatch):
+    """One vocabulary block, and ten (the last of 7 columns): the online log-sum-exp is exact."""
+    monkeypatch.setattr(loss_module, "VOCAB_BLOCK", block)
     gen = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 97).requires_grad_(False)
     hidden = torch.randn(40, 16, generator=gen, requires_grad=True)
