@@ -52,11 +52,16 @@ def wanted() -> bool:
     return env == "1" if env in ("0", "1") else _wanted
 
 
-def lowrank_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+def lowrank_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, bounds=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(update, h) with h = x a_e^T and update = scaling * h b_e for each example e.
-    x is (g * tokens, d_in), a (g, r, d_in), b (g, r, d_out), h (g * tokens, r)."""
+    x is (g * tokens, d_in), a (g, r, d_in), b (g, r, d_out), h (g * tokens, r); or, with
+    `bounds` ((g + 1,) int64 offsets on CPU: packed rows), example e's positions are
+    x[bounds[e]:bounds[e + 1]]."""
     if _lowrank_usable(x, a, b):
-        return kernel().lowrank_forward(x, a, b, scaling)
+        return kernel().lowrank_forward(x, a, b, scaling, bounds)
+    if bounds is not None:  # torch's ops, one example at a time (a reference: layers use the kernel or a mask)
+        parts = [lowrank_forward(x[s:e], a[i : i + 1], b[i : i + 1], scaling) for i, (s, e) in enumerate(_runs(bounds))]
+        return torch.cat([u for u, _ in parts]), torch.cat([h for _, h in parts])
     g = a.shape[0]
     # h is computed as (g, r, tokens): with the rank outermost the rank-6 products ran
     # 3-8% faster per layer on CPU (reports/bench/README.md).
@@ -65,10 +70,14 @@ def lowrank_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
     return update, h.reshape(-1, a.shape[1])
 
 
-def lowrank_backward(grad, x, a, b, h, scaling: float, need_x: bool):
+def lowrank_backward(grad, x, a, b, h, scaling: float, need_x: bool, bounds=None):
     """(grad_x less the frozen weight's part, or None; grad_a; grad_b) of lowrank_forward."""
     if _lowrank_usable(x, a, b):
-        return kernel().lowrank_backward(grad, x, a, b, h, scaling, need_x)
+        return kernel().lowrank_backward(grad, x, a, b, h, scaling, need_x, bounds)
+    if bounds is not None:
+        parts = [lowrank_backward(grad[s:e], x[s:e], a[i : i + 1], b[i : i + 1], h[s:e], scaling, need_x) for i, (s, e) in enumerate(_runs(bounds))]
+        grad_x = torch.cat([p[0] for p in parts]) if need_x else None
+        return grad_x, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
     g = a.shape[0]
     grad3 = grad.view(g, -1, grad.shape[1])
     h = h.view(g, -1, h.shape[1])
@@ -100,17 +109,26 @@ def adamw_update(w, grad, m, v, beta1, beta2, step_size, bias2_sqrt, eps, decay)
     w.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
 
 
-def _lowrank_usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """float32 on CPU, widths multiples of 16, rank 1 to 16, and kernels on and built."""
+def _runs(bounds: torch.Tensor) -> list[tuple[int, int]]:
+    offsets = bounds.tolist()
+    return list(zip(offsets[:-1], offsets[1:]))
+
+
+def usable(x: torch.Tensor, bank: torch.Tensor, rank: int, d_out: int) -> bool:
+    """Whether the rank-r kernels take input x (n, d_in) against a bank of this dtype:
+    float32 on CPU, widths multiples of 16, rank 1 to 16, and kernels on and built."""
     return (
         x.device.type == "cpu"
-        and x.dtype == a.dtype == b.dtype == torch.float32
-        and a.shape[0] > 0
-        and 1 <= a.shape[1] <= MAX_RANK
+        and x.dtype == bank.dtype == torch.float32
+        and 1 <= rank <= MAX_RANK
         and x.shape[1] % WIDTH == 0
-        and b.shape[2] % WIDTH == 0
+        and d_out % WIDTH == 0
         and _ready()
     )
+
+
+def _lowrank_usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape[0] > 0 and a.dtype == b.dtype and usable(x, a, a.shape[1], b.shape[2])
 
 
 def _rows_usable(p: torch.Tensor, values: torch.Tensor) -> bool:

@@ -18,6 +18,7 @@ from torch import nn
 
 from flix import kernels
 from flix.features import PAD
+from flix.routing import PackedRows
 
 
 def _in_out(base: nn.Module) -> tuple[int, int]:
@@ -82,14 +83,19 @@ class FLixLayer(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         weight, bias = self._frozen()
         flat = x.reshape(-1, self.in_features).to(dtype).contiguous()
-        if isinstance(rows, tuple):  # packed rows of examples with different rows: per-token routing
-            used, mask = rows[0], rows[1].to(dtype)
-            args = (flat, weight, bias, self.flix_A, self.flix_B, used, mask, self.scaling)
+        if isinstance(rows, PackedRows) and not kernels.usable(flat, self.flix_A, rows.example_rows.shape[1], self.out_features):
+            # packed rows, torch's ops: the union of the batch's rows, masked per position
+            args = (flat, weight, bias, self.flix_A, self.flix_B, rows.used, rows.mask.to(dtype), self.scaling)
             out = _FLixPacked.apply(*args, self.sparse_grad) if torch.is_grad_enabled() else _packed_forward(*args)[0]
-        elif torch.is_grad_enabled():
-            out = _FLixLinear.apply(flat, weight, bias, self.flix_A, self.flix_B, rows, self.scaling, self.sparse_grad)
-        else:  # generation and evaluation: the same arithmetic without an autograd node's overhead
-            out = _flix_forward(flat, weight, bias, self.flix_A, self.flix_B, rows, self.scaling)[0]
+        else:
+            bounds = None
+            if isinstance(rows, PackedRows):  # packed rows, CPU kernels: each run of one example's positions, its rows
+                rows, bounds = rows.example_rows, rows.bounds
+            args = (flat, weight, bias, self.flix_A, self.flix_B, rows, self.scaling)
+            if torch.is_grad_enabled():
+                out = _FLixLinear.apply(*args, self.sparse_grad, bounds)
+            else:  # generation and evaluation: the same arithmetic without an autograd node's overhead
+                out = _flix_forward(*args, bounds)[0]
         out = out.view(*x.shape[:-1], self.out_features)
         if self.quantized:  # bitsandbytes' dequantizing matmul (and its autograd) as it is
             base = self.base_layer(x)
@@ -118,14 +124,15 @@ class _FLixLinear(torch.autograd.Function):
     bank gradients come out as one sparse tensor over the rows the batch used
     (dense with sparse=False). The frozen weight gets no gradient; with weight None
     (a quantized base, whose layer computes its own part) the node is the update alone.
-    x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows).
+    x is (g * tokens, d_in) with g = rows.shape[0] examples (or 1 when all share rows),
+    or, with `bounds` (packed rows, CPU kernels), the runs of positions bounds[e]:bounds[e + 1].
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, bank_a, bank_b, rows, scaling, sparse):
-        out, a, b, h = _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling)
+    def forward(ctx, x, weight, bias, bank_a, bank_b, rows, scaling, sparse, bounds=None):
+        out, a, b, h = _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling, bounds)
         ctx.save_for_backward(x, weight, a, b, h, rows)
-        ctx.scaling, ctx.sparse, ctx.banks = scaling, sparse, (bank_a, bank_b)
+        ctx.scaling, ctx.sparse, ctx.banks, ctx.bounds = scaling, sparse, (bank_a, bank_b), bounds
         ctx.has_bias = bias is not None
         return out
 
@@ -136,20 +143,21 @@ class _FLixLinear(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
             grad = grad.to(x.dtype).contiguous()
-            grad_x, grad_a, grad_b = kernels.lowrank_backward(grad, x, a, b, h, ctx.scaling, need_x)
+            grad_x, grad_a, grad_b = kernels.lowrank_backward(grad, x, a, b, h, ctx.scaling, need_x, ctx.bounds)
             if need_x and weight is not None:
                 torch.addmm(grad_x, grad, weight.to(x.dtype).t(), out=grad_x)  # as in forward
             grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (grad_x, None, grad_bias, _bank_grad(bank_a, rows, grad_a, ctx.sparse), _bank_grad(bank_b, rows, grad_b, ctx.sparse), None, None, None)
+        grad_a, grad_b = _bank_grad(bank_a, rows, grad_a, ctx.sparse), _bank_grad(bank_b, rows, grad_b, ctx.sparse)
+        return (grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None)
 
 
-def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling):
+def _flix_forward(x, weight, bias, bank_a, bank_b, rows, scaling, bounds=None):
     """The layer's output, and the per-example bank rows a, b and the rank-r activations h
     that backward needs."""
     with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen by the caller
         a = _gather(bank_a, rows).to(x.dtype)  # (g, r, d_in)
         b = _gather(bank_b, rows).to(x.dtype)  # (g, r, d_out)
-        update, h = kernels.lowrank_forward(x, a, b, scaling)
+        update, h = kernels.lowrank_forward(x, a, b, scaling, bounds)
         # The update is written first and the frozen matmul accumulates onto it (beta=1
         # inside the GEMM, which is compute-bound) instead of a read-modify-write pass
         # over the output afterwards. In place via out=, which FLOP counters see (addmm_

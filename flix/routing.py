@@ -12,6 +12,7 @@ replaces them (or clears them, if it brings no features).
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,19 @@ from flix.features import PAD, FeatureSpace
 from flix.packing import sequence_index
 
 FEATURES_KEY = "flix_features"
+
+
+class PackedRows(NamedTuple):
+    """Routing for packed rows whose examples use different bank rows, two ways: `used`, the
+    union of the batch's bank rows (U,), with `mask` (tokens, U), which rows each position's
+    example uses (plain matmuls over all tokens: GPUs, torch's ops); and `example_rows`
+    (runs, r), one set of bank rows per run of consecutive positions of one example (the
+    padding row for padding), with `bounds` (runs + 1,) the runs' offsets (CPU kernels)."""
+
+    used: torch.Tensor
+    mask: torch.Tensor
+    example_rows: torch.Tensor
+    bounds: torch.Tensor
 
 
 class Router:
@@ -42,8 +56,7 @@ class Router:
         """Rows for a layer input whose leading dimension is n: (n, active_rank), or
         (1, active_rank) when every example has the same rows, so that layers do one
         plain matmul over all tokens instead of a batched one. Packed rows (`tokens`, the
-        input's positions, set) whose examples differ get (the union of the batch's bank
-        rows (U,), a (tokens, U) 0/1 mask of the rows each position's example uses).
+        input's positions, set) whose examples differ get their PackedRows.
 
         generate() repeats each prompt for beams and return sequences
         (repeat_interleave), so n may be a multiple of the routed batch.
@@ -74,10 +87,10 @@ class Router:
         self._cache[key] = rows = rows.to(device)
         return rows
 
-    def _packed(self, tokens: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(used, mask) for packed rows: the bank rows any example uses (the zero padding row
-        left out) and for each position whether its example uses each of them, built once
-        per batch for every layer."""
+    def _packed(self, tokens: int | None, device: torch.device) -> PackedRows:
+        """PackedRows, built once per batch for every layer: the bank rows any example uses
+        (the zero padding row left out) and for each position whether its example uses each
+        of them; and the runs of positions of one example with their rows."""
         if tokens != self.tokens.numel():
             raise RuntimeError(f"packed routing gives {self.tokens.numel()} positions an example, but a layer saw {tokens}")
         used = self.rows.unique()
@@ -86,7 +99,13 @@ class Router:
         mask = torch.zeros(len(self.tokens), len(used), dtype=torch.float32)
         real = self.tokens >= 0
         mask[real] = uses[self.tokens[real]].float()
-        return used.to(device), mask.to(device)
+        starts = torch.ones(len(self.tokens), dtype=torch.bool)
+        starts[1:] = self.tokens[1:] != self.tokens[:-1]
+        first = starts.nonzero().squeeze(1)
+        padding = torch.full_like(self.rows[:1], PAD)
+        example_rows = torch.cat([self.rows, padding])[self.tokens[first]]  # index -1: the padding row
+        bounds = torch.cat([first, torch.tensor([len(self.tokens)])])  # on CPU: only CPU kernels read them
+        return PackedRows(used.to(device), mask.to(device), example_rows.to(device), bounds)
 
 
 def as_ids(space: FeatureSpace, features) -> torch.Tensor:

@@ -7,7 +7,7 @@
 //   twenty small ops per bank.
 //
 // Shapes of the rank-r part: x (n, din) and grad (n, dout) hold g examples of n / g tokens
-// each; a (g, r, din) and b (g, r, dout) are each example's gathered bank rows; h = x a^T is
+// each (or, for packed rows, of the lengths given by bounds); a (g, r, din) and b (g, r, dout) are each example's gathered bank rows; h = x a^T is
 // (n, r).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -141,9 +141,31 @@ struct Chunks {
   int64_t end(int64_t c) const { return example(c) * tokens + (c % splits + 1) * tokens / splits; }
 };
 
-template <int R>
+// Packed rows: examples of any length one after another (bounds[e] .. bounds[e + 1] are example
+// e's tokens). Long examples are cut so that every thread gets work; each piece sums its own
+// bank gradients, added to its example's afterwards.
+struct Segments {
+  std::vector<int64_t> first, last, owner;
+  explicit Segments(const torch::Tensor& bounds) {
+    const int64_t* at = bounds.data_ptr<int64_t>();
+    const int64_t examples = bounds.numel() - 1, n = at[examples];
+    const int64_t piece = std::max<int64_t>(TILE, n / (4 * at::get_num_threads()) + 1);
+    for (int64_t e = 0; e < examples; ++e)
+      for (int64_t t = at[e]; t < at[e + 1]; t += piece) {
+        first.push_back(t);
+        last.push_back(std::min(at[e + 1], t + piece));
+        owner.push_back(e);
+      }
+  }
+  int64_t count() const { return static_cast<int64_t>(first.size()); }
+  int64_t example(int64_t c) const { return owner[c]; }
+  int64_t begin(int64_t c) const { return first[c]; }
+  int64_t end(int64_t c) const { return last[c]; }
+};
+
+template <int R, class Chunking>
 void forward_rank(const float* x, const float* a, const float* b, float scaling, float* h, float* update,
-                  int64_t din, int64_t dout, const Chunks& ch) {
+                  int64_t din, int64_t dout, const Chunking& ch) {
   at::parallel_for(0, ch.count(), 1, [&](int64_t first, int64_t last) {
     float hs[TILE * R];
     for (int64_t c = first; c < last; ++c) {
@@ -158,9 +180,9 @@ void forward_rank(const float* x, const float* a, const float* b, float scaling,
   });
 }
 
-template <int R>
+template <int R, class Chunking>
 void backward_rank(const float* grad, const float* x, const float* a, const float* b, const float* h, float scaling,
-                   float* grad_h, float* grad_x, float* grad_a, float* grad_b, int64_t din, int64_t dout, const Chunks& ch) {
+                   float* grad_h, float* grad_x, float* grad_a, float* grad_b, int64_t din, int64_t dout, const Chunking& ch) {
   at::parallel_for(0, ch.count(), 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const int64_t e = ch.example(c), end = ch.end(c);
@@ -181,65 +203,109 @@ void check(const torch::Tensor& t, const char* name) {
               "flix cpu_kernels: ", name, " must be a contiguous float32 CPU tensor");
 }
 
-void check_shapes(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b) {
+void check_shapes(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b, const c10::optional<torch::Tensor>& bounds) {
   check(x, "x"); check(a, "a"); check(b, "b");
   TORCH_CHECK(x.dim() == 2 && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(1) == b.size(1) &&
-                  a.size(2) == x.size(1) && a.size(0) > 0 && x.size(0) % a.size(0) == 0,
-              "flix cpu_kernels: x (n, din), a (g, r, din), b (g, r, dout) with n a multiple of g > 0");
+                  a.size(2) == x.size(1) && a.size(0) > 0,
+              "flix cpu_kernels: x (n, din), a (g, r, din), b (g, r, dout) with g > 0");
   TORCH_CHECK(a.size(1) >= 1 && a.size(1) <= MAX_RANK && x.size(1) % WIDTHS == 0 && b.size(2) % WIDTHS == 0,
               "flix cpu_kernels: rank 1..", MAX_RANK, " and widths that are multiples of ", WIDTHS);
+  if (!bounds) {
+    TORCH_CHECK(x.size(0) % a.size(0) == 0, "flix cpu_kernels: n a multiple of g (or example bounds given)");
+    return;
+  }
+  TORCH_CHECK(bounds->scalar_type() == torch::kLong && bounds->is_contiguous() && bounds->device().is_cpu() &&
+                  bounds->numel() == a.size(0) + 1,
+              "flix cpu_kernels: bounds, g + 1 int64 offsets on CPU");
+  const int64_t* at = bounds->data_ptr<int64_t>();
+  bool ordered = at[0] == 0 && at[a.size(0)] == x.size(0);
+  for (int64_t e = 0; e < a.size(0); ++e) ordered = ordered && at[e] <= at[e + 1];
+  TORCH_CHECK(ordered, "flix cpu_kernels: bounds must rise from 0 to n");
 }
 
 #define FLIX_RANKS(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16)
 
-}  // namespace
-
-// (update, h): update = scaling * h b_e with h = x a_e^T, for each example e
-std::vector<torch::Tensor> lowrank_forward(torch::Tensor x, torch::Tensor a, torch::Tensor b, double scaling) {
-  check_shapes(x, a, b);
-  const int64_t n = x.size(0), din = x.size(1), dout = b.size(2);
-  const Chunks ch(a.size(0), n);
-  auto h = torch::empty({n, a.size(1)}, x.options());
-  auto update = torch::empty({n, dout}, x.options());
+template <class Chunking>
+void forward_any(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b, float scaling, torch::Tensor& h,
+                 torch::Tensor& update, const Chunking& ch) {
+  const int64_t din = x.size(1), dout = b.size(2);
   switch (a.size(1)) {
-#define CASE(R)                                                                                                \
-  case R:                                                                                                      \
-    forward_rank<R>(x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(scaling), \
-                    h.data_ptr<float>(), update.data_ptr<float>(), din, dout, ch);                             \
+#define CASE(R)                                                                                                         \
+  case R:                                                                                                               \
+    forward_rank<R>(x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), scaling, h.data_ptr<float>(),        \
+                    update.data_ptr<float>(), din, dout, ch);                                                           \
     break;
     FLIX_RANKS(CASE)
 #undef CASE
   }
+}
+
+template <class Chunking>
+void backward_any(const torch::Tensor& grad, const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& b,
+                  const torch::Tensor& h, float scaling, torch::Tensor& grad_h, torch::Tensor& grad_x, torch::Tensor& grad_a,
+                  torch::Tensor& grad_b, const Chunking& ch) {
+  const int64_t din = x.size(1), dout = b.size(2);
+  float* gx = grad_x.defined() ? grad_x.data_ptr<float>() : nullptr;
+  switch (a.size(1)) {
+#define CASE(R)                                                                                                        \
+  case R:                                                                                                              \
+    backward_rank<R>(grad.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),            \
+                     h.data_ptr<float>(), scaling, grad_h.data_ptr<float>(), gx, grad_a.data_ptr<float>(),             \
+                     grad_b.data_ptr<float>(), din, dout, ch);                                                         \
+    break;
+    FLIX_RANKS(CASE)
+#undef CASE
+  }
+}
+
+}  // namespace
+
+// (update, h): update = scaling * h b_e with h = x a_e^T, for each example e: n / g tokens
+// each, or (packed rows) the tokens bounds[e] .. bounds[e + 1]
+std::vector<torch::Tensor> lowrank_forward(torch::Tensor x, torch::Tensor a, torch::Tensor b, double scaling,
+                                           c10::optional<torch::Tensor> bounds) {
+  check_shapes(x, a, b, bounds);
+  const int64_t n = x.size(0);
+  auto h = torch::empty({n, a.size(1)}, x.options());
+  auto update = torch::empty({n, b.size(2)}, x.options());
+  if (bounds)
+    forward_any(x, a, b, static_cast<float>(scaling), h, update, Segments(*bounds));
+  else
+    forward_any(x, a, b, static_cast<float>(scaling), h, update, Chunks(a.size(0), n));
   return {update, h};
 }
 
 // (grad_x less the frozen weight's part, or undefined without need_x; grad_a; grad_b)
 std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor a, torch::Tensor b,
-                                    torch::Tensor h, double scaling, bool need_x) {
-  check_shapes(x, a, b);
+                                            torch::Tensor h, double scaling, bool need_x,
+                                            c10::optional<torch::Tensor> bounds) {
+  check_shapes(x, a, b, bounds);
   check(grad, "grad"); check(h, "h");
   TORCH_CHECK(grad.size(0) == x.size(0) && grad.size(1) == b.size(2) && h.size(0) == x.size(0) && h.size(1) == a.size(1),
               "flix cpu_kernels: grad (n, dout) and h (n, r)");
   const int64_t g = a.size(0), r = a.size(1), n = x.size(0), din = x.size(1), dout = b.size(2);
-  const Chunks ch(g, n);
   auto grad_h = torch::empty({n, r}, x.options());
   auto grad_x = need_x ? torch::empty({n, din}, x.options()) : torch::Tensor();
-  auto grad_a = torch::zeros({ch.count(), r, din}, x.options());  // per chunk, summed below
-  auto grad_b = torch::zeros({ch.count(), r, dout}, x.options());
-  switch (r) {
-#define CASE(R)                                                                                                    \
-  case R:                                                                                                          \
-    backward_rank<R>(grad.data_ptr<float>(), x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),        \
-                     h.data_ptr<float>(), static_cast<float>(scaling), grad_h.data_ptr<float>(),                   \
-                     need_x ? grad_x.data_ptr<float>() : nullptr, grad_a.data_ptr<float>(), grad_b.data_ptr<float>(), \
-                     din, dout, ch);                                                                               \
-    break;
-    FLIX_RANKS(CASE)
-#undef CASE
-  }
-  if (ch.splits > 1) {
-    grad_a = grad_a.view({g, ch.splits, r, din}).sum(1);
-    grad_b = grad_b.view({g, ch.splits, r, dout}).sum(1);
+  torch::Tensor grad_a, grad_b;  // per chunk, summed per example below
+  if (bounds) {
+    const Segments ch(*bounds);
+    grad_a = torch::zeros({ch.count(), r, din}, x.options());
+    grad_b = torch::zeros({ch.count(), r, dout}, x.options());
+    backward_any(grad, x, a, b, h, static_cast<float>(scaling), grad_h, grad_x, grad_a, grad_b, ch);
+    if (ch.count() != g) {
+      auto owner = torch::tensor(ch.owner, torch::kLong);
+      grad_a = torch::zeros({g, r, din}, x.options()).index_add_(0, owner, grad_a);
+      grad_b = torch::zeros({g, r, dout}, x.options()).index_add_(0, owner, grad_b);
+    }
+  } else {
+    const Chunks ch(g, n);
+    grad_a = torch::zeros({ch.count(), r, din}, x.options());
+    grad_b = torch::zeros({ch.count(), r, dout}, x.options());
+    backward_any(grad, x, a, b, h, static_cast<float>(scaling), grad_h, grad_x, grad_a, grad_b, ch);
+    if (ch.splits > 1) {
+      grad_a = grad_a.view({g, ch.splits, r, din}).sum(1);
+      grad_b = grad_b.view({g, ch.splits, r, dout}).sum(1);
+    }
   }
   grad_b.mul_(scaling);
   return {grad_x, grad_a, grad_b};
@@ -283,7 +349,9 @@ void sparse_adamw_(torch::Tensor p, torch::Tensor exp_avg, torch::Tensor exp_avg
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lowrank_forward", &lowrank_forward, "update and h of the adapters' forward pass");
-  m.def("lowrank_backward", &lowrank_backward, "grad_x (the adapters' part), grad_a, grad_b");
+  m.def("lowrank_forward", &lowrank_forward, "update and h of the adapters' forward pass", py::arg("x"), py::arg("a"),
+        py::arg("b"), py::arg("scaling"), py::arg("bounds") = py::none());
+  m.def("lowrank_backward", &lowrank_backward, "grad_x (the adapters' part), grad_a, grad_b", py::arg("grad"), py::arg("x"),
+        py::arg("a"), py::arg("b"), py::arg("h"), py::arg("scaling"), py::arg("need_x"), py::arg("bounds") = py::none());
   m.def("sparse_adamw_", &sparse_adamw_, "AdamW on a bank's touched rows, in place");
 }
