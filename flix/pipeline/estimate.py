@@ -3,9 +3,10 @@
     flix bench run scale=mini mixture=study_a     # any `python -m flix.train` overrides
 
 Builds the run as `python -m flix.train` does, times a few optimizer steps on the scale's
-real data (the trainer's own step: its sampler, length-sorted micro-batches and loss) and,
-per task, one target-NLL batch and one generation batch (validation split, after an
-untimed warm-up), and extrapolates to the scale's budget:
+real data (the trainer's own step: its sampler, length-sorted micro-batches and loss), the
+target NLL of the whole validation and test sets (one pooled pass each, as runs score them)
+and, per task, one generation batch (validation split; after an untimed warm-up), and
+extrapolates to the scale's budget:
 
     total = start-up + steps x step + validations x validation pass + test pass
 
@@ -97,7 +98,7 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
     from tqdm.auto import tqdm
 
     from flix.data.sampling import eval_sample
-    from flix.pipeline.evaluate import example_nll, predict
+    from flix.pipeline.evaluate import evaluate, predict
     from flix.pipeline.memory import peak_memory_gib
     from flix.pipeline.run_config import load_mixture_for
     from flix.pipeline.trainer import Trainer, is_validation_step, read_split
@@ -153,28 +154,38 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
         with trainer.autocast():
             predict(trainer.model, trainer.tokenizer, examples, trainer.limits, len(examples), trainer.seq2seq, trainer.device)
 
-    def nll(examples):
+    def nll(datasets):  # as validation and test score it: every dataset in one pooled pass
         with trainer.autocast():
-            example_nll(trainer.model, trainer.tokenizer, examples, trainer.limits, len(examples), trainer.seq2seq, trainer.device, trainer.packing)
+            evaluate(
+                trainer.model,
+                trainer.tokenizer,
+                datasets,
+                trainer.limits,
+                s.eval_batch_size,
+                trainer.seq2seq,
+                trainer.device,
+                generate={},
+                packed=trainer.packing,
+            )
 
     first = {}  # each task's first validation dataset: one batch of each kind per task
     for (task, _), examples in trainer.validation.items():
         first.setdefault(task, examples[: s.eval_batch_size])
     generate(next(iter(first.values()))[:2])  # warm-up: first-call costs are not per batch
-    nll(next(iter(first.values()))[:2])
-    nll_s = {task: timed(nll, examples) for task, examples in tqdm(first.items(), desc="bench: target NLL", unit="task")}
+    nll({key: examples[:2] for key, examples in list(trainer.validation.items())[:1]})
     batch_s = {task: timed(generate, examples) for task, examples in tqdm(first.items(), desc="bench: generation", unit="task")}
 
-    # as Trainer.validate and Trainer.test evaluate: NLL on every example, generation where the run generates
+    # as Trainer.validate and Trainer.test evaluate: NLL on every example (timed whole), generation where the run generates
     generates = cfg.train.select_by == "metric"
     test = read_split(trainer.root, mixture.eval_datasets, "test", s.test_nll_examples or s.test_examples)
     prompted = {key: eval_sample(examples, s.test_examples, key[0], "test", key[1]) for key, examples in test.items()}
+    print("bench: target NLL of the validation and test sets", file=sys.stderr, flush=True)
+    nll_s = {"validation": timed(nll, trainer.validation), "test": timed(nll, test)}
     validation_batches = batches_per_task(trainer.validation, s.eval_batch_size)
-    test_nll_batches = batches_per_task(test, s.eval_batch_size)
     test_generation_batches = batches_per_task(prompted, s.eval_batch_size)
     validations = sum(is_validation_step(step, s) for step in range(1, s.steps + 1))
-    validation_pass = sum(n * (nll_s[task] + (batch_s[task] if generates else 0.0)) for task, n in validation_batches.items())
-    test_pass = sum(n * nll_s[task] for task, n in test_nll_batches.items()) + sum(n * batch_s[task] for task, n in test_generation_batches.items())
+    validation_pass = nll_s["validation"] + (sum(n * batch_s[task] for task, n in validation_batches.items()) if generates else 0.0)
+    test_pass = nll_s["test"] + sum(n * batch_s[task] for task, n in test_generation_batches.items())
     expected = {
         "startup_s": startup,
         "train_s": s.steps * step_s,
@@ -200,7 +211,7 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
             "useful_gflop_per_s": useful_rate / 1e9,
             "matmul_gflop_per_s": peak / 1e9,
             "matmul": f"{matmul_name(trainer.device, trainer.bf16)}, median of {len(matmul_s)} between the steps",
-            "nll_batch_s": nll_s,
+            "nll_pass_s": nll_s,
             "generation_batch_s": batch_s,
             "generation_batch_examples": {task: len(examples) for task, examples in first.items()},
             "peak_memory_gib": peak_memory_gib(trainer.device),
@@ -220,7 +231,6 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
             "validations": validations,
             "select_by": cfg.train.select_by,
             "validation_batches": validation_batches,
-            "test_nll_batches": test_nll_batches,
             "test_generation_batches": test_generation_batches,
         },
         "expected": expected,
@@ -252,7 +262,6 @@ def format_report(r: dict) -> str:
     m, b, e = r["measured"], r["budget"], r["expected"]
     memory = "resident memory" if r["device"].startswith("cpu") else "GPU memory"
     generation = ", ".join(f"{task} {duration(t)}" for task, t in m["generation_batch_s"].items())
-    nll = ", ".join(f"{task} {duration(t)}" for task, t in m["nll_batch_s"].items())
     examples = ", ".join(f"{task} {n}" for task, n in m["generation_batch_examples"].items())
     real = 1.0 - m["padding_fraction"]["sorted"]
     validation = "target NLL" + (" and generation" if b["select_by"] == "metric" else " alone")
@@ -261,7 +270,8 @@ def format_report(r: dict) -> str:
             f"flix bench run: {r['scale']} / {r['mixture']} / {r['method']} / {r['model']} on {r['device']}, "
             f"{r['threads']} threads, bf16 {'on' if r['bf16'] else 'off'}",
             f"  measured  start-up {duration(m['startup_s'])}; step of {b['batch_size']} examples {duration(m['step_s'])} "
-            f"(median of {len(m['step_times_s']) - m['warmup_steps']}); one batch of target NLL: {nll}; of generation: {generation} "
+            f"(median of {len(m['step_times_s']) - m['warmup_steps']}); target NLL of the validation set {duration(m['nll_pass_s']['validation'])}, "
+            f"of the test set {duration(m['nll_pass_s']['test'])}; one batch of generation: {generation} "
             f"(examples: {examples}); peak {memory} {m['peak_memory_gib']:.1f} GiB",
             f"  arithmetic useful {m['useful_gflop_per_s']:.1f} GFLOP/s ({statistics.mean(m['useful_gflop_per_step']):.3g} GFLOP a step: "
             f"real tokens and targets, forward and input gradient), {m['useful_gflop_per_s'] / m['matmul_gflop_per_s']:.0%} of "

@@ -101,13 +101,17 @@ def evaluate(
     was_training = model.training
     model.eval()
     result = Evaluation()
-    for (task, lang), examples in tqdm(datasets.items(), desc=desc, unit="dataset", leave=False):
-        if (task, lang) in generate:
-            prompted = generate[(task, lang)]
-            preds = predict(model, tokenizer, prompted, limits, batch_size, seq2seq, device)
-            result.predictions[(task, lang)] = preds
-            result.scores.setdefault(task, {})[lang] = score(task, [ex.target for ex in prompted], preds)
-        nll = example_nll(model, tokenizer, examples, limits, batch_size, seq2seq, device, packed)
+    generate = {key: prompted for key, prompted in generate.items() if key in datasets}
+    for (task, lang), prompted in tqdm(generate.items(), desc=desc, unit="dataset", leave=False, disable=not generate):
+        preds = predict(model, tokenizer, prompted, limits, batch_size, seq2seq, device)
+        result.predictions[(task, lang)] = preds
+        result.scores.setdefault(task, {})[lang] = score(task, [ex.target for ex in prompted], preds)
+    # every dataset's NLL in one pass: examples of different datasets share micro-batches (and
+    # packed rows), each routed by its own features
+    pooled = [ex for examples in datasets.values() for ex in examples]
+    values = iter(example_nll(model, tokenizer, pooled, limits, batch_size, seq2seq, device, packed))
+    for (task, lang), examples in datasets.items():
+        nll = [next(values) for _ in examples]
         result.example_nll.setdefault(task, {})[lang] = nll
         result.nll.setdefault(task, {})[lang] = float(np.mean(nll))
     model.train(was_training)
