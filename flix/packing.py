@@ -71,8 +71,9 @@ def pack(lengths: list[int], budget: int) -> list[list[list[int]]]:
     """Examples of these lengths as micro-batches of packed rows (example indices per row),
     each micro-batch computing at most `budget` positions (rows x its widest row). The row
     width is chosen between the longest example and twice it, for the fewest micro-batches,
-    then the fewest computed positions: wider rows fill better, but attention runs over the whole row (a block-
-    diagonal mask), so its cost per token grows with the width."""
+    then the fewest computed positions: wider rows fill better, but transformers' sdpa attends
+    over the whole row (a block-diagonal mask), so its cost per token grows with the width
+    (`flix.attention` attends per example instead)."""
     if not lengths:
         return []
     longest = max(lengths)
