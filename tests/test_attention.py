@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_packing import flix_model, grads, sequences, windowed_gemma
+from test_packing import flix_model, grads, one_thread, sequences, windowed_gemma  # noqa: F401 (one_thread: autouse fixture)
 
 from flix import lm_loss
 from flix.attention import NAME, use_segment_attention
 from flix.packing import packed_inputs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -125,10 +125,8 @@ def test_kernel_rejects_what_it_cannot_compute(kernel):
     assert kernels._lowrank_usable(x, a, b)
 
 
-@pytest.mark.parametrize("uniform", [False, True])
-def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
-    """A float32 FLix layer whose widths the kernel takes: output, input and bank gradients
-    equal plain float64 autograd over y_e = x_e W0 + b + scale * x_e A_e^T B_e."""
+def flix_layer():
+    """A float32 FLix layer (48 -> 32, widths the kernel takes) with B drawn, not zero: (base, space, router, layer)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 32).requires_grad_(False)
     space = FeatureSpace({"task": ["ner", "qa"], "lang": ["sw", "yo", "bn"]}, {"task": 4, "lang": 2})
@@ -136,6 +134,14 @@ def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
     layer = FLixLayer(base, router, scaling=1.5, sparse_grad=True)
     with torch.no_grad():
         layer.flix_B.normal_()[0].zero_()
+    return base, space, router, layer
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
+    """A float32 FLix layer whose widths the kernel takes: output, input and bank gradients
+    equal plain float64 autograd over y_e = x_e W0 + b + scale * x_e A_e^T B_e."""
+    base, space, router, layer = flix_layer()
     batch = (
         [{"task": "ner", "lang": "sw"}] * 3
         if uniform
@@ -163,13 +169,7 @@ def test_layer_on_kernel_equals_plain_autograd(kernel, uniform):
 def test_packed_layer_on_kernel_equals_the_masked_union(kernel):
     """Packed rows, examples with different rows and padding between them: the kernel's runs
     give the output and gradients of torch's masked union of rows (GPUs' path)."""
-    torch.manual_seed(0)
-    base = torch.nn.Linear(48, 32).requires_grad_(False)
-    space = FeatureSpace({"task": ["ner", "qa"], "lang": ["sw", "yo", "bn"]}, {"task": 4, "lang": 2})
-    router = Router(space)
-    layer = FLixLayer(base, router, scaling=1.5, sparse_grad=True)
-    with torch.no_grad():
-        layer.flix_B.normal_()[0].zero_()
+    base, space, router, layer = flix_layer()
     rows = space.rows([{"task": "ner", "lang": "sw"}, {"task": "qa", "lang": "yo"}, {"task": "qa", "lang": "bn"}])
     tokens = torch.tensor([0] * 10 + [1] * 7 + [-1] * 3 + [2] * 12 + [-1] * 8)  # two rows of 20
     x = torch.randn(2, 20, 48)
