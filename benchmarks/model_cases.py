@@ -19,7 +19,9 @@ import torch
 
 from benchmarks import cases, options
 from benchmarks.cases import ALPHA, DROPOUT
+from flix import kernels
 from flix.attention import use_segment_attention
+from flix.fused import use_fused_ops
 from flix.loss import IGNORE
 from flix.model import get_flix_model
 from flix.pipeline.batching import TextLimits, loss_sum, packing_holds, position_ids, step_batches, training_batch
@@ -181,22 +183,25 @@ def routes_for(features: dict[str, list[str]], batches: list[MicroBatch], gen: t
 
 
 def base_step(model, batches: list[MicroBatch], autocast) -> Callable[[], None]:
-    attend_as_runs(model, batches)
+    compute_as_runs(model, batches)
     return cases.frozen_step(model, training_loss([b.trained for b in batches], autocast))
 
 
 def flix_step(base, config, batches: list[MicroBatch], routes, autocast, device) -> Callable[[], None]:
     """A FLix step on the micro-batches the run trains on, packed rows routed per token."""
     model = get_flix_model(shared_copy(base), config).to(device).train()
-    attend_as_runs(model, batches)
+    compute_as_runs(model, batches)
     tokens = [b.trained.get("token_examples") for b in batches]
     return cases.flix_step(model, training_loss([b.trained for b in batches], autocast), routes, tokens)
 
 
-def attend_as_runs(model, batches: list[MicroBatch]) -> None:
-    """Packed rows get each example's attention on its own, as Trainer gives them (flix.attention)."""
+def compute_as_runs(model, batches: list[MicroBatch]) -> None:
+    """Packed rows get each example's attention on its own (flix.attention), and the frozen
+    RMSNorms and MLP activations the kernels (flix.fused, with kernels on), as Trainer gives them."""
     if "token_examples" in batches[0].trained:
         use_segment_attention(model)
+    if kernels.wanted():
+        use_fused_ops(model)
 
 
 def peft_step(base, batches: list[MicroBatch], autocast, device) -> Callable[[], None]:

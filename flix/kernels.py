@@ -1,6 +1,7 @@
 """Compiled CPU kernels (`flix/csrc/cpu_kernels.cpp`), float32: the adapters' rank-r
 arithmetic of `flix.layer` and the sparse AdamW row update of `flix.optim`, each behind one
-function here that picks the kernel or torch's ops for itself.
+function here that picks the kernel or torch's ops for itself, and the frozen model's RMSNorm
+and gated activation of `flix.fused` (whose callers check `norm_usable` / `gated_usable`).
 
 At rank ~6 torch's batched matmuls run far below a CPU's FMA rate; on Gemma 3 270M they
 were most of what FLix added to a training step, and the optimizer's ~20 small ops per
@@ -125,6 +126,53 @@ def usable(x: torch.Tensor, bank: torch.Tensor, rank: int, d_out: int) -> bool:
         and d_out % WIDTH == 0
         and _ready()
     )
+
+
+def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the RMSNorm kernels take x (..., d) with this frozen weight: float32 on CPU,
+    d a multiple of 16, and kernels on and built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not weight.requires_grad
+        and x.shape[-1] == weight.shape[0]
+        and x.shape[-1] % WIDTH == 0
+        and _ready()
+    )
+
+
+def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd) for rows x (n, d): y = (x * rstd) * (offset + weight), rstd = 1 / sqrt(mean(x^2) + eps). Callers check norm_usable."""
+    return kernel().rms_norm_forward(x, weight, eps, offset)
+
+
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float) -> torch.Tensor:
+    """rms_norm_forward's input gradient (the weight frozen)."""
+    return kernel().rms_norm_backward(grad, x, weight, rstd, offset)
+
+
+def gated_usable(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether the gated-activation kernels take gate and up: contiguous float32 CPU tensors
+    of one shape, a multiple of 16 elements, and kernels on and built."""
+    return (
+        gate.device.type == "cpu"
+        and gate.dtype == up.dtype == torch.float32
+        and gate.shape == up.shape
+        and gate.is_contiguous()
+        and up.is_contiguous()
+        and gate.numel() % WIDTH == 0
+        and _ready()
+    )
+
+
+def gated_forward(gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """act(gate) * up, act the tanh GELU (gelu) or SiLU. Callers check gated_usable."""
+    return kernel().gated_forward(gate, up, gelu)
+
+
+def gated_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of gate, grad of up) of gated_forward."""
+    return tuple(kernel().gated_backward(grad, gate, up, gelu))
 
 
 def _lowrank_usable(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:

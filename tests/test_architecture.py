@@ -30,6 +30,7 @@ LAYERS = [
             "flix.loss",
             "flix.packing",
             "flix.attention",
+            "flix.fused",
         ),
     ),
     ("base models", ("flix.base_models",)),

@@ -5,6 +5,9 @@
 //   stay in L2 while the bank rows stay in L1.
 // - sparse_adamw_, flix.optim's update of a bank's touched rows in one pass instead of about
 //   twenty small ops per bank.
+// - rms_norm_forward / rms_norm_backward and gated_forward / gated_backward, the frozen model's
+//   RMSNorm and gated MLP activation (flix.fused) in one pass each way instead of several
+//   small ops over the activations.
 //
 // Shapes of the rank-r part: x (n, din) and grad (n, dout) hold g examples of n / g tokens
 // each (or, for packed rows, of the lengths given by bounds); a (g, r, din) and b (g, r, dout) are each example's gathered bank rows; h = x a^T is
@@ -348,10 +351,134 @@ void sparse_adamw_(torch::Tensor p, torch::Tensor exp_avg, torch::Tensor exp_avg
   });
 }
 
+// RMSNorm of each row of x (n, d): y = (x * rstd) * (offset + w), rstd = 1 / sqrt(mean(x^2) + eps)
+// (offset 1: Gemma's weights around zero; 0: Llama's). Returns y and rstd (n), which backward takes.
+std::vector<torch::Tensor> rms_norm_forward(torch::Tensor x, torch::Tensor w, double eps, double offset) {
+  check(x, "x"); check(w, "w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1) && x.size(1) % WIDTHS == 0,
+              "flix cpu_kernels: rms_norm x (n, d), w (d), d a multiple of 16");
+  const int64_t n = x.size(0), d = x.size(1);
+  auto y = torch::empty_like(x), rstd = torch::empty({n}, x.options());
+  const float *x0 = x.data_ptr<float>(), *w0 = w.data_ptr<float>();
+  float *y0 = y.data_ptr<float>(), *r0 = rstd.data_ptr<float>();
+  const float e = static_cast<float>(eps), off = static_cast<float>(offset);
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / d), [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const float* xi = x0 + i * d;
+      float* yi = y0 + i * d;
+      vf acc = {};
+      for (int64_t j = 0; j < d; j += W) { const vf v = load(xi + j); acc += v * v; }
+      const float r = 1.0f / std::sqrt(hsum(acc) / d + e);
+      r0[i] = r;
+      for (int64_t j = 0; j < d; j += W) store(yi + j, (load(xi + j) * r) * (load(w0 + j) + off));
+    }
+  });
+  return {y, rstd};
+}
+
+// The input gradient of rms_norm_forward with w frozen: with s = offset + w,
+// dx = rstd * (g * s) - (rstd^3 / d) * sum(g * s * x) * x.
+torch::Tensor rms_norm_backward(torch::Tensor grad, torch::Tensor x, torch::Tensor w, torch::Tensor rstd, double offset) {
+  check(grad, "grad"); check(x, "x"); check(w, "w"); check(rstd, "rstd");
+  TORCH_CHECK(x.dim() == 2 && grad.sizes() == x.sizes() && w.dim() == 1 && w.size(0) == x.size(1) &&
+                  rstd.numel() == x.size(0) && x.size(1) % WIDTHS == 0,
+              "flix cpu_kernels: rms_norm_backward shapes");
+  const int64_t n = x.size(0), d = x.size(1);
+  auto dx = torch::empty_like(x);
+  const float *g0 = grad.data_ptr<float>(), *x0 = x.data_ptr<float>(), *w0 = w.data_ptr<float>(), *r0 = rstd.data_ptr<float>();
+  float* d0 = dx.data_ptr<float>();
+  const float off = static_cast<float>(offset);
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / d), [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const float *gi = g0 + i * d, *xi = x0 + i * d;
+      float* di = d0 + i * d;
+      vf acc = {};
+      for (int64_t j = 0; j < d; j += W) acc += load(gi + j) * (load(w0 + j) + off) * load(xi + j);
+      const float r = r0[i], c = r * r * r * hsum(acc) / d;
+      for (int64_t j = 0; j < d; j += W) store(di + j, r * (load(gi + j) * (load(w0 + j) + off)) - c * load(xi + j));
+    }
+  });
+  return dx;
+}
+
+// exp(x) for float32 lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to
+// r^7 / 7! (error under 6e-9 relative), times 2^n built in the exponent bits. x is clamped to
+// where 2^n is a normal float (results beyond are 0 or huge, which is what callers need).
+typedef int32_t vi __attribute__((vector_size(sizeof(vf))));
+inline vf vexp(vf x) {
+  const vf lo = vf{} - 87.0f, hi = vf{} + 88.0f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vf shifter = vf{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vf n = (x * 1.44269504088896341f + shifter) - shifter;
+  const vf r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // ln 2 in two parts, exactly
+  vf p = vf{} + (1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = p * r + c;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// act(g) = g * s with s = sigmoid(z): z = 2 sqrt(2/pi) (g + 0.044715 g^3) is the tanh GELU
+// (0.5 g (1 + tanh(z / 2)) = g sigmoid(z)), z = g is SiLU. dz: dz/dg.
+inline void gate_of(vf g, bool gelu, vf& s, vf& dz) {
+  constexpr float k0 = 2 * 0.7978845608028654f, k1 = 0.044715f;
+  const vf one = vf{} + 1.0f;
+  const vf z = gelu ? k0 * (g + k1 * g * g * g) : g;
+  dz = gelu ? k0 * (one + 3 * k1 * g * g) : one;
+  s = one / (one + vexp(-z));
+}
+
+void check_gated(const torch::Tensor& gate, const torch::Tensor& up) {
+  check(gate, "gate"); check(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.numel() % W == 0, "flix cpu_kernels: gate and up of one shape, a multiple of the vector width");
+}
+
+// out = act(gate) * up, elementwise.
+torch::Tensor gated_forward(torch::Tensor gate, torch::Tensor up, bool gelu) {
+  check_gated(gate, up);
+  auto out = torch::empty_like(gate);
+  const float *g0 = gate.data_ptr<float>(), *u0 = up.data_ptr<float>();
+  float* o0 = out.data_ptr<float>();
+  at::parallel_for(0, gate.numel() / W, 2048, [&](int64_t first, int64_t last) {
+    for (int64_t i = first * W; i < last * W; i += W) {
+      vf s, dz;
+      const vf g = load(g0 + i);
+      gate_of(g, gelu, s, dz);
+      store(o0 + i, g * s * load(u0 + i));
+    }
+  });
+  return out;
+}
+
+// Gradients of gated_forward: d gate = grad * up * (s + g s (1 - s) dz), d up = grad * g s.
+std::vector<torch::Tensor> gated_backward(torch::Tensor grad, torch::Tensor gate, torch::Tensor up, bool gelu) {
+  check_gated(gate, up); check(grad, "grad");
+  TORCH_CHECK(grad.sizes() == gate.sizes(), "flix cpu_kernels: gated_backward: grad of gate's shape");
+  auto grad_gate = torch::empty_like(gate), grad_up = torch::empty_like(up);
+  const float *d0 = grad.data_ptr<float>(), *g0 = gate.data_ptr<float>(), *u0 = up.data_ptr<float>();
+  float *gg0 = grad_gate.data_ptr<float>(), *gu0 = grad_up.data_ptr<float>();
+  at::parallel_for(0, gate.numel() / W, 2048, [&](int64_t first, int64_t last) {
+    for (int64_t i = first * W; i < last * W; i += W) {
+      vf s, dz;
+      const vf g = load(g0 + i), d = load(d0 + i);
+      gate_of(g, gelu, s, dz);
+      store(gu0 + i, d * g * s);
+      store(gg0 + i, d * load(u0 + i) * (s + g * s * (1.0f - s) * dz));
+    }
+  });
+  return {grad_gate, grad_up};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_forward", &lowrank_forward, "update and h of the adapters' forward pass", py::arg("x"), py::arg("a"),
         py::arg("b"), py::arg("scaling"), py::arg("bounds") = py::none());
   m.def("lowrank_backward", &lowrank_backward, "grad_x (the adapters' part), grad_a, grad_b", py::arg("grad"), py::arg("x"),
         py::arg("a"), py::arg("b"), py::arg("h"), py::arg("scaling"), py::arg("need_x"), py::arg("bounds") = py::none());
   m.def("sparse_adamw_", &sparse_adamw_, "AdamW on a bank's touched rows, in place");
+  m.def("rms_norm_forward", &rms_norm_forward, "RMSNorm rows and their rstd");
+  m.def("rms_norm_backward", &rms_norm_backward, "RMSNorm's input gradient, weight frozen");
+  m.def("gated_forward", &gated_forward, "act(gate) * up (tanh GELU or SiLU)");
+  m.def("gated_backward", &gated_backward, "gradients of act(gate) * up");
 }

@@ -23,6 +23,7 @@ from flix.data.mixtures import Mixture
 from flix.data.reader import resolve_root
 from flix.data.sampling import MixtureSampler, eval_sample, read_split
 from flix.features import dropout_key, featureless
+from flix.fused import use_fused_ops
 from flix.io import atomic_write_text
 from flix.metrics import example_stats
 from flix.model import WEIGHTS_NAME
@@ -103,6 +104,8 @@ class Trainer:
         self.packing = s.packing and packing_holds(self.model, self.seq2seq)
         if self.packing:
             use_segment_attention(self.model)  # each packed example's attention on its own (flix.attention)
+        if kernels.wanted():
+            use_fused_ops(self.model)  # the frozen RMSNorms and MLP activations in one kernel pass each way (flix.fused)
 
     @classmethod
     def from_config(
