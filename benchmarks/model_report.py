@@ -70,6 +70,8 @@ def check_targets(report: dict, sizes: list[int], skipped: dict) -> dict:
         "generate_speedup_vs_peft": (gen["peft_adapter_names"], gen["flix"]),
         "generate_vs_base": (gen["flix"], gen["base"]),
     }
+    if hi == lo and not skipped:  # one D asked for (--features 8): nothing to compare it with
+        del pairs["flix_many_vs_few_features"]
     values = {key: paired_ratio(*pair) for key, pair in pairs.items()}
     batches, matmul = report["batches"], report["matmul"]
     values["speedup_vs_peft"] = paired_ratio(step["peft_lora"], step[f"flix D={lo}"])

@@ -406,7 +406,9 @@ def test_bench_model_bf16_end_to_end_says_so(tmp_path, data_root, capsys):
     argv = ["--model", "tiny", "--out", str(out), "--repeats", "1", "--warmup", "0", "--scale", "smoke", "--mixture", "multitask_sw"]
     argv += ["--data-root", str(data_root), "--features", "8", "--gen-batch", "4", "--gen-seq", "6", "--new-tokens", "2", "--memory-scale", "none"]
     assert model.main([*argv, "--threads", "1", "--bf16", "true"]) == 0
-    assert json.loads(out.read_text())["config"]["autocast"] == "bf16"
+    written = json.loads(out.read_text())
+    assert written["config"]["autocast"] == "bf16"
+    assert "flix_many_vs_few_features" not in written["targets"]  # one D: no D against itself
     assert "autocast bf16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         model.main([*argv, "--bf16", "yes"])
