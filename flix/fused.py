@@ -20,7 +20,7 @@ Anything else is left as it is.
 from __future__ import annotations
 
 import copy
-import types
+import functools
 
 import torch
 from torch import nn
@@ -98,7 +98,8 @@ def use_fused_ops(model: nn.Module) -> int:
             found = probe(module)
             if found is not None:
                 module._flix_fused = found
-                module.forward = types.MethodType(forward, module)
+                # a partial of a module-level function, not a bound method: it pickles (torch.save of a whole model)
+                module.forward = functools.partial(forward, module)
                 switched += 1
                 break
     return switched

@@ -5,6 +5,7 @@ it forward and backward, and their own arithmetic wherever the kernel does not a
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -33,6 +34,10 @@ def test_switched_norm_equals_its_own_forward_and_gradient(norm, kernel):  # noq
     fused = copy.deepcopy(norm)
     assert use_fused_ops(fused) == 1 and use_fused_ops(fused) == 1  # idempotent
     assert fused.state_dict().keys() == norm.state_dict().keys()
+    saved = io.BytesIO()
+    torch.save(fused, saved)  # a whole switched model saves and loads
+    fused = torch.load(io.BytesIO(saved.getvalue()), weights_only=False)
+    assert fused._flix_fused[1] == (1.0 if isinstance(norm, Gemma3RMSNorm) else 0.0)  # (eps, offset): Gemma's 1 + w, Llama's w
     x = (torch.randn(3, 7, norm.weight.shape[0], generator=torch.Generator().manual_seed(1)) * 3).requires_grad_(True)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     calls = []
