@@ -114,7 +114,10 @@ def _norm_convention(module: nn.Module) -> tuple[float, float] | None:
         return None
     with torch.no_grad():
         probe = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
-        own, x = module(probe).float(), probe.float()
+        try:
+            own, x = module(probe).float(), probe.float()
+        except Exception:  # e.g. a sharded (DTensor) weight that a plain probe cannot meet: leave it
+            return None
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps))
         for offset in OFFSETS:
             if torch.allclose(own, normed * (offset + weight.float()), rtol=1e-5, atol=1e-6):

@@ -104,7 +104,7 @@ class Trainer:
         self.packing = s.packing and packing_holds(self.model, self.seq2seq)
         if self.packing:
             use_segment_attention(self.model)  # each packed example's attention on its own (flix.attention)
-        if kernels.wanted():
+        if kernels.wanted() and not self.sharded:  # (sharded weights are DTensors, not the kernels' plain tensors)
             use_fused_ops(self.model)  # the frozen RMSNorms and MLP activations in one kernel pass each way (flix.fused)
 
     @classmethod
