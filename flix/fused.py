@@ -77,12 +77,14 @@ def _norm_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
-    if not kernels.gated_usable(gate, up):
-        return self.down_proj(self.act_fn(gate) * up)  # what the probe found the module's own forward computes
     gelu = self._flix_fused == "gelu"
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return self.down_proj(_Gated.apply(gate, up, gelu))
-    return self.down_proj(kernels.gated_forward(gate, up, gelu))
+    if not kernels.gated_usable(gate, up):
+        hidden = self.act_fn(gate) * up  # what the probe found the module's own forward computes
+    elif torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        hidden = _Gated.apply(gate, up, gelu)
+    else:
+        hidden = kernels.gated_forward(gate, up, gelu)
+    return self.down_proj(hidden)
 
 
 def use_fused_ops(model: nn.Module) -> int:
