@@ -46,6 +46,7 @@ bench:  ## speed benchmarks (benchmarks/); prints tables and writes reports/benc
 	$(PY) -m benchmarks.adapters --out reports/bench/adapters.json
 	$(PY) -m benchmarks.model  # Gemma 3 270M; writes reports/bench/model-<cpu|cuda>.json
 	$(PY) -m benchmarks.layer --out reports/bench/layer-cpu.json  # one projection on the CPU, tight ratios
+	$(PY) -m benchmarks.loss --out reports/bench/loss-cpu.json  # the output layer at labelled rows against full logits
 	$(PY) -m benchmarks.startup --out reports/bench/startup.json  # every command line's --help, target < 2 s
 
 .PHONY: bench-quantized

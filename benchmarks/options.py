@@ -22,13 +22,15 @@ def at_least(minimum: int):
     return parse
 
 
-def parser(prog: str, doc: str, *, out: Path | None, out_help: str, repeats: int, warmup: int, features: str) -> argparse.ArgumentParser:
-    """A benchmark's parser (description: its docstring's first paragraph) with the shared options and their defaults."""
+def parser(prog: str, doc: str, *, out: Path | None, out_help: str, repeats: int, warmup: int, features: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser (description: its docstring's first paragraph) with the shared
+    options and their defaults (--features only where `features` is given)."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=out, help=out_help)
     p.add_argument("--repeats", type=at_least(1), default=repeats, help=f"timed rounds; each figure is a median over them (default {repeats})")
     p.add_argument("--warmup", type=at_least(0), default=warmup, help=f"untimed rounds first (default {warmup})")
-    p.add_argument("--features", default=features, help=f"FLix feature counts D, comma-separated (default {features})")
+    if features is not None:
+        p.add_argument("--features", default=features, help=f"FLix feature counts D, comma-separated (default {features})")
     p.add_argument("--threads", type=at_least(1), default=2, help="torch CPU threads (default 2)")
     return p
 

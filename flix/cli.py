@@ -10,7 +10,7 @@ COMMANDS = {
     "study": ("flix.pipeline.study", "run a study (experiments/NAME.yaml: sweeps of runs), then render its tables"),
     "score": ("flix.metrics", "score predictions with XTREME-UP's official metrics"),
     "data": ("flix.data.cli", "read, check, download and subsample XTREME-UP data"),
-    "bench": ("flix.pipeline.bench_command", "expected time of one run here (run); a checkout's speed benchmarks (adapters, model, layer)"),
+    "bench": ("flix.pipeline.bench_command", "expected time of one run here (run); a checkout's speed benchmarks (adapters, model, layer, loss)"),
     "report": ("flix.report.cli", "render Tables 1-5 and Figure 2 from finished runs"),
     "sync": ("flix.pipeline.sync", "upload offline W&B runs (a whole study's) with one wandb sync"),
     "records": ("flix.record", "copy runs' records (results, predictions, logs; no weights) to another folder"),

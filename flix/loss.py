@@ -3,9 +3,9 @@
 A causal LM's own `labels=` loss projects every position onto the vocabulary (262k
 columns for Gemma 3) and keeps those logits for backward. `lm_loss` runs the model with
 its output layer short-circuited, gathers the final hidden states where a label is set,
-and computes the cross-entropy in row chunks: each chunk's logits exist only while its
-log-sum-exp and its input gradient are computed (the idea of fused linear
-cross-entropy). The model's own output transforms are kept: the hidden state the output
+and computes the cross-entropy one vocabulary block at a time: a block's logits exist
+only while their share of the log-sum-exp and of the input gradient is computed (the
+idea of fused linear cross-entropy, with flash attention's running rescale). The model's own output transforms are kept: the hidden state the output
 layer would have seen (T5's tied-embedding scaling included), its bias, and final-logit
 soft-capping (Gemma 2/3) or logit scaling (Cohere, Granite).
 
@@ -24,8 +24,10 @@ import torch
 from torch import nn
 
 IGNORE = -100
-CHUNK_BYTES = 1 << 28  # float32 logits per chunk (256 MiB: 256 rows of a 262k vocabulary; fewer rows run the matmul slower)
-VOCAB_BLOCK = 4096  # logits columns computed at a time: a block stays in cache for its exp and sum (full-width products ran ~1.4x slower on CPU)
+CHUNK_BYTES = 1 << 26  # float32 logits of one vocabulary block for a chunk of rows (64 MiB: 4,096 rows; fewer rows run the matmul slower)
+VOCAB_BLOCK = (
+    4096  # logits columns computed at a time: a block stays in cache for its exp, sum and gradient (full-width products ran ~1.4x slower on CPU)
+)
 
 
 def lm_loss(model: nn.Module, labels: torch.Tensor, reduction: str = "mean", **inputs) -> torch.Tensor:
@@ -108,14 +110,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, scale, softcap):
         with_grad = ctx.needs_input_grad[0]
-        rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        rows = max(1, CHUNK_BYTES // (4 * VOCAB_BLOCK))
         losses = torch.empty(len(hidden), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad = torch.empty_like(hidden) if with_grad else None
         for start in range(0, len(hidden), rows):
-            h, y = hidden[start : start + rows], targets[start : start + rows]
-            losses[start : start + rows], blocks, total = _chunk_losses(h, weight, bias, y, scale, softcap, keep=with_grad)
+            end = start + rows
+            losses[start:end], chunk_grad = _chunk(hidden[start:end], weight, bias, targets[start:end], scale, softcap, with_grad)
             if with_grad:
-                grad[start : start + rows] = _chunk_grad(blocks, total, weight, y, scale, softcap).to(h.dtype)
+                grad[start:end] = chunk_grad.to(hidden.dtype)
         ctx.save_for_backward(grad)
         return losses
 
@@ -126,21 +128,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None
 
 
-def _vocabulary_blocks(weight: torch.Tensor):
-    for first in range(0, weight.shape[0], VOCAB_BLOCK):
-        yield first, weight[first : first + VOCAB_BLOCK]
-
-
-def _chunk_losses(h, weight, bias, y, scale, softcap, keep: bool):
-    """Per row: log-sum-exp of the transformed logits less the target's, one block of the
-    vocabulary at a time while it is in cache (an online log-sum-exp). With `keep`, each
-    block's exp(logits - the running maximum then) (and tanh, under soft-capping) is kept
-    for the gradient. Returns (losses, kept blocks, (final maximum, sum of exps))."""
+def _chunk(h, weight, bias, y, scale, softcap, with_grad: bool):
+    """(losses, d loss / d h or None) for a chunk of rows, one vocabulary block at a time.
+    The log-sum-exp is online (a running maximum and sum of exps); so is the gradient's
+    softmax part, sum over blocks of exp(z - max) @ W_block, rescaled whenever the maximum
+    rises, then divided by the final sum. A block's weights are used for its gradient while
+    still in cache, and no block's logits outlive it. Under soft-capping the softmax is
+    taken through the tanh's derivative."""
     dtype = torch.promote_types(h.dtype, torch.float32)  # logits in float32 at least
     top = torch.full((len(h), 1), -torch.inf, dtype=dtype, device=h.device)
     total = torch.zeros_like(top)
     target = torch.zeros(len(h), dtype=dtype, device=h.device)
-    blocks = []
+    target_slope = torch.ones(len(h), dtype=dtype, device=h.device)  # d transformed logit / d scaled logit at the target
+    softmax_part = torch.zeros(len(h), weight.shape[1], dtype=dtype, device=h.device) if with_grad else None
     for first, w in _vocabulary_blocks(weight):
         z = (h @ w.T).to(dtype)
         if bias is not None:
@@ -152,28 +152,25 @@ def _chunk_losses(h, weight, bias, y, scale, softcap, keep: bool):
             tanh = torch.tanh(z / softcap)
             z = tanh * softcap
         inside = (y >= first) & (y < first + len(w))
-        target += torch.where(inside, z.gather(1, (y - first).clamp(0, len(w) - 1).unsqueeze(1)).squeeze(1), 0)
+        column = (y - first).clamp(0, len(w) - 1).unsqueeze(1)
+        target += torch.where(inside, z.gather(1, column).squeeze(1), 0)
         new_top = torch.maximum(top, z.amax(dim=-1, keepdim=True))
-        total = total * (top - new_top).exp() + z.sub_(new_top).exp_().sum(dim=-1, keepdim=True)
+        rescale = (top - new_top).exp()
+        exps = z.sub_(new_top).exp_()
+        total = total * rescale + exps.sum(dim=-1, keepdim=True)
         top = new_top
-        if keep:
-            blocks.append((first, z, top, tanh))
-    return (top + total.log()).squeeze(1) - target, blocks, (top, total)
+        if with_grad:
+            if tanh is not None:
+                target_slope = torch.where(inside, 1 - tanh.gather(1, column).squeeze(1) ** 2, target_slope)
+                exps *= 1 - tanh * tanh
+            softmax_part.mul_(rescale).add_(exps.to(weight.dtype) @ w)  # summed in float32 whatever the weights' dtype
+    losses = (top + total.log()).squeeze(1) - target
+    if not with_grad:
+        return losses, None
+    grad = softmax_part.div_(total).sub_(target_slope.unsqueeze(1) * weight[y].to(dtype))
+    return losses, (grad * scale if scale != 1.0 else grad)
 
 
-def _chunk_grad(blocks, total, weight, y, scale, softcap) -> torch.Tensor:
-    """d loss / d h for the rows of one chunk: (softmax - onehot) back through the
-    transforms and the output layer, block by block."""
-    final, denominator = total
-    grad = None
-    for first, z, top, tanh in blocks:
-        z.mul_((top - final).exp() / denominator)  # now exp(logits - final max) / sum: the softmax
-        rows = ((y >= first) & (y < first + z.shape[1])).nonzero().squeeze(1)
-        z[rows, y[rows] - first] -= 1
-        if softcap is not None:
-            z *= 1 - tanh * tanh
-        if scale != 1.0:
-            z *= scale
-        part = z.to(weight.dtype) @ weight[first : first + z.shape[1]]
-        grad = part if grad is None else grad.add_(part)
-    return grad
+def _vocabulary_blocks(weight: torch.Tensor):
+    for first in range(0, weight.shape[0], VOCAB_BLOCK):
+        yield first, weight[first : first + VOCAB_BLOCK]

@@ -446,3 +446,20 @@ def test_attribution_counts_the_adapters_own_work_only():
     nodes = total_ms(lambda e: e.name in ADAPTER_NODES)
     assert frozen > 0
     assert adapters_own_ms(events) == pytest.approx(nodes - frozen)
+
+
+def test_bench_loss_times_and_measures_both_ways_of_computing_the_loss(tmp_path, capsys):
+    from benchmarks import loss
+
+    out = tmp_path / "loss.json"
+    assert (
+        loss.main(["--rows", "3,40", "--vocab", "5000", "--width", "32", "--repeats", "3", "--warmup", "0", "--threads", "1", "--out", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    assert [(r["rows"], r["case"]) for r in report["rows"]] == [(3, "flix.loss"), (3, "full logits"), (40, "flix.loss"), (40, "full logits")]
+    assert all(r["gflops"] > 0 and len(r["ms_all"]) == 3 and r["held_mib"] >= 0 for r in report["rows"])
+    low, high = report["rows"][0]["vs_full_logits"][1:]
+    assert low <= report["rows"][0]["vs_full_logits"][0] <= high
+    assert "flix.loss / full logits" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        loss.main(["--rows", "a,b"])

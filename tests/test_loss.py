@@ -82,7 +82,7 @@ def test_lm_loss_equals_the_models_own_loss_and_gradients(name):
 def test_soft_capped_logits_and_chunks_smaller_than_the_batch(monkeypatch):
     model = _flix("tiny")
     model.config.final_logit_softcapping = 2.0  # Gemma 2/3's tanh cap, tight enough to bite
-    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * model.config.vocab_size * 3)  # 3 rows a chunk, 12 labels
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 100 * 3)  # 3 rows a chunk of 100-column blocks, 12 labels
     monkeypatch.setattr(loss_module, "VOCAB_BLOCK", 100)  # vocabulary blocks of 100, 100, 100 and 84 columns
     _compare(model, _batch(model.config.vocab_size, seq2seq=False))
 

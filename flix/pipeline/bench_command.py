@@ -4,8 +4,9 @@ flix bench run        the expected wall time of one training run on this machine
 flix bench adapters   FLix's step and mixed-batch inference time against LoRA (benchmarks/adapters.py)
 flix bench model      FLix on a real pretrained model (Gemma 3 270M): step, generation, memory (benchmarks/model.py)
 flix bench layer      one adapted projection at a real width: tight ratios for layer changes (benchmarks/layer.py)
+flix bench loss       the output layer and loss at labelled rows, flix.loss against full logits (benchmarks/loss.py)
 
-The last three live in the repository's top-level benchmarks/, not in the package: they
+The last four live in the repository's top-level benchmarks/, not in the package: they
 need a checkout, and run as `python -m benchmarks.NAME` in a child process.
 """
 
@@ -16,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("adapters", "model", "layer")
+BENCHMARKS = ("adapters", "model", "layer", "loss")
 REPO = Path(__file__).resolve().parents[2]  # the checkout, when flix is installed from one (pip install -e)
 
 
