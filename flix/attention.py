@@ -42,12 +42,32 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     rows, heads, length, dim = query.shape
     # one sequence axis over all rows, split into examples (split's backward is one cat)
     q, k, v = (t.transpose(0, 1).reshape(t.shape[1], rows * length, t.shape[3]) for t in (query, key, value))
-    gqa = heads != key.shape[1]
-    outs = [
-        F.scaled_dot_product_attention(qe[None], ke[None], ve[None], dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)[0]
-        for qe, ke, ve in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))
-    ]
+    if query.device.type == "cpu" and not dropout:
+        outs = _causal_by_matmuls(q, k, v, lengths, dim**-0.5 if scaling is None else scaling)
+    else:
+        gqa = heads != key.shape[1]
+        outs = [
+            F.scaled_dot_product_attention(qe[None], ke[None], ve[None], dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)[0]
+            for qe, ke, ve in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))
+        ]
     return torch.cat(outs, 1).view(heads, rows, length, -1).permute(1, 2, 0, 3), None
+
+
+def _causal_by_matmuls(q, k, v, lengths: list[int], scaling: float) -> list[torch.Tensor]:
+    """Each example's causal attention as two matmuls, the query heads that share a key
+    head stacked into one product's rows: q (heads, positions, dim), k and v (kv_heads,
+    positions, dim). On CPU, at a few hundred positions an example, this runs 1.2-1.5x
+    faster forward and backward than sdpa's flash kernel (reports/bench/lean-step, fourth round)."""
+    heads, kv_heads, dim = q.shape[0], k.shape[0], q.shape[2]
+    group = heads // kv_heads
+    future = torch.ones(max(lengths), max(lengths), dtype=torch.bool, device=q.device).triu(1)
+    outs = []
+    for qe, ke, ve in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1)):
+        n = qe.shape[1]
+        scores = torch.bmm(qe.reshape(kv_heads, group * n, dim), ke.transpose(1, 2)).view(kv_heads, group, n, n)
+        weights = (scores * scaling).masked_fill_(future[:n, :n], float("-inf")).softmax(-1)
+        outs.append(torch.bmm(weights.view(kv_heads, group * n, n), ve).view(heads, n, -1))
+    return outs
 
 
 def _example_lengths(query, key, mask, position_ids, window, module, kwargs) -> list[int] | None:

@@ -8,22 +8,28 @@ import pytest
 import torch
 from test_packing import flix_model, grads, one_thread, sequences, windowed_gemma  # noqa: F401 (one_thread: autouse fixture)
 
-from flix import lm_loss
+from flix import attention, lm_loss
 from flix.attention import NAME, use_segment_attention
 from flix.packing import packed_inputs
 
 
 @pytest.fixture
 def sdpa_lengths(monkeypatch):
-    """The query lengths of every scaled_dot_product_attention call (sdpa's and the segments')."""
+    """The query lengths of every attention computed: each scaled_dot_product_attention
+    call's (sdpa's over whole rows) and each example's of the segment attention."""
     seen: list[int] = []
-    original = torch.nn.functional.scaled_dot_product_attention
+    original, by_matmuls = torch.nn.functional.scaled_dot_product_attention, attention._causal_by_matmuls
 
     def spy(query, *args, **kwargs):
         seen.append(query.shape[-2])
         return original(query, *args, **kwargs)
 
+    def spy_examples(q, k, v, lengths, scaling):
+        seen.extend(lengths)
+        return by_matmuls(q, k, v, lengths, scaling)
+
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention, "_causal_by_matmuls", spy_examples)
     return seen
 
 
@@ -107,6 +113,30 @@ def test_padded_rows_and_generation_stay_on_sdpa(sdpa_lengths):
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(got, expected)
     assert 14 in sdpa_lengths and 9 not in sdpa_lengths  # whole rows, never the shorter example alone
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_causal_attention_by_matmuls_equals_sdpa_per_example(kv_heads):
+    """Outputs and the gradients of q, k and v equal sdpa's causal attention, example by
+    example, with 4 query heads over 1, 2 or 4 key heads (a query head h reads key head
+    h // (4 // kv_heads), as transformers repeats them)."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 7, 30, 12]
+    q = torch.randn(4, sum(lengths), 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(kv_heads, sum(lengths), 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    upstream = torch.randn(4, sum(lengths), 16, generator=gen, dtype=torch.float64)
+    ours = torch.cat(attention._causal_by_matmuls(q, k, v, lengths, 0.3), 1)
+    theirs = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(qe[None], ke[None], ve[None], is_causal=True, scale=0.3, enable_gqa=kv_heads < 4)[0]
+            for qe, ke, ve in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))
+        ],
+        1,
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), upstream)
+    for got, expected in zip(ours_grads, torch.autograd.grad(theirs, (q, k, v), upstream)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_only_sdpa_models_switch():
