@@ -5,9 +5,10 @@ columns for Gemma 3) and keeps those logits for backward. `lm_loss` runs the mod
 its output layer short-circuited, gathers the final hidden states where a label is set,
 and computes the cross-entropy one vocabulary block at a time: a block's logits exist
 only while their share of the log-sum-exp and of the input gradient is computed (the
-idea of fused linear cross-entropy, with flash attention's running rescale). The model's own output transforms are kept: the hidden state the output
-layer would have seen (T5's tied-embedding scaling included), its bias, and final-logit
-soft-capping (Gemma 2/3) or logit scaling (Cohere, Granite).
+idea of fused linear cross-entropy, with flash attention's running rescale). The
+model's own output transforms are kept: the hidden state the output layer would have
+seen (T5's tied-embedding scaling included), its bias, and final-logit soft-capping
+(Gemma 2/3) or logit scaling (Cohere, Granite).
 
     loss = lm_loss(model, input_ids=ids, attention_mask=mask, labels=labels)  # = model(..., labels=labels).loss
     loss.backward()
@@ -25,9 +26,7 @@ from torch import nn
 
 IGNORE = -100
 CHUNK_BYTES = 1 << 26  # float32 logits of one vocabulary block for a chunk of rows (64 MiB: 4,096 rows; fewer rows run the matmul slower)
-VOCAB_BLOCK = (
-    4096  # logits columns computed at a time: a block stays in cache for its exp, sum and gradient (full-width products ran ~1.4x slower on CPU)
-)
+VOCAB_BLOCK = 4096  # logits columns at a time: a block stays in cache for its exp, sum and gradient (full width ran ~1.4x slower on CPU)
 
 
 def lm_loss(model: nn.Module, labels: torch.Tensor, reduction: str = "mean", **inputs) -> torch.Tensor:
