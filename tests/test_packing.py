@@ -107,10 +107,10 @@ def grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_grads(got: dict, expected: dict) -> None:
+def assert_same_grads(got: dict, expected: dict, rel: float = 1e-5) -> None:
     assert got.keys() == expected.keys()
     for name, value in expected.items():
-        assert (got[name] - value).norm() <= 1e-5 * value.norm() + 1e-12, name
+        assert (got[name] - value).norm() <= rel * value.norm() + 1e-12, name
 
 
 def test_flix_routes_each_token_by_its_examples_features():
@@ -292,12 +292,14 @@ def test_gemma_packed_step_equals_padded(gemma, examples):
     got, gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
     assert got == pytest.approx(loss, rel=1e-5)
     assert_same_grads(gradients, expected)
-    # against sdpa on the same packed rows: against the padded step the two roundings add up
-    # to about 1e-5 on some banks (1.04e-5 seen in CI)
+    # against sdpa on the same packed rows. On CPU the segments are plain matmuls, sdpa a
+    # flash kernel: float32 sums in another order through 18 layers differ by about 1e-5 on
+    # some banks (1.13e-5 seen in CI), hence 3e-5; that the two compute the same thing is
+    # tests/test_attention.py's, in float64 to 1e-10
     assert use_segment_attention(model)
     segments, segment_gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
     assert segments == pytest.approx(got, rel=1e-5)
-    assert_same_grads(segment_gradients, gradients)
+    assert_same_grads(segment_gradients, gradients, rel=3e-5)
 
 
 def test_packing_settings_leave_a_runs_hash_alone(compose):
