@@ -19,7 +19,15 @@ from flix.routing import Router
 # (examples, tokens each, rank, d_in, d_out): token counts off the kernel's 4-row blocks and
 # 32-token tiles, one example split across threads, decode steps of one token, rank 1 and 16,
 # widths past one 256-column block and with an odd number of 16-float vectors
-SHAPES = [(3, 37, 6, 48, 80), (1, 100, 16, 32, 16), (5, 1, 1, 16, 32), (2, 70, 7, 272, 528), (8, 5, 6, 640, 2048)]
+SHAPES = [
+    (3, 37, 6, 48, 80),
+    (1, 100, 16, 32, 16),
+    (5, 1, 1, 16, 32),
+    (2, 70, 7, 272, 528),
+    (8, 5, 6, 640, 2048),
+    (3, 33, 12, 640, 256),
+    (2, 9, 13, 48, 1040),
+]
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,13 @@ constexpr int64_t W = 8;
 constexpr int64_t WIDTHS = 16;  // widths must be multiples of 16 whatever W is (flix.kernels.WIDTH)
 constexpr int64_t TILE = 32;                       // tokens per tile: 32 x 2048 floats (256 KiB) stay in L2
 constexpr int64_t CB = 256;                        // columns per block of bank rows copied contiguous (L1)
-constexpr int TB = 4;                              // token rows per register block
 constexpr int MAX_RANK = 16;
+// Register blocks are sized so that their accumulators, the vectors they load and one
+// broadcast fit the 16 AVX2 registers: with the whole rank (12 for two features of rank 6)
+// in one block they spilled, and the kernels ran at a third of the FMA rate.
+constexpr int KB = 6;                              // bank rows per block in dots and outer
+constexpr int JV = WIDTHS / W;                     // vectors of columns per block in combine and outer
+constexpr int TB = 6;                              // token rows per block in combine (2 in dots)
 #define UNROLL _Pragma("GCC unroll 16")
 
 inline vf load(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
@@ -48,36 +53,63 @@ inline void pack_rows(const float* m, int64_t d, int64_t c0, int64_t c1, float* 
   for (int k = 0; k < R; ++k) std::copy(m + k * d + c0, m + k * d + c1, mb + k * CB);
 }
 
+// part[i * MAX_RANK + k] += rows[i] * mb[k] (vector partial dot products) over `cols` columns,
+// for T rows and the K packed bank rows mb (CB apart)
+template <int T, int K>
+inline void dots_block(const float* rows, int64_t ld, const float* mb, int64_t cols, vf* part) {
+  vf acc[T][K];
+  UNROLL for (int i = 0; i < T; ++i) UNROLL for (int k = 0; k < K; ++k) acc[i][k] = part[i * MAX_RANK + k];
+  for (int64_t j = 0; j < cols; j += W) {
+    vf v[T];
+    UNROLL for (int i = 0; i < T; ++i) v[i] = load(rows + i * ld + j);
+    UNROLL for (int k = 0; k < K; ++k) {
+      const vf mk = load(mb + k * CB + j);
+      UNROLL for (int i = 0; i < T; ++i) acc[i][k] += v[i] * mk;
+    }
+  }
+  UNROLL for (int i = 0; i < T; ++i) UNROLL for (int k = 0; k < K; ++k) part[i * MAX_RANK + k] = acc[i][k];
+}
+
+// dots_block over all R bank rows, KB at a time
+template <int T, int R>
+inline void dots_rows(const float* rows, int64_t ld, const float* mb, int64_t cols, vf* part) {
+  constexpr int K = R < KB ? R : KB;
+  int k = 0;
+  for (; k + K <= R; k += K) dots_block<T, K>(rows, ld, mb + k * CB, cols, part + k);
+  if constexpr (R % K != 0) dots_block<T, R % K>(rows, ld, mb + k * CB, cols, part + k);
+}
+
 // out[t * R + k] = scale * <rows[t], m[k]> for n <= TILE rows (ld apart) and the R rows of m (d wide)
 template <int R>
 void dots(const float* rows, int64_t ld, int64_t n, const float* m, int64_t d, float scale, float* out) {
-  vf part[TILE][R] = {};
+  vf part[TILE][MAX_RANK] = {};
   alignas(64) float mb[R * CB];
   for (int64_t c0 = 0; c0 < d; c0 += CB) {
     const int64_t c1 = std::min(d, c0 + CB);
     pack_rows<R>(m, d, c0, c1, mb);
     int64_t t = 0;
-    for (; t + TB <= n; t += TB) {
-      vf acc[TB][R];
-      UNROLL for (int i = 0; i < TB; ++i) UNROLL for (int k = 0; k < R; ++k) acc[i][k] = part[t + i][k];
-      for (int64_t j = c0; j < c1; j += W) {
-        vf v[TB];
-        UNROLL for (int i = 0; i < TB; ++i) v[i] = load(rows + (t + i) * ld + j);
-        UNROLL for (int k = 0; k < R; ++k) {
-          const vf mk = load(mb + k * CB + j - c0);
-          UNROLL for (int i = 0; i < TB; ++i) acc[i][k] += v[i] * mk;
-        }
-      }
-      UNROLL for (int i = 0; i < TB; ++i) UNROLL for (int k = 0; k < R; ++k) part[t + i][k] = acc[i][k];
-    }
-    for (; t < n; ++t)
-      for (int64_t j = c0; j < c1; j += W) {
-        const vf v = load(rows + t * ld + j);
-        UNROLL for (int k = 0; k < R; ++k) part[t][k] += v * load(mb + k * CB + j - c0);
-      }
+    for (; t + 2 <= n; t += 2) dots_rows<2, R>(rows + t * ld + c0, ld, mb, c1 - c0, part[t]);
+    if (t < n) dots_rows<1, R>(rows + t * ld + c0, ld, mb, c1 - c0, part[t]);
   }
   for (int64_t t = 0; t < n; ++t)
     for (int k = 0; k < R; ++k) out[t * R + k] = scale * hsum(part[t][k]);
+}
+
+// out[t] = sum_k c[t * R + k] * mb[k] over `cols` columns for T rows: JV vectors at a time
+template <int T, int R>
+inline void combine_block(const float* c, const float* mb, int64_t cols, float* out, int64_t ld) {
+  for (int64_t j = 0; j < cols; j += JV * W) {
+    vf acc[T][JV] = {};
+    UNROLL for (int k = 0; k < R; ++k) {
+      vf mk[JV];
+      UNROLL for (int q = 0; q < JV; ++q) mk[q] = load(mb + k * CB + j + q * W);
+      UNROLL for (int i = 0; i < T; ++i) {
+        const float ci = c[i * R + k];
+        UNROLL for (int q = 0; q < JV; ++q) acc[i][q] += ci * mk[q];
+      }
+    }
+    UNROLL for (int i = 0; i < T; ++i) UNROLL for (int q = 0; q < JV; ++q) store(out + i * ld + j + q * W, acc[i][q]);
+  }
 }
 
 // out[t] = sum_k c[t * R + k] * m[k] for n rows (ld apart) of the width d of m
@@ -88,46 +120,37 @@ void combine(const float* c, int64_t n, const float* m, int64_t d, float* out, i
     const int64_t c1 = std::min(d, c0 + CB);
     pack_rows<R>(m, d, c0, c1, mb);
     int64_t t = 0;
-    for (; t + TB <= n; t += TB)
-      for (int64_t j = c0; j < c1; j += W) {
-        vf acc[TB] = {};
-        UNROLL for (int k = 0; k < R; ++k) {
-          const vf mk = load(mb + k * CB + j - c0);
-          UNROLL for (int i = 0; i < TB; ++i) acc[i] += c[(t + i) * R + k] * mk;
-        }
-        UNROLL for (int i = 0; i < TB; ++i) store(out + (t + i) * ld + j, acc[i]);
+    for (; t + TB <= n; t += TB) combine_block<TB, R>(c + t * R, mb, c1 - c0, out + t * ld + c0, ld);
+    for (; t < n; ++t) combine_block<1, R>(c + t * R, mb, c1 - c0, out + t * ld + c0, ld);
+  }
+}
+
+// acc[k] += sum_t c[t * R + k] * rows[t] for the K rows k0 .. k0 + K of acc (d wide), JV
+// vectors of columns at a time
+template <int R, int K>
+inline void outer_block(const float* c, int k0, const float* rows, int64_t ld, int64_t n, int64_t d, float* acc) {
+  for (int64_t j = 0; j < d; j += JV * W) {
+    vf s[K][JV];
+    UNROLL for (int k = 0; k < K; ++k) UNROLL for (int q = 0; q < JV; ++q) s[k][q] = load(acc + (k0 + k) * d + j + q * W);
+    for (int64_t t = 0; t < n; ++t) {
+      vf v[JV];
+      UNROLL for (int q = 0; q < JV; ++q) v[q] = load(rows + t * ld + j + q * W);
+      UNROLL for (int k = 0; k < K; ++k) {
+        const float ck = c[t * R + k0 + k];
+        UNROLL for (int q = 0; q < JV; ++q) s[k][q] += ck * v[q];
       }
-    for (; t < n; ++t)
-      for (int64_t j = c0; j < c1; j += W) {
-        vf acc = {};
-        UNROLL for (int k = 0; k < R; ++k) acc += c[t * R + k] * load(mb + k * CB + j - c0);
-        store(out + t * ld + j, acc);
-      }
+    }
+    UNROLL for (int k = 0; k < K; ++k) UNROLL for (int q = 0; q < JV; ++q) store(acc + (k0 + k) * d + j + q * W, s[k][q]);
   }
 }
 
 // acc[k] += sum_t c[t * R + k] * rows[t] over n rows (ld apart) of width d; acc is (R, d)
 template <int R>
 void outer(const float* c, const float* rows, int64_t ld, int64_t n, int64_t d, float* acc) {
-  int64_t j = 0;
-  for (; j + 2 * W <= d; j += 2 * W) {  // two vectors per row: 2R independent accumulators
-    vf s0[R], s1[R];
-    UNROLL for (int k = 0; k < R; ++k) { s0[k] = load(acc + k * d + j); s1[k] = load(acc + k * d + j + W); }
-    for (int64_t t = 0; t < n; ++t) {
-      const vf v0 = load(rows + t * ld + j), v1 = load(rows + t * ld + j + W);
-      UNROLL for (int k = 0; k < R; ++k) { s0[k] += c[t * R + k] * v0; s1[k] += c[t * R + k] * v1; }
-    }
-    UNROLL for (int k = 0; k < R; ++k) { store(acc + k * d + j, s0[k]); store(acc + k * d + j + W, s1[k]); }
-  }
-  if (j < d) {
-    vf s[R];
-    UNROLL for (int k = 0; k < R; ++k) s[k] = load(acc + k * d + j);
-    for (int64_t t = 0; t < n; ++t) {
-      const vf v = load(rows + t * ld + j);
-      UNROLL for (int k = 0; k < R; ++k) s[k] += c[t * R + k] * v;
-    }
-    UNROLL for (int k = 0; k < R; ++k) store(acc + k * d + j, s[k]);
-  }
+  constexpr int K = R < KB ? R : KB;
+  int k = 0;
+  for (; k + K <= R; k += K) outer_block<R, K>(c, k, rows, ld, n, d, acc);
+  if constexpr (R % K != 0) outer_block<R, R % K>(c, k, rows, ld, n, d, acc);
 }
 
 // The unit of parallel work: a range of one example's tokens. An example is split only when
