@@ -18,7 +18,9 @@ All but peft_lora take the run's micro-batches and the training loss
 (`flix.pipeline.batching.loss_sum`: the output layer at labelled positions only). Each step's useful arithmetic (real tokens through the
 blocks, real targets through the output layer, forward + input-gradient backward:
 `flix.pipeline.flops.useful_flops`, from the model's shapes) is put against a square
-matmul timed in the same rounds (2048 float32 on a CPU: sgemm), per round.
+matmul (2048 float32 on a CPU: sgemm) timed three times just before and just after that
+step, per round: the host's speed moves within seconds here, so only a rate measured next
+to a step says how fast the machine was while it ran.
 
 Generation rows time greedy decoding of --new-tokens tokens for --gen-batch prompts of
 --gen-seq tokens, each prompt its own feature combination: `base` (no adapters),

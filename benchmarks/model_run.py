@@ -85,17 +85,18 @@ def bench_model(args, sizes: list[int]) -> int:
         train[f"flix D={d}"] = flix_step(base, config, batches, routes_for(gemma_features(d), batches, gen), autocast, device)
     matmul, matmul_flops = matmul_case(device, bf16)
     train["matmul"] = matmul
-    ms = time_interleaved(train, args.warmup, args.repeats, device)
+    ms = time_interleaved(train, args.warmup, args.repeats, device, reference="matmul")
     matmul_row = {"gflop": matmul_flops / 1e9, **stats("ms", ms["matmul"])}
     rows = []
-    for name, times in ms.items():
+    for name in train:
         if name == "matmul":
             continue
-        row = {"case": name, **stats("ms_per_step", times)}
-        # per round: the round's batch's useful arithmetic over its time, and over the matmul's rate in that round
+        times, beside = ms[name], ms[f"matmul@{name}"]
+        row = {"case": name, **stats("ms_per_step", times), "matmul_ms_all": [round(t, 3) for t in beside]}
+        # per round: the round's batch's useful arithmetic over its time, and over the rate of the matmuls timed just before and after it
         rates = [flops / t * 1e3 for flops, t in zip(useful, times)]
         row["useful_gflop_per_s"] = statistics.median(rates) / 1e9
-        row["of_matmul"] = statistics.median(rate * t / 1e3 / matmul_flops for rate, t in zip(rates, ms["matmul"]))
+        row["of_matmul"] = statistics.median(rate * t / 1e3 / matmul_flops for rate, t in zip(rates, beside))
         if (name == "compute_matched" or name.startswith("flix D=")) and args.attribute and device.type == "cpu":
             measured = own_time(train[name], args.attribute)  # after the timed rounds: the profiler slows steps
             row["own_ms"] = statistics.median(own for _, own in measured)

@@ -22,23 +22,54 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(
-    cases: dict[str, Callable[[], object]], warmup: int, repeats: int, device: torch.device = torch.device("cpu")
+    cases: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    device: torch.device = torch.device("cpu"),
+    reference: str | None = None,
+    reference_calls: int = 3,
 ) -> dict[str, list[float]]:
     """ms of each call of each case, timed in rounds that run every case once, in an
     order shuffled per round (seeded) so that no case always follows the same one; the
     first `warmup` rounds (optimizer state allocation, allocator and cache warm-up) are
-    not kept."""
+    not kept.
+
+    With `reference` (one of `cases`, e.g. the square matmul a rate is put against), that
+    case is not one of the shuffled calls: it runs `reference_calls` times before the
+    round's first case and after each case, and `times[f"{reference}@{name}"]` holds, per
+    round, the median of the calls just before and just after `name`; `times[reference]`
+    the round's median of all its calls. On a host whose speed moves within seconds, the
+    reference next to a case measures the speed that case ran at (a single matmul somewhere
+    in a round of 20-40 s read anywhere from 96 to 167 ms)."""
+    shuffled = [name for name in cases if name != reference]
     times: dict[str, list[float]] = {name: [] for name in cases}
+    if reference is not None:
+        times.update({f"{reference}@{name}": [] for name in shuffled})
     rng = random.Random(0)
+
+    def timed(fn) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        return (time.perf_counter() - start) * 1e3
+
     for r in range(warmup + repeats):
-        for name in rng.sample(list(cases), len(cases)):
-            fn = cases[name]
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            if r >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+        keep = r >= warmup
+        around = [timed(cases[reference]) for _ in range(reference_calls)] if reference is not None else []
+        everything = list(around)
+        for name in rng.sample(shuffled, len(shuffled)):
+            ms = timed(cases[name])
+            if keep:
+                times[name].append(ms)
+            if reference is not None:
+                after = [timed(cases[reference]) for _ in range(reference_calls)]
+                if keep:
+                    times[f"{reference}@{name}"].append(statistics.median(around + after))
+                around = after
+                everything += after
+        if reference is not None and keep:
+            times[reference].append(statistics.median(everything))
         kind = "warm-up" if r < warmup else "timed"
         print(f"benchmarks: {kind} round {r + 1}/{warmup + repeats} ({len(cases)} cases)", file=sys.stderr, flush=True)
     return times

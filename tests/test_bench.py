@@ -328,6 +328,48 @@ def test_time_interleaved_runs_each_case_once_a_round_in_shuffled_orders():
     assert len(set(rounds)) > 1
 
 
+def test_time_interleaved_times_the_reference_just_before_and_after_each_case(monkeypatch):
+    """With a reference case, it runs before each round's first case and after every case
+    (never in the shuffled order), and each case's reference time is the median of the
+    calls on either side of it: a host that slows down while one case runs shows in that
+    case's reference. The clock is the cases' own (each advances it), so the figures are exact."""
+    import statistics
+    import types
+
+    from benchmarks import timing
+
+    clock = {"now": 0.0, "ref_ms": 1.0}
+    log: list[tuple[str, float]] = []
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+    def case(name: str, ms: float, ref_ms_after: float | None = None):
+        def run():
+            if name == "ref":
+                ms_now = clock["ref_ms"]
+            else:
+                ms_now = ms
+                clock["ref_ms"] = ref_ms_after
+            clock["now"] += ms_now / 1e3
+            log.append((name, ms_now))
+
+        return run
+
+    cases = {"ref": case("ref", 0), "busy": case("busy", 10, ref_ms_after=5.0), "quiet": case("quiet", 20, ref_ms_after=1.0)}
+    times = timing.time_interleaved(cases, warmup=1, repeats=4, reference="ref", reference_calls=2)
+    assert set(times) == {"ref", "busy", "quiet", "ref@busy", "ref@quiet"}
+    assert all(len(t) == 4 for t in times.values())
+    assert times["busy"] == pytest.approx([10] * 4) and times["quiet"] == pytest.approx([20] * 4)
+    rounds = [log[i : i + 8] for i in range(0, len(log), 8)]  # 2 references, then a case and 2 references, twice
+    assert len(rounds) == 5 and all([n for n, _ in r[:2] + r[3:5] + r[6:]] == ["ref"] * 6 for r in rounds)
+    for r, timed in zip(rounds[1:], range(4)):  # the warm-up round is not kept
+        for at in (2, 5):
+            name, around = r[at][0], [ms for _, ms in r[at - 2 : at] + r[at + 1 : at + 3]]
+            assert times[f"ref@{name}"][timed] == pytest.approx(statistics.median(around))
+        assert times["ref"][timed] == pytest.approx(statistics.median(ms for n, ms in r if n == "ref"))
+    # the slow calls after busy weigh on its reference (3 or 5 ms), never on quiet's alone (1 or 3)
+    assert min(times["ref@busy"]) > 2.99 and max(times["ref@quiet"]) < 3.01 and max(times["ref@busy"]) > min(times["ref@quiet"])
+
+
 def test_paired_ratio_interval_and_verdicts():
     """Per-round ratios cancel a drift shared by both cases; the verdict is PASS or MISS
     only when the whole interval clears the bound."""
