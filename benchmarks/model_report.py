@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.cases import DROPOUT, FLIX_RANKS, RANK
-from benchmarks.timing import paired_ratio, verdict
+from benchmarks.timing import paired_ratio, pooled_ratio, verdict
 from flix.io import atomic_write_json
 from flix.pipeline.flops import matmul_name
 from flix.pipeline.versions import versions
@@ -30,7 +30,7 @@ TARGETS = {  # name: (description, op, bound)
     "generate_vs_base": ("FLix generate / base generate", "<=", 1.15),
     "micro_batch_memory": ("peak resident GiB of one {scale} micro-batch step", "<=", 5.0),
     # issue 37's: the step users will see, on the micro-batches their runs see
-    "useful_vs_matmul": ("FLix (D={lo}) step's useful arithmetic / the matmul's rate, per round", ">=", 0.70),
+    "useful_vs_matmul": ("FLix (D={lo}) steps' useful arithmetic / the matmul's rate, over all rounds' micro-batches", ">=", 0.70),
     "computed_vs_real": ("computed / real input positions of the timed {batches} micro-batches", "<=", 1.05),
     "speedup_vs_peft": ("peft LoRA step with the model's own loss / FLix (D={lo}) step", ">=", 3.5),
 }
@@ -56,31 +56,33 @@ def rescore(path: Path, out: Path | None = None) -> int:
 
 
 def check_targets(report: dict, sizes: list[int], skipped: dict) -> dict:
-    """Each target's value with a 95% interval over rounds (timings: per-round paired
-    ratios) and a verdict: PASS / MISS when the interval is clear of the bound, NOISE
-    when it holds it. `pass` is the point value against the bound."""
+    """Each target's value with a 95% interval over rounds and a verdict: PASS / MISS when
+    the interval is clear of the bound, NOISE when it holds it. `pass` is the point value
+    against the bound. Training steps: each round times the next real micro-batch (1 to 7 s
+    here), so their ratios are pooled over rounds (total time over total time, as a step
+    pools its micro-batches and a run its steps); generation repeats one batch, so its
+    ratios are medians of per-round ratios."""
     step = {r["case"]: r["ms_all"] for r in report["training"]}
     gen = {r["case"]: r["ms_all"] for r in report["generation"]}
     lo = sizes[0]
     hi = max(d for d in sizes if d not in skipped)
-    pairs = {
+    pooled = {
         "flix_vs_base": (step[f"flix D={lo}"], step["base"]),
         "flix_vs_compute_matched": (step[f"flix D={lo}"], step["compute_matched"]),
         "flix_many_vs_few_features": (step[f"flix D={hi}"], step[f"flix D={lo}"]),
-        "generate_speedup_vs_peft": (gen["peft_adapter_names"], gen["flix"]),
-        "generate_vs_base": (gen["flix"], gen["base"]),
+        "speedup_vs_peft": (step["peft_lora"], step[f"flix D={lo}"]),
     }
     if hi == lo and not skipped:  # one D asked for (--features 8): nothing to compare it with
-        del pairs["flix_many_vs_few_features"]
-    values = {key: paired_ratio(*pair) for key, pair in pairs.items()}
+        del pooled["flix_many_vs_few_features"]
+    values = {key: pooled_ratio(*pair) for key, pair in pooled.items()}
+    values["generate_speedup_vs_peft"] = paired_ratio(gen["peft_adapter_names"], gen["flix"])
+    values["generate_vs_base"] = paired_ratio(gen["flix"], gen["base"])
     batches, matmul = report["batches"], report["matmul"]
-    values["speedup_vs_peft"] = paired_ratio(step["peft_lora"], step[f"flix D={lo}"])
-    # useful rate / matmul rate = (useful GFLOP / step ms) / (matmul GFLOP / matmul ms), per round,
-    # the matmuls those timed just before and after the step (a report from before that: the round's)
+    # useful rate / matmul rate: the ms each micro-batch's useful arithmetic takes at the rate of the
+    # matmuls timed just before and after it (a report from before that: the round's), over its ms;
+    # pooled over rounds, as a step pools its micro-batches
     beside = next(r for r in report["training"] if r["case"] == f"flix D={lo}").get("matmul_ms_all", matmul["ms_all"])
-    values["useful_vs_matmul"] = paired_ratio(
-        [g * m for g, m in zip(batches["useful_gflop"], beside)], [matmul["gflop"] * t for t in step[f"flix D={lo}"]]
-    )
+    values["useful_vs_matmul"] = pooled_ratio([g * m / matmul["gflop"] for g, m in zip(batches["useful_gflop"], beside)], step[f"flix D={lo}"])
     values["computed_vs_real"] = (batches["positions"] / batches["real_positions"],) * 3  # counted, not timed
     attributed = {r["case"]: r["attributed_vs_base"] for r in report["training"] if "attributed_vs_base" in r}
     if f"flix D={lo}" in attributed:
@@ -198,7 +200,8 @@ def format_report(report: dict) -> str:
         if "note" in t:
             lines.append(f"      {t['note']}")
     lines.append(
-        "(timings: median over rounds of the per-round ratio [95% interval]; attributed: over the profiled steps, "
+        "(training steps: total over total time across rounds, a different micro-batch each; generation: median of "
+        "per-round ratios; [95% bootstrap interval over rounds]; attributed: over the profiled steps, "
         "extreme to extreme for a quotient of two; NOISE: the interval holds the bound)"
     )
     return "\n".join(lines)

@@ -93,10 +93,11 @@ def bench_model(args, sizes: list[int]) -> int:
             continue
         times, beside = ms[name], ms[f"matmul@{name}"]
         row = {"case": name, **stats("ms_per_step", times), "matmul_ms_all": [round(t, 3) for t in beside]}
-        # per round: the round's batch's useful arithmetic over its time, and over the rate of the matmuls timed just before and after it
+        # useful GFLOP/s: per round, the batch's useful arithmetic over its time (median); of matmul: pooled over rounds,
+        # the time that arithmetic takes at the rate of the matmuls timed just before and after it, over the time taken
         rates = [flops / t * 1e3 for flops, t in zip(useful, times)]
         row["useful_gflop_per_s"] = statistics.median(rates) / 1e9
-        row["of_matmul"] = statistics.median(rate * t / 1e3 / matmul_flops for rate, t in zip(rates, beside))
+        row["of_matmul"] = sum(flops / matmul_flops * m for flops, m in zip(useful, beside)) / sum(times)
         if (name == "compute_matched" or name.startswith("flix D=")) and args.attribute and device.type == "cpu":
             measured = own_time(train[name], args.attribute)  # after the timed rounds: the profiler slows steps
             row["own_ms"] = statistics.median(own for _, own in measured)

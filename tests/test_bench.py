@@ -383,6 +383,21 @@ def test_paired_ratio_interval_and_verdicts():
     assert low < 1.05 < high and verdict(low, high, "<=", 1.05) == "NOISE"
 
 
+def test_pooled_ratio_weighs_rounds_by_their_size():
+    """Rounds of different micro-batches: the pooled ratio is total over total time (what a
+    step of those micro-batches takes), where the median of per-round ratios follows the
+    many small rounds; its interval is a bootstrap over rounds and holds the value."""
+    from benchmarks.timing import paired_ratio, pooled_ratio
+
+    den = [1000.0, 1000.0, 1000.0, 7000.0, 7000.0]  # three 1 s micro-batches, two 7 s ones
+    num = [1300.0, 1300.0, 1300.0, 7350.0, 7350.0]  # 1.3x on the small ones, 1.05x on the large
+    value, low, high = pooled_ratio(num, den)
+    assert value == pytest.approx(sum(num) / sum(den)) == pytest.approx(18600 / 17000)
+    assert paired_ratio(num, den)[0] == pytest.approx(1.3)
+    assert 1.05 <= low <= value <= high <= 1.3
+    assert pooled_ratio([2.0 * d for d in den], den) == pytest.approx((2.0, 2.0, 2.0))
+
+
 @pytest.mark.slow  # allocates and measures in child processes
 def test_peak_memory_of_a_child_process_is_its_own():
     """A probe started by subprocess reports its own peak, not its parent's (ru_maxrss
