@@ -35,8 +35,8 @@ constexpr int64_t TILE = 32;                       // tokens per tile: 32 x 2048
 constexpr int64_t CB = 256;                        // columns per block of bank rows copied contiguous (L1)
 constexpr int MAX_RANK = 16;
 // Register blocks are sized so that their accumulators, the vectors they load and one
-// broadcast fit the 16 AVX2 registers: with the whole rank (12 for two features of rank 6)
-// in one block they spilled, and the kernels ran at a third of the FMA rate.
+// broadcast fit the 16 AVX2 registers: with the whole rank in one block (4 tokens x 6 rows
+// in dots at rank 6, more at higher ranks) they spilled to the stack.
 constexpr int KB = 6;                              // bank rows per block in dots and outer
 constexpr int JV = WIDTHS / W;                     // vectors of columns per block in combine and outer
 constexpr int TB = 6;                              // token rows per block in combine (2 in dots)

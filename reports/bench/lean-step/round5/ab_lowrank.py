@@ -1,11 +1,12 @@
 """The rank-r kernels alone (flix.kernels.lowrank_forward / lowrank_backward) register-blocked
 to fit AVX2's 16 registers (this commit's flix/csrc/cpu_kernels.cpp) against the kernels
 before it (the source at git revision BEFORE, built here under another name), on the shapes
-of Gemma 3 270M's projections: 1,200 packed positions of 8 examples, rank 12 (two active
-features of rank 6), 2 threads; 15 alternating repetitions, medians. Checks that both give
-the same results first. Run from the repository root:
+of Gemma 3 270M's projections: 1,200 packed positions of 8 examples, rank R per example
+(default 6: a FLix example's task rank 4 + language rank 2, as benchmarks.model and the
+cpu_long study run it), 2 threads; 15 alternating repetitions, medians. Checks that both
+give the same results first. Run from the repository root:
 
-    python reports/bench/lean-step/round5/ab_lowrank.py [BEFORE]   # BEFORE defaults to 634a4c1
+    python reports/bench/lean-step/round5/ab_lowrank.py [BEFORE [R]]   # BEFORE defaults to 634a4c1
 """
 
 import statistics
@@ -29,7 +30,8 @@ variants = {"before": load(name="flix_kernels_before", sources=[str(source)], ex
 kernels.use(True)
 variants["new"] = kernels.kernel()
 torch.set_num_threads(2)
-tokens, examples, rank = 1200, 8, 12
+tokens, examples = 1200, 8
+rank = int(sys.argv[2]) if len(sys.argv) > 2 else 6
 bounds = torch.tensor([i * tokens // examples for i in range(examples + 1)])
 
 
