@@ -170,7 +170,10 @@ def format_report(report: dict) -> str:
     for case, why in report["skipped"].items():
         lines.append(f"{case:<18} skipped: {why}")
     matmul_rate = matmul["gflop"] / (matmul["ms"] / 1e3)
-    lines.append(f"matmul ({c['matmul']}, timed just before and after each case, every round): {matmul_rate:.1f} GFLOP/s")
+    when = (
+        "just before and after each case" if any("matmul_ms_all" in r for r in report["training"]) else "once a round (a report from before b03afd5)"
+    )
+    lines.append(f"matmul ({c['matmul']}, timed {when}): {matmul_rate:.1f} GFLOP/s")
     lines.append(f"FLix (D={lo}) / peft LoRA with the model's own loss, ms per step: {step[f'flix D={lo}'] / step['peft_lora']:.3f}")
     if "padded_positions" in b:
         lines.append(
