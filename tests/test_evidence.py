@@ -204,14 +204,22 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     assert f"{hours:.2f} core-hours (wall time x {os.cpu_count()} cores)" in (tmp_path / "from_records" / "runs.md").read_text()
 
 
-def test_the_committed_cpu_report_is_what_its_committed_records_render(tmp_path):
-    """reports/cpu/cells.csv and runs.csv are re-rendered, byte for byte, from reports/cpu/runs
-    (a record committed without its snapshot, or a snapshot edited by hand, fails here)."""
+@pytest.mark.parametrize(
+    "scale, names",
+    [
+        ("cpu", ("cells.csv", "runs.csv")),
+        ("cpu_long", ("cells.csv", "runs.csv", "preregistered.csv", "curves.csv")),  # the pre-registered study, part-way or whole
+    ],
+)
+def test_a_committed_report_is_what_its_committed_records_render(tmp_path, scale, names):
+    """reports/<scale>'s cells, runs, verdicts and curves are re-rendered, byte for byte, from
+    reports/<scale>/runs (a record committed without its snapshot, or a snapshot edited by
+    hand, fails here)."""
     from flix.report.render import render
 
-    committed = Path(__file__).resolve().parents[1] / "reports" / "cpu"
-    render(committed / "runs", tmp_path, "cpu", Path(__file__).resolve().parents[1] / "flix" / "report" / "paper")
-    for name in ("cells.csv", "runs.csv"):
+    committed = Path(__file__).resolve().parents[1] / "reports" / scale
+    render(committed / "runs", tmp_path, scale, Path(__file__).resolve().parents[1] / "flix" / "report" / "paper")
+    for name in names:
         assert (tmp_path / name).read_text() == (committed / name).read_text(), name
 
 
