@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from benchmarks.cases import DROPOUT, FLIX_RANKS, RANK
 from benchmarks.timing import paired_ratio, pooled_ratio, verdict
 from flix.io import atomic_write_json
 from flix.pipeline.flops import matmul_name
-from flix.pipeline.versions import versions
+from flix.pipeline.versions import cpu_name, versions
 from flix.record import git_commit
 
 TARGETS = {  # name: (description, op, bound)
@@ -121,7 +120,7 @@ def attributed_quotient(num: list[float], den: list[float]) -> tuple[float, floa
 
 
 def run_config(args, sizes: list[int], device: torch.device, bf16: bool) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "model": args.model,
         "scale": args.scale,

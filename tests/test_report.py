@@ -240,6 +240,35 @@ def test_pages_state_versions_and_warn_when_a_table_mixes_them(tmp_path):
     assert "Warning: these runs come from different versions (torch 2.12.1 / 2.13.0)" in page
 
 
+def test_a_record_names_its_cpu_and_a_table_from_two_hosts_says_so(tmp_path):
+    """Two hosts' float32 runs differ in speed and rounding: the device names the CPU's model
+    (from /proc/cpuinfo where there is one), the report still reads its cores, and a table
+    whose runs came from two CPUs warns."""
+    import os
+
+    import torch
+
+    from flix.pipeline.versions import cpu_name, device_name
+    from flix.report.runs import cores
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\nflags\t: fpu\n")
+    arch = cpu_name(tmp_path / "no_cpuinfo")  # where the system does not say: the architecture alone
+    assert cpu_name(cpuinfo) == f"AMD EPYC 7B13 64-Core Processor, {arch}"
+    if not torch.cuda.is_available():
+        assert device_name().startswith("cpu (") and cores(device_name()) == os.cpu_count()
+    root = tmp_path / "smoke"
+    for seed, device in ((0, "cpu (AMD EPYC 7B13 64-Core Processor, x86_64, 2 cores)"), (1, "cpu (Intel(R) Xeon(R) Processor, x86_64, 2 cores)")):
+        run_dir = write_run(root, ("flix", "multilingual_ner", seed, 0.7, None), {"ner": 50.0})
+        results = json.loads((run_dir / "results.json").read_text())
+        results["versions"] = {"python": "3.11.7", "device": device}
+        (run_dir / "results.json").write_text(json.dumps(results))
+    render(root, tmp_path / "out", "smoke", PAPER)
+    page = (tmp_path / "out" / "table2.md").read_text()
+    assert "Warning: these runs come from different versions (device cpu (AMD EPYC" in page
+    assert "2 cores" in (tmp_path / "out" / "runs.md").read_text()
+
+
 def test_snapshot_drops_stale_files_and_keeps_its_readme(report, tmp_path):
     out, _ = report
     runs = out.parent / "smoke"

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -102,7 +101,7 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
     from flix.pipeline.memory import peak_memory_gib
     from flix.pipeline.run_config import load_mixture_for
     from flix.pipeline.trainer import Trainer, is_validation_step, read_split
-    from flix.pipeline.versions import versions
+    from flix.pipeline.versions import device_name, versions
     from flix.record import git_commit
 
     torch.set_num_threads(cfg.train.threads or torch.get_num_threads())
@@ -199,7 +198,7 @@ def estimate(cfg: DictConfig, steps: int, warmup: int) -> dict:
         "mixture": mixture.name,
         "method": cfg.method.name,
         "model": cfg.model.name,
-        "device": torch.cuda.get_device_name(trainer.device) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "device": device_name(trainer.device),
         "threads": torch.get_num_threads(),
         "bf16": trainer.bf16,
         "measured": {
