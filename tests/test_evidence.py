@@ -167,6 +167,12 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
     small = -0.1 < question.ci_low and question.ci_high < 0.1
     expected_verdict = ", ".join(["established"] * established + ["ruled out as larger than 0.1"] * small) or "not settled"
     assert question.verdict == expected_verdict
+    # the power the design had: a two-sided t at alpha / 1 (a family of one) against 0.1 nats, with the achieved error
+    from flix.report.uncertainty import t_power, t_quantile
+
+    assert question.half_width == pytest.approx((question.ci_high - question.ci_low) / 2, abs=2e-4)
+    se = (question.ci_high - question.ci_low) / 2 / t_quantile(0.975, 1)
+    assert question.power == pytest.approx(t_power(0.1, se, 1, 0.05), abs=2e-3) and 0.05 <= question.power <= 1
     # no verdict part-way through the design's seeds, nor from one seed
     from flix.record.read import read_results
 

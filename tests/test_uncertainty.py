@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flix import metrics
-from flix.report.uncertainty import average, difference, estimate, evidence, holm, mean_of_values, t_quantile, t_two_sided_p
+from flix.report.uncertainty import average, difference, estimate, evidence, holm, mean_of_values, t_power, t_quantile, t_two_sided_p
 
 SETS = [("semantic_parsing", "de"), ("semantic_parsing", "fr")]
 GROUPS = [SETS]  # one evaluation set of two languages
@@ -122,6 +122,23 @@ def test_paired_differences_cover_and_reject_at_the_nominal_rates_under_no_diffe
         covered += d.low <= 0.0 <= d.high
     assert rejected / trials <= 0.073  # binomial(400, 0.05): 97.5% of draws below 0.073
     assert covered / trials == pytest.approx(1 - rejected / trials)  # the interval and the test agree
+
+
+@pytest.mark.parametrize("df", [1, 2, 9, math.inf])
+def test_power_is_the_tests_rejection_rate_at_a_true_difference(df):
+    """t_power against a simulation of the test it describes: the estimate a true effect
+    plus se times a t draw (a normal over the root of a chi-square's mean), rejected when
+    past the critical value. No difference: the test's size, alpha itself."""
+    rng = np.random.default_rng(7)
+    n = 400_000
+    for effect, alpha in ((0.0, 0.05), (0.1, 0.05), (0.15, 0.025)):
+        se = 0.04
+        spread = 1.0 if math.isinf(df) else np.sqrt(rng.chisquare(df, n) / df)
+        t = (rng.standard_normal(n) + effect / se) / spread
+        simulated = float(np.mean(np.abs(t) > t_quantile(1 - alpha / 2, df)))
+        assert t_power(effect, se, df, alpha) == pytest.approx(simulated, abs=0.004), (effect, alpha)
+    assert t_power(0.0, 0.04, df) == pytest.approx(0.05, abs=1e-6)
+    assert t_power(0.05, 0.04, df) < t_power(0.1, 0.04, df) < t_power(0.1, 0.02, df)  # larger effects, smaller errors
 
 
 def test_differences_pair_by_seed_and_refuse_other_examples():

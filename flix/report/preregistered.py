@@ -104,7 +104,18 @@ def describe(condition: dict) -> str:
     return label + (f" p = {float(condition['dropout']):g}" if "dropout" in condition else "")
 
 
-def frame(questions: list[Question]) -> pd.DataFrame:
+def power(design: dict, questions: list[Question], d: uncertainty.Difference) -> float | None:
+    """The chance this study's test had of establishing a true difference of the smallest
+    effect of interest, with the standard error and seeds it achieved: a two-sided t test at
+    alpha / m (Holm's first step over the m questions; the second's is alpha, so this is the
+    lower bound)."""
+    smallest = float(design.get("smallest_effect") or 0.0)
+    if not smallest or d.se is None or not d.se > 0 or not len(d.seeds) > 1:
+        return None
+    return uncertainty.t_power(smallest, d.se, d.df, float(design.get("alpha", uncertainty.ALPHA)) / len(questions))
+
+
+def frame(design: dict, questions: list[Question]) -> pd.DataFrame:
     rows = []
     for q in questions:
         d = q.result
@@ -118,6 +129,8 @@ def frame(questions: list[Question]) -> pd.DataFrame:
                 "ci_high": d and d.high,
                 "p": d and d.p_value,
                 "p_holm": d and d.p_holm,
+                "half_width": d and (d.high - d.low) / 2,
+                "power": d and power(design, questions, d),
                 "seeds": d and " ".join(map(str, d.seeds)),
                 "per_seed": d and " ".join(f"{x:.4f}" for x in d.per_seed),
                 "verdict": q.verdict,
@@ -134,21 +147,28 @@ def markdown(design: dict, questions: list[Question], meta: list[tuple[str, str]
         f"Primary metric: {design.get('primary')}; lower is better, so a negative difference favours the first condition.",
         f"Holm's correction over these {len(questions)} comparisons only, at alpha = {design.get('alpha')}; "
         f"smallest effect of interest {design.get('smallest_effect')} nats. Everything else in this report is exploratory.",
+        f"Power: the chance of establishing a true difference of {design.get('smallest_effect')} nats with the standard error and "
+        f"seeds achieved (two-sided t at alpha / {len(questions)}, Holm's first step).",
         "",
-        "| question | a - b (nats) | 95% interval | p | Holm p | seeds | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| question | a - b (nats) | 95% interval | half-width | p | Holm p | power | seeds | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for q in questions:
         d = q.result
         if d is None:
-            lines.append(f"| {describe(q.a)} - {describe(q.b)} | - | - | - | - | 0 | not run: no seed has every condition |")
+            lines.append(f"| {describe(q.a)} - {describe(q.b)} | - | - | - | - | - | - | 0 | not run: no seed has every condition |")
             continue
         lines.append(
-            f"| {describe(q.a)} - {describe(q.b)} | {d.diff:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.p_value:.4f} | "
-            f"{d.p_holm:.4f} | {len(d.seeds)} ({', '.join(map(str, d.seeds))}) | {q.verdict} |"
+            f"| {describe(q.a)} - {describe(q.b)} | {d.diff:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {(d.high - d.low) / 2:.3f} | "
+            f"{d.p_value:.4f} | {d.p_holm:.4f} | {_percent(power(design, questions, d))} | "
+            f"{len(d.seeds)} ({', '.join(map(str, d.seeds))}) | {q.verdict} |"
         )
     lines += ["", *(f"- {k}: {v}" for k, v in meta), ""]
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def curves_frame(design: dict, runs: list[RunRecord]) -> pd.DataFrame:
@@ -199,7 +219,7 @@ def write(design: dict, runs: list[RunRecord], out_dir: Path, meta: list[tuple[s
     curves = curves_frame(design, runs)
     return [
         atomic_write_text(out_dir / "preregistered.md", markdown(design, questions, meta)),
-        atomic_write_text(out_dir / "preregistered.csv", frame(questions).to_csv(index=False, float_format="%.4f")),
+        atomic_write_text(out_dir / "preregistered.csv", frame(design, questions).to_csv(index=False, float_format="%.4f")),
         atomic_write_text(out_dir / "curves.csv", curves.to_csv(index=False, float_format="%.4f")),
         *plot_curves(curves, out_dir, f"{design['study']}: validation NLL by step (mean over seeds, band: lowest to highest seed)"),
     ]

@@ -98,6 +98,8 @@ class Difference:
     per_seed: tuple[float, ...]  # a - b for each paired seed
     p_holm: float | None = None  # Holm-corrected over the report's comparisons (set by `holm`)
     about: frozenset | None = None  # what is compared, either way round (set by the report): one hypothesis
+    se: float | None = None  # standard error of diff (seed and example parts)
+    df: float = math.inf  # its t distribution's degrees of freedom (k - 1 seeds)
 
     @property
     def significant(self) -> bool:
@@ -202,7 +204,7 @@ def difference(a: Evidence, b: Evidence) -> Difference:
     diff, se, df = float(np.mean(per_seed)), math.sqrt(variance), k - 1 if k > 1 else math.inf
     half = t_quantile(1 - ALPHA / 2, df) * se
     p_value = t_two_sided_p(diff / se, df) if se > 0 else float(diff == 0)
-    return Difference(diff, diff - half, diff + half, p_value, tuple(seeds), tuple(map(float, per_seed)))
+    return Difference(diff, diff - half, diff + half, p_value, tuple(seeds), tuple(map(float, per_seed)), se=se, df=df)
 
 
 def t_two_sided_p(t: float, df: float) -> float:
@@ -236,6 +238,31 @@ def t_quantile(q: float, df: float) -> float:
         mid = (low + high) / 2
         low, high = (mid, high) if t_two_sided_p(mid, df) > 2 * (1 - q) else (low, mid)
     return (low + high) / 2
+
+
+def t_power(effect: float, se: float, df: float, alpha: float = ALPHA) -> float:
+    """P(a two-sided t test at `alpha` rejects) when the true difference is `effect` and the
+    estimate has standard error `se` with `df` degrees of freedom: the noncentral t's tails
+    beyond the critical value, integrated over the chi-square of the variance estimate
+    (Simpson's rule over w = sqrt(chi-square); deterministic, no scipy)."""
+    crit, shift = t_quantile(1 - alpha / 2, df), effect / se
+
+    def tails(scale: float) -> float:  # P(|Z + shift| > crit * scale), Z standard normal
+        return 0.5 * (math.erfc((crit * scale - shift) / math.sqrt(2)) + math.erfc((crit * scale + shift) / math.sqrt(2)))
+
+    if math.isinf(df):
+        return tails(1.0)
+    # w = sqrt(V), V ~ chi-square(df): density 2 w^(df-1) exp(-w^2/2) / (2^(df/2) Gamma(df/2))
+    log_norm = math.log(2) - (df / 2) * math.log(2) - math.lgamma(df / 2)
+    top, steps = math.sqrt(df) + 12.0, 4000
+    h = top / steps
+    total = 0.0
+    for i in range(steps + 1):
+        w = i * h
+        density = math.exp(log_norm + (df - 1) * math.log(w) - w * w / 2) if w > 0 else (math.exp(log_norm) if df == 1 else 0.0)
+        weight = 1 if i in (0, steps) else (4 if i % 2 else 2)
+        total += weight * density * tails(w / math.sqrt(df))
+    return total * h / 3
 
 
 def holm(differences: Sequence[Difference]) -> None:
