@@ -178,7 +178,9 @@ def test_a_studys_records_alone_rerender_its_cells_exactly(tmp_path, monkeypatch
 
     finished = [read_results(path) for path in records.rglob("results.json")]
     (part_way,) = preregistered.analyse({**design, "seeds": [0, 1, 2]}, finished)
-    assert part_way.verdict == "interim: 2 of 3 seeds, no verdict before seeds 2 are in" and part_way.result.seeds == (0, 1)
+    assert part_way.verdict == "interim: 2 of 3 seeds, no verdict before seed 2 is in" and part_way.result.seeds == (0, 1)
+    (two_missing,) = preregistered.analyse({**design, "seeds": [0, 1, 2, 3]}, finished)
+    assert two_missing.verdict == "interim: 2 of 4 seeds, no verdict before seeds 2, 3 are in"
     (one_seed,) = preregistered.analyse(design, [r for r in finished if r.seed == 0])
     assert one_seed.verdict == "not settled: one seed has no seed variance"
     curves = pd.read_csv(tmp_path / "from_records" / "curves.csv")

@@ -75,7 +75,8 @@ def analyse(design: dict, runs: list[RunRecord]) -> list[Question]:
         d = q.result
         if missing or len(seeds) < 2:
             q.verdict = (
-                f"interim: {len(seeds)} of {len(planned)} seeds, no verdict before seeds {', '.join(map(str, missing))} are in"
+                f"interim: {len(seeds)} of {len(planned)} seeds, no verdict before "
+                + (f"seed {missing[0]} is in" if len(missing) == 1 else f"seeds {', '.join(map(str, missing))} are in")
                 if missing
                 else "not settled: one seed has no seed variance"
             )
