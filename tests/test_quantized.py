@@ -219,6 +219,28 @@ def test_mixed_batch_equals_each_example_alone_over_a_quantized_base(bnb, method
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_an_evaluation_pass_leaves_training_gradients_unchanged(bnb, method):
+    """A no-grad eval-mode forward (a validation pass) between two training steps changes no
+    gradient: bitsandbytes' in-place CPU repacking for AVX512-BF16 (whose kernel has no
+    autograd) stays off, so training and evaluation share one kernel on every CPU."""
+    model, ids = flix_model(method), tokens(2)
+
+    def gradients():
+        model.train().zero_grad()
+        logits(model, MIXED[:2], ids).square().mean().backward()
+        return {n: p.grad.to_dense().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        logits(model, MIXED[:2], ids)
+    after = gradients()
+    assert before.keys() == after.keys() and len(before) == 2 * 14
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_training_run_over_a_quantized_base(bnb, method, compose, tmp_path):
     """The real pipeline with model.quantize: trains, scores, and saves float32 banks that
     load onto the float base and onto the quantized one alike."""

@@ -79,6 +79,11 @@ def _convert(bnb, linear: nn.Linear, method: str, compute_dtype: torch.dtype) ->
     if method == "nf4":
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, has_bias, compute_dtype, quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        # On AVX512-BF16 CPUs bitsandbytes repacks the weight in place at the first eval-mode,
+        # no-grad forward (a validation pass) and from then on multiplies through a kernel with
+        # no autograd, training included: the gradients after validation come out wrong (76%
+        # off on tiny, tests/test_quantized.py). One kernel for training and evaluation.
+        layer.support_avx512bf16_for_cpu = False
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, has_bias, has_fp16_weights=False, threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
