@@ -22,12 +22,18 @@ class RunLocked(RuntimeError):
     """Another live process holds the run directory."""
 
 
-def holder(run_dir: Path) -> str:
-    try:
-        text = (Path(run_dir) / LOCK).read_text().strip()
-    except OSError:
-        text = ""
-    return text or "an unknown process"
+def holder(run_dir: Path, settle: float = 2.0) -> str:
+    """Who the lock file names. A holder writes its name just after taking the lock, so an
+    empty file is read again for up to `settle` seconds before calling it unknown."""
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            text = (Path(run_dir) / LOCK).read_text().strip()
+        except OSError:
+            text = ""
+        if text or time.monotonic() > deadline:
+            return text or "an unknown process"
+        time.sleep(0.05)
 
 
 def busy(run_dir: str | Path) -> str | None:

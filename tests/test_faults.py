@@ -216,6 +216,26 @@ def test_two_processes_on_one_run_do_the_work_once(tmp_path, data_root):
     json.loads((run_dir / "results.json").read_text())
 
 
+def test_a_holder_caught_before_it_writes_its_name_is_still_named(tmp_path):
+    """The second process may try the lock between the holder's flock and its write of
+    its pid: it reads the file again until the name is there."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, nothing written yet
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, b"pid 4242 on elsewhere since now\n", 0))
+    writer.start()
+    try:
+        with pytest.raises(RunLocked, match="is being run by pid 4242 on elsewhere"):
+            with run_lock(run_dir):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_a_waiting_process_gets_the_lock_when_it_is_released(tmp_path):
     got = threading.Event()
 
