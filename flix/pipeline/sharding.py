@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flix.features import PAD
 from flix.layer import FLixLayer
 
 
@@ -66,12 +67,22 @@ def local_rows(param: torch.Tensor) -> tuple[int, int]:
     return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
 
 
-def sparse_local_grads(banks: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+def sparse_local_grads(banks: list[tuple[nn.Parameter, torch.Tensor]], used: torch.Tensor) -> None:
     """Each bank's summed gradient shard as a sparse gradient of its local rows, over the
-    rows that got any (what one process's sparse gradient holds after DDP's sum)."""
+    rows any process's examples used this step (`used`: this process's bank row ids,
+    PAD included): what one process's sparse gradient holds after DDP's sum, zero rows
+    too (at step 1 every A row's gradient is exactly zero, B being zero, and one process
+    still gives it its moments)."""
+    if not banks:
+        return
+    mask = torch.zeros(banks[0][0].shape[0], dtype=torch.uint8)
+    mask[used.flatten().cpu()] = 1
+    mask[PAD] = 0
+    dist.all_reduce(mask, op=dist.ReduceOp.MAX)
     for param, local in banks:
+        start, stop = local_rows(param)
+        rows = mask[start:stop].nonzero().flatten().to(local.device)
         grad = torch.zeros_like(local) if param.grad is None else param.grad.to_local()
-        rows = grad.abs().sum(dim=1).nonzero().flatten()
         local.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), grad[rows], local.shape, is_coalesced=True, check_invariants=False)
         param.grad = None
 

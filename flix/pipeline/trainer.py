@@ -152,14 +152,16 @@ class Trainer:
             extra = int(distributed.sum_scalar(len(parts), op="max")) - len(parts)
             parts, weights = parts + parts[-1:] * extra, weights + [0.0] * extra
         self.model.train()
-        loss_total, bare = 0.0, 0
+        loss_total, bare, used = 0.0, 0, []
         for (part, batch), weight in zip(parts, weights):
             tensors = {k: v.to(self.device) for k, v in batch.items() if k not in ("num_targets", "token_examples")}
             # each example's dropout mask from (seed, step, its global position): the same on any number of processes
             keys = [dropout_key(self.seed, step, first + i) for i in part]
             route = self.model.route([examples[i].features for i in part], dropout_keys=keys, token_examples=batch.get("token_examples"))
             with route, self.autocast():
-                bare += int(featureless(self.model.router.rows).sum()) if weight else 0
+                if weight:  # (a repeated part at weight 0 is no example's)
+                    bare += int(featureless(self.model.router.rows).sum())
+                    used.append(self.model.router.rows)
                 loss = loss_sum(self.model, tensors, self.seq2seq) * weight / total_targets
                 loss.backward()
             loss_total += loss.item()
@@ -167,7 +169,7 @@ class Trainer:
         bare = distributed.sum_scalar(float(bare))
         params = self.optimizer.param_groups[0]["params"]
         if self.sharded:  # FSDP2 summed the gradients into each process's rows
-            sharding.sparse_local_grads(self.banks)
+            sharding.sparse_local_grads(self.banks, torch.cat([r.flatten() for r in used]))
         else:
             distributed.sum_gradients(params)
         if not math.isfinite(loss_total):
