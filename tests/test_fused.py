@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 from test_cpu_kernels import kernel  # noqa: F401 (fixture: kernels built and on)
-from test_packing import assert_same_grads, flix_model, grads, sequences, windowed_gemma
+from test_packing import GEMMA_REL, assert_same_grads, flix_model, grads, sequences, windowed_gemma
 from transformers import Gemma3TextConfig, LlamaConfig
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
@@ -188,7 +188,7 @@ def test_only_mlps_of_the_gated_pattern_are_switched():
 def test_gemma3_270m_packed_step_equals_with_switched_ops(gemma, kernel, data_root):  # noqa: F811
     """Gemma 3 270M as scale=cpu trains it (packed rows, each example's attention on its own,
     FLix on the kernels): a step's loss and bank gradients equal those of its own norms and
-    MLPs to 1e-5 relative."""
+    MLPs (bank gradients to GEMMA_REL: float32 through 18 layers)."""
     from test_packing import examples, step_gradients
 
     from flix.attention import use_segment_attention
@@ -203,4 +203,4 @@ def test_gemma3_270m_packed_step_equals_with_switched_ops(gemma, kernel, data_ro
     assert use_fused_ops(model) == 18 * 6 + 1 + 18
     got, gradients, _ = step_gradients(model, found, tokenizer, False, size=4, packed=True)
     assert got == pytest.approx(loss, rel=1e-5)
-    assert_same_grads(gradients, expected)
+    assert_same_grads(gradients, expected, rel=GEMMA_REL)

@@ -107,6 +107,14 @@ def grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
+# Gemma 3 270M's 18 layers in float32: packed and padded rows are GEMMs of other shapes,
+# summed in another order. Bank gradients differ by up to 1.0e-5 relative on the AMD EPYC
+# host and 1.07e-5-1.25e-5 on the Intel AVX-512 one (2026-12-07); a routing or masking bug
+# moves them by 1e-2 and more. That they compute the same thing is checked in float64 on
+# the tiny models (test_attention.py, to 1e-10).
+GEMMA_REL = 3e-5
+
+
 def assert_same_grads(got: dict, expected: dict, rel: float = 1e-5) -> None:
     assert got.keys() == expected.keys()
     for name, value in expected.items():
@@ -285,21 +293,19 @@ def test_gemma_packed_step_equals_padded(gemma, examples):
     from flix.attention import use_segment_attention
 
     base, tokenizer = load_model({"name": "gemma3_270m"})
-    torch.manual_seed(0)  # the banks' init, whatever ran before: float32 rounding through 18 layers sits near 1e-5 for some draws
+    torch.manual_seed(0)  # the banks' init, whatever ran before
     model = flix_model(base)
     assert packs_exactly(model)
     loss, expected, _ = step_gradients(model, examples[:8], tokenizer, False, size=4)
     got, gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
     assert got == pytest.approx(loss, rel=1e-5)
-    assert_same_grads(gradients, expected)
-    # against sdpa on the same packed rows. On CPU the segments are plain matmuls, sdpa a
-    # flash kernel: float32 sums in another order through 18 layers differ by about 1e-5 on
-    # some banks (1.13e-5 seen in CI), hence 3e-5; that the two compute the same thing is
-    # tests/test_attention.py's, in float64 to 1e-10
+    assert_same_grads(gradients, expected, rel=GEMMA_REL)
+    # against sdpa on the same packed rows: on CPU the segments are plain matmuls, sdpa a
+    # flash kernel (1.13e-5 seen in CI on the EPYC host)
     assert use_segment_attention(model)
     segments, segment_gradients, _ = step_gradients(model, examples[:8], tokenizer, False, size=4, packed=True)
     assert segments == pytest.approx(got, rel=1e-5)
-    assert_same_grads(segment_gradients, gradients, rel=3e-5)
+    assert_same_grads(segment_gradients, gradients, rel=GEMMA_REL)
 
 
 def test_packing_settings_leave_a_runs_hash_alone(compose):
