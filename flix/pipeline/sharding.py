@@ -69,14 +69,14 @@ def local_rows(param: torch.Tensor) -> tuple[int, int]:
 
 def sparse_local_grads(banks: list[tuple[nn.Parameter, torch.Tensor]], used: torch.Tensor) -> None:
     """Each bank's summed gradient shard as a sparse gradient of its local rows, over the
-    rows any process's examples used this step (`used`: this process's bank row ids,
+    rows any process's examples used this step (`used`: this process's bank row ids, flat,
     PAD included): what one process's sparse gradient holds after DDP's sum, zero rows
     too (at step 1 every A row's gradient is exactly zero, B being zero, and one process
     still gives it its moments)."""
     if not banks:
         return
     mask = torch.zeros(banks[0][0].shape[0], dtype=torch.uint8)
-    mask[used.flatten().cpu()] = 1
+    mask[used.cpu()] = 1
     mask[PAD] = 0
     dist.all_reduce(mask, op=dist.ReduceOp.MAX)
     for param, local in banks:

@@ -130,7 +130,7 @@ def frame(design: dict, questions: list[Question]) -> pd.DataFrame:
                 "ci_high": d and d.high,
                 "p": d and d.p_value,
                 "p_holm": d and d.p_holm,
-                "half_width": d and (d.high - d.low) / 2,
+                "half_width": d and d.half_width,
                 "power": d and power(design, questions, d),
                 "seeds": d and " ".join(map(str, d.seeds)),
                 "per_seed": d and " ".join(f"{x:.4f}" for x in d.per_seed),
@@ -160,7 +160,7 @@ def markdown(design: dict, questions: list[Question], meta: list[tuple[str, str]
             lines.append(f"| {describe(q.a)} - {describe(q.b)} | - | - | - | - | - | - | 0 | not run: no seed has every condition |")
             continue
         lines.append(
-            f"| {describe(q.a)} - {describe(q.b)} | {d.diff:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {(d.high - d.low) / 2:.3f} | "
+            f"| {describe(q.a)} - {describe(q.b)} | {d.diff:+.3f} | [{d.low:+.3f}, {d.high:+.3f}] | {d.half_width:.3f} | "
             f"{d.p_value:.4f} | {d.p_holm:.4f} | {_percent(power(design, questions, d))} | "
             f"{len(d.seeds)} ({', '.join(map(str, d.seeds))}) | {q.verdict} |"
         )

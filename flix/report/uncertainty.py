@@ -102,6 +102,10 @@ class Difference:
     df: float = math.inf  # its t distribution's degrees of freedom (k - 1 seeds)
 
     @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    @property
     def significant(self) -> bool:
         """The uncorrected 95% interval excludes 0."""
         return not self.low <= 0.0 <= self.high
